@@ -1,0 +1,4 @@
+//! The `platform` binary: one entry point for every part of the platform.
+fn main() {
+    println!("platform: nothing to run yet");
+}
