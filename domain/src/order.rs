@@ -333,3 +333,436 @@ fn reason_text(reason: &str) -> Result<String, OrderError> {
     }
     Ok(reason.to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::testing::Scenario;
+
+    fn order_id() -> OrderId {
+        OrderId(Uuid::from_u128(1))
+    }
+
+    fn eur() -> Currency {
+        "EUR".parse().expect("EUR is ISO 4217")
+    }
+
+    fn sku(raw: &str) -> Sku {
+        Sku::parse(raw).expect("a valid sku")
+    }
+
+    fn line(raw_sku: &str, units: u32, unit_price_minor: i64) -> OrderLine {
+        OrderLine {
+            sku: sku(raw_sku),
+            quantity: Quantity::new(units).expect("a positive quantity"),
+            unit_price_minor,
+        }
+    }
+
+    fn lines() -> Vec<OrderLine> {
+        vec![line("SKU-1", 2, 1_250), line("SKU-2", 1, 500)]
+    }
+
+    fn place_with(lines: Vec<OrderLine>) -> OrderCommand {
+        OrderCommand::Place(PlaceOrder {
+            order_id: order_id(),
+            customer_id: CustomerId::parse("customer-1").expect("a valid customer id"),
+            currency: eur(),
+            payment_token: PaymentToken::parse("tok_visa").expect("a valid token"),
+            lines,
+        })
+    }
+
+    fn place() -> OrderCommand {
+        place_with(lines())
+    }
+
+    fn placed() -> OrderEvent {
+        OrderEvent::Placed(OrderPlaced {
+            order_id: order_id(),
+            customer_id: CustomerId::parse("customer-1").expect("a valid customer id"),
+            currency: eur(),
+            lines: lines(),
+            total_minor: 3_000,
+            payment_token: PaymentToken::parse("tok_visa").expect("a valid token"),
+        })
+    }
+
+    fn confirmed() -> OrderEvent {
+        OrderEvent::Confirmed(OrderConfirmed {})
+    }
+
+    fn rejected() -> OrderEvent {
+        OrderEvent::Rejected(OrderRejected {
+            reason: "out of stock".into(),
+        })
+    }
+
+    fn cancelled() -> OrderEvent {
+        OrderEvent::Cancelled(OrderCancelled {
+            reason: "changed my mind".into(),
+            was_confirmed: false,
+        })
+    }
+
+    fn shipped() -> OrderEvent {
+        OrderEvent::Shipped(OrderShipped {})
+    }
+
+    fn reject(reason: &str) -> OrderCommand {
+        OrderCommand::Reject {
+            reason: reason.into(),
+        }
+    }
+
+    fn cancel(reason: &str) -> OrderCommand {
+        OrderCommand::Cancel {
+            reason: Some(reason.into()),
+        }
+    }
+
+    fn status(state: &OrderState) -> OrderStatus {
+        state.order().expect("the order exists").status
+    }
+
+    // Place
+
+    #[test]
+    fn a_new_order_is_placed_pending_with_its_total() {
+        let state = OrderAggregate::given([]).when(place()).then(placed());
+        let order = state.order().expect("the order exists");
+        assert_eq!(order.status, OrderStatus::Pending);
+        assert_eq!(order.total, Money::new(3_000, eur()));
+        assert_eq!(order.lines, lines());
+        assert_eq!(order.reason, None);
+    }
+
+    #[test]
+    fn a_line_may_be_free() {
+        let state = OrderAggregate::given([])
+            .when(place_with(vec![line("SKU-1", 3, 0)]))
+            .then(OrderEvent::Placed(OrderPlaced {
+                order_id: order_id(),
+                customer_id: CustomerId::parse("customer-1").expect("a valid customer id"),
+                currency: eur(),
+                lines: vec![line("SKU-1", 3, 0)],
+                total_minor: 0,
+                payment_token: PaymentToken::parse("tok_visa").expect("a valid token"),
+            }));
+        assert_eq!(
+            state.order().map(|order| order.total),
+            Some(Money::zero(eur()))
+        );
+    }
+
+    #[test]
+    fn an_order_without_lines_cannot_be_placed() {
+        OrderAggregate::given([])
+            .when(place_with(vec![]))
+            .then_err(OrderError::NoLines);
+    }
+
+    #[test]
+    fn an_order_with_the_maximum_number_of_lines_can_be_placed() {
+        let lines: Vec<_> = (0..MAX_LINES)
+            .map(|i| line(&format!("SKU-{i}"), 1, 100))
+            .collect();
+        let decision = OrderAggregate::decide(&OrderState::NotPlaced, &place_with(lines));
+        assert!(
+            matches!(decision, Ok(Decision::Append(OrderEvent::Placed(ref placed))) if placed.total_minor == 100 * MAX_LINES as i64),
+            "got {decision:?}"
+        );
+    }
+
+    #[test]
+    fn an_order_with_more_than_the_maximum_number_of_lines_cannot_be_placed() {
+        let lines = (0..=MAX_LINES)
+            .map(|i| line(&format!("SKU-{i}"), 1, 100))
+            .collect();
+        OrderAggregate::given([])
+            .when(place_with(lines))
+            .then_err(OrderError::TooManyLines);
+    }
+
+    #[test]
+    fn an_order_naming_a_sku_on_two_lines_cannot_be_placed() {
+        OrderAggregate::given([])
+            .when(place_with(vec![
+                line("SKU-1", 1, 100),
+                line("SKU-2", 1, 100),
+                line("SKU-1", 4, 100),
+            ]))
+            .then_err(OrderError::DuplicateSku(sku("SKU-1")));
+    }
+
+    #[test]
+    fn an_order_with_a_negative_unit_price_cannot_be_placed() {
+        OrderAggregate::given([])
+            .when(place_with(vec![
+                line("SKU-1", 1, 100),
+                line("SKU-2", 1, -1),
+            ]))
+            .then_err(OrderError::NegativePrice(sku("SKU-2")));
+    }
+
+    #[test]
+    fn an_order_whose_line_total_overflows_cannot_be_placed() {
+        OrderAggregate::given([])
+            .when(place_with(vec![line("SKU-1", 2, i64::MAX)]))
+            .then_err(OrderError::TotalTooLarge);
+    }
+
+    #[test]
+    fn an_order_whose_sum_of_lines_overflows_cannot_be_placed() {
+        OrderAggregate::given([])
+            .when(place_with(vec![
+                line("SKU-1", 1, i64::MAX),
+                line("SKU-2", 1, 1),
+            ]))
+            .then_err(OrderError::TotalTooLarge);
+    }
+
+    #[test]
+    fn an_order_cannot_be_placed_twice() {
+        OrderAggregate::given([placed()])
+            .when(place())
+            .then_err(OrderError::AlreadyPlaced);
+        OrderAggregate::given([placed(), confirmed(), shipped()])
+            .when(place())
+            .then_err(OrderError::AlreadyPlaced);
+    }
+
+    #[test]
+    fn an_order_that_was_never_placed_cannot_be_confirmed_rejected_cancelled_or_shipped() {
+        for command in [
+            OrderCommand::Confirm,
+            reject("out of stock"),
+            OrderCommand::Cancel { reason: None },
+            OrderCommand::Ship,
+        ] {
+            OrderAggregate::given([])
+                .when(command)
+                .then_err(OrderError::NotFound);
+        }
+    }
+
+    // Confirm
+
+    #[test]
+    fn a_pending_order_can_be_confirmed() {
+        let state = OrderAggregate::given([placed()])
+            .when(OrderCommand::Confirm)
+            .then(confirmed());
+        assert_eq!(status(&state), OrderStatus::Confirmed);
+    }
+
+    #[test]
+    fn confirming_a_confirmed_order_again_changes_nothing() {
+        OrderAggregate::given([placed(), confirmed()])
+            .when(OrderCommand::Confirm)
+            .then_unchanged();
+    }
+
+    #[test]
+    fn confirming_a_shipped_order_changes_nothing() {
+        OrderAggregate::given([placed(), confirmed(), shipped()])
+            .when(OrderCommand::Confirm)
+            .then_unchanged();
+    }
+
+    #[test]
+    fn a_rejected_order_cannot_be_confirmed() {
+        OrderAggregate::given([placed(), rejected()])
+            .when(OrderCommand::Confirm)
+            .then_err(OrderError::Rejected);
+    }
+
+    #[test]
+    fn a_cancelled_order_cannot_be_confirmed() {
+        OrderAggregate::given([placed(), cancelled()])
+            .when(OrderCommand::Confirm)
+            .then_err(OrderError::Cancelled);
+    }
+
+    // Reject
+
+    #[test]
+    fn a_pending_order_can_be_rejected_and_keeps_the_trimmed_reason() {
+        let state = OrderAggregate::given([placed()])
+            .when(reject("  out of stock \n"))
+            .then(rejected());
+        assert_eq!(status(&state), OrderStatus::Rejected);
+        assert_eq!(
+            state.order().and_then(|order| order.reason.as_deref()),
+            Some("out of stock")
+        );
+    }
+
+    #[test]
+    fn an_order_cannot_be_rejected_without_a_reason() {
+        for blank in ["", "   ", "\t\n"] {
+            OrderAggregate::given([placed()])
+                .when(reject(blank))
+                .then_err(OrderError::EmptyReason);
+        }
+    }
+
+    #[test]
+    fn a_reason_of_the_maximum_length_is_kept_and_a_longer_one_is_refused() {
+        let longest = "é".repeat(MAX_REASON_LEN);
+        OrderAggregate::given([placed()])
+            .when(reject(&longest))
+            .then(OrderEvent::Rejected(OrderRejected {
+                reason: longest.clone(),
+            }));
+        OrderAggregate::given([placed()])
+            .when(reject(&format!("{longest}x")))
+            .then_err(OrderError::ReasonTooLong);
+        OrderAggregate::given([placed()])
+            .when(cancel(&format!("{longest}x")))
+            .then_err(OrderError::ReasonTooLong);
+    }
+
+    #[test]
+    fn rejecting_a_rejected_order_again_changes_nothing() {
+        OrderAggregate::given([placed(), rejected()])
+            .when(reject("payment declined"))
+            .then_unchanged();
+    }
+
+    #[test]
+    fn a_confirmed_order_cannot_be_rejected() {
+        OrderAggregate::given([placed(), confirmed()])
+            .when(reject("out of stock"))
+            .then_err(OrderError::AlreadyConfirmed);
+    }
+
+    #[test]
+    fn a_cancelled_order_cannot_be_rejected() {
+        OrderAggregate::given([placed(), cancelled()])
+            .when(reject("out of stock"))
+            .then_err(OrderError::Cancelled);
+    }
+
+    #[test]
+    fn a_shipped_order_cannot_be_rejected() {
+        OrderAggregate::given([placed(), confirmed(), shipped()])
+            .when(reject("out of stock"))
+            .then_err(OrderError::AlreadyShipped);
+    }
+
+    // Cancel
+
+    #[test]
+    fn a_pending_order_can_be_cancelled_and_was_not_confirmed() {
+        let state = OrderAggregate::given([placed()])
+            .when(cancel("changed my mind"))
+            .then(cancelled());
+        assert_eq!(status(&state), OrderStatus::Cancelled);
+        assert_eq!(
+            state.order().and_then(|order| order.reason.as_deref()),
+            Some("changed my mind")
+        );
+    }
+
+    #[test]
+    fn a_confirmed_order_can_be_cancelled_and_was_confirmed() {
+        let state = OrderAggregate::given([placed(), confirmed()])
+            .when(cancel("changed my mind"))
+            .then(OrderEvent::Cancelled(OrderCancelled {
+                reason: "changed my mind".into(),
+                was_confirmed: true,
+            }));
+        assert_eq!(status(&state), OrderStatus::Cancelled);
+    }
+
+    #[test]
+    fn a_cancellation_without_a_reason_says_the_customer_cancelled() {
+        OrderAggregate::given([placed()])
+            .when(OrderCommand::Cancel { reason: None })
+            .then(OrderEvent::Cancelled(OrderCancelled {
+                reason: "cancelled by the customer".into(),
+                was_confirmed: false,
+            }));
+    }
+
+    #[test]
+    fn a_cancellation_with_a_blank_reason_is_refused() {
+        OrderAggregate::given([placed()])
+            .when(cancel("  "))
+            .then_err(OrderError::EmptyReason);
+    }
+
+    #[test]
+    fn cancelling_a_cancelled_order_again_changes_nothing() {
+        OrderAggregate::given([placed(), cancelled()])
+            .when(OrderCommand::Cancel { reason: None })
+            .then_unchanged();
+    }
+
+    #[test]
+    fn a_rejected_order_cannot_be_cancelled() {
+        OrderAggregate::given([placed(), rejected()])
+            .when(OrderCommand::Cancel { reason: None })
+            .then_err(OrderError::Rejected);
+    }
+
+    #[test]
+    fn a_shipped_order_cannot_be_cancelled() {
+        OrderAggregate::given([placed(), confirmed(), shipped()])
+            .when(OrderCommand::Cancel { reason: None })
+            .then_err(OrderError::AlreadyShipped);
+    }
+
+    // Ship
+
+    #[test]
+    fn a_confirmed_order_can_be_shipped() {
+        let state = OrderAggregate::given([placed(), confirmed()])
+            .when(OrderCommand::Ship)
+            .then(shipped());
+        assert_eq!(status(&state), OrderStatus::Shipped);
+    }
+
+    #[test]
+    fn shipping_a_shipped_order_again_changes_nothing() {
+        OrderAggregate::given([placed(), confirmed(), shipped()])
+            .when(OrderCommand::Ship)
+            .then_unchanged();
+    }
+
+    #[test]
+    fn a_pending_order_cannot_be_shipped() {
+        OrderAggregate::given([placed()])
+            .when(OrderCommand::Ship)
+            .then_err(OrderError::NotConfirmed);
+    }
+
+    #[test]
+    fn a_rejected_order_cannot_be_shipped() {
+        OrderAggregate::given([placed(), rejected()])
+            .when(OrderCommand::Ship)
+            .then_err(OrderError::Rejected);
+    }
+
+    #[test]
+    fn a_cancelled_order_cannot_be_shipped() {
+        OrderAggregate::given([placed(), cancelled()])
+            .when(OrderCommand::Ship)
+            .then_err(OrderError::Cancelled);
+    }
+
+    // Evolve
+
+    #[test]
+    fn an_event_for_an_order_that_was_never_placed_changes_nothing() {
+        for event in [confirmed(), rejected(), cancelled(), shipped()] {
+            assert_eq!(
+                OrderAggregate::evolve(OrderState::NotPlaced, &event),
+                OrderState::NotPlaced
+            );
+        }
+    }
+}

@@ -372,3 +372,374 @@ fn same_currency(payment: &Payment, amount: Money) -> Result<(), PaymentError> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::testing::Scenario;
+
+    fn order_id() -> OrderId {
+        OrderId(Uuid::from_u128(1))
+    }
+
+    fn eur(amount_minor: i64) -> Money {
+        Money::new(amount_minor, "EUR".parse().expect("EUR is ISO 4217"))
+    }
+
+    fn usd(amount_minor: i64) -> Money {
+        Money::new(amount_minor, "USD".parse().expect("USD is ISO 4217"))
+    }
+
+    fn authorise(amount: Money, answer: ProviderAnswer) -> PaymentCommand {
+        PaymentCommand::Authorise {
+            order_id: order_id(),
+            amount,
+            token: PaymentToken::parse("tok_visa").expect("a valid token"),
+            answer,
+        }
+    }
+
+    fn approved() -> ProviderAnswer {
+        ProviderAnswer::Approved {
+            authorisation_id: "auth-1".into(),
+        }
+    }
+
+    fn declined_answer() -> ProviderAnswer {
+        ProviderAnswer::Declined {
+            reason: "insufficient funds".into(),
+        }
+    }
+
+    fn capture(amount: Option<Money>) -> PaymentCommand {
+        PaymentCommand::Capture { amount }
+    }
+
+    fn refund(amount: Money) -> PaymentCommand {
+        PaymentCommand::Refund {
+            amount,
+            reason: "returned".into(),
+        }
+    }
+
+    fn void() -> PaymentCommand {
+        PaymentCommand::Void {
+            reason: "saga timed out".into(),
+        }
+    }
+
+    fn authorised() -> PaymentEvent {
+        PaymentEvent::Authorised(PaymentAuthorised {
+            order_id: order_id(),
+            amount: eur(10_000),
+            authorisation_id: "auth-1".into(),
+        })
+    }
+
+    fn declined() -> PaymentEvent {
+        PaymentEvent::Declined(PaymentDeclined {
+            order_id: order_id(),
+            amount: eur(10_000),
+            reason: "insufficient funds".into(),
+        })
+    }
+
+    fn captured(amount_minor: i64) -> PaymentEvent {
+        PaymentEvent::Captured(PaymentCaptured {
+            amount: eur(amount_minor),
+        })
+    }
+
+    fn refunded(amount_minor: i64) -> PaymentEvent {
+        PaymentEvent::Refunded(PaymentRefunded {
+            amount: eur(amount_minor),
+            reason: "returned".into(),
+        })
+    }
+
+    fn voided() -> PaymentEvent {
+        PaymentEvent::Voided(PaymentVoided {
+            reason: "saga timed out".into(),
+        })
+    }
+
+    fn payment(state: &PaymentState) -> &Payment {
+        state.payment().expect("the payment exists")
+    }
+
+    // Authorise
+
+    #[test]
+    fn an_approved_authorisation_authorises_the_payment() {
+        let state = PaymentAggregate::given([])
+            .when(authorise(eur(10_000), approved()))
+            .then(authorised());
+        let payment = payment(&state);
+        assert_eq!(payment.status, PaymentStatus::Authorised);
+        assert_eq!(payment.authorised, Some(eur(10_000)));
+        assert_eq!(payment.authorisation_id.as_deref(), Some("auth-1"));
+        assert_eq!(payment.captured_minor, 0);
+    }
+
+    #[test]
+    fn a_declined_authorisation_declines_the_payment() {
+        let state = PaymentAggregate::given([])
+            .when(authorise(eur(10_000), declined_answer()))
+            .then(declined());
+        let payment = payment(&state);
+        assert_eq!(payment.status, PaymentStatus::Declined);
+        assert_eq!(payment.reason.as_deref(), Some("insufficient funds"));
+        assert_eq!(payment.authorisation_id, None);
+    }
+
+    #[test]
+    fn a_negative_amount_cannot_be_authorised() {
+        PaymentAggregate::given([])
+            .when(authorise(eur(-1), approved()))
+            .then_err(PaymentError::NegativeAmount);
+    }
+
+    #[test]
+    fn a_repeated_authorisation_changes_nothing() {
+        PaymentAggregate::given([authorised()])
+            .when(authorise(eur(10_000), approved()))
+            .then_unchanged();
+        PaymentAggregate::given([declined()])
+            .when(authorise(eur(10_000), approved()))
+            .then_unchanged();
+        PaymentAggregate::given([authorised(), captured(10_000)])
+            .when(authorise(eur(5_000), declined_answer()))
+            .then_unchanged();
+    }
+
+    #[test]
+    fn a_payment_voided_before_authorisation_ignores_a_late_approval() {
+        let given = PaymentAggregate::given([voided()]);
+        assert_eq!(payment(given.state()).status, PaymentStatus::Voided);
+        assert_eq!(payment(given.state()).authorised, None);
+        given
+            .when(authorise(eur(10_000), approved()))
+            .then_unchanged();
+        PaymentAggregate::given([voided()])
+            .when(capture(None))
+            .then_err(PaymentError::Voided);
+    }
+
+    // Capture
+
+    #[test]
+    fn the_whole_authorised_amount_is_captured_by_default() {
+        let state = PaymentAggregate::given([authorised()])
+            .when(capture(None))
+            .then(captured(10_000));
+        assert_eq!(payment(&state).status, PaymentStatus::Captured);
+        assert_eq!(payment(&state).captured_minor, 10_000);
+        assert_eq!(payment(&state).refundable_minor(), 10_000);
+    }
+
+    #[test]
+    fn part_of_the_authorised_amount_can_be_captured() {
+        let state = PaymentAggregate::given([authorised()])
+            .when(capture(Some(eur(6_000))))
+            .then(captured(6_000));
+        assert_eq!(payment(&state).captured_minor, 6_000);
+    }
+
+    #[test]
+    fn exactly_the_authorised_amount_can_be_captured() {
+        PaymentAggregate::given([authorised()])
+            .when(capture(Some(eur(10_000))))
+            .then(captured(10_000));
+    }
+
+    #[test]
+    fn more_than_the_authorised_amount_cannot_be_captured() {
+        PaymentAggregate::given([authorised()])
+            .when(capture(Some(eur(10_001))))
+            .then_err(PaymentError::ExceedsAuthorised {
+                requested: 10_001,
+                authorised: 10_000,
+            });
+    }
+
+    #[test]
+    fn a_capture_in_another_currency_is_refused() {
+        PaymentAggregate::given([authorised()])
+            .when(capture(Some(usd(100))))
+            .then_err(PaymentError::CurrencyMismatch {
+                expected: eur(0).currency,
+                found: usd(0).currency,
+            });
+    }
+
+    #[test]
+    fn a_negative_capture_is_refused() {
+        PaymentAggregate::given([authorised()])
+            .when(capture(Some(eur(-1))))
+            .then_err(PaymentError::NegativeAmount);
+    }
+
+    #[test]
+    fn a_second_capture_changes_nothing() {
+        PaymentAggregate::given([authorised(), captured(6_000)])
+            .when(capture(None))
+            .then_unchanged();
+        PaymentAggregate::given([authorised(), captured(6_000), refunded(6_000)])
+            .when(capture(Some(eur(1_000))))
+            .then_unchanged();
+    }
+
+    #[test]
+    fn a_declined_payment_cannot_be_captured() {
+        PaymentAggregate::given([declined()])
+            .when(capture(None))
+            .then_err(PaymentError::Declined);
+    }
+
+    #[test]
+    fn a_voided_payment_cannot_be_captured() {
+        PaymentAggregate::given([authorised(), voided()])
+            .when(capture(None))
+            .then_err(PaymentError::Voided);
+    }
+
+    #[test]
+    fn a_payment_that_was_never_started_cannot_be_captured_or_refunded() {
+        PaymentAggregate::given([])
+            .when(capture(None))
+            .then_err(PaymentError::NotFound);
+        PaymentAggregate::given([])
+            .when(refund(eur(100)))
+            .then_err(PaymentError::NotFound);
+    }
+
+    // Refund
+
+    #[test]
+    fn a_captured_payment_can_be_refunded_in_part_then_the_rest() {
+        let state = PaymentAggregate::given([authorised(), captured(6_000)])
+            .when(refund(eur(2_500)))
+            .then(refunded(2_500));
+        assert_eq!(payment(&state).status, PaymentStatus::Captured);
+        assert_eq!(payment(&state).refundable_minor(), 3_500);
+
+        let state = PaymentAggregate::given([authorised(), captured(6_000), refunded(2_500)])
+            .when(refund(eur(3_500)))
+            .then(refunded(3_500));
+        assert_eq!(payment(&state).status, PaymentStatus::Refunded);
+        assert_eq!(payment(&state).refunded_minor, 6_000);
+        assert_eq!(payment(&state).refundable_minor(), 0);
+    }
+
+    #[test]
+    fn a_refund_larger_than_what_is_left_is_refused() {
+        PaymentAggregate::given([authorised(), captured(6_000)])
+            .when(refund(eur(6_001)))
+            .then_err(PaymentError::ExceedsCaptured {
+                requested: 6_001,
+                refundable: 6_000,
+            });
+        PaymentAggregate::given([authorised(), captured(6_000), refunded(2_500)])
+            .when(refund(eur(3_501)))
+            .then_err(PaymentError::ExceedsCaptured {
+                requested: 3_501,
+                refundable: 3_500,
+            });
+    }
+
+    #[test]
+    fn a_fully_refunded_payment_cannot_be_refunded_again() {
+        PaymentAggregate::given([authorised(), captured(6_000), refunded(6_000)])
+            .when(refund(eur(1)))
+            .then_err(PaymentError::ExceedsCaptured {
+                requested: 1,
+                refundable: 0,
+            });
+    }
+
+    #[test]
+    fn a_zero_or_negative_refund_is_refused() {
+        for amount_minor in [0, -1] {
+            PaymentAggregate::given([authorised(), captured(6_000)])
+                .when(refund(eur(amount_minor)))
+                .then_err(PaymentError::EmptyRefund);
+        }
+    }
+
+    #[test]
+    fn a_refund_in_another_currency_is_refused() {
+        PaymentAggregate::given([authorised(), captured(6_000)])
+            .when(refund(usd(100)))
+            .then_err(PaymentError::CurrencyMismatch {
+                expected: eur(0).currency,
+                found: usd(0).currency,
+            });
+    }
+
+    #[test]
+    fn an_uncaptured_payment_cannot_be_refunded() {
+        PaymentAggregate::given([authorised()])
+            .when(refund(eur(100)))
+            .then_err(PaymentError::NotCaptured);
+    }
+
+    #[test]
+    fn a_declined_payment_cannot_be_refunded() {
+        PaymentAggregate::given([declined()])
+            .when(refund(eur(100)))
+            .then_err(PaymentError::Declined);
+    }
+
+    #[test]
+    fn a_voided_payment_cannot_be_refunded() {
+        PaymentAggregate::given([authorised(), voided()])
+            .when(refund(eur(100)))
+            .then_err(PaymentError::Voided);
+        PaymentAggregate::given([voided()])
+            .when(refund(eur(100)))
+            .then_err(PaymentError::Voided);
+    }
+
+    // Void
+
+    #[test]
+    fn an_authorised_payment_can_be_voided() {
+        let state = PaymentAggregate::given([authorised()])
+            .when(void())
+            .then(voided());
+        assert_eq!(payment(&state).status, PaymentStatus::Voided);
+        assert_eq!(payment(&state).reason.as_deref(), Some("saga timed out"));
+    }
+
+    #[test]
+    fn a_payment_can_be_voided_before_it_is_authorised() {
+        let state = PaymentAggregate::given([]).when(void()).then(voided());
+        assert_eq!(payment(&state).status, PaymentStatus::Voided);
+        assert_eq!(payment(&state).authorised, None);
+    }
+
+    #[test]
+    fn voiding_a_declined_or_voided_payment_changes_nothing() {
+        PaymentAggregate::given([declined()])
+            .when(void())
+            .then_unchanged();
+        PaymentAggregate::given([authorised(), voided()])
+            .when(void())
+            .then_unchanged();
+        PaymentAggregate::given([voided()])
+            .when(void())
+            .then_unchanged();
+    }
+
+    #[test]
+    fn a_captured_or_refunded_payment_cannot_be_voided() {
+        PaymentAggregate::given([authorised(), captured(10_000)])
+            .when(void())
+            .then_err(PaymentError::AlreadyCaptured);
+        PaymentAggregate::given([authorised(), captured(10_000), refunded(10_000)])
+            .when(void())
+            .then_err(PaymentError::AlreadyCaptured);
+    }
+}

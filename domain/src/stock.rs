@@ -256,3 +256,338 @@ impl Aggregate for StockAggregate {
         item
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::testing::Scenario;
+
+    fn order(n: u128) -> OrderId {
+        OrderId(Uuid::from_u128(n))
+    }
+
+    fn units(n: u32) -> Quantity {
+        Quantity::new(n).expect("a positive quantity")
+    }
+
+    fn received(n: u32) -> StockEvent {
+        StockEvent::Received(StockReceived { quantity: units(n) })
+    }
+
+    fn adjusted(delta: i64) -> StockEvent {
+        StockEvent::Adjusted(StockAdjusted {
+            delta,
+            reason: "stock-take".into(),
+        })
+    }
+
+    fn reserved(order_n: u128, n: u32) -> StockEvent {
+        StockEvent::Reserved(StockReserved {
+            order_id: order(order_n),
+            quantity: units(n),
+        })
+    }
+
+    fn released(order_n: u128, n: u32) -> StockEvent {
+        StockEvent::ReservationReleased(StockReservationReleased {
+            order_id: order(order_n),
+            quantity: units(n),
+        })
+    }
+
+    fn committed(order_n: u128, n: u32) -> StockEvent {
+        StockEvent::ReservationCommitted(StockReservationCommitted {
+            order_id: order(order_n),
+            quantity: units(n),
+        })
+    }
+
+    fn adjust(delta: i64, reason: &str) -> StockCommand {
+        StockCommand::Adjust {
+            delta,
+            reason: reason.into(),
+        }
+    }
+
+    fn reserve(order_n: u128, n: u32) -> StockCommand {
+        StockCommand::Reserve {
+            order_id: order(order_n),
+            quantity: units(n),
+        }
+    }
+
+    fn release(order_n: u128) -> StockCommand {
+        StockCommand::Release {
+            order_id: order(order_n),
+        }
+    }
+
+    fn commit(order_n: u128) -> StockCommand {
+        StockCommand::Commit {
+            order_id: order(order_n),
+        }
+    }
+
+    /// A stock item holding `u64::MAX - 1` units (two adjustments of `i64::MAX`).
+    fn nearly_full() -> [StockEvent; 2] {
+        [adjusted(i64::MAX), adjusted(i64::MAX)]
+    }
+
+    // Receive
+
+    #[test]
+    fn received_units_are_added_on_hand() {
+        let item = StockAggregate::given([received(5)])
+            .when(StockCommand::Receive { quantity: units(3) })
+            .then(received(3));
+        assert_eq!((item.on_hand, item.reserved, item.available()), (8, 0, 8));
+    }
+
+    #[test]
+    fn receiving_beyond_the_largest_count_is_refused() {
+        StockAggregate::given(nearly_full())
+            .when(StockCommand::Receive { quantity: units(1) })
+            .then(received(1));
+        StockAggregate::given(nearly_full())
+            .when(StockCommand::Receive { quantity: units(2) })
+            .then_err(StockError::Overflow);
+    }
+
+    // Adjust
+
+    #[test]
+    fn a_positive_adjustment_adds_units_on_hand() {
+        let item = StockAggregate::given([received(5)])
+            .when(adjust(4, "found a box"))
+            .then(StockEvent::Adjusted(StockAdjusted {
+                delta: 4,
+                reason: "found a box".into(),
+            }));
+        assert_eq!(item.on_hand, 9);
+    }
+
+    #[test]
+    fn a_negative_adjustment_removes_units_on_hand() {
+        let item = StockAggregate::given([received(5)])
+            .when(adjust(-2, "stock-take"))
+            .then(adjusted(-2));
+        assert_eq!(item.on_hand, 3);
+    }
+
+    #[test]
+    fn an_adjustment_keeps_its_reason_trimmed() {
+        StockAggregate::given([received(5)])
+            .when(adjust(-1, "  stock-take\n"))
+            .then(adjusted(-1));
+    }
+
+    #[test]
+    fn an_adjustment_may_bring_on_hand_down_to_what_is_reserved() {
+        let item = StockAggregate::given([received(10), reserved(1, 4)])
+            .when(adjust(-6, "stock-take"))
+            .then(adjusted(-6));
+        assert_eq!((item.on_hand, item.reserved, item.available()), (4, 4, 0));
+    }
+
+    #[test]
+    fn an_adjustment_may_not_take_on_hand_below_what_is_reserved() {
+        StockAggregate::given([received(10), reserved(1, 4)])
+            .when(adjust(-7, "stock-take"))
+            .then_err(StockError::BelowReserved {
+                on_hand_after: 3,
+                reserved: 4,
+            });
+    }
+
+    #[test]
+    fn an_adjustment_may_not_take_on_hand_below_zero() {
+        StockAggregate::given([received(2)])
+            .when(adjust(-3, "stock-take"))
+            .then_err(StockError::BelowReserved {
+                on_hand_after: -1,
+                reserved: 0,
+            });
+        StockAggregate::given([])
+            .when(adjust(i64::MIN, "stock-take"))
+            .then_err(StockError::BelowReserved {
+                on_hand_after: i128::from(i64::MIN),
+                reserved: 0,
+            });
+    }
+
+    #[test]
+    fn an_adjustment_beyond_the_largest_count_is_refused() {
+        StockAggregate::given(nearly_full())
+            .when(adjust(2, "stock-take"))
+            .then_err(StockError::Overflow);
+    }
+
+    #[test]
+    fn a_zero_adjustment_is_refused() {
+        StockAggregate::given([received(5)])
+            .when(adjust(0, "stock-take"))
+            .then_err(StockError::ZeroAdjustment);
+    }
+
+    #[test]
+    fn an_adjustment_without_a_reason_is_refused() {
+        for blank in ["", "  ", "\n\t"] {
+            StockAggregate::given([received(5)])
+                .when(adjust(-1, blank))
+                .then_err(StockError::EmptyReason);
+        }
+    }
+
+    #[test]
+    fn an_adjustment_reason_of_the_maximum_length_is_kept_and_a_longer_one_is_refused() {
+        let longest = "ü".repeat(MAX_REASON_LEN);
+        StockAggregate::given([received(5)])
+            .when(adjust(1, &longest))
+            .then(StockEvent::Adjusted(StockAdjusted {
+                delta: 1,
+                reason: longest.clone(),
+            }));
+        StockAggregate::given([received(5)])
+            .when(adjust(1, &format!("{longest}x")))
+            .then_err(StockError::ReasonTooLong);
+    }
+
+    // Reserve
+
+    #[test]
+    fn available_units_can_be_reserved_for_an_order() {
+        let item = StockAggregate::given([received(10)])
+            .when(reserve(1, 3))
+            .then(reserved(1, 3));
+        assert_eq!((item.on_hand, item.reserved, item.available()), (10, 3, 7));
+        assert_eq!(item.reservations.get(&order(1)), Some(&units(3)));
+    }
+
+    #[test]
+    fn everything_available_can_be_reserved() {
+        let item = StockAggregate::given([received(10), reserved(1, 3)])
+            .when(reserve(2, 7))
+            .then(reserved(2, 7));
+        assert_eq!(item.available(), 0);
+        assert_eq!(item.reservations.len(), 2);
+    }
+
+    #[test]
+    fn a_reservation_beyond_what_is_available_is_rejected_with_what_was_available() {
+        let item = StockAggregate::given([received(10), reserved(1, 3)])
+            .when(reserve(2, 8))
+            .then(StockEvent::ReservationRejected(StockReservationRejected {
+                order_id: order(2),
+                requested: units(8),
+                available: 7,
+            }));
+        assert_eq!((item.reserved, item.available()), (3, 7));
+        assert!(!item.reservations.contains_key(&order(2)));
+    }
+
+    #[test]
+    fn a_reservation_on_an_empty_item_is_rejected() {
+        StockAggregate::given([])
+            .when(reserve(1, 1))
+            .then(StockEvent::ReservationRejected(StockReservationRejected {
+                order_id: order(1),
+                requested: units(1),
+                available: 0,
+            }));
+    }
+
+    #[test]
+    fn a_second_reservation_for_the_same_order_changes_nothing() {
+        StockAggregate::given([received(10), reserved(1, 3)])
+            .when(reserve(1, 3))
+            .then_unchanged();
+        // Even when the repeat asks for a different quantity: the reservation held is the answer.
+        StockAggregate::given([received(10), reserved(1, 3)])
+            .when(reserve(1, 50))
+            .then_unchanged();
+    }
+
+    #[test]
+    fn a_rejected_reservation_is_not_held_and_can_be_tried_again_once_stock_arrives() {
+        let rejection = StockEvent::ReservationRejected(StockReservationRejected {
+            order_id: order(1),
+            requested: units(5),
+            available: 2,
+        });
+        StockAggregate::given([received(2), rejection.clone(), received(3)])
+            .when(reserve(1, 5))
+            .then(reserved(1, 5));
+    }
+
+    // Release
+
+    #[test]
+    fn a_held_reservation_can_be_released() {
+        let item = StockAggregate::given([received(10), reserved(1, 3), reserved(2, 4)])
+            .when(release(1))
+            .then(released(1, 3));
+        assert_eq!((item.on_hand, item.reserved, item.available()), (10, 4, 6));
+        assert!(!item.reservations.contains_key(&order(1)));
+    }
+
+    #[test]
+    fn releasing_a_reservation_that_is_not_held_changes_nothing() {
+        StockAggregate::given([received(10)])
+            .when(release(1))
+            .then_unchanged();
+        StockAggregate::given([received(10), reserved(1, 3), released(1, 3)])
+            .when(release(1))
+            .then_unchanged();
+        StockAggregate::given([received(10), reserved(1, 3), committed(1, 3)])
+            .when(release(1))
+            .then_unchanged();
+    }
+
+    // Commit
+
+    #[test]
+    fn a_committed_reservation_leaves_on_hand() {
+        let item = StockAggregate::given([received(10), reserved(1, 3), reserved(2, 4)])
+            .when(commit(1))
+            .then(committed(1, 3));
+        assert_eq!((item.on_hand, item.reserved, item.available()), (7, 4, 3));
+        assert!(!item.reservations.contains_key(&order(1)));
+    }
+
+    #[test]
+    fn a_reservation_that_is_not_held_cannot_be_committed() {
+        StockAggregate::given([received(10)])
+            .when(commit(1))
+            .then_err(StockError::NoReservation(order(1)));
+        StockAggregate::given([received(10), reserved(1, 3), released(1, 3)])
+            .when(commit(1))
+            .then_err(StockError::NoReservation(order(1)));
+        StockAggregate::given([received(10), reserved(1, 3), committed(1, 3)])
+            .when(commit(1))
+            .then_err(StockError::NoReservation(order(1)));
+    }
+
+    // Evolve
+
+    #[test]
+    fn a_release_or_commit_of_a_reservation_not_held_changes_nothing_when_folded() {
+        let before = StockAggregate::given([received(10), reserved(1, 3)])
+            .state()
+            .clone();
+        for event in [released(2, 3), committed(2, 3)] {
+            assert_eq!(StockAggregate::evolve(before.clone(), &event), before);
+        }
+    }
+
+    #[test]
+    fn available_is_never_negative_even_for_an_inconsistent_item() {
+        let item = StockItem {
+            on_hand: 2,
+            reserved: 5,
+            reservations: BTreeMap::new(),
+        };
+        assert_eq!(item.available(), 0);
+    }
+}
