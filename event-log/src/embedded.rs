@@ -1,0 +1,414 @@
+//! The embedded backend: the log in a local SQLite file (WAL mode), for `cargo run` without a
+//! broker and for single-node use.
+//!
+//! One writer task owns the only write connection. Appends from any number of tasks queue up
+//! for it and it commits whatever has queued as one transaction (group commit), so a burst of
+//! commands costs one fsync, not one each. Readers share a pool of read connections and sleep
+//! on a watch channel that the writer bumps after each commit, so a tailing reader sees a new
+//! record within microseconds rather than after a poll interval.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use event_schema::{Header, Record};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, QueryBuilder, Row, SqliteConnection, SqlitePool};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{EventLog, LogError, LogReader, LogRecord, Position};
+
+/// Most records one group commit writes.
+const MAX_BATCH: usize = 1000;
+
+struct AppendRequest {
+    topic: String,
+    partition: u32,
+    record: Record,
+    done: oneshot::Sender<Result<Position, LogError>>,
+}
+
+/// The log in a SQLite file.
+#[derive(Debug, Clone)]
+pub struct EmbeddedLog {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    reads: SqlitePool,
+    appends: mpsc::Sender<AppendRequest>,
+    /// Bumped after every commit; readers wait on it.
+    committed: watch::Receiver<u64>,
+    /// For the rare writes that are not appends (topic creation).
+    admin: tokio::sync::Mutex<SqliteConnection>,
+    partitions: RwLock<HashMap<String, u32>>,
+}
+
+impl std::fmt::Debug for AppendRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AppendRequest({}:{})", self.topic, self.partition)
+    }
+}
+
+fn unavailable(error: impl std::fmt::Display) -> LogError {
+    LogError::Unavailable(error.to_string())
+}
+
+fn options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // With WAL, NORMAL survives a process crash (kill -9); only an OS crash can lose the
+        // last transactions.
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10))
+}
+
+impl EmbeddedLog {
+    /// Opens (creating when missing) the log file at `path` and starts its writer task.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self, LogError> {
+        let path = path.as_ref();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(unavailable)?;
+        }
+        let mut writer = SqliteConnection::connect_with(&options(path))
+            .await
+            .map_err(unavailable)?;
+        crate::migrations::embedded()
+            .run_direct(&mut writer)
+            .await
+            .map_err(unavailable)?;
+        let admin = SqliteConnection::connect_with(&options(path))
+            .await
+            .map_err(unavailable)?;
+        let reads = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options(path).read_only(true))
+            .await
+            .map_err(unavailable)?;
+        let (appends, queue) = mpsc::channel(MAX_BATCH * 4);
+        let (bump, committed) = watch::channel(0);
+        tokio::spawn(write_loop(writer, queue, bump));
+        Ok(EmbeddedLog {
+            inner: Arc::new(Inner {
+                reads,
+                appends,
+                committed,
+                admin: tokio::sync::Mutex::new(admin),
+                partitions: RwLock::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+/// The single writer: drains the queue, commits each batch in one transaction, answers.
+async fn write_loop(
+    mut connection: SqliteConnection,
+    mut queue: mpsc::Receiver<AppendRequest>,
+    bump: watch::Sender<u64>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let result = write_batch(&mut connection, &batch).await;
+        match result {
+            Ok(positions) => {
+                for (request, position) in batch.drain(..).zip(positions) {
+                    let _ = request.done.send(Ok(position));
+                }
+                bump.send_modify(|count| *count += 1);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "embedded log: batch append failed");
+                for request in batch.drain(..) {
+                    let _ = request.done.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn write_batch(
+    connection: &mut SqliteConnection,
+    batch: &[AppendRequest],
+) -> Result<Vec<Position>, LogError> {
+    // IMMEDIATE takes the write lock up front, so the offsets read below cannot be taken by
+    // another process writing the same file before this transaction commits.
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *connection)
+        .await
+        .map_err(unavailable)?;
+    match insert_batch(connection, batch).await {
+        Ok(positions) => {
+            sqlx::query("COMMIT")
+                .execute(&mut *connection)
+                .await
+                .map_err(unavailable)?;
+            Ok(positions)
+        }
+        Err(error) => {
+            let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
+            Err(error)
+        }
+    }
+}
+
+async fn insert_batch(
+    tx: &mut SqliteConnection,
+    batch: &[AppendRequest],
+) -> Result<Vec<Position>, LogError> {
+    let mut planned: HashMap<(&str, u32), u64> = HashMap::new();
+    let mut positions = Vec::with_capacity(batch.len());
+    for request in batch {
+        let slot = (request.topic.as_str(), request.partition);
+        let offset = match planned.get(&slot) {
+            Some(next) => *next,
+            None => {
+                let row = sqlx::query(
+                    r#"SELECT COALESCE(MAX("offset") + 1, 0) FROM records WHERE topic = ? AND partition = ?"#,
+                )
+                .bind(&request.topic)
+                .bind(request.partition)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                row.get::<i64, _>(0) as u64
+            }
+        };
+        planned.insert(slot, offset + 1);
+        positions.push(Position {
+            topic: request.topic.clone(),
+            partition: request.partition,
+            offset,
+        });
+    }
+    let now_ms = now_ms();
+    // SQLite allows 32766 bound parameters; a batch of MAX_BATCH rows uses 7 each.
+    let mut insert = QueryBuilder::new(
+        r#"INSERT INTO records (topic, partition, "offset", key, headers, value, timestamp_ms) "#,
+    );
+    insert.push_values(
+        batch.iter().zip(&positions),
+        |mut row, (request, position)| {
+            row.push_bind(&request.topic)
+                .push_bind(request.partition)
+                .push_bind(position.offset as i64)
+                .push_bind(&request.record.key)
+                .push_bind(headers_to_json(&request.record.headers))
+                .push_bind(&request.record.value)
+                .push_bind(now_ms);
+        },
+    );
+    insert
+        .build()
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    Ok(positions)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn headers_to_json(headers: &[Header]) -> String {
+    let pairs: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|header| (header.name.as_str(), header.value.as_str()))
+        .collect();
+    serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned())
+}
+
+fn headers_from_json(raw: &str) -> Vec<Header> {
+    serde_json::from_str::<Vec<(String, String)>>(raw)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, value)| Header { name, value })
+        .collect()
+}
+
+#[async_trait]
+impl EventLog for EmbeddedLog {
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<u32, LogError> {
+        // Topic creation is rare; it uses its own connection rather than the append queue.
+        let mut admin = self.inner.admin.lock().await;
+        sqlx::query(
+            "INSERT INTO topics (name, partitions) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(topic)
+        .bind(partitions)
+        .execute(&mut *admin)
+        .await
+        .map_err(unavailable)?;
+        drop(admin);
+        self.partition_count(topic).await
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<u32, LogError> {
+        // A topic's partition count never changes once created.
+        if let Some(count) = self
+            .inner
+            .partitions
+            .read()
+            .ok()
+            .and_then(|known| known.get(topic).copied())
+        {
+            return Ok(count);
+        }
+        let row = sqlx::query("SELECT partitions FROM topics WHERE name = ?")
+            .bind(topic)
+            .fetch_optional(&self.inner.reads)
+            .await
+            .map_err(unavailable)?;
+        let count = match row {
+            Some(row) => row.get::<i64, _>(0) as u32,
+            None => return Err(LogError::UnknownTopic(topic.to_owned())),
+        };
+        if let Ok(mut known) = self.inner.partitions.write() {
+            known.insert(topic.to_owned(), count);
+        }
+        Ok(count)
+    }
+
+    async fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        record: Record,
+    ) -> Result<Position, LogError> {
+        let partitions = self.partition_count(topic).await?;
+        if partition >= partitions {
+            return Err(LogError::UnknownPartition {
+                topic: topic.to_owned(),
+                partition,
+            });
+        }
+        let (done, answer) = oneshot::channel();
+        self.inner
+            .appends
+            .send(AppendRequest {
+                topic: topic.to_owned(),
+                partition,
+                record,
+                done,
+            })
+            .await
+            .map_err(|_| LogError::Unavailable("embedded log writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| LogError::Unavailable("embedded log writer has stopped".into()))?
+    }
+
+    async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        let row = sqlx::query(
+            r#"SELECT COALESCE(MAX("offset") + 1, 0) FROM records WHERE topic = ? AND partition = ?"#,
+        )
+        .bind(topic)
+        .bind(partition)
+        .fetch_one(&self.inner.reads)
+        .await
+        .map_err(unavailable)?;
+        Ok(row.get::<i64, _>(0) as u64)
+    }
+
+    async fn reader(
+        &self,
+        topic: &str,
+        start: &[(u32, u64)],
+    ) -> Result<Box<dyn LogReader>, LogError> {
+        let partitions = self.partition_count(topic).await?;
+        if let Some((partition, _)) = start.iter().find(|(partition, _)| *partition >= partitions) {
+            return Err(LogError::UnknownPartition {
+                topic: topic.to_owned(),
+                partition: *partition,
+            });
+        }
+        Ok(Box::new(EmbeddedReader {
+            pool: self.inner.reads.clone(),
+            committed: self.inner.committed.clone(),
+            topic: topic.to_owned(),
+            next: start.to_vec(),
+        }))
+    }
+
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+}
+
+struct EmbeddedReader {
+    pool: SqlitePool,
+    committed: watch::Receiver<u64>,
+    topic: String,
+    /// The next offset to read, per partition.
+    next: Vec<(u32, u64)>,
+}
+
+impl EmbeddedReader {
+    async fn fetch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
+        let mut records = Vec::new();
+        let per_partition = max.div_ceil(self.next.len().max(1)).max(1);
+        for (partition, next) in &mut self.next {
+            if records.len() >= max {
+                break;
+            }
+            let rows = sqlx::query(
+                r#"SELECT "offset", key, headers, value, timestamp_ms FROM records
+                   WHERE topic = ? AND partition = ? AND "offset" >= ?
+                   ORDER BY "offset" LIMIT ?"#,
+            )
+            .bind(&self.topic)
+            .bind(*partition)
+            .bind(*next as i64)
+            .bind(per_partition as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            for row in rows {
+                let offset = row.get::<i64, _>(0) as u64;
+                *next = offset + 1;
+                records.push(LogRecord {
+                    position: Position {
+                        topic: self.topic.clone(),
+                        partition: *partition,
+                        offset,
+                    },
+                    timestamp_ms: row.get(4),
+                    record: Record {
+                        key: row.get(1),
+                        headers: headers_from_json(row.get::<&str, _>(2)),
+                        value: row.get(3),
+                    },
+                });
+            }
+        }
+        Ok(records)
+    }
+}
+
+#[async_trait]
+impl LogReader for EmbeddedReader {
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<LogRecord>, LogError> {
+        // Mark the current commit count as seen before reading, so a commit that lands between
+        // the read and the wait still wakes us.
+        self.committed.borrow_and_update();
+        let records = self.fetch(max).await?;
+        if !records.is_empty() || wait.is_zero() {
+            return Ok(records);
+        }
+        match tokio::time::timeout(wait, self.committed.changed()).await {
+            Ok(Err(_)) => Err(LogError::Unavailable(
+                "embedded log writer has stopped".into(),
+            )),
+            // Woken by our own writer, or timed out: another process may have written to the
+            // same file without waking us, so look once more either way.
+            Ok(Ok(())) | Err(_) => self.fetch(max).await,
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! The Kafka backend (rdkafka).
+//!
+//! One idempotent producer (acks=all, a few ms of linger) is shared by every append: concurrent
+//! appends ride in the same produce batches and nothing waits for one delivery before sending the
+//! next. Readers assign explicit partitions and seek to explicit offsets; they never use Kafka's
+//! committed offsets, since positions are stored with their effects (see ARCHITECTURE.md).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use event_schema::{Header, Record};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header as KafkaHeader, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::{EventLog, LogError, LogReader, LogRecord, Position};
+
+/// How the platform talks to Kafka.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// `host:port[,host:port...]`
+    pub brokers: String,
+    /// How long the producer waits to fill a batch. A few ms buys large batches under load and
+    /// costs that much latency at idle.
+    pub linger_ms: u32,
+    /// How long the broker may hold a fetch open. Brokers that do not answer a fetch early when
+    /// data arrives (nisshi, see KAFKA.md) add this to every read-back; keep it small.
+    pub fetch_wait_max_ms: u32,
+    /// How long an append may take before it fails (and the command answers 503).
+    pub delivery_timeout: Duration,
+}
+
+impl KafkaSettings {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaSettings {
+            brokers: brokers.into(),
+            linger_ms: 2,
+            fetch_wait_max_ms: 5,
+            delivery_timeout: Duration::from_secs(15),
+        }
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("socket.keepalive.enable", "true")
+            .set("log_level", "4");
+        config
+    }
+}
+
+fn unavailable(error: impl std::fmt::Display) -> LogError {
+    LogError::Unavailable(error.to_string())
+}
+
+/// The log on a Kafka cluster.
+#[derive(Clone)]
+pub struct KafkaLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: KafkaSettings,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// For metadata and watermarks; never subscribes.
+    metadata: Arc<BaseConsumer>,
+    partitions: RwLock<HashMap<String, u32>>,
+}
+
+impl std::fmt::Debug for KafkaLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaLog")
+            .field("brokers", &self.inner.settings.brokers)
+            .finish()
+    }
+}
+
+impl KafkaLog {
+    /// Connects to the cluster and checks that it answers.
+    pub async fn connect(settings: KafkaSettings) -> Result<Self, LogError> {
+        let producer: FutureProducer = settings
+            .client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", settings.linger_ms.to_string())
+            .set("batch.num.messages", "10000")
+            .set("compression.type", "none")
+            .set(
+                "message.timeout.ms",
+                settings.delivery_timeout.as_millis().to_string(),
+            )
+            .create()
+            .map_err(unavailable)?;
+        let admin: AdminClient<DefaultClientContext> =
+            settings.client().create().map_err(unavailable)?;
+        let metadata: BaseConsumer = settings
+            .client()
+            .set("group.id", "platform-metadata")
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(unavailable)?;
+        let log = KafkaLog {
+            inner: Arc::new(Inner {
+                settings,
+                producer,
+                admin,
+                metadata: Arc::new(metadata),
+                partitions: RwLock::new(HashMap::new()),
+            }),
+        };
+        // Fail fast with a clear message when the brokers do not answer.
+        let producer = log.inner.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Timeout::After(Duration::from_secs(10)))
+                .map(|_| ())
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(|error| LogError::Unavailable(format!("cannot reach Kafka: {error}")))?;
+        Ok(log)
+    }
+
+    async fn fetch_partition_count(&self, topic: &str) -> Result<Option<u32>, LogError> {
+        let metadata = self.inner.metadata.clone();
+        let name = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let metadata = metadata
+                .fetch_metadata(Some(&name), Timeout::After(Duration::from_secs(10)))
+                .map_err(unavailable)?;
+            Ok(metadata
+                .topics()
+                .iter()
+                .find(|found| found.name() == name && found.error().is_none())
+                .map(|found| found.partitions().len() as u32)
+                .filter(|count| *count > 0))
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+#[async_trait]
+impl EventLog for KafkaLog {
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<u32, LogError> {
+        let new_topic = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1))
+            // Events are the source of truth: keep them for ever.
+            .set("retention.ms", "-1");
+        let options =
+            AdminOptions::new().operation_timeout(Some(Timeout::After(Duration::from_secs(10))));
+        let results = self
+            .inner
+            .admin
+            .create_topics(&[new_topic], &options)
+            .await
+            .map_err(unavailable)?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(LogError::Unavailable(format!(
+                        "cannot create topic {name}: {code}"
+                    )));
+                }
+            }
+        }
+        // Metadata can trail a fresh creation by a moment.
+        for _ in 0..50 {
+            if let Some(count) = self.fetch_partition_count(topic).await? {
+                if let Ok(mut known) = self.inner.partitions.write() {
+                    known.insert(topic.to_owned(), count);
+                }
+                return Ok(count);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(LogError::UnknownTopic(topic.to_owned()))
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<u32, LogError> {
+        if let Some(count) = self
+            .inner
+            .partitions
+            .read()
+            .ok()
+            .and_then(|known| known.get(topic).copied())
+        {
+            return Ok(count);
+        }
+        let count = self
+            .fetch_partition_count(topic)
+            .await?
+            .ok_or_else(|| LogError::UnknownTopic(topic.to_owned()))?;
+        if let Ok(mut known) = self.inner.partitions.write() {
+            known.insert(topic.to_owned(), count);
+        }
+        Ok(count)
+    }
+
+    async fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        record: Record,
+    ) -> Result<Position, LogError> {
+        let headers = record.headers.iter().fold(
+            OwnedHeaders::new_with_capacity(record.headers.len()),
+            |headers, header| {
+                headers.insert(KafkaHeader {
+                    key: &header.name,
+                    value: Some(header.value.as_bytes()),
+                })
+            },
+        );
+        let delivery = self
+            .inner
+            .producer
+            .send(
+                FutureRecord::to(topic)
+                    .partition(partition as i32)
+                    .key(&record.key)
+                    .payload(&record.value)
+                    .headers(headers),
+                Timeout::After(self.inner.settings.delivery_timeout),
+            )
+            .await;
+        match delivery {
+            Ok(delivery) => Ok(Position {
+                topic: topic.to_owned(),
+                partition: delivery.partition as u32,
+                offset: delivery.offset as u64,
+            }),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::UnknownPartition), _)) => {
+                Err(LogError::UnknownPartition {
+                    topic: topic.to_owned(),
+                    partition,
+                })
+            }
+            Err((error, _)) => Err(unavailable(error)),
+        }
+    }
+
+    async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        let metadata = self.inner.metadata.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            metadata
+                .fetch_watermarks(
+                    &topic,
+                    partition as i32,
+                    Timeout::After(Duration::from_secs(10)),
+                )
+                .map(|(_, high)| high.max(0) as u64)
+                .map_err(unavailable)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    async fn reader(
+        &self,
+        topic: &str,
+        start: &[(u32, u64)],
+    ) -> Result<Box<dyn LogReader>, LogError> {
+        let consumer: StreamConsumer = self
+            .inner
+            .settings
+            .client()
+            // Readers never commit: positions live with the effects they produced.
+            .set(
+                "group.id",
+                format!("platform-reader-{}", uuid::Uuid::new_v4()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "earliest")
+            .set(
+                "fetch.wait.max.ms",
+                self.inner.settings.fetch_wait_max_ms.to_string(),
+            )
+            .create()
+            .map_err(unavailable)?;
+        let mut assignment = TopicPartitionList::new();
+        for (partition, offset) in start {
+            assignment
+                .add_partition_offset(topic, *partition as i32, Offset::Offset(*offset as i64))
+                .map_err(unavailable)?;
+        }
+        consumer.assign(&assignment).map_err(unavailable)?;
+        Ok(Box::new(KafkaReader {
+            consumer,
+            topic: topic.to_owned(),
+        }))
+    }
+
+    fn backend(&self) -> &'static str {
+        "kafka"
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Deliver what is still queued before the producer goes away.
+        let _ = self.producer.flush(Timeout::After(Duration::from_secs(5)));
+    }
+}
+
+struct KafkaReader {
+    consumer: StreamConsumer,
+    topic: String,
+}
+
+impl KafkaReader {
+    fn convert(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> LogRecord {
+        let headers = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|header| Header {
+                        name: header.key.to_owned(),
+                        value: header
+                            .value
+                            .map(|value| String::from_utf8_lossy(value).into_owned())
+                            .unwrap_or_default(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        LogRecord {
+            position: Position {
+                topic: self.topic.clone(),
+                partition: message.partition() as u32,
+                offset: message.offset() as u64,
+            },
+            timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
+            record: Record {
+                key: message
+                    .key()
+                    .map(|key| String::from_utf8_lossy(key).into_owned())
+                    .unwrap_or_default(),
+                headers,
+                value: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl LogReader for KafkaReader {
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<LogRecord>, LogError> {
+        let mut records = Vec::new();
+        match tokio::time::timeout(wait, self.consumer.recv()).await {
+            Err(_) => return Ok(records),
+            Ok(Err(error)) => return Err(unavailable(error)),
+            Ok(Ok(message)) => records.push(self.convert(&message)),
+        }
+        // Take whatever else has already arrived, without waiting.
+        while records.len() < max {
+            match tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await {
+                Ok(Ok(message)) => records.push(self.convert(&message)),
+                Ok(Err(error)) => return Err(unavailable(error)),
+                Err(_) => break,
+            }
+        }
+        Ok(records)
+    }
+}

@@ -1,0 +1,225 @@
+//! The event log, behind one trait with two backends that behave the same.
+//!
+//! A log is a set of topics, each split into numbered partitions; a partition is an ordered
+//! sequence of records, each at an offset (0, 1, 2, ...). Records are keyed by aggregate id and
+//! every backend sends a key to the same partition ([`partition_for`], Kafka's default
+//! partitioner), so one aggregate's records are totally ordered. The log itself knows nothing
+//! of aggregate versions: which records count is decided by readers with the effective-history
+//! rule (`event_schema::history`).
+//!
+//! # Layout
+//! - this file: the [`EventLog`] and [`LogReader`] traits, [`Position`], [`LogError`] and the
+//!   partitioner.
+//! - [`embedded`]: the default backend, a local SQLite file in WAL mode; appends from many
+//!   tasks are group-committed by one writer task, readers wake on new records.
+//! - [`kafka`]: rdkafka; an idempotent producer (acks=all, a few ms of linger) shared by all
+//!   appends, and readers that assign explicit partitions and seek to explicit offsets.
+//! - [`topics`]: the topic naming scheme (`<prefix>.<aggregate>.events`, `.commands`).
+
+pub mod embedded;
+pub mod kafka;
+pub mod topics;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+pub use event_schema::Record;
+
+/// Where one record sits in the log.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Position {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+}
+
+impl fmt::Display for Position {
+    /// The form used for consistency tokens: `<topic>:<partition>:<offset>`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.topic, self.partition, self.offset)
+    }
+}
+
+impl FromStr for Position {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        let mut parts = raw.rsplitn(3, ':');
+        let offset = parts.next().and_then(|part| part.parse().ok());
+        let partition = parts.next().and_then(|part| part.parse().ok());
+        let topic = parts.next().filter(|topic| !topic.is_empty());
+        match (topic, partition, offset) {
+            (Some(topic), Some(partition), Some(offset)) => Ok(Position {
+                topic: topic.to_owned(),
+                partition,
+                offset,
+            }),
+            _ => Err(format!(
+                "{raw:?} is not a position (expected <topic>:<partition>:<offset>)"
+            )),
+        }
+    }
+}
+
+/// A record as read back from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    pub position: Position,
+    /// When the log accepted the record (milliseconds since the Unix epoch).
+    pub timestamp_ms: i64,
+    pub record: Record,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogError {
+    /// The broker or the database cannot be reached or refused the operation; retrying later
+    /// may work.
+    #[error("event log unavailable: {0}")]
+    Unavailable(String),
+    #[error("topic {0:?} does not exist")]
+    UnknownTopic(String),
+    #[error("topic {topic:?} has no partition {partition}")]
+    UnknownPartition { topic: String, partition: u32 },
+    #[error("invalid record: {0}")]
+    InvalidRecord(String),
+}
+
+/// An append-only, partitioned log.
+///
+/// Implementations must not reorder records of one partition, must not acknowledge an append
+/// before it is durable (as durable as the backend gets: acks=all, or a committed SQLite
+/// transaction), and must not await one append's durability before accepting the next:
+/// concurrent appends share batches (group commit).
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Creates `topic` with `partitions` partitions unless it exists; returns its partition
+    /// count (which may differ from `partitions` when the topic already existed).
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<u32, LogError>;
+
+    /// The partition count of an existing topic.
+    async fn partition_count(&self, topic: &str) -> Result<u32, LogError>;
+
+    /// Appends one record to a partition and returns where it landed, once durable.
+    async fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        record: Record,
+    ) -> Result<Position, LogError>;
+
+    /// The offset the next record of the partition will get (the high watermark).
+    async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError>;
+
+    /// Opens a reader of `topic` positioned at explicit offsets, one per partition to read.
+    async fn reader(
+        &self,
+        topic: &str,
+        start: &[(u32, u64)],
+    ) -> Result<Box<dyn LogReader>, LogError>;
+
+    /// A short name for logs and health output (`kafka`, `embedded`).
+    fn backend(&self) -> &'static str;
+}
+
+/// Reads assigned partitions from explicit offsets, in log order within each partition.
+#[async_trait]
+pub trait LogReader: Send {
+    /// The next records, at most `max`; waits up to `wait` when none is available yet and then
+    /// returns an empty batch.
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<LogRecord>, LogError>;
+}
+
+pub type SharedLog = Arc<dyn EventLog>;
+
+/// Kafka's default partitioner (murmur2 of the key, made positive, modulo the partition
+/// count), so records written here land where any Kafka client would put them.
+pub fn partition_for(key: &str, partitions: u32) -> u32 {
+    (murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions.max(1)
+}
+
+fn murmur2(data: &[u8]) -> u32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let length = data.len();
+    let mut h: u32 = SEED ^ (length as u32);
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_partitioner_agrees_with_kafkas_java_client() {
+        // Values from the Java client's `Utils.murmur2` test vectors.
+        assert_eq!(murmur2(b"21") as i32, -973932308);
+        assert_eq!(murmur2(b"foobar") as i32, -790332482);
+        assert_eq!(murmur2(b"a-little-bit-long-string") as i32, -985981536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string") as i32, -1486304829);
+        assert_eq!(
+            murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32,
+            -58897971
+        );
+        assert_eq!(murmur2(b"abc") as i32, 479470107);
+    }
+
+    #[test]
+    fn a_position_prints_and_parses_back() {
+        let position = Position {
+            topic: "test.order.events".into(),
+            partition: 3,
+            offset: 42,
+        };
+        assert_eq!(position.to_string(), "test.order.events:3:42");
+        assert_eq!(position.to_string().parse::<Position>(), Ok(position));
+        assert!("nonsense".parse::<Position>().is_err());
+        assert!(":1:2".parse::<Position>().is_err());
+    }
+}
+
+mod migrations {
+    //! Migrations owned by this crate, embedded in the binary.
+    use std::borrow::Cow;
+
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+
+    pub(crate) fn embedded() -> Migrator {
+        Migrator {
+            migrations: Cow::Owned(vec![Migration::new(
+                1,
+                Cow::Borrowed("log"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/embedded/0001_log.sql")),
+                false,
+            )]),
+            ..Migrator::DEFAULT
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! The contract every event-log backend keeps, run against each of them: the embedded SQLite
+//! log always, and Kafka when `TEST_KAFKA_BROKERS` names a broker (`scripts/test.sh` starts
+//! one; with `TEST_REQUIRE_BACKENDS=1` a missing broker fails the suite instead of skipping).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use domain::Quantity;
+use domain::stock::{StockAggregate, StockEvent, StockReceived};
+use event_log::embedded::EmbeddedLog;
+use event_log::kafka::{KafkaLog, KafkaSettings};
+use event_log::{LogRecord, Position, SharedLog, partition_for};
+use event_schema::{CommandMeta, EffectiveHistory, Envelope, Record, Verdict};
+
+struct Backend {
+    name: &'static str,
+    log: SharedLog,
+    /// Opens a second, independent client of the same log (a restart, or another process).
+    reopen: Box<dyn Fn() -> futures_lite::BoxedLog + Send + Sync>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+mod futures_lite {
+    use std::future::Future;
+    use std::pin::Pin;
+
+    pub type BoxedLog = Pin<Box<dyn Future<Output = super::SharedLog> + Send>>;
+}
+
+async fn backends() -> Vec<Backend> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("log.db");
+    let embedded: SharedLog = Arc::new(EmbeddedLog::open(&path).await.expect("open embedded log"));
+    let reopen_path = path.clone();
+    let mut backends = vec![Backend {
+        name: "embedded",
+        log: embedded,
+        reopen: Box::new(move || {
+            let path = reopen_path.clone();
+            Box::pin(async move {
+                Arc::new(EmbeddedLog::open(&path).await.expect("reopen embedded log")) as SharedLog
+            })
+        }),
+        _dir: Some(dir),
+    }];
+    match std::env::var("TEST_KAFKA_BROKERS") {
+        Ok(brokers) => {
+            let connect = move || {
+                let brokers = brokers.clone();
+                Box::pin(async move {
+                    Arc::new(
+                        KafkaLog::connect(KafkaSettings::new(brokers))
+                            .await
+                            .expect("connect to the test broker"),
+                    ) as SharedLog
+                }) as futures_lite::BoxedLog
+            };
+            backends.push(Backend {
+                name: "kafka",
+                log: connect().await,
+                reopen: Box::new(connect),
+                _dir: None,
+            });
+        }
+        Err(_) if std::env::var("TEST_REQUIRE_BACKENDS").is_ok_and(|v| v == "1") => {
+            panic!("TEST_REQUIRE_BACKENDS=1 but TEST_KAFKA_BROKERS is not set")
+        }
+        Err(_) => eprintln!("TEST_KAFKA_BROKERS not set: the Kafka backend is skipped"),
+    }
+    backends
+}
+
+fn unique_topic(name: &str) -> String {
+    format!("contract-{}.{name}", uuid::Uuid::new_v4().simple())
+}
+
+fn stock_record(sku: &str, version: u64) -> (Envelope, Record) {
+    let event = StockEvent::Received(StockReceived {
+        quantity: Quantity::new(1).expect("quantity"),
+    });
+    let envelope = Envelope::new::<StockAggregate>(
+        sku,
+        version,
+        &event,
+        &CommandMeta::new("test"),
+        Utc::now(),
+    );
+    let record = Record::from(&envelope);
+    (envelope, record)
+}
+
+/// Reads everything from the given start positions until `count` records arrived.
+async fn read_all(
+    log: &SharedLog,
+    topic: &str,
+    start: &[(u32, u64)],
+    count: usize,
+) -> Vec<LogRecord> {
+    let mut reader = log.reader(topic, start).await.expect("open reader");
+    let mut records = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while records.len() < count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {count} records arrived",
+            records.len()
+        );
+        records.extend(
+            reader
+                .poll(500, Duration::from_millis(200))
+                .await
+                .expect("poll"),
+        );
+    }
+    records
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_one_key_keep_their_order_and_positions_are_contiguous() {
+    for backend in backends().await {
+        let log = &backend.log;
+        let topic = unique_topic("events");
+        assert_eq!(log.ensure_topic(&topic, 4).await.expect("create topic"), 4);
+
+        let keys: Vec<String> = (0..6).map(|i| format!("SKU-{i}")).collect();
+        let mut writers = Vec::new();
+        for key in keys.clone() {
+            let log = log.clone();
+            let topic = topic.clone();
+            writers.push(tokio::spawn(async move {
+                let mut positions = Vec::new();
+                for version in 1..=20 {
+                    let (_, record) = stock_record(&key, version);
+                    let partition = partition_for(&key, 4);
+                    positions.push(log.append(&topic, partition, record).await.expect("append"));
+                }
+                positions
+            }));
+        }
+        let mut acknowledged = Vec::new();
+        for writer in writers {
+            acknowledged.extend(writer.await.expect("writer task"));
+        }
+
+        let start: Vec<(u32, u64)> = (0..4).map(|partition| (partition, 0)).collect();
+        let records = read_all(log, &topic, &start, 120).await;
+        let mut versions: HashMap<String, Vec<u64>> = HashMap::new();
+        let mut offsets: HashMap<u32, Vec<u64>> = HashMap::new();
+        for record in &records {
+            let envelope = Envelope::try_from(&record.record).expect("decode");
+            assert_eq!(
+                record.position.partition,
+                partition_for(&envelope.aggregate_id, 4)
+            );
+            versions
+                .entry(envelope.aggregate_id)
+                .or_default()
+                .push(envelope.aggregate_version);
+            offsets
+                .entry(record.position.partition)
+                .or_default()
+                .push(record.position.offset);
+        }
+        for key in &keys {
+            assert_eq!(
+                versions[key],
+                (1..=20).collect::<Vec<_>>(),
+                "{}: order of {key}",
+                backend.name
+            );
+        }
+        for (partition, offsets) in &offsets {
+            let expected: Vec<u64> = (0..offsets.len() as u64).collect();
+            assert_eq!(
+                offsets, &expected,
+                "{}: offsets of partition {partition}",
+                backend.name
+            );
+            assert_eq!(
+                log.end_offset(&topic, *partition)
+                    .await
+                    .expect("end offset"),
+                offsets.len() as u64
+            );
+        }
+        let read_positions: Vec<&Position> =
+            records.iter().map(|record| &record.position).collect();
+        for position in &acknowledged {
+            assert!(
+                read_positions.contains(&position),
+                "{}: acknowledged {position} not read back",
+                backend.name
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_starts_exactly_at_the_position_it_is_given() {
+    for backend in backends().await {
+        let log = &backend.log;
+        let topic = unique_topic("events");
+        log.ensure_topic(&topic, 1).await.expect("create topic");
+        for version in 1..=10 {
+            let (_, record) = stock_record("SKU-1", version);
+            log.append(&topic, 0, record).await.expect("append");
+        }
+        let records = read_all(log, &topic, &[(0, 7)], 3).await;
+        let offsets: Vec<u64> = records
+            .iter()
+            .map(|record| record.position.offset)
+            .collect();
+        assert_eq!(offsets, vec![7, 8, 9], "{}", backend.name);
+        let mut reader = log
+            .reader(&topic, &[(0, 10)])
+            .await
+            .expect("reader at the end");
+        assert!(
+            reader
+                .poll(10, Duration::from_millis(300))
+                .await
+                .expect("poll")
+                .is_empty(),
+            "{}: nothing past the end",
+            backend.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_an_existing_topic_keeps_its_partitions_and_unknown_ones_are_errors() {
+    for backend in backends().await {
+        let log = &backend.log;
+        let topic = unique_topic("events");
+        assert_eq!(log.ensure_topic(&topic, 3).await.expect("create"), 3);
+        assert_eq!(
+            log.ensure_topic(&topic, 8).await.expect("create again"),
+            3,
+            "{}",
+            backend.name
+        );
+        assert_eq!(log.partition_count(&topic).await.expect("count"), 3);
+        let missing = unique_topic("missing");
+        assert!(
+            log.partition_count(&missing).await.is_err(),
+            "{}",
+            backend.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_appends_all_land_once() {
+    for backend in backends().await {
+        let log = &backend.log;
+        let topic = unique_topic("events");
+        log.ensure_topic(&topic, 2).await.expect("create topic");
+        let appends = (0..500u64).map(|i| {
+            let log = log.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                let key = format!("SKU-{i}");
+                let (envelope, record) = stock_record(&key, 1);
+                let position = log
+                    .append(&topic, partition_for(&key, 2), record)
+                    .await
+                    .expect("append");
+                (envelope.event_id, position)
+            })
+        });
+        let mut acknowledged = HashMap::new();
+        for append in appends.collect::<Vec<_>>() {
+            let (event_id, position) = append.await.expect("append task");
+            assert!(
+                acknowledged.insert(position, event_id).is_none(),
+                "two appends at one position"
+            );
+        }
+        let records = read_all(log, &topic, &[(0, 0), (1, 0)], 500).await;
+        assert_eq!(records.len(), 500, "{}: no record twice", backend.name);
+        for record in records {
+            let envelope = Envelope::try_from(&record.record).expect("decode");
+            assert_eq!(
+                acknowledged.get(&record.position),
+                Some(&envelope.event_id),
+                "{}",
+                backend.name
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_survive_a_restart_and_appends_continue_after_them() {
+    for backend in backends().await {
+        let topic = unique_topic("events");
+        backend
+            .log
+            .ensure_topic(&topic, 1)
+            .await
+            .expect("create topic");
+        for version in 1..=3 {
+            let (_, record) = stock_record("SKU-1", version);
+            backend.log.append(&topic, 0, record).await.expect("append");
+        }
+        let reopened = (backend.reopen)().await;
+        assert_eq!(reopened.partition_count(&topic).await.expect("count"), 1);
+        assert_eq!(
+            reopened.end_offset(&topic, 0).await.expect("end"),
+            3,
+            "{}",
+            backend.name
+        );
+        let (_, record) = stock_record("SKU-1", 4);
+        let position = reopened
+            .append(&topic, 0, record)
+            .await
+            .expect("append after reopen");
+        assert_eq!(position.offset, 3, "{}", backend.name);
+        assert_eq!(read_all(&reopened, &topic, &[(0, 0)], 4).await.len(), 4);
+    }
+}
+
+/// A writer in the style of the command side: decide against its own view, append, then tail
+/// the partition until its own record is judged, and acknowledge only if it became effective.
+async fn write_and_confirm(
+    log: SharedLog,
+    topic: String,
+    start: u64,
+    sku: &str,
+    version: u64,
+) -> (uuid::Uuid, bool) {
+    let (envelope, record) = stock_record(sku, version);
+    log.append(&topic, 0, record).await.expect("append");
+    let mut reader = log.reader(&topic, &[(0, start)]).await.expect("reader");
+    let mut history = EffectiveHistory::new();
+    loop {
+        for record in reader
+            .poll(100, Duration::from_millis(200))
+            .await
+            .expect("poll")
+        {
+            let read = Envelope::try_from(&record.record).expect("decode");
+            let verdict = history.observe(&read.aggregate_id, read.aggregate_version);
+            if read.event_id == envelope.event_id {
+                return (envelope.event_id, verdict == Verdict::Effective);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_writers_of_one_version_agree_with_every_reader_on_the_winner() {
+    for backend in backends().await {
+        let topic = unique_topic("events");
+        backend
+            .log
+            .ensure_topic(&topic, 1)
+            .await
+            .expect("create topic");
+        let (_, first) = stock_record("SKU-1", 1);
+        backend
+            .log
+            .append(&topic, 0, first)
+            .await
+            .expect("append v1");
+        let second_client = (backend.reopen)().await;
+
+        // Both writers believe the aggregate is at version 1 and write version 2 at once.
+        for round in 0..5u64 {
+            let version = 2 + round;
+            let a = tokio::spawn(write_and_confirm(
+                backend.log.clone(),
+                topic.clone(),
+                0,
+                "SKU-1",
+                version,
+            ));
+            let b = tokio::spawn(write_and_confirm(
+                second_client.clone(),
+                topic.clone(),
+                0,
+                "SKU-1",
+                version,
+            ));
+            let (a, b) = (a.await.expect("writer a"), b.await.expect("writer b"));
+            assert!(
+                a.1 ^ b.1,
+                "{}: exactly one writer acknowledges version {version}",
+                backend.name
+            );
+            let winner = if a.1 { a.0 } else { b.0 };
+
+            // Three independent readers, on two clients, agree on the history.
+            let end = backend.log.end_offset(&topic, 0).await.expect("end offset");
+            for log in [&backend.log, &second_client, &backend.log] {
+                let records = read_all(log, &topic, &[(0, 0)], end as usize).await;
+                let mut history = EffectiveHistory::new();
+                let effective: Vec<(u64, uuid::Uuid)> = records
+                    .iter()
+                    .map(|record| Envelope::try_from(&record.record).expect("decode"))
+                    .filter(|envelope| {
+                        history
+                            .observe(&envelope.aggregate_id, envelope.aggregate_version)
+                            .is_effective()
+                    })
+                    .map(|envelope| (envelope.aggregate_version, envelope.event_id))
+                    .collect();
+                let versions: Vec<u64> = effective.iter().map(|(version, _)| *version).collect();
+                assert_eq!(
+                    versions,
+                    (1..=version).collect::<Vec<_>>(),
+                    "{}: gapless",
+                    backend.name
+                );
+                assert_eq!(
+                    effective.last().map(|(_, id)| *id),
+                    Some(winner),
+                    "{}: the acknowledged write is the effective one",
+                    backend.name
+                );
+                assert_eq!(
+                    history.skipped(),
+                    round + 1,
+                    "{}: each loser skipped",
+                    backend.name
+                );
+            }
+        }
+    }
+}
