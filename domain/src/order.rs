@@ -131,7 +131,7 @@ pub enum OrderEvent {
 // State
 
 /// An order that exists.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Order {
     pub order_id: OrderId,
     pub customer_id: CustomerId,
@@ -144,7 +144,7 @@ pub struct Order {
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OrderState {
     #[default]
     NotPlaced,

@@ -18,6 +18,9 @@ use crate::aggregate::{Aggregate, Decision};
 use crate::money::{Currency, Money};
 use crate::values::{OrderId, PaymentToken};
 
+/// The longest reason text kept in the log.
+pub const MAX_REASON_LEN: usize = 500;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PaymentStatus {
@@ -121,7 +124,7 @@ pub enum PaymentEvent {
 // ---------------------------------------------------------------------------------------------
 // State
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Payment {
     pub status: PaymentStatus,
     /// What the provider authorised (or was asked for, when declined); `None` when voided before
@@ -144,7 +147,7 @@ impl Payment {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PaymentState {
     #[default]
     NotStarted,
@@ -167,6 +170,10 @@ impl PaymentState {
 pub enum PaymentError {
     #[error("payment does not exist")]
     NotFound,
+    #[error("reason must not be empty")]
+    EmptyReason,
+    #[error("reason must be at most {MAX_REASON_LEN} characters")]
+    ReasonTooLong,
     #[error("amount must not be negative")]
     NegativeAmount,
     #[error("refund amount must be positive")]
@@ -220,7 +227,7 @@ impl Aggregate for PaymentAggregate {
             }
             (PaymentState::NotStarted, PaymentCommand::Void { reason }) => {
                 return Ok(Decision::Append(PaymentEvent::Voided(PaymentVoided {
-                    reason: reason.clone(),
+                    reason: reason_text(reason)?,
                 })));
             }
             (PaymentState::NotStarted, _) => return Err(PaymentError::NotFound),
@@ -267,7 +274,7 @@ impl Aggregate for PaymentAggregate {
                 }
                 PaymentEvent::Refunded(PaymentRefunded {
                     amount: *amount,
-                    reason: reason.clone(),
+                    reason: reason_text(reason)?,
                 })
             }
             (PaymentCommand::Refund { amount, .. }, Refunded) => {
@@ -281,7 +288,7 @@ impl Aggregate for PaymentAggregate {
             (PaymentCommand::Refund { .. }, Voided) => return Err(PaymentError::Voided),
 
             (PaymentCommand::Void { reason }, Authorised) => PaymentEvent::Voided(PaymentVoided {
-                reason: reason.clone(),
+                reason: reason_text(reason)?,
             }),
             // Nothing is held on a declined or voided payment.
             (PaymentCommand::Void { .. }, Declined | Voided) => return Ok(Decision::Unchanged),
@@ -361,6 +368,17 @@ fn authorise(
         }),
     };
     Ok(Decision::Append(event))
+}
+
+fn reason_text(reason: &str) -> Result<String, PaymentError> {
+    let reason = reason.trim();
+    if reason.is_empty() {
+        return Err(PaymentError::EmptyReason);
+    }
+    if reason.chars().count() > MAX_REASON_LEN {
+        return Err(PaymentError::ReasonTooLong);
+    }
+    Ok(reason.to_owned())
 }
 
 fn same_currency(payment: &Payment, amount: Money) -> Result<(), PaymentError> {
@@ -741,5 +759,20 @@ mod tests {
         PaymentAggregate::given([authorised(), captured(10_000), refunded(10_000)])
             .when(void())
             .then_err(PaymentError::AlreadyCaptured);
+    }
+
+    #[test]
+    fn a_void_or_refund_without_a_reason_is_refused() {
+        PaymentAggregate::given([])
+            .when(PaymentCommand::Void {
+                reason: "  ".into(),
+            })
+            .then_err(PaymentError::EmptyReason);
+        PaymentAggregate::given([authorised(), captured(1000)])
+            .when(PaymentCommand::Refund {
+                amount: eur(100),
+                reason: "x".repeat(MAX_REASON_LEN + 1),
+            })
+            .then_err(PaymentError::ReasonTooLong);
     }
 }

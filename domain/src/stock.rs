@@ -99,7 +99,7 @@ pub enum StockEvent {
 // ---------------------------------------------------------------------------------------------
 // State
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StockItem {
     pub on_hand: u64,
     pub reserved: u64,
