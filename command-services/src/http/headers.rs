@@ -1,0 +1,160 @@
+//! The command headers: `Idempotency-Key`, `If-Match`, `X-Correlation-Id`, `traceparent`.
+
+use axum::extract::FromRequestParts;
+use axum::http::HeaderMap;
+use axum::http::request::Parts;
+use event_schema::CommandMeta;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::error::ApiError;
+
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+pub const CORRELATION_ID: &str = "x-correlation-id";
+pub const CONSISTENCY_TOKEN: &str = "x-consistency-token";
+const MAX_HEADER_LEN: usize = 255;
+
+/// Namespace of the command ids derived from idempotency keys.
+const COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2a7e_44d1_4c1b_9f0e_8b8a_3c51_d2e7);
+
+/// The command-related headers of a request, parsed.
+#[derive(Debug, Clone)]
+pub struct CommandHeaders {
+    pub idempotency_key: Option<String>,
+    pub expected_version: Option<u64>,
+    pub correlation_id: String,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+fn text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(value) => {
+            let value = value
+                .to_str()
+                .map_err(|_| ApiError::BadRequest(format!("header {name} must be visible ASCII")))?
+                .trim();
+            if value.is_empty() || value.len() > MAX_HEADER_LEN {
+                return Err(ApiError::BadRequest(format!(
+                    "header {name} must be 1 to {MAX_HEADER_LEN} characters"
+                )));
+            }
+            Ok(Some(value))
+        }
+    }
+}
+
+/// `If-Match: "3"` (also `3` and `W/"3"`): the version the client expects.
+fn expected_version(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(raw) = text(headers, "if-match")? else {
+        return Ok(None);
+    };
+    let unquoted = raw.trim_start_matches("W/").trim_matches('"');
+    unquoted.parse().map(Some).map_err(|_| {
+        ApiError::BadRequest(format!(
+            "If-Match must be an aggregate version such as \"3\", got {raw:?}"
+        ))
+    })
+}
+
+/// A W3C `traceparent`: `00-<32 hex>-<16 hex>-<2 hex>`. Anything else is ignored, as the
+/// trace-context spec asks.
+fn valid_traceparent(raw: &str) -> bool {
+    let parts: Vec<&str> = raw.split('-').collect();
+    parts.len() == 4
+        && [2, 32, 16, 2]
+            .iter()
+            .zip(&parts)
+            .all(|(len, part)| part.len() == *len && part.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let headers = &parts.headers;
+        let traceparent = text(headers, "traceparent")?
+            .filter(|raw| valid_traceparent(raw))
+            .map(str::to_owned);
+        Ok(CommandHeaders {
+            idempotency_key: text(headers, IDEMPOTENCY_KEY)?.map(str::to_owned),
+            expected_version: expected_version(headers)?,
+            correlation_id: text(headers, CORRELATION_ID)?
+                .map(str::to_owned)
+                .unwrap_or_else(|| Uuid::now_v7().to_string()),
+            tracestate: traceparent
+                .as_ref()
+                .and_then(|_| text(headers, "tracestate").ok().flatten())
+                .map(str::to_owned),
+            traceparent,
+        })
+    }
+}
+
+impl CommandHeaders {
+    /// The command's metadata. With an idempotency key, the command id is derived from it (so
+    /// a retry is recognised) and the request's digest is kept (so a different request with
+    /// the same key is refused).
+    pub fn meta(&self, service: &str, request_fingerprint: &str) -> CommandMeta {
+        let (command_id, request_hash) = match &self.idempotency_key {
+            Some(key) => (
+                Uuid::new_v5(&COMMAND_NAMESPACE, format!("{service}:{key}").as_bytes()),
+                Some(digest(request_fingerprint)),
+            ),
+            None => (Uuid::now_v7(), None),
+        };
+        CommandMeta {
+            command_id,
+            correlation_id: self.correlation_id.clone(),
+            causation_id: None,
+            actor: "anonymous".to_owned(),
+            request_hash,
+            traceparent: self.traceparent.clone(),
+            tracestate: self.tracestate.clone(),
+        }
+    }
+
+    /// An id derived from the idempotency key when there is one (so a retried `POST /orders`
+    /// names the same order), else a fresh UUIDv7.
+    pub fn new_id(&self, purpose: &str) -> Uuid {
+        match &self.idempotency_key {
+            Some(key) => Uuid::new_v5(&COMMAND_NAMESPACE, format!("{purpose}:{key}").as_bytes()),
+            None => Uuid::now_v7(),
+        }
+    }
+}
+
+fn digest(text: &str) -> String {
+    let hash = Sha256::digest(text.as_bytes());
+    hash.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traceparent_must_have_the_w3c_shape() {
+        assert!(valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent("00-xyz-00f067aa0ba902b7-01"));
+        assert!(!valid_traceparent("garbage"));
+    }
+
+    #[test]
+    fn if_match_accepts_quoted_bare_and_weak_versions() {
+        for raw in ["\"3\"", "3", "W/\"3\""] {
+            let mut headers = HeaderMap::new();
+            headers.insert("if-match", raw.parse().expect("header value"));
+            assert_eq!(expected_version(&headers), Ok(Some(3)));
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("if-match", "\"three\"".parse().expect("header value"));
+        assert!(matches!(
+            expected_version(&headers),
+            Err(ApiError::BadRequest(_))
+        ));
+    }
+}

@@ -1,0 +1,142 @@
+//! Commands sent to a service through its command topic (`<prefix>.<service>.commands`), by the
+//! saga or any other process. Keyed by aggregate id, partitioned like the events topic, so the
+//! owner of an aggregate's events also consumes its commands.
+
+use chrono::{DateTime, Utc};
+use domain::{Money, OrderId, PaymentToken, Quantity};
+use event_schema::{CommandMeta, Header, Record};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub const CONTENT_TYPE: &str = "application/json";
+pub const HEADER_COMMAND_TYPE: &str = "command-type";
+
+/// One command on a command topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandMessage {
+    /// Participants dedupe by it: a redelivered command takes effect once.
+    pub command_id: Uuid,
+    pub correlation_id: String,
+    /// The event (or command) that caused this command.
+    pub causation_id: Option<String>,
+    pub actor: String,
+    pub aggregate_id: String,
+    pub issued_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    pub command: ServiceCommand,
+}
+
+/// The commands services accept from their command topics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServiceCommand {
+    // inventory
+    ReserveStock {
+        order_id: OrderId,
+        quantity: Quantity,
+    },
+    ReleaseStock {
+        order_id: OrderId,
+    },
+    CommitStock {
+        order_id: OrderId,
+    },
+    // payment
+    AuthorisePayment {
+        amount: Money,
+        token: PaymentToken,
+    },
+    CapturePayment {
+        amount: Option<Money>,
+    },
+    RefundPayment {
+        amount: Money,
+        reason: String,
+    },
+    VoidPayment {
+        reason: String,
+    },
+    // order
+    ConfirmOrder,
+    RejectOrder {
+        reason: String,
+    },
+}
+
+impl ServiceCommand {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ServiceCommand::ReserveStock { .. } => "reserve_stock",
+            ServiceCommand::ReleaseStock { .. } => "release_stock",
+            ServiceCommand::CommitStock { .. } => "commit_stock",
+            ServiceCommand::AuthorisePayment { .. } => "authorise_payment",
+            ServiceCommand::CapturePayment { .. } => "capture_payment",
+            ServiceCommand::RefundPayment { .. } => "refund_payment",
+            ServiceCommand::VoidPayment { .. } => "void_payment",
+            ServiceCommand::ConfirmOrder => "confirm_order",
+            ServiceCommand::RejectOrder { .. } => "reject_order",
+        }
+    }
+
+    /// The service whose command topic carries it.
+    pub fn service(&self) -> &'static str {
+        match self {
+            ServiceCommand::ReserveStock { .. }
+            | ServiceCommand::ReleaseStock { .. }
+            | ServiceCommand::CommitStock { .. } => "inventory",
+            ServiceCommand::AuthorisePayment { .. }
+            | ServiceCommand::CapturePayment { .. }
+            | ServiceCommand::RefundPayment { .. }
+            | ServiceCommand::VoidPayment { .. } => "payment",
+            ServiceCommand::ConfirmOrder | ServiceCommand::RejectOrder { .. } => "order",
+        }
+    }
+}
+
+impl CommandMessage {
+    pub fn meta(&self) -> CommandMeta {
+        CommandMeta {
+            command_id: self.command_id,
+            correlation_id: self.correlation_id.clone(),
+            causation_id: Some(
+                self.causation_id
+                    .clone()
+                    .unwrap_or_else(|| self.command_id.to_string()),
+            ),
+            actor: self.actor.clone(),
+            request_hash: None,
+            traceparent: self.traceparent.clone(),
+            tracestate: None,
+        }
+    }
+
+    pub fn to_record(&self) -> Record {
+        Record {
+            key: self.aggregate_id.clone(),
+            headers: vec![
+                Header {
+                    name: "content-type".into(),
+                    value: CONTENT_TYPE.into(),
+                },
+                Header {
+                    name: HEADER_COMMAND_TYPE.into(),
+                    value: self.command.name().into(),
+                },
+            ],
+            value: serde_json::to_vec(self).unwrap_or_default(),
+        }
+    }
+
+    pub fn from_record(record: &Record) -> Result<Self, String> {
+        let message: CommandMessage =
+            serde_json::from_slice(&record.value).map_err(|error| error.to_string())?;
+        if message.aggregate_id != record.key {
+            return Err(format!(
+                "record key {:?} does not match the command's aggregate {:?}",
+                record.key, message.aggregate_id
+            ));
+        }
+        Ok(message)
+    }
+}

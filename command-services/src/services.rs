@@ -1,0 +1,412 @@
+//! Starting the order, payment and inventory services on a log and a store, and wiring each
+//! one's command topic to its owner.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::OrderId;
+use domain::order::{OrderAggregate, OrderCommand};
+use domain::payment::{PaymentAggregate, PaymentCommand, PaymentState};
+use domain::stock::{StockAggregate, StockCommand};
+use event_log::{SharedLog, topics};
+use event_schema::EventCodec;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::consumer;
+use crate::messages::{CommandMessage, ServiceCommand};
+use crate::owner::{CommandError, CommandRequest, Owner, OwnerConfig, OwnerStatus};
+use crate::provider::{PaymentProvider, ProviderPolicy, authorise_with_retries};
+use crate::store::CommandStore;
+
+/// Which services run in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceSet {
+    pub order: bool,
+    pub payment: bool,
+    pub inventory: bool,
+}
+
+impl ServiceSet {
+    pub const ALL: ServiceSet = ServiceSet {
+        order: true,
+        payment: true,
+        inventory: true,
+    };
+    pub const NONE: ServiceSet = ServiceSet {
+        order: false,
+        payment: false,
+        inventory: false,
+    };
+}
+
+/// How the command side runs.
+#[derive(Debug, Clone)]
+pub struct CommandSettings {
+    pub topic_prefix: String,
+    /// Partitions of each events and commands topic (used when creating them).
+    pub partitions: u32,
+    pub services: ServiceSet,
+    /// This instance's index among `instances`; it owns the partitions `p % instances == instance`.
+    pub instance: u32,
+    pub instances: u32,
+    pub snapshot_every: u64,
+    pub read_back_timeout: Duration,
+    pub provider_policy: ProviderPolicy,
+}
+
+impl CommandSettings {
+    pub fn new(topic_prefix: impl Into<String>) -> Self {
+        CommandSettings {
+            topic_prefix: topic_prefix.into(),
+            partitions: 8,
+            services: ServiceSet::ALL,
+            instance: 0,
+            instances: 1,
+            snapshot_every: 5_000,
+            read_back_timeout: Duration::from_secs(10),
+            provider_policy: ProviderPolicy::default(),
+        }
+    }
+}
+
+/// The running services of this process; cheap to clone (the HTTP handlers' state).
+#[derive(Debug, Clone, Default)]
+pub struct CommandState {
+    pub orders: Option<Owner<OrderAggregate>>,
+    pub stock: Option<Owner<StockAggregate>>,
+    pub payments: Option<Owner<PaymentAggregate>>,
+}
+
+impl CommandState {
+    /// Starts the services in `settings.services`: creates their topics when missing, loads
+    /// snapshots, starts the tails and the command-topic consumers. The services become ready
+    /// when caught up with the log (see [`CommandState::ready`]).
+    pub async fn start(
+        log: SharedLog,
+        store: Arc<dyn CommandStore>,
+        settings: &CommandSettings,
+        provider: Arc<dyn PaymentProvider>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Self, String> {
+        let mut state = CommandState::default();
+        if settings.services.inventory {
+            let owner =
+                start_owner::<StockAggregate>(&log, &store, settings, "inventory", &shutdown)
+                    .await?;
+            let handler_owner = owner.clone();
+            spawn_consumer(
+                &log,
+                &store,
+                settings,
+                "inventory",
+                &owner,
+                &shutdown,
+                move |message| {
+                    let owner = handler_owner.clone();
+                    async move { inventory_command(&owner, message).await }
+                },
+            );
+            state.stock = Some(owner);
+        }
+        if settings.services.order {
+            let owner =
+                start_owner::<OrderAggregate>(&log, &store, settings, "order", &shutdown).await?;
+            let handler_owner = owner.clone();
+            spawn_consumer(
+                &log,
+                &store,
+                settings,
+                "order",
+                &owner,
+                &shutdown,
+                move |message| {
+                    let owner = handler_owner.clone();
+                    async move { order_command(&owner, message).await }
+                },
+            );
+            state.orders = Some(owner);
+        }
+        if settings.services.payment {
+            let owner =
+                start_owner::<PaymentAggregate>(&log, &store, settings, "payment", &shutdown)
+                    .await?;
+            let handler_owner = owner.clone();
+            let policy = settings.provider_policy.clone();
+            spawn_consumer(
+                &log,
+                &store,
+                settings,
+                "payment",
+                &owner,
+                &shutdown,
+                move |message| {
+                    let owner = handler_owner.clone();
+                    let provider = provider.clone();
+                    let policy = policy.clone();
+                    async move { payment_command(&owner, &*provider, &policy, message).await }
+                },
+            );
+            state.payments = Some(owner);
+        }
+        Ok(state)
+    }
+
+    /// Every service of this process has caught up with the log.
+    pub fn ready(&self) -> bool {
+        self.orders.as_ref().is_none_or(Owner::is_ready)
+            && self.stock.as_ref().is_none_or(Owner::is_ready)
+            && self.payments.as_ref().is_none_or(Owner::is_ready)
+    }
+
+    pub fn statuses(&self) -> Vec<OwnerStatus> {
+        let mut statuses = Vec::new();
+        if let Some(owner) = &self.orders {
+            statuses.push(owner.status());
+        }
+        if let Some(owner) = &self.stock {
+            statuses.push(owner.status());
+        }
+        if let Some(owner) = &self.payments {
+            statuses.push(owner.status());
+        }
+        statuses
+    }
+
+    /// Waits until every service is ready, at most `limit`.
+    pub async fn wait_ready(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.ready() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+}
+
+async fn start_owner<A>(
+    log: &SharedLog,
+    store: &Arc<dyn CommandStore>,
+    settings: &CommandSettings,
+    service: &str,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Owner<A>, String>
+where
+    A: EventCodec + Send + Sync + 'static,
+    A::State: Serialize + DeserializeOwned + Send + Sync,
+    A::Command: Send + Sync,
+    A::Event: Send,
+    A::Error: Send,
+{
+    let events = topics::events(&settings.topic_prefix, A::TYPE);
+    let commands = topics::commands(&settings.topic_prefix, service);
+    let event_partitions = log
+        .ensure_topic(&events, settings.partitions)
+        .await
+        .map_err(|error| error.to_string())?;
+    let command_partitions = log
+        .ensure_topic(&commands, event_partitions)
+        .await
+        .map_err(|error| error.to_string())?;
+    if command_partitions != event_partitions {
+        return Err(format!(
+            "{commands} has {command_partitions} partitions but {events} has {event_partitions}; \
+             they must match so one instance owns an aggregate's events and commands"
+        ));
+    }
+    if settings.instances == 0 || settings.instance >= settings.instances {
+        return Err(format!(
+            "instance {} of {} is not a valid instance",
+            settings.instance, settings.instances
+        ));
+    }
+    let owned = (0..event_partitions)
+        .filter(|partition| partition % settings.instances == settings.instance)
+        .collect();
+    let config = OwnerConfig {
+        topic: events,
+        partitions: event_partitions,
+        owned,
+        snapshot_every: settings.snapshot_every,
+        read_back_timeout: settings.read_back_timeout,
+    };
+    Owner::<A>::start(log.clone(), store.clone(), config, shutdown.clone())
+        .await
+        .map_err(|error| error.to_string())
+}
+
+fn spawn_consumer<A, F, Fut>(
+    log: &SharedLog,
+    store: &Arc<dyn CommandStore>,
+    settings: &CommandSettings,
+    service: &str,
+    owner: &Owner<A>,
+    shutdown: &watch::Receiver<bool>,
+    handle: F,
+) where
+    A: EventCodec + Send + Sync + 'static,
+    A::State: Serialize + DeserializeOwned + Send + Sync,
+    A::Command: Send + Sync,
+    A::Event: Send,
+    A::Error: Send,
+    F: Fn(CommandMessage) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let log = log.clone();
+    let store = store.clone();
+    let topic = topics::commands(&settings.topic_prefix, service);
+    let consumer_name = format!("{service}-commands");
+    let owner = owner.clone();
+    let mut shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        // Commands are decided against caught-up state only.
+        while !owner.is_ready() {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        let partitions = owner
+            .status()
+            .partitions
+            .iter()
+            .map(|status| status.partition)
+            .collect();
+        consumer::consume(
+            log,
+            store,
+            consumer_name,
+            topic,
+            partitions,
+            handle,
+            shutdown,
+        )
+        .await;
+    });
+}
+
+/// Runs a command from a command topic, retrying while the log is unavailable (a consumed
+/// command must not be lost), and logging what the domain refused.
+async fn execute<A>(owner: &Owner<A>, message: &CommandMessage, command: A::Command)
+where
+    A: EventCodec + Send + Sync + 'static,
+    A::State: Serialize + DeserializeOwned + Send + Sync,
+    A::Command: Send + Sync + Clone,
+    A::Event: Send,
+    A::Error: Send + std::fmt::Display,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let request = CommandRequest {
+            aggregate_id: message.aggregate_id.clone(),
+            command: command.clone(),
+            meta: message.meta(),
+            expected_version: None,
+        };
+        match owner.execute(request).await {
+            Ok(outcome) => {
+                tracing::debug!(command = message.command.name(), aggregate_id = %message.aggregate_id, ?outcome, "command decided");
+                return;
+            }
+            Err(CommandError::Domain(error)) => {
+                tracing::info!(command = message.command.name(), aggregate_id = %message.aggregate_id, %error, "command refused");
+                return;
+            }
+            Err(error @ (CommandError::Unavailable(_) | CommandError::NotReady)) => {
+                tracing::warn!(command = message.command.name(), %error, "cannot decide the command yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => {
+                tracing::warn!(command = message.command.name(), aggregate_id = %message.aggregate_id, %error, "command not decided");
+                return;
+            }
+        }
+    }
+}
+
+fn misrouted(service: &str, message: &CommandMessage) {
+    tracing::error!(
+        service,
+        command = message.command.name(),
+        command_id = %message.command_id,
+        "command sent to the wrong service's topic; skipped"
+    );
+}
+
+async fn inventory_command(owner: &Owner<StockAggregate>, message: CommandMessage) {
+    let command = match &message.command {
+        ServiceCommand::ReserveStock { order_id, quantity } => StockCommand::Reserve {
+            order_id: *order_id,
+            quantity: *quantity,
+        },
+        ServiceCommand::ReleaseStock { order_id } => StockCommand::Release {
+            order_id: *order_id,
+        },
+        ServiceCommand::CommitStock { order_id } => StockCommand::Commit {
+            order_id: *order_id,
+        },
+        _ => return misrouted("inventory", &message),
+    };
+    execute(owner, &message, command).await;
+}
+
+async fn order_command(owner: &Owner<OrderAggregate>, message: CommandMessage) {
+    let command = match &message.command {
+        ServiceCommand::ConfirmOrder => OrderCommand::Confirm,
+        ServiceCommand::RejectOrder { reason } => OrderCommand::Reject {
+            reason: reason.clone(),
+        },
+        _ => return misrouted("order", &message),
+    };
+    execute(owner, &message, command).await;
+}
+
+async fn payment_command(
+    owner: &Owner<PaymentAggregate>,
+    provider: &dyn PaymentProvider,
+    policy: &ProviderPolicy,
+    message: CommandMessage,
+) {
+    let Ok(order_id) = OrderId::parse(&message.aggregate_id) else {
+        tracing::error!(aggregate_id = %message.aggregate_id, "payment command for a non-order id; skipped");
+        return;
+    };
+    let command = match &message.command {
+        ServiceCommand::AuthorisePayment { amount, token } => {
+            // The provider is asked once per payment: a repeated request changes nothing.
+            if !matches!(
+                owner.state(&message.aggregate_id).0,
+                PaymentState::NotStarted
+            ) {
+                tracing::debug!(%order_id, "payment already decided; authorisation not asked again");
+                return;
+            }
+            let Some(answer) =
+                authorise_with_retries(provider, policy, order_id, *amount, token).await
+            else {
+                tracing::info!(%order_id, "payment provider gave no answer; the saga's deadline decides");
+                return;
+            };
+            PaymentCommand::Authorise {
+                order_id,
+                amount: *amount,
+                token: token.clone(),
+                answer,
+            }
+        }
+        ServiceCommand::CapturePayment { amount } => PaymentCommand::Capture { amount: *amount },
+        ServiceCommand::RefundPayment { amount, reason } => PaymentCommand::Refund {
+            amount: *amount,
+            reason: reason.clone(),
+        },
+        ServiceCommand::VoidPayment { reason } => PaymentCommand::Void {
+            reason: reason.clone(),
+        },
+        _ => return misrouted("payment", &message),
+    };
+    execute(owner, &message, command).await;
+}

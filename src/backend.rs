@@ -1,0 +1,72 @@
+//! Opening the chosen backend: the embedded one (SQLite files in the data directory) or the
+//! distributed one (Kafka and Postgres).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use command_services::store::{CommandStore, PostgresStore, SqliteStore};
+use event_log::SharedLog;
+use event_log::embedded::EmbeddedLog;
+use event_log::kafka::{KafkaLog, KafkaSettings};
+
+use crate::settings::Settings;
+
+/// The log and stores every part runs on.
+#[derive(Clone)]
+pub struct Backend {
+    pub log: SharedLog,
+    pub command_store: Arc<dyn CommandStore>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Backend({})", self.log.backend())
+    }
+}
+
+impl Backend {
+    pub async fn open(settings: &Settings) -> anyhow::Result<Self> {
+        let log: SharedLog = match &settings.kafka {
+            Some(brokers) => {
+                let mut kafka = KafkaSettings::new(brokers.clone());
+                kafka.linger_ms = settings.kafka_linger_ms;
+                kafka.fetch_wait_max_ms = settings.kafka_fetch_wait_ms;
+                kafka.delivery_timeout = Duration::from_secs(15);
+                Arc::new(
+                    KafkaLog::connect(kafka)
+                        .await
+                        .context("connecting to Kafka")?,
+                )
+            }
+            None => Arc::new(
+                EmbeddedLog::open(settings.data_dir.join("log.db"))
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "opening the embedded log in {}",
+                            settings.data_dir.display()
+                        )
+                    })?,
+            ),
+        };
+        let command_store: Arc<dyn CommandStore> = match (&settings.database_url, &settings.kafka) {
+            (Some(url), _) => Arc::new(
+                PostgresStore::connect(url, &format!("{}command_side", settings.schema_prefix))
+                    .await
+                    .context("connecting to Postgres")?,
+            ),
+            (None, Some(_)) => anyhow::bail!("--kafka needs --database-url (Postgres) as well"),
+            (None, None) => {
+                std::fs::create_dir_all(&settings.data_dir)
+                    .with_context(|| format!("creating {}", settings.data_dir.display()))?;
+                Arc::new(
+                    SqliteStore::open(settings.data_dir.join("command-side.db"))
+                        .await
+                        .context("opening the command-side store")?,
+                )
+            }
+        };
+        Ok(Backend { log, command_store })
+    }
+}

@@ -1,0 +1,19 @@
+//! The platform: every part of the order-fulfilment system behind one binary, `platform`.
+//!
+//! `platform` (or `platform serve`) runs every part in one process on the embedded backend
+//! (SQLite files under `--data-dir`); `platform serve order --kafka … --database-url …` runs one
+//! part as its own process on Kafka and Postgres.
+//!
+//! # Layout
+//! - [`settings`]: the typed settings, from flags with environment fallbacks.
+//! - [`backend`]: opening the event log and the stores for the chosen backend.
+//! - [`server`]: [`Platform::build`] binds and starts the parts; `run_until_stopped` serves.
+//! - [`bench`]: the `platform bench` load generators.
+
+pub mod backend;
+pub mod bench;
+pub mod server;
+pub mod settings;
+
+pub use server::Platform;
+pub use settings::{Part, Settings};
