@@ -21,55 +21,90 @@ pub enum Part {
 pub struct Settings {
     /// Kafka bootstrap servers (`host:port,...`). Without it the embedded log in --data-dir is
     /// used and no server is needed.
-    #[arg(long, env = "PLATFORM_KAFKA")]
+    #[arg(long, global = true, env = "PLATFORM_KAFKA")]
     pub kafka: Option<String>,
 
     /// Postgres URL for the command side's snapshots (and, later, read models). Required with
     /// --kafka. Never logged.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
     /// Where the embedded backend keeps its SQLite files.
-    #[arg(long, env = "PLATFORM_DATA_DIR", default_value = "./data")]
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_DATA_DIR",
+        default_value = "./data"
+    )]
     pub data_dir: PathBuf,
 
     /// The address the HTTP API listens on (port 0 picks a free port).
-    #[arg(long, env = "PLATFORM_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_HTTP_ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
     pub http_addr: SocketAddr,
 
     /// Prefix of every topic name (`<prefix>.order.events`), so tenants and tests can share a
     /// cluster.
-    #[arg(long, env = "PLATFORM_TOPIC_PREFIX", default_value = "fulfilment")]
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_TOPIC_PREFIX",
+        default_value = "fulfilment"
+    )]
     pub topic_prefix: String,
 
     /// Prefix of every Postgres schema the platform creates.
-    #[arg(long, env = "PLATFORM_SCHEMA_PREFIX", default_value = "")]
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_SCHEMA_PREFIX",
+        default_value = ""
+    )]
     pub schema_prefix: String,
 
     /// Partitions of each topic, used when the topics are created.
-    #[arg(long, env = "PLATFORM_PARTITIONS", default_value_t = 8)]
+    #[arg(long, global = true, env = "PLATFORM_PARTITIONS", default_value_t = 8)]
     pub partitions: u32,
 
     /// This instance's index (0-based) when a command service runs as several instances; it
     /// owns the partitions p with p % instances == instance.
-    #[arg(long, env = "PLATFORM_INSTANCE", default_value_t = 0)]
+    #[arg(long, global = true, env = "PLATFORM_INSTANCE", default_value_t = 0)]
     pub instance: u32,
 
     /// How many instances of each command service run.
-    #[arg(long, env = "PLATFORM_INSTANCES", default_value_t = 1)]
+    #[arg(long, global = true, env = "PLATFORM_INSTANCES", default_value_t = 1)]
     pub instances: u32,
 
     /// How long the Kafka producer lingers to fill a batch, in ms.
-    #[arg(long, env = "PLATFORM_KAFKA_LINGER_MS", default_value_t = 2)]
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_KAFKA_LINGER_MS",
+        default_value_t = 2
+    )]
     pub kafka_linger_ms: u32,
 
     /// Kafka fetch.wait.max.ms for tailing readers. Keep it small: some brokers (nisshi) do not
     /// answer a fetch early when data arrives.
-    #[arg(long, env = "PLATFORM_KAFKA_FETCH_WAIT_MS", default_value_t = 5)]
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_KAFKA_FETCH_WAIT_MS",
+        default_value_t = 5
+    )]
     pub kafka_fetch_wait_ms: u32,
 
     /// Take a partition's snapshot after this many new events.
-    #[arg(long, env = "PLATFORM_SNAPSHOT_EVERY", default_value_t = 5000)]
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_SNAPSHOT_EVERY",
+        default_value_t = 5000
+    )]
     pub snapshot_every: u64,
 }
 

@@ -1,0 +1,11 @@
+//! Black-box tests of the platform, as one test binary. Each test starts its own platform on
+//! port 0 with its own topic prefix (and Postgres schema prefix), so tests run in parallel, on
+//! every backend available: the embedded one always, Kafka + Postgres when `scripts/test.sh`
+//! provides them (`TEST_KAFKA_BROKERS`, `TEST_DATABASE_URL`; with `TEST_REQUIRE_BACKENDS=1`
+//! their absence fails instead of skipping). Logs stay quiet unless `TEST_LOG` is set.
+
+mod command_topics;
+mod commands;
+mod concurrency;
+mod durability;
+mod helpers;
