@@ -9,3 +9,4 @@ mod commands;
 mod concurrency;
 mod durability;
 mod helpers;
+mod two_owners;
