@@ -7,8 +7,9 @@
 //! on a watch channel that the writer bumps after each commit, so a tailing reader sees a new
 //! record within microseconds rather than after a poll interval.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -18,7 +19,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection, QueryBuilder, Row, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::{EventLog, LogError, LogReader, LogRecord, Position};
+use crate::{
+    EventLog, GroupEvent, GroupMember, LogError, LogReader, LogRecord, Position, TopicPartition,
+};
 
 /// Most records one group commit writes.
 const MAX_BATCH: usize = 1000;
@@ -45,7 +48,19 @@ struct Inner {
     /// For the rare writes that are not appends (topic creation).
     admin: tokio::sync::Mutex<SqliteConnection>,
     partitions: RwLock<HashMap<String, u32>>,
+    /// Consumer groups of this process (the embedded backend is single-node).
+    groups: std::sync::Mutex<HashMap<String, GroupState>>,
+    /// Bumped whenever a group's membership changes.
+    group_changes: watch::Sender<u64>,
 }
+
+#[derive(Debug, Default)]
+struct GroupState {
+    members: BTreeSet<u64>,
+    generation: u64,
+}
+
+static NEXT_MEMBER: AtomicU64 = AtomicU64::new(1);
 
 impl std::fmt::Debug for AppendRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,6 +115,8 @@ impl EmbeddedLog {
                 committed,
                 admin: tokio::sync::Mutex::new(admin),
                 partitions: RwLock::new(HashMap::new()),
+                groups: std::sync::Mutex::new(HashMap::new()),
+                group_changes: watch::channel(0).0,
             }),
         })
     }
@@ -337,8 +354,194 @@ impl EventLog for EmbeddedLog {
         }))
     }
 
+    async fn join_group(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> Result<Box<dyn GroupMember>, LogError> {
+        for topic in topics {
+            self.partition_count(topic).await?;
+        }
+        let id = NEXT_MEMBER.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut groups = self
+                .inner
+                .groups
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let state = groups.entry(group.to_owned()).or_default();
+            state.members.insert(id);
+            state.generation += 1;
+        }
+        self.inner.group_changes.send_modify(|count| *count += 1);
+        Ok(Box::new(EmbeddedMember {
+            log: self.clone(),
+            group: group.to_owned(),
+            topics: topics.to_vec(),
+            id,
+            seen_generation: 0,
+            assigned: BTreeSet::new(),
+            started: BTreeMap::new(),
+            pending: VecDeque::new(),
+            changes: self.inner.group_changes.subscribe(),
+            committed: self.inner.committed.clone(),
+        }))
+    }
+
     fn backend(&self) -> &'static str {
         "embedded"
+    }
+}
+
+/// A member of an in-process consumer group: the group's partitions, sorted, are dealt out
+/// round-robin over its members, sorted by join order.
+struct EmbeddedMember {
+    log: EmbeddedLog,
+    group: String,
+    topics: Vec<String>,
+    id: u64,
+    seen_generation: u64,
+    assigned: BTreeSet<TopicPartition>,
+    /// The next offset to deliver, per started partition.
+    started: BTreeMap<TopicPartition, u64>,
+    pending: VecDeque<GroupEvent>,
+    changes: watch::Receiver<u64>,
+    committed: watch::Receiver<u64>,
+}
+
+impl EmbeddedMember {
+    /// Recomputes this member's share when the group changed; queues what changed.
+    async fn rebalance(&mut self) -> Result<(), LogError> {
+        let (generation, members) = {
+            let groups = self
+                .log
+                .inner
+                .groups
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match groups.get(&self.group) {
+                Some(state) => (
+                    state.generation,
+                    state.members.iter().copied().collect::<Vec<_>>(),
+                ),
+                None => return Ok(()),
+            }
+        };
+        if generation == self.seen_generation {
+            return Ok(());
+        }
+        let mut all = Vec::new();
+        for topic in &self.topics {
+            for partition in 0..self.log.partition_count(topic).await? {
+                all.push((topic.clone(), partition));
+            }
+        }
+        let rank = members
+            .iter()
+            .position(|member| *member == self.id)
+            .unwrap_or(0);
+        let mine: BTreeSet<TopicPartition> = all
+            .into_iter()
+            .enumerate()
+            .filter(|(index, _)| index % members.len().max(1) == rank)
+            .map(|(_, partition)| partition)
+            .collect();
+        let revoked: Vec<_> = self.assigned.difference(&mine).cloned().collect();
+        let added: Vec<_> = mine.difference(&self.assigned).cloned().collect();
+        self.started.retain(|partition, _| mine.contains(partition));
+        self.assigned = mine;
+        self.seen_generation = generation;
+        if !revoked.is_empty() {
+            self.pending.push_back(GroupEvent::Revoked(revoked));
+        }
+        if !added.is_empty() {
+            self.pending.push_back(GroupEvent::Assigned(added));
+        }
+        Ok(())
+    }
+
+    async fn fetch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
+        let mut records = Vec::new();
+        let per_partition = max.div_ceil(self.started.len().max(1)).max(1);
+        for ((topic, partition), next) in &mut self.started {
+            if records.len() >= max {
+                break;
+            }
+            let fetched = fetch_partition(
+                &self.log.inner.reads,
+                topic,
+                *partition,
+                *next,
+                per_partition,
+            )
+            .await?;
+            if let Some(last) = fetched.last() {
+                *next = last.position.offset + 1;
+            }
+            records.extend(fetched);
+        }
+        Ok(records)
+    }
+}
+
+#[async_trait]
+impl GroupMember for EmbeddedMember {
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<GroupEvent, LogError> {
+        self.changes.borrow_and_update();
+        self.committed.borrow_and_update();
+        self.rebalance().await?;
+        if let Some(event) = self.pending.pop_front() {
+            return Ok(event);
+        }
+        let records = self.fetch(max).await?;
+        if !records.is_empty() || wait.is_zero() {
+            return Ok(GroupEvent::Records(records));
+        }
+        let _ = tokio::time::timeout(wait, async {
+            tokio::select! {
+                _ = self.changes.changed() => {}
+                _ = self.committed.changed() => {}
+            }
+        })
+        .await;
+        self.rebalance().await?;
+        if let Some(event) = self.pending.pop_front() {
+            return Ok(event);
+        }
+        Ok(GroupEvent::Records(self.fetch(max).await?))
+    }
+
+    async fn start(&mut self, topic: &str, partition: u32, offset: u64) -> Result<(), LogError> {
+        let key = (topic.to_owned(), partition);
+        if !self.assigned.contains(&key) {
+            return Err(LogError::UnknownPartition {
+                topic: topic.to_owned(),
+                partition,
+            });
+        }
+        self.started.insert(key, offset);
+        Ok(())
+    }
+}
+
+impl Drop for EmbeddedMember {
+    fn drop(&mut self) {
+        {
+            let mut groups = self
+                .log
+                .inner
+                .groups
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(state) = groups.get_mut(&self.group) {
+                state.members.remove(&self.id);
+                state.generation += 1;
+            }
+        }
+        self.log
+            .inner
+            .group_changes
+            .send_modify(|count| *count += 1);
     }
 }
 
@@ -350,6 +553,44 @@ struct EmbeddedReader {
     next: Vec<(u32, u64)>,
 }
 
+/// Up to `limit` records of one partition from offset `from`.
+async fn fetch_partition(
+    pool: &SqlitePool,
+    topic: &str,
+    partition: u32,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<LogRecord>, LogError> {
+    let rows = sqlx::query(
+        r#"SELECT "offset", key, headers, value, timestamp_ms FROM records
+           WHERE topic = ? AND partition = ? AND "offset" >= ?
+           ORDER BY "offset" LIMIT ?"#,
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(from as i64)
+    .bind(limit as i64)
+    .fetch_all(pool)
+    .await
+    .map_err(unavailable)?;
+    Ok(rows
+        .into_iter()
+        .map(|row| LogRecord {
+            position: Position {
+                topic: topic.to_owned(),
+                partition,
+                offset: row.get::<i64, _>(0) as u64,
+            },
+            timestamp_ms: row.get(4),
+            record: Record {
+                key: row.get(1),
+                headers: headers_from_json(row.get::<&str, _>(2)),
+                value: row.get(3),
+            },
+        })
+        .collect())
+}
+
 impl EmbeddedReader {
     async fn fetch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
         let mut records = Vec::new();
@@ -358,35 +599,12 @@ impl EmbeddedReader {
             if records.len() >= max {
                 break;
             }
-            let rows = sqlx::query(
-                r#"SELECT "offset", key, headers, value, timestamp_ms FROM records
-                   WHERE topic = ? AND partition = ? AND "offset" >= ?
-                   ORDER BY "offset" LIMIT ?"#,
-            )
-            .bind(&self.topic)
-            .bind(*partition)
-            .bind(*next as i64)
-            .bind(per_partition as i64)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
-            for row in rows {
-                let offset = row.get::<i64, _>(0) as u64;
-                *next = offset + 1;
-                records.push(LogRecord {
-                    position: Position {
-                        topic: self.topic.clone(),
-                        partition: *partition,
-                        offset,
-                    },
-                    timestamp_ms: row.get(4),
-                    record: Record {
-                        key: row.get(1),
-                        headers: headers_from_json(row.get::<&str, _>(2)),
-                        value: row.get(3),
-                    },
-                });
+            let fetched =
+                fetch_partition(&self.pool, &self.topic, *partition, *next, per_partition).await?;
+            if let Some(last) = fetched.last() {
+                *next = last.position.offset + 1;
             }
+            records.extend(fetched);
         }
         Ok(records)
     }

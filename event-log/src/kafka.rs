@@ -14,14 +14,16 @@ use event_schema::{Header, Record};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::{EventLog, LogError, LogReader, LogRecord, Position};
+use crate::{
+    EventLog, GroupEvent, GroupMember, LogError, LogReader, LogRecord, Position, TopicPartition,
+};
 
 /// How the platform talks to Kafka.
 #[derive(Debug, Clone)]
@@ -305,8 +307,164 @@ impl EventLog for KafkaLog {
         }))
     }
 
+    async fn join_group(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> Result<Box<dyn GroupMember>, LogError> {
+        let consumer: StreamConsumer<GroupContext> = self
+            .inner
+            .settings
+            .client()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "earliest")
+            // A killed member's partitions move on after this long.
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            .set(
+                "fetch.wait.max.ms",
+                self.inner.settings.fetch_wait_max_ms.to_string(),
+            )
+            .create_with_context(GroupContext::default())
+            .map_err(unavailable)?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names).map_err(unavailable)?;
+        Ok(Box::new(KafkaMember {
+            consumer,
+            started: HashMap::new(),
+        }))
+    }
+
     fn backend(&self) -> &'static str {
         "kafka"
+    }
+}
+
+/// Hears about rebalances. Records of a newly assigned partition are dropped until the member
+/// has sought to the position stored with its effects (librdkafka refuses a seek on a paused
+/// partition, so it is not paused; after a seek, librdkafka itself discards what it fetched
+/// before).
+#[derive(Default)]
+struct GroupContext {
+    events: std::sync::Mutex<std::collections::VecDeque<GroupEvent>>,
+}
+
+impl rdkafka::ClientContext for GroupContext {}
+
+fn partitions_of(list: &TopicPartitionList) -> Vec<TopicPartition> {
+    list.elements()
+        .iter()
+        .map(|element| (element.topic().to_owned(), element.partition() as u32))
+        .collect()
+}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let event = match rebalance {
+            Rebalance::Assign(list) => GroupEvent::Assigned(partitions_of(list)),
+            Rebalance::Revoke(list) => GroupEvent::Revoked(partitions_of(list)),
+            Rebalance::Error(error) => {
+                tracing::warn!(%error, "consumer group rebalance failed");
+                return;
+            }
+        };
+        if let Ok(mut events) = self.events.lock() {
+            events.push_back(event);
+        }
+    }
+}
+
+struct KafkaMember {
+    consumer: StreamConsumer<GroupContext>,
+    /// The next offset to deliver, per started partition.
+    started: HashMap<TopicPartition, u64>,
+}
+
+impl KafkaMember {
+    fn next_event(&mut self) -> Option<GroupEvent> {
+        let event = self.consumer.context().events.lock().ok()?.pop_front()?;
+        if let GroupEvent::Revoked(partitions) = &event {
+            for partition in partitions {
+                self.started.remove(partition);
+            }
+        }
+        if let GroupEvent::Assigned(partitions) = &event {
+            for partition in partitions {
+                self.started.remove(partition);
+            }
+        }
+        Some(event)
+    }
+}
+
+/// Keeps a record only if its partition is started and it is not before the next one expected
+/// (records fetched before a seek took effect are dropped).
+fn accept(
+    started: &mut HashMap<TopicPartition, u64>,
+    message: &rdkafka::message::BorrowedMessage<'_>,
+) -> Option<LogRecord> {
+    {
+        let key = (message.topic().to_owned(), message.partition() as u32);
+        let next = started.get_mut(&key)?;
+        let offset = message.offset() as u64;
+        if offset < *next {
+            return None;
+        }
+        *next = offset + 1;
+        Some(convert(message, message.topic()))
+    }
+}
+
+#[async_trait]
+impl GroupMember for KafkaMember {
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<GroupEvent, LogError> {
+        if let Some(event) = self.next_event() {
+            return Ok(event);
+        }
+        let mut records = Vec::new();
+        match tokio::time::timeout(wait, self.consumer.recv()).await {
+            Err(_) => {}
+            Ok(Err(error)) => return Err(unavailable(error)),
+            Ok(Ok(message)) => records.extend(accept(&mut self.started, &message)),
+        }
+        while records.len() < max {
+            match tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await {
+                Ok(Ok(message)) => records.extend(accept(&mut self.started, &message)),
+                Ok(Err(error)) => return Err(unavailable(error)),
+                Err(_) => break,
+            }
+        }
+        if records.is_empty()
+            && let Some(event) = self.next_event()
+        {
+            return Ok(event);
+        }
+        Ok(GroupEvent::Records(records))
+    }
+
+    async fn start(&mut self, topic: &str, partition: u32, offset: u64) -> Result<(), LogError> {
+        // A partition just assigned may not accept a seek until its fetcher is set up.
+        let mut attempts = 0;
+        loop {
+            match self.consumer.seek(
+                topic,
+                partition as i32,
+                Offset::Offset(offset as i64),
+                Timeout::After(Duration::from_secs(2)),
+            ) {
+                Ok(()) => break,
+                Err(error) if attempts >= 50 => return Err(unavailable(error)),
+                Err(_) => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        self.started.insert((topic.to_owned(), partition), offset);
+        Ok(())
     }
 }
 
@@ -322,39 +480,37 @@ struct KafkaReader {
     topic: String,
 }
 
-impl KafkaReader {
-    fn convert(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> LogRecord {
-        let headers = message
-            .headers()
-            .map(|headers| {
-                headers
-                    .iter()
-                    .map(|header| Header {
-                        name: header.key.to_owned(),
-                        value: header
-                            .value
-                            .map(|value| String::from_utf8_lossy(value).into_owned())
-                            .unwrap_or_default(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        LogRecord {
-            position: Position {
-                topic: self.topic.clone(),
-                partition: message.partition() as u32,
-                offset: message.offset() as u64,
-            },
-            timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
-            record: Record {
-                key: message
-                    .key()
-                    .map(|key| String::from_utf8_lossy(key).into_owned())
-                    .unwrap_or_default(),
-                headers,
-                value: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            },
-        }
+fn convert(message: &rdkafka::message::BorrowedMessage<'_>, topic: &str) -> LogRecord {
+    let headers = message
+        .headers()
+        .map(|headers| {
+            headers
+                .iter()
+                .map(|header| Header {
+                    name: header.key.to_owned(),
+                    value: header
+                        .value
+                        .map(|value| String::from_utf8_lossy(value).into_owned())
+                        .unwrap_or_default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    LogRecord {
+        position: Position {
+            topic: topic.to_owned(),
+            partition: message.partition() as u32,
+            offset: message.offset() as u64,
+        },
+        timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
+        record: Record {
+            key: message
+                .key()
+                .map(|key| String::from_utf8_lossy(key).into_owned())
+                .unwrap_or_default(),
+            headers,
+            value: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        },
     }
 }
 
@@ -365,12 +521,12 @@ impl LogReader for KafkaReader {
         match tokio::time::timeout(wait, self.consumer.recv()).await {
             Err(_) => return Ok(records),
             Ok(Err(error)) => return Err(unavailable(error)),
-            Ok(Ok(message)) => records.push(self.convert(&message)),
+            Ok(Ok(message)) => records.push(convert(&message, &self.topic)),
         }
         // Take whatever else has already arrived, without waiting.
         while records.len() < max {
             match tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await {
-                Ok(Ok(message)) => records.push(self.convert(&message)),
+                Ok(Ok(message)) => records.push(convert(&message, &self.topic)),
                 Ok(Err(error)) => return Err(unavailable(error)),
                 Err(_) => break,
             }

@@ -120,8 +120,42 @@ pub trait EventLog: Send + Sync + 'static {
         start: &[(u32, u64)],
     ) -> Result<Box<dyn LogReader>, LogError>;
 
+    /// Joins consumer group `group` reading `topics`: the group's members share the topics'
+    /// partitions among themselves and hand them over when a member joins or leaves.
+    async fn join_group(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> Result<Box<dyn GroupMember>, LogError>;
+
     /// A short name for logs and health output (`kafka`, `embedded`).
     fn backend(&self) -> &'static str;
+}
+
+/// A topic and one of its partitions.
+pub type TopicPartition = (String, u32);
+
+/// What a group member learns when it polls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupEvent {
+    /// These partitions are now this member's. Nothing of them is delivered until the member
+    /// says where to start with [`GroupMember::start`] (positions live with their effects, not
+    /// in the broker).
+    Assigned(Vec<TopicPartition>),
+    /// These partitions were taken away; their records no longer arrive.
+    Revoked(Vec<TopicPartition>),
+    /// Records of started partitions, in log order within each partition.
+    Records(Vec<LogRecord>),
+}
+
+/// A member of a consumer group. Leaving the group is dropping the member.
+#[async_trait]
+pub trait GroupMember: Send {
+    /// The next assignment change, or the next records; an empty `Records` after `wait`.
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<GroupEvent, LogError>;
+
+    /// Starts delivering an assigned partition from `offset`.
+    async fn start(&mut self, topic: &str, partition: u32, offset: u64) -> Result<(), LogError>;
 }
 
 /// Reads assigned partitions from explicit offsets, in log order within each partition.

@@ -431,3 +431,181 @@ async fn two_concurrent_writers_of_one_version_agree_with_every_reader_on_the_wi
         }
     }
 }
+
+/// A member's view: which partitions it holds, and the records it got.
+struct Member {
+    member: Box<dyn event_log::GroupMember>,
+    owned: std::collections::BTreeSet<(String, u32)>,
+    records: Vec<LogRecord>,
+}
+
+impl Member {
+    async fn join(log: &SharedLog, group: &str, topic: &str) -> Member {
+        Member {
+            member: log
+                .join_group(group, &[topic.to_owned()])
+                .await
+                .expect("join group"),
+            owned: Default::default(),
+            records: Vec::new(),
+        }
+    }
+
+    /// Polls once; starts newly assigned partitions at `start`.
+    async fn step(&mut self, start: u64) {
+        match self
+            .member
+            .poll(100, Duration::from_millis(100))
+            .await
+            .expect("poll")
+        {
+            event_log::GroupEvent::Assigned(partitions) => {
+                for (topic, partition) in partitions {
+                    self.member
+                        .start(&topic, partition, start)
+                        .await
+                        .expect("start");
+                    self.owned.insert((topic, partition));
+                }
+            }
+            event_log::GroupEvent::Revoked(partitions) => {
+                for partition in partitions {
+                    self.owned.remove(&partition);
+                }
+            }
+            event_log::GroupEvent::Records(records) => self.records.extend(records),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_split_the_partitions_and_take_over_when_one_leaves() {
+    for backend in backends().await {
+        let log = &backend.log;
+        let topic = unique_topic("events");
+        log.ensure_topic(&topic, 4).await.expect("create topic");
+        for partition in 0..4 {
+            for version in 1..=3 {
+                let (_, record) = stock_record(&format!("SKU-{partition}"), version);
+                log.append(&topic, partition, record).await.expect("append");
+            }
+        }
+        let group = format!("group-{}", uuid::Uuid::new_v4().simple());
+        let mut a = Member::join(log, &group, &topic).await;
+        // Embedded groups live in one process (the embedded backend is single-node).
+        let mut b = Member::join(log, &group, &topic).await;
+        {
+            let (a_ref, b_ref) = (&mut a, &mut b);
+            let mut members = [a_ref, b_ref];
+            let split = |members: &[&mut Member]| {
+                let (x, y) = (&members[0].owned, &members[1].owned);
+                x.len() + y.len() == 4 && x.is_disjoint(y) && !x.is_empty() && !y.is_empty()
+            };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while !split(&members) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{}: the members never split the partitions",
+                    backend.name
+                );
+                for member in members.iter_mut() {
+                    member.step(1).await;
+                }
+            }
+        }
+        // Nothing before the offset a member was told is ever delivered.
+        for member in [&a, &b] {
+            assert!(
+                member
+                    .records
+                    .iter()
+                    .all(|record| record.position.offset >= 1),
+                "{}",
+                backend.name
+            );
+        }
+        // New records go to the owner of their partition, once.
+        a.records.clear();
+        b.records.clear();
+        for partition in 0..4 {
+            let (_, record) = stock_record(&format!("SKU-{partition}"), 4);
+            log.append(&topic, partition, record).await.expect("append");
+        }
+        let fresh = |member: &Member| {
+            member
+                .records
+                .iter()
+                .filter(|record| record.position.offset == 3)
+                .count()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while fresh(&a) + fresh(&b) < 4 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: new records not delivered",
+                backend.name
+            );
+            a.step(1).await;
+            b.step(1).await;
+        }
+        for member in [&a, &b] {
+            for record in member
+                .records
+                .iter()
+                .filter(|record| record.position.offset == 3)
+            {
+                assert!(
+                    member
+                        .owned
+                        .contains(&(topic.clone(), record.position.partition)),
+                    "{}: delivered to its owner",
+                    backend.name
+                );
+            }
+        }
+        assert_eq!(
+            fresh(&a) + fresh(&b),
+            4,
+            "{}: each new record once",
+            backend.name
+        );
+
+        // b leaves; a takes over all four and reads b's partitions from where it is told.
+        let b_partitions = b.owned.clone();
+        drop(b);
+        a.records.clear();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while a.owned.len() < 4 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: a never took over",
+                backend.name
+            );
+            a.step(2).await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while a.records.len() < 2 * b_partitions.len() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: takeover records",
+                backend.name
+            );
+            a.step(2).await;
+        }
+        let from_b: Vec<&LogRecord> = a
+            .records
+            .iter()
+            .filter(|record| b_partitions.contains(&(topic.clone(), record.position.partition)))
+            .collect();
+        assert!(
+            !from_b.is_empty(),
+            "{}: a reads the partitions b left",
+            backend.name
+        );
+        assert!(
+            from_b.iter().all(|record| record.position.offset >= 2),
+            "{}",
+            backend.name
+        );
+    }
+}
