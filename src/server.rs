@@ -20,6 +20,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use utoipa::OpenApi;
 
+use projections::read_side::ProjectionStatus;
+use projections::{ReadBackend, ReadSide};
+
 use crate::backend::Backend;
 use crate::settings::{Part, Settings};
 
@@ -29,6 +32,7 @@ pub struct Platform {
     router: Router,
     shutdown: watch::Sender<bool>,
     commands: CommandState,
+    read: Option<ReadSide>,
     backend: Backend,
 }
 
@@ -44,7 +48,9 @@ impl std::fmt::Debug for Platform {
 #[derive(Clone)]
 struct AppState {
     commands: CommandState,
+    read: Option<ReadSide>,
     backend: &'static str,
+    max_lag_seconds: f64,
 }
 
 impl Platform {
@@ -66,6 +72,7 @@ impl Platform {
                 inventory: true,
                 ..ServiceSet::NONE
             },
+            Part::Projections => ServiceSet::NONE,
         };
         let mut command_settings = CommandSettings::new(settings.topic_prefix.clone());
         command_settings.partitions = settings.partitions;
@@ -83,15 +90,40 @@ impl Platform {
         .await
         .map_err(anyhow::Error::msg)
         .context("starting the command services")?;
+        let read = if matches!(part, Part::All | Part::Projections) {
+            let read_backend = match &settings.database_url {
+                Some(url) => ReadBackend::Postgres {
+                    url: url.clone(),
+                    schema_prefix: settings.schema_prefix.clone(),
+                },
+                None => ReadBackend::Sqlite {
+                    dir: settings.data_dir.clone(),
+                },
+            };
+            let read = ReadSide::open(backend.log.clone(), &read_backend, &settings.topic_prefix)
+                .await
+                .map_err(anyhow::Error::msg)
+                .context("opening the read models")?;
+            read.start_workers(shutdown.subscribe());
+            Some(read)
+        } else {
+            None
+        };
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("binding {}", settings.http_addr))?;
-        let router = app(commands.clone(), backend.log.backend());
+        let router = app(AppState {
+            commands: commands.clone(),
+            read: read.clone(),
+            backend: backend.log.backend(),
+            max_lag_seconds: settings.max_lag_seconds,
+        });
         Ok(Platform {
             listener,
             router,
             shutdown,
             commands,
+            read,
             backend,
         })
     }
@@ -105,6 +137,11 @@ impl Platform {
     /// The running command services (for tests and tools).
     pub fn commands(&self) -> &CommandState {
         &self.commands
+    }
+
+    /// The read models of this process, when it runs them.
+    pub fn read_side(&self) -> Option<&ReadSide> {
+        self.read.as_ref()
     }
 
     /// Serves HTTP until `signal` completes, then stops the parts (tails save their snapshots).
@@ -131,14 +168,17 @@ impl Platform {
 }
 
 /// The whole HTTP API of this process.
-pub fn app(commands: CommandState, backend: &'static str) -> Router {
-    let command_routes =
-        command_services::http::commands::router(&commands).with_state(commands.clone());
-    let state = AppState { commands, backend };
-    Router::new()
-        .merge(command_routes)
+fn app(state: AppState) -> Router {
+    let command_routes = command_services::http::commands::router(&state.commands)
+        .with_state(state.commands.clone());
+    let mut router = Router::new().merge(command_routes);
+    if let Some(read) = &state.read {
+        router = router.merge(projections::query::router().with_state(read.clone()));
+    }
+    router
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -168,15 +208,46 @@ struct Readiness {
     status: &'static str,
     backend: &'static str,
     services: Vec<command_services::owner::OwnerStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    projections: Option<Vec<ProjectionStatus>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    problems: Vec<String>,
 }
 
-/// 200 once every part of this process has caught up with the log; 503 before.
+/// 200 once every part of this process has caught up with the log (command services rebuilt,
+/// projections within the lag threshold); 503 before, saying why.
 async fn ready(State(state): State<AppState>) -> Response {
-    let ready = state.commands.ready();
+    let mut problems = Vec::new();
+    if !state.commands.ready() {
+        problems.push("command services are still rebuilding their state".to_owned());
+    }
+    let projections = match &state.read {
+        None => None,
+        Some(read) => match read.status().await {
+            Ok(statuses) => {
+                for status in &statuses {
+                    if status.lag_seconds > state.max_lag_seconds {
+                        problems.push(format!(
+                            "projection {} lags {:.1} s (threshold {} s)",
+                            status.projection, status.lag_seconds, state.max_lag_seconds
+                        ));
+                    }
+                }
+                Some(statuses)
+            }
+            Err(error) => {
+                problems.push(format!("cannot measure projection lag: {error}"));
+                None
+            }
+        },
+    };
+    let ready = problems.is_empty();
     let body = Readiness {
-        status: if ready { "ready" } else { "starting" },
+        status: if ready { "ready" } else { "not_ready" },
         backend: state.backend,
         services: state.commands.statuses(),
+        projections,
+        problems,
     };
     let status = if ready {
         StatusCode::OK
@@ -184,6 +255,90 @@ async fn ready(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// Prometheus text exposition of what this process knows about itself.
+async fn metrics(State(state): State<AppState>) -> Response {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP platform_command_conflicts_total Records skipped by the effective-history rule on the command side."
+    );
+    let _ = writeln!(out, "# TYPE platform_command_conflicts_total counter");
+    for status in state.commands.statuses() {
+        let _ = writeln!(
+            out,
+            "platform_command_conflicts_total{{topic=\"{}\"}} {}",
+            status.topic, status.conflicts
+        );
+    }
+    if let Some(read) = &state.read
+        && let Ok(statuses) = read.status().await
+    {
+        let series = [
+            (
+                "platform_projection_lag_events",
+                "gauge",
+                "Records not yet applied by a projection, per partition.",
+            ),
+            (
+                "platform_projection_lag_seconds",
+                "gauge",
+                "Age of the oldest record not yet applied, per partition.",
+            ),
+        ];
+        for (name, kind, help) in series {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for status in &statuses {
+                for lag in &status.partitions {
+                    let value = if name.ends_with("events") {
+                        lag.lag_events as f64
+                    } else {
+                        lag.lag_seconds
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{name}{{projection=\"{}\",topic=\"{}\",partition=\"{}\"}} {value}",
+                        status.projection, lag.topic, lag.partition
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP platform_projection_parked_events Events parked by a projection, waiting for an operator."
+        );
+        let _ = writeln!(out, "# TYPE platform_projection_parked_events gauge");
+        for status in &statuses {
+            let _ = writeln!(
+                out,
+                "platform_projection_parked_events{{projection=\"{}\"}} {}",
+                status.projection, status.parked
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP platform_projection_conflicts_total Records skipped by the effective-history rule in a projection."
+        );
+        let _ = writeln!(out, "# TYPE platform_projection_conflicts_total counter");
+        for status in &statuses {
+            let _ = writeln!(
+                out,
+                "platform_projection_conflicts_total{{projection=\"{}\"}} {}",
+                status.projection, status.conflicts
+            );
+        }
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 #[derive(OpenApi)]
@@ -198,10 +353,16 @@ async fn ready(State(state): State<AppState>) -> Response {
         command_services::http::commands::place_order,
         command_services::http::commands::cancel_order,
         command_services::http::commands::ship_order,
+        projections::query::get_order,
+        projections::query::list_orders,
+        projections::query::get_stock,
+        projections::query::low_stock,
+        projections::query::get_payment,
     ),
     tags(
         (name = "orders", description = "The order's life cycle"),
         (name = "inventory", description = "Stock on hand per SKU"),
+        (name = "payments", description = "The payment of each order"),
     )
 )]
 #[derive(Debug)]

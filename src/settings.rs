@@ -15,6 +15,8 @@ pub enum Part {
     Payment,
     /// The inventory command service.
     Inventory,
+    /// The projection workers and the query API.
+    Projections,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -106,6 +108,15 @@ pub struct Settings {
         default_value_t = 5000
     )]
     pub snapshot_every: u64,
+
+    /// /health/ready answers 503 while a projection lags more than this many seconds.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_MAX_LAG_SECONDS",
+        default_value_t = 30.0
+    )]
+    pub max_lag_seconds: f64,
 }
 
 impl Settings {
@@ -124,6 +135,7 @@ impl Settings {
             kafka_linger_ms: 2,
             kafka_fetch_wait_ms: 5,
             snapshot_every: 5000,
+            max_lag_seconds: 30.0,
         }
     }
 }

@@ -1,0 +1,386 @@
+//! One small database layer over Postgres and SQLite, so every read model's SQL is written
+//! once. Statements use Postgres placeholders (`$1`, `$2`, ...); on SQLite they become numbered
+//! parameters (`?1`, `?2`, ...), which bind the same way. Values are integers, text or null:
+//! timestamps are stored as Unix milliseconds and documents as JSON text, in both databases.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Column, Executor, PgPool, Postgres, Sqlite, SqlitePool, Transaction};
+
+/// A value bound to or read from a statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Int(i64),
+    Text(String),
+    Null,
+}
+
+impl Value {
+    pub fn int(&self) -> Option<i64> {
+        match self {
+            Value::Int(value) => Some(*value),
+            _ => None,
+        }
+    }
+
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            Value::Text(value) => Some(value),
+            _ => None,
+        }
+    }
+}
+
+impl From<i64> for Value {
+    fn from(value: i64) -> Self {
+        Value::Int(value)
+    }
+}
+
+impl From<u64> for Value {
+    fn from(value: u64) -> Self {
+        Value::Int(value as i64)
+    }
+}
+
+impl From<u32> for Value {
+    fn from(value: u32) -> Self {
+        Value::Int(i64::from(value))
+    }
+}
+
+impl From<&str> for Value {
+    fn from(value: &str) -> Self {
+        Value::Text(value.to_owned())
+    }
+}
+
+impl From<String> for Value {
+    fn from(value: String) -> Self {
+        Value::Text(value)
+    }
+}
+
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(value: Option<T>) -> Self {
+        value.map(Into::into).unwrap_or(Value::Null)
+    }
+}
+
+/// A row: its columns by name, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Row {
+    pub columns: Vec<(String, Value)>,
+}
+
+impl Row {
+    pub fn get(&self, name: &str) -> &Value {
+        self.columns
+            .iter()
+            .find(|(column, _)| column == name)
+            .map(|(_, value)| value)
+            .unwrap_or(&Value::Null)
+    }
+
+    pub fn int(&self, name: &str) -> i64 {
+        self.get(name).int().unwrap_or(0)
+    }
+
+    pub fn text(&self, name: &str) -> String {
+        self.get(name).text().unwrap_or_default().to_owned()
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("read-model database error: {0}")]
+pub struct DbError(pub String);
+
+fn db_error(error: impl std::fmt::Display) -> DbError {
+    DbError(error.to_string())
+}
+
+/// Rewrites `$N` placeholders to `?N` for SQLite (outside string literals).
+fn sqlite_sql(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut in_string = false;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\'' {
+            in_string = !in_string;
+        }
+        if c == '$' && !in_string && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('?');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A read-model database: one Postgres schema, or one SQLite file.
+#[derive(Debug, Clone)]
+pub enum Db {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// An open transaction on a [`Db`].
+#[derive(Debug)]
+pub enum Tx {
+    Postgres(Transaction<'static, Postgres>),
+    Sqlite(Transaction<'static, Sqlite>),
+}
+
+macro_rules! bind_all {
+    ($query:expr, $args:expr) => {{
+        let mut query = $query;
+        for arg in $args {
+            query = match arg {
+                Value::Int(value) => query.bind(*value),
+                Value::Text(value) => query.bind(value.clone()),
+                Value::Null => query.bind(None::<String>),
+            };
+        }
+        query
+    }};
+}
+
+fn read_row<R: sqlx::Row>(row: &R) -> Row
+where
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    usize: sqlx::ColumnIndex<R>,
+{
+    let columns = row
+        .columns()
+        .iter()
+        .enumerate()
+        .map(|(index, column)| {
+            let value = match row.try_get::<Option<i64>, _>(index) {
+                Ok(Some(value)) => Value::Int(value),
+                Ok(None) => Value::Null,
+                Err(_) => match row.try_get::<Option<String>, _>(index) {
+                    Ok(Some(value)) => Value::Text(value),
+                    _ => Value::Null,
+                },
+            };
+            (column.name().to_owned(), value)
+        })
+        .collect();
+    Row { columns }
+}
+
+impl Db {
+    /// Connects to Postgres with `schema` (created when missing) as the search path.
+    pub async fn postgres(url: &str, schema: &str, max_connections: u32) -> Result<Db, DbError> {
+        if schema.is_empty()
+            || !schema
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(DbError(format!("{schema:?} is not a plain schema name")));
+        }
+        let bootstrap = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(db_error)?;
+        bootstrap
+            .execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
+            .await
+            .map_err(db_error)?;
+        bootstrap.close().await;
+        let set_path = format!("SET search_path TO \"{schema}\"");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |connection, _| {
+                let set_path = set_path.clone();
+                Box::pin(async move {
+                    connection.execute(set_path.as_str()).await?;
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await
+            .map_err(db_error)?;
+        Ok(Db::Postgres(pool))
+    }
+
+    /// Opens (creating) a SQLite file in WAL mode.
+    pub async fn sqlite(path: &Path) -> Result<Db, DbError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(db_error)?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(db_error)?;
+        Ok(Db::Sqlite(pool))
+    }
+
+    pub async fn begin(&self) -> Result<Tx, DbError> {
+        Ok(match self {
+            Db::Postgres(pool) => Tx::Postgres(pool.begin().await.map_err(db_error)?),
+            Db::Sqlite(pool) => Tx::Sqlite(pool.begin().await.map_err(db_error)?),
+        })
+    }
+
+    pub async fn fetch_all(&self, sql: &str, args: &[Value]) -> Result<Vec<Row>, DbError> {
+        Ok(match self {
+            Db::Postgres(pool) => bind_all!(sqlx::query(sql), args)
+                .fetch_all(pool)
+                .await
+                .map_err(db_error)?
+                .iter()
+                .map(read_row)
+                .collect(),
+            Db::Sqlite(pool) => {
+                let sql = sqlite_sql(sql);
+                bind_all!(sqlx::query(&sql), args)
+                    .fetch_all(pool)
+                    .await
+                    .map_err(db_error)?
+                    .iter()
+                    .map(read_row)
+                    .collect()
+            }
+        })
+    }
+
+    pub async fn fetch_optional(&self, sql: &str, args: &[Value]) -> Result<Option<Row>, DbError> {
+        Ok(self.fetch_all(sql, args).await?.into_iter().next())
+    }
+
+    pub async fn execute(&self, sql: &str, args: &[Value]) -> Result<u64, DbError> {
+        let mut tx = self.begin().await?;
+        let affected = tx.execute(sql, args).await?;
+        tx.commit().await?;
+        Ok(affected)
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Db::Postgres(_))
+    }
+}
+
+impl Tx {
+    pub async fn execute(&mut self, sql: &str, args: &[Value]) -> Result<u64, DbError> {
+        Ok(match self {
+            Tx::Postgres(tx) => bind_all!(sqlx::query(sql), args)
+                .execute(&mut **tx)
+                .await
+                .map_err(db_error)?
+                .rows_affected(),
+            Tx::Sqlite(tx) => {
+                let sql = sqlite_sql(sql);
+                bind_all!(sqlx::query(&sql), args)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db_error)?
+                    .rows_affected()
+            }
+        })
+    }
+
+    pub async fn fetch_all(&mut self, sql: &str, args: &[Value]) -> Result<Vec<Row>, DbError> {
+        Ok(match self {
+            Tx::Postgres(tx) => bind_all!(sqlx::query(sql), args)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(db_error)?
+                .iter()
+                .map(read_row)
+                .collect(),
+            Tx::Sqlite(tx) => {
+                let sql = sqlite_sql(sql);
+                bind_all!(sqlx::query(&sql), args)
+                    .fetch_all(&mut **tx)
+                    .await
+                    .map_err(db_error)?
+                    .iter()
+                    .map(read_row)
+                    .collect()
+            }
+        })
+    }
+
+    pub async fn fetch_optional(
+        &mut self,
+        sql: &str,
+        args: &[Value],
+    ) -> Result<Option<Row>, DbError> {
+        Ok(self.fetch_all(sql, args).await?.into_iter().next())
+    }
+
+    /// Runs a statement given as plain SQL with no parameters (DDL, savepoints).
+    pub async fn run(&mut self, sql: &str) -> Result<(), DbError> {
+        match self {
+            Tx::Postgres(tx) => {
+                (&mut **tx).execute(sql).await.map_err(db_error)?;
+            }
+            Tx::Sqlite(tx) => {
+                (&mut **tx).execute(sql).await.map_err(db_error)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn commit(self) -> Result<(), DbError> {
+        match self {
+            Tx::Postgres(tx) => tx.commit().await.map_err(db_error),
+            Tx::Sqlite(tx) => tx.commit().await.map_err(db_error),
+        }
+    }
+}
+
+/// `($1, $2), ($3, $4), ...`: placeholders for a multi-row statement of `rows` rows of `width`
+/// values, numbered from `first`.
+pub fn value_rows(rows: usize, width: usize, first: usize) -> String {
+    let mut out = String::new();
+    for row in 0..rows {
+        if row > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for column in 0..width {
+            if column > 0 {
+                out.push_str(", ");
+            }
+            out.push('$');
+            out.push_str(&(first + row * width + column).to_string());
+        }
+        out.push(')');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_become_numbered_sqlite_parameters_outside_strings() {
+        assert_eq!(
+            sqlite_sql("SELECT $1, '$2', $10 WHERE a = 'x' AND b = $2"),
+            "SELECT ?1, '$2', ?10 WHERE a = 'x' AND b = ?2"
+        );
+    }
+
+    #[test]
+    fn multi_row_placeholders_are_numbered_row_by_row() {
+        assert_eq!(value_rows(2, 3, 1), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(value_rows(1, 2, 5), "($5, $6)");
+    }
+}

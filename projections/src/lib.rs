@@ -1,0 +1,25 @@
+//! The read side: projection workers that build each service's read models from the log, and
+//! the query API over them.
+//!
+//! Each service owns its read models in its own database: a Postgres schema
+//! (`<prefix>orders`, `<prefix>inventory`, `<prefix>payments`, `<prefix>audit`) on the
+//! distributed backend, a SQLite file per service on the embedded one. No service reads
+//! another's tables.
+//!
+//! # Layout
+//! - [`db`]: one small layer over Postgres and SQLite, so each read model's SQL is written once.
+//! - [`runtime`]: the projection runtime: consumer groups, batches applied in one transaction
+//!   with their positions, the effective-history rule, parking.
+//! - [`models`]: the read models (orders, inventory, payments, audit).
+//! - [`read_side`]: opening the databases, starting the workers, read-your-writes, lag.
+//! - [`parked`]: listing, retrying and skipping parked events.
+//! - [`query`]: the HTTP query API.
+
+pub mod db;
+pub mod models;
+pub mod parked;
+pub mod query;
+pub mod read_side;
+pub mod runtime;
+
+pub use read_side::{ReadBackend, ReadSide};

@@ -1,0 +1,138 @@
+//! Inventory: stock per SKU (on hand, reserved, available) and the low-stock list.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use domain::stock::{StockAggregate, StockEvent};
+
+use super::{in_list, texts};
+use crate::db::{Tx, Value, value_rows};
+use crate::runtime::{ApplyError, Event, Projection};
+
+#[derive(Debug, Default)]
+pub struct Inventory;
+
+#[derive(Debug, Clone, Default)]
+struct Level {
+    on_hand: i64,
+    reserved: i64,
+    version: i64,
+    updated_at: i64,
+}
+
+#[async_trait]
+impl Projection for Inventory {
+    fn name(&self) -> &'static str {
+        "inventory"
+    }
+
+    fn aggregate_types(&self) -> &'static [&'static str] {
+        &["stock"]
+    }
+
+    fn migrations(&self) -> &'static [&'static str] {
+        &["
+-- Stock per SKU as the inventory service shows it; `version` is the stock item's last applied
+-- aggregate version, so a redelivered event is recognised.
+CREATE TABLE stock_levels (
+    sku TEXT PRIMARY KEY,
+    on_hand BIGINT NOT NULL,
+    reserved BIGINT NOT NULL,
+    available BIGINT NOT NULL,
+    version BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX stock_levels_by_available ON stock_levels (available, sku)
+"]
+    }
+
+    async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut decoded = Vec::with_capacity(events.len());
+        for (index, event) in events.iter().enumerate() {
+            let stock =
+                event
+                    .envelope
+                    .event::<StockAggregate>()
+                    .map_err(|error| ApplyError::Poison {
+                        index,
+                        message: error.to_string(),
+                    })?;
+            decoded.push((event, stock));
+        }
+        let skus: Vec<String> = decoded
+            .iter()
+            .map(|(event, _)| event.envelope.aggregate_id.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut levels: BTreeMap<String, Level> = BTreeMap::new();
+        for chunk in skus.chunks(500) {
+            let rows = tx
+                .fetch_all(
+                    &format!(
+                        "SELECT sku, on_hand, reserved, version, updated_at FROM stock_levels WHERE sku IN ({})",
+                        in_list(chunk.len(), 1)
+                    ),
+                    &texts(chunk),
+                )
+                .await?;
+            for row in rows {
+                levels.insert(
+                    row.text("sku"),
+                    Level {
+                        on_hand: row.int("on_hand"),
+                        reserved: row.int("reserved"),
+                        version: row.int("version"),
+                        updated_at: row.int("updated_at"),
+                    },
+                );
+            }
+        }
+        for (event, stock) in decoded {
+            let level = levels
+                .entry(event.envelope.aggregate_id.clone())
+                .or_default();
+            match stock {
+                StockEvent::Received(e) => level.on_hand += i64::from(e.quantity.get()),
+                StockEvent::Adjusted(e) => level.on_hand += e.delta,
+                StockEvent::Reserved(e) => level.reserved += i64::from(e.quantity.get()),
+                StockEvent::ReservationRejected(_) => {}
+                StockEvent::ReservationReleased(e) => level.reserved -= i64::from(e.quantity.get()),
+                StockEvent::ReservationCommitted(e) => {
+                    level.reserved -= i64::from(e.quantity.get());
+                    level.on_hand -= i64::from(e.quantity.get());
+                }
+            }
+            level.version = event.envelope.aggregate_version as i64;
+            level.updated_at = event.envelope.occurred_at.timestamp_millis();
+        }
+        let rows: Vec<(String, Level)> = levels.into_iter().collect();
+        for chunk in rows.chunks(300) {
+            let mut args = Vec::with_capacity(chunk.len() * 6);
+            for (sku, level) in chunk {
+                args.extend([
+                    Value::from(sku.as_str()),
+                    level.on_hand.into(),
+                    level.reserved.into(),
+                    (level.on_hand - level.reserved).into(),
+                    level.version.into(),
+                    level.updated_at.into(),
+                ]);
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO stock_levels (sku, on_hand, reserved, available, version, updated_at) VALUES {}
+                     ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, reserved = excluded.reserved,
+                     available = excluded.available, version = excluded.version, updated_at = excluded.updated_at",
+                    value_rows(chunk.len(), 6, 1)
+                ),
+                &args,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}

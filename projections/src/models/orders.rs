@@ -1,0 +1,286 @@
+//! Orders: the order summary (status, lines, totals, payment and reservation status,
+//! timestamps) and the orders of a customer.
+//!
+//! Payment and reservation status come from other aggregates' events, which reach this
+//! projection in no particular order relative to the order's own events (other topics, other
+//! partitions). They are kept in their own tables keyed by order id and joined when read, so a
+//! payment event that arrives before `order.placed` is kept, not lost.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use domain::order::{OrderAggregate, OrderEvent};
+use domain::payment::{PaymentAggregate, PaymentEvent};
+use domain::stock::{StockAggregate, StockEvent};
+
+use super::{in_list, texts};
+use crate::db::{Tx, Value, value_rows};
+use crate::runtime::{ApplyError, Event, Projection};
+
+#[derive(Debug, Default)]
+pub struct Orders;
+
+#[derive(Debug, Clone, Default)]
+struct Summary {
+    customer_id: String,
+    status: String,
+    currency: String,
+    total_minor: i64,
+    lines: String,
+    reason: Option<String>,
+    placed_at: i64,
+    updated_at: i64,
+    version: i64,
+}
+
+#[async_trait]
+impl Projection for Orders {
+    fn name(&self) -> &'static str {
+        "orders"
+    }
+
+    fn aggregate_types(&self) -> &'static [&'static str] {
+        &["order", "payment", "stock"]
+    }
+
+    fn migrations(&self) -> &'static [&'static str] {
+        &["
+-- The order summary, as the order service shows it; `lines` is the order's lines as JSON.
+CREATE TABLE order_summary (
+    order_id TEXT PRIMARY KEY,
+    customer_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    total_minor BIGINT NOT NULL,
+    lines TEXT NOT NULL,
+    reason TEXT,
+    placed_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    version BIGINT NOT NULL
+);
+-- A customer's orders, newest first, optionally by status.
+CREATE INDEX order_summary_by_customer ON order_summary (customer_id, placed_at DESC, order_id DESC);
+CREATE INDEX order_summary_by_customer_status ON order_summary (customer_id, status, placed_at DESC, order_id DESC);
+-- The order's payment status, from the payment's events.
+CREATE TABLE order_payment (
+    order_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+-- The order's stock reservations, one per SKU, from the stock items' events.
+CREATE TABLE order_reservations (
+    order_id TEXT NOT NULL,
+    sku TEXT NOT NULL,
+    quantity BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (order_id, sku)
+)
+"]
+    }
+
+    async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {
+        let mut orders = Vec::new();
+        let mut payments: BTreeMap<String, (String, i64)> = BTreeMap::new();
+        let mut reservations: BTreeMap<(String, String), (i64, String, i64)> = BTreeMap::new();
+        for (index, event) in events.iter().enumerate() {
+            let envelope = &event.envelope;
+            let at = envelope.occurred_at.timestamp_millis();
+            let poison = |error: event_schema::DecodeError| ApplyError::Poison {
+                index,
+                message: error.to_string(),
+            };
+            match envelope.aggregate_type.as_str() {
+                "order" => orders.push((
+                    index,
+                    event,
+                    envelope.event::<OrderAggregate>().map_err(poison)?,
+                )),
+                "payment" => {
+                    let status = match envelope.event::<PaymentAggregate>().map_err(poison)? {
+                        PaymentEvent::Authorised(_) => "authorised",
+                        PaymentEvent::Declined(_) => "declined",
+                        PaymentEvent::Captured(_) => "captured",
+                        PaymentEvent::Refunded(_) => "refunded",
+                        PaymentEvent::Voided(_) => "voided",
+                    };
+                    payments.insert(envelope.aggregate_id.clone(), (status.to_owned(), at));
+                }
+                "stock" => {
+                    let (order_id, quantity, status) = match envelope
+                        .event::<StockAggregate>()
+                        .map_err(poison)?
+                    {
+                        StockEvent::Reserved(e) => (e.order_id, e.quantity, "reserved"),
+                        StockEvent::ReservationRejected(e) => (e.order_id, e.requested, "rejected"),
+                        StockEvent::ReservationReleased(e) => (e.order_id, e.quantity, "released"),
+                        StockEvent::ReservationCommitted(e) => {
+                            (e.order_id, e.quantity, "committed")
+                        }
+                        StockEvent::Received(_) | StockEvent::Adjusted(_) => continue,
+                    };
+                    reservations.insert(
+                        (order_id.to_string(), envelope.aggregate_id.clone()),
+                        (i64::from(quantity.get()), status.to_owned(), at),
+                    );
+                }
+                _ => {}
+            }
+        }
+
+        // Order summaries: load, check and fold in memory, then write.
+        let ids: Vec<String> = orders
+            .iter()
+            .map(|(_, event, _)| event.envelope.aggregate_id.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut summaries: BTreeMap<String, Summary> = BTreeMap::new();
+        for chunk in ids.chunks(500) {
+            for row in tx
+                .fetch_all(
+                    &format!(
+                        "SELECT * FROM order_summary WHERE order_id IN ({})",
+                        in_list(chunk.len(), 1)
+                    ),
+                    &texts(chunk),
+                )
+                .await?
+            {
+                summaries.insert(
+                    row.text("order_id"),
+                    Summary {
+                        customer_id: row.text("customer_id"),
+                        status: row.text("status"),
+                        currency: row.text("currency"),
+                        total_minor: row.int("total_minor"),
+                        lines: row.text("lines"),
+                        reason: row.get("reason").text().map(str::to_owned),
+                        placed_at: row.int("placed_at"),
+                        updated_at: row.int("updated_at"),
+                        version: row.int("version"),
+                    },
+                );
+            }
+        }
+        for (index, event, order_event) in orders {
+            let envelope = &event.envelope;
+            let at = envelope.occurred_at.timestamp_millis();
+            if let OrderEvent::Placed(placed) = &order_event {
+                summaries.insert(
+                    envelope.aggregate_id.clone(),
+                    Summary {
+                        customer_id: placed.customer_id.to_string(),
+                        status: "pending".into(),
+                        currency: placed.currency.to_string(),
+                        total_minor: placed.total_minor,
+                        lines: serde_json::to_string(&placed.lines).unwrap_or_else(|_| "[]".into()),
+                        reason: None,
+                        placed_at: at,
+                        updated_at: at,
+                        version: envelope.aggregate_version as i64,
+                    },
+                );
+                continue;
+            }
+            let Some(summary) = summaries.get_mut(&envelope.aggregate_id) else {
+                return Err(ApplyError::Poison {
+                    index,
+                    message: format!(
+                        "order {} has no summary: it was never placed",
+                        envelope.aggregate_id
+                    ),
+                });
+            };
+            match order_event {
+                OrderEvent::Placed(_) => {}
+                OrderEvent::Confirmed(_) => summary.status = "confirmed".into(),
+                OrderEvent::Rejected(e) => {
+                    summary.status = "rejected".into();
+                    summary.reason = Some(e.reason);
+                }
+                OrderEvent::Cancelled(e) => {
+                    summary.status = "cancelled".into();
+                    summary.reason = Some(e.reason);
+                }
+                OrderEvent::Shipped(_) => summary.status = "shipped".into(),
+            }
+            summary.updated_at = at;
+            summary.version = envelope.aggregate_version as i64;
+        }
+
+        let rows: Vec<(String, Summary)> = summaries.into_iter().collect();
+        for chunk in rows.chunks(200) {
+            let mut args = Vec::with_capacity(chunk.len() * 10);
+            for (order_id, summary) in chunk {
+                args.extend([
+                    Value::from(order_id.as_str()),
+                    summary.customer_id.as_str().into(),
+                    summary.status.as_str().into(),
+                    summary.currency.as_str().into(),
+                    summary.total_minor.into(),
+                    summary.lines.as_str().into(),
+                    summary.reason.clone().into(),
+                    summary.placed_at.into(),
+                    summary.updated_at.into(),
+                    summary.version.into(),
+                ]);
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO order_summary (order_id, customer_id, status, currency, total_minor, lines, reason,
+                         placed_at, updated_at, version) VALUES {}
+                     ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, reason = excluded.reason,
+                     updated_at = excluded.updated_at, version = excluded.version",
+                    value_rows(chunk.len(), 10, 1)
+                ),
+                &args,
+            )
+            .await?;
+        }
+        let payments: Vec<_> = payments.into_iter().collect();
+        for chunk in payments.chunks(300) {
+            let mut args = Vec::with_capacity(chunk.len() * 3);
+            for (order_id, (status, at)) in chunk {
+                args.extend([
+                    Value::from(order_id.as_str()),
+                    status.as_str().into(),
+                    (*at).into(),
+                ]);
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO order_payment (order_id, status, updated_at) VALUES {}
+                     ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
+                    value_rows(chunk.len(), 3, 1)
+                ),
+                &args,
+            )
+            .await?;
+        }
+        let reservations: Vec<_> = reservations.into_iter().collect();
+        for chunk in reservations.chunks(200) {
+            let mut args = Vec::with_capacity(chunk.len() * 5);
+            for ((order_id, sku), (quantity, status, at)) in chunk {
+                args.extend([
+                    Value::from(order_id.as_str()),
+                    sku.as_str().into(),
+                    (*quantity).into(),
+                    status.as_str().into(),
+                    (*at).into(),
+                ]);
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO order_reservations (order_id, sku, quantity, status, updated_at) VALUES {}
+                     ON CONFLICT (order_id, sku) DO UPDATE SET quantity = excluded.quantity, status = excluded.status,
+                     updated_at = excluded.updated_at",
+                    value_rows(chunk.len(), 5, 1)
+                ),
+                &args,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,587 @@
+//! The projection runtime: one consumer group per projection; each batch of records is applied
+//! in one database transaction that also writes the positions reached, so a crash or a
+//! redelivery can never apply an event twice or skip one. On every assignment the worker seeks
+//! to the positions stored with the rows, never to Kafka's committed offsets.
+//!
+//! Within a batch: records are decoded; the effective-history rule is applied with the last
+//! applied version of each aggregate, stored in `applied_versions` in the same database (a
+//! duplicate or conflicting record changes nothing); events of an aggregate that has a parked
+//! event wait behind it (parked too); the projection applies the rest. An event the projection
+//! cannot apply is parked with its error and the batch goes on without it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use event_log::{GroupEvent, LogRecord, SharedLog};
+use event_schema::{Envelope, judge};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::db::{Db, DbError, Tx, Value, value_rows};
+
+/// Why a projection could not apply a batch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApplyError {
+    /// The event at `index` cannot be applied (whatever is retried); nothing was written.
+    #[error("event {index} cannot be applied: {message}")]
+    Poison { index: usize, message: String },
+    /// The database failed; the batch is retried.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// A read model fed by events.
+///
+/// Implementations must check every event before writing anything (so a poison event is
+/// reported with nothing half-applied), must write only through the transaction they are given,
+/// and must not read another service's tables.
+#[async_trait]
+pub trait Projection: Send + Sync + 'static {
+    /// The projection's name (its consumer group and its rows in the shared tables).
+    fn name(&self) -> &'static str;
+    /// The aggregate types whose events it consumes.
+    fn aggregate_types(&self) -> &'static [&'static str];
+    /// Its tables, as ordered migrations; each runs once, and is never edited once released.
+    fn migrations(&self) -> &'static [&'static str];
+    /// Applies effective events, in log order per aggregate.
+    async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError>;
+}
+
+/// An effective event with where it was read.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub position: event_log::Position,
+    pub envelope: Envelope,
+}
+
+/// The runtime's own tables, in every read-model database.
+const RUNTIME_MIGRATION: &str = r#"
+-- The projection runtime's bookkeeping, kept in the same database as the read models so that
+-- rows, positions and versions always change in one transaction.
+CREATE TABLE IF NOT EXISTS projection_positions (
+    projection TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    partition BIGINT NOT NULL,
+    next_offset BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (projection, topic, partition)
+);
+CREATE TABLE IF NOT EXISTS applied_versions (
+    projection TEXT NOT NULL,
+    aggregate_type TEXT NOT NULL,
+    aggregate_id TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    PRIMARY KEY (projection, aggregate_type, aggregate_id)
+);
+CREATE TABLE IF NOT EXISTS parked_events (
+    projection TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    partition BIGINT NOT NULL,
+    "offset" BIGINT NOT NULL,
+    aggregate_type TEXT NOT NULL,
+    aggregate_id TEXT NOT NULL,
+    aggregate_version BIGINT NOT NULL,
+    event_type TEXT NOT NULL,
+    error TEXT NOT NULL,
+    record TEXT NOT NULL,
+    parked_at BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    PRIMARY KEY (projection, topic, partition, "offset")
+);
+CREATE INDEX IF NOT EXISTS parked_events_by_aggregate
+    ON parked_events (projection, aggregate_type, aggregate_id, status);
+"#;
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Runs the runtime's and the projection's migrations that have not run yet.
+pub async fn migrate(db: &Db, projection: &dyn Projection) -> Result<(), DbError> {
+    let mut tx = db.begin().await?;
+    tx.run(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            projection TEXT NOT NULL, version BIGINT NOT NULL, applied_at BIGINT NOT NULL,
+            PRIMARY KEY (projection, version))",
+    )
+    .await?;
+    let steps: Vec<(&str, i64, &str)> = std::iter::once(("runtime", 1, RUNTIME_MIGRATION))
+        .chain(
+            projection
+                .migrations()
+                .iter()
+                .enumerate()
+                .map(|(index, sql)| (projection.name(), index as i64 + 1, *sql)),
+        )
+        .collect();
+    for (owner, version, sql) in steps {
+        let done = tx
+            .fetch_optional(
+                "SELECT version FROM schema_migrations WHERE projection = $1 AND version = $2",
+                &[owner.into(), version.into()],
+            )
+            .await?;
+        if done.is_some() {
+            continue;
+        }
+        // Comments go first: they may contain semicolons.
+        let code: String = sql
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for statement in code
+            .split(';')
+            .map(str::trim)
+            .filter(|statement| !statement.is_empty())
+        {
+            tx.run(statement).await?;
+        }
+        tx.execute(
+            "INSERT INTO schema_migrations (projection, version, applied_at) VALUES ($1, $2, $3)",
+            &[owner.into(), version.into(), now_ms().into()],
+        )
+        .await?;
+    }
+    tx.commit().await
+}
+
+/// Where a projection stands on one partition.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PartitionProgress {
+    pub topic: String,
+    pub partition: u32,
+    /// The next offset to apply (everything before it is applied).
+    pub next_offset: u64,
+}
+
+/// What a worker shares with the query side and the health checks.
+#[derive(Debug, Default)]
+pub struct WorkerState {
+    /// Positions reached, per (topic, partition), for the partitions this worker holds.
+    positions: Mutex<BTreeMap<(String, u32), u64>>,
+    changed: Mutex<Option<watch::Sender<u64>>>,
+    conflicts: std::sync::atomic::AtomicU64,
+    parked: std::sync::atomic::AtomicU64,
+    applied: std::sync::atomic::AtomicU64,
+}
+
+impl WorkerState {
+    fn notify(&self) {
+        if let Ok(changed) = self.changed.lock()
+            && let Some(sender) = changed.as_ref()
+        {
+            sender.send_modify(|count| *count += 1);
+        }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        let mut changed = self
+            .changed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        changed
+            .get_or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    pub fn positions(&self) -> Vec<PartitionProgress> {
+        self.positions
+            .lock()
+            .map(|positions| {
+                positions
+                    .iter()
+                    .map(|((topic, partition), next_offset)| PartitionProgress {
+                        topic: topic.clone(),
+                        partition: *partition,
+                        next_offset: *next_offset,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn parked(&self) -> u64 {
+        self.parked.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Reads the stored positions of a projection.
+pub async fn stored_positions(
+    db: &Db,
+    projection: &str,
+) -> Result<Vec<PartitionProgress>, DbError> {
+    Ok(db
+        .fetch_all(
+            "SELECT topic, partition, next_offset FROM projection_positions WHERE projection = $1 ORDER BY topic, partition",
+            &[projection.into()],
+        )
+        .await?
+        .into_iter()
+        .map(|row| PartitionProgress {
+            topic: row.text("topic"),
+            partition: row.int("partition") as u32,
+            next_offset: row.int("next_offset") as u64,
+        })
+        .collect())
+}
+
+/// One projection's worker: a member of the projection's consumer group.
+pub struct Worker {
+    pub log: SharedLog,
+    pub db: Db,
+    pub projection: Arc<dyn Projection>,
+    pub topics: Vec<String>,
+    pub group: String,
+    pub state: Arc<WorkerState>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Worker({})", self.projection.name())
+    }
+}
+
+impl Worker {
+    /// Consumes until `shutdown` turns true. Database or log failures are retried; a batch is
+    /// applied whole or not at all.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let name = self.projection.name();
+        let mut member = loop {
+            match self.log.join_group(&self.group, &self.topics).await {
+                Ok(member) => break member,
+                Err(error) => {
+                    tracing::warn!(projection = name, %error, "cannot join the consumer group; retrying");
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        loop {
+            let polled = tokio::select! {
+                _ = shutdown.changed() => break,
+                polled = member.poll(2000, Duration::from_millis(100)) => polled,
+            };
+            let event = match polled {
+                Ok(event) => event,
+                Err(error) => {
+                    tracing::warn!(projection = name, %error, "polling the log failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            match event {
+                GroupEvent::Assigned(partitions) => {
+                    for (topic, partition) in partitions {
+                        let next = loop {
+                            match self.stored_position(&topic, partition).await {
+                                Ok(next) => break next,
+                                Err(error) => {
+                                    tracing::warn!(projection = name, %error, "cannot read the stored position; retrying");
+                                    tokio::time::sleep(Duration::from_millis(500)).await;
+                                }
+                            }
+                        };
+                        if let Err(error) = member.start(&topic, partition, next).await {
+                            tracing::warn!(projection = name, %error, topic, partition, "cannot start the partition");
+                            continue;
+                        }
+                        if let Ok(mut positions) = self.state.positions.lock() {
+                            positions.insert((topic.clone(), partition), next);
+                        }
+                        tracing::info!(
+                            projection = name,
+                            topic,
+                            partition,
+                            next_offset = next,
+                            "partition assigned"
+                        );
+                    }
+                    self.state.notify();
+                }
+                GroupEvent::Revoked(partitions) => {
+                    if let Ok(mut positions) = self.state.positions.lock() {
+                        for partition in &partitions {
+                            positions.remove(partition);
+                        }
+                    }
+                    tracing::info!(projection = name, ?partitions, "partitions revoked");
+                }
+                GroupEvent::Records(records) if records.is_empty() => {}
+                GroupEvent::Records(records) => {
+                    let mut backoff = Duration::from_millis(100);
+                    loop {
+                        match self.apply_batch(&records).await {
+                            Ok(()) => break,
+                            Err(error) => {
+                                tracing::warn!(projection = name, %error, "applying a batch failed; retrying");
+                                tokio::select! {
+                                    _ = shutdown.changed() => return,
+                                    _ = tokio::time::sleep(backoff) => {}
+                                }
+                                backoff = (backoff * 2).min(Duration::from_secs(5));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn stored_position(&self, topic: &str, partition: u32) -> Result<u64, DbError> {
+        Ok(self
+            .db
+            .fetch_optional(
+                "SELECT next_offset FROM projection_positions WHERE projection = $1 AND topic = $2 AND partition = $3",
+                &[self.projection.name().into(), topic.into(), partition.into()],
+            )
+            .await?
+            .map(|row| row.int("next_offset") as u64)
+            .unwrap_or(0))
+    }
+
+    /// Applies one batch in one transaction, with its positions.
+    pub async fn apply_batch(&self, records: &[LogRecord]) -> Result<(), DbError> {
+        let name = self.projection.name();
+        let mut tx = self.db.begin().await?;
+        let decoded: Vec<Result<Envelope, String>> = records
+            .iter()
+            .map(|record| Envelope::try_from(&record.record).map_err(|error| error.to_string()))
+            .collect();
+
+        // Last applied versions and parked aggregates of the batch's aggregates.
+        let ids: Vec<String> = records
+            .iter()
+            .map(|record| record.record.key.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let mut versions: HashMap<(String, String), u64> = HashMap::new();
+        let mut blocked: HashSet<(String, String)> = HashSet::new();
+        for chunk in ids.chunks(500) {
+            let mut args: Vec<Value> = vec![name.into()];
+            args.extend(chunk.iter().map(|id| Value::from(id.as_str())));
+            let list = (2..chunk.len() + 2)
+                .map(|n| format!("${n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            for row in tx
+                .fetch_all(
+                    &format!(
+                        "SELECT aggregate_type, aggregate_id, version FROM applied_versions
+                         WHERE projection = $1 AND aggregate_id IN ({list})"
+                    ),
+                    &args,
+                )
+                .await?
+            {
+                versions.insert(
+                    (row.text("aggregate_type"), row.text("aggregate_id")),
+                    row.int("version") as u64,
+                );
+            }
+            for row in tx
+                .fetch_all(
+                    &format!(
+                        "SELECT DISTINCT aggregate_type, aggregate_id FROM parked_events
+                         WHERE projection = $1 AND status = 'parked' AND aggregate_id IN ({list})"
+                    ),
+                    &args,
+                )
+                .await?
+            {
+                blocked.insert((row.text("aggregate_type"), row.text("aggregate_id")));
+            }
+        }
+
+        let mut effective: Vec<(usize, Envelope)> = Vec::new();
+        let mut parked: Vec<(usize, String)> = Vec::new();
+        let mut touched: HashSet<(String, String)> = HashSet::new();
+        let mut conflicts = 0;
+        for (index, (record, envelope)) in records.iter().zip(&decoded).enumerate() {
+            let envelope = match envelope {
+                Ok(envelope) => envelope,
+                Err(error) => {
+                    parked.push((index, format!("undecodable: {error}")));
+                    continue;
+                }
+            };
+            let aggregate = (
+                envelope.aggregate_type.clone(),
+                envelope.aggregate_id.clone(),
+            );
+            let last = versions.get(&aggregate).copied().unwrap_or(0);
+            let verdict = judge(last, envelope.aggregate_version);
+            if !verdict.is_effective() {
+                conflicts += 1;
+                tracing::info!(projection = name, position = %record.position, ?verdict, "record skipped by the effective-history rule");
+                continue;
+            }
+            versions.insert(aggregate.clone(), envelope.aggregate_version);
+            touched.insert(aggregate.clone());
+            if blocked.contains(&aggregate) {
+                parked.push((
+                    index,
+                    "waiting behind a parked event of the same aggregate".into(),
+                ));
+                continue;
+            }
+            effective.push((index, envelope.clone()));
+        }
+
+        // Apply; a poison event is parked, with every later event of its aggregate.
+        loop {
+            let events: Vec<Event> = effective
+                .iter()
+                .map(|(at, envelope)| Event {
+                    position: records[*at].position.clone(),
+                    envelope: envelope.clone(),
+                })
+                .collect();
+            match self.projection.apply(&mut tx, &events).await {
+                Ok(()) => break,
+                Err(ApplyError::Db(error)) => return Err(error),
+                Err(ApplyError::Poison { index, message }) => {
+                    if index >= effective.len() {
+                        return Err(DbError(format!(
+                            "projection {name} reported poison at a bad index"
+                        )));
+                    }
+                    let (poison_at, poison) = effective.remove(index);
+                    tracing::warn!(projection = name, position = %records[poison_at].position, event_type = %poison.event_type, %message, "event parked");
+                    parked.push((poison_at, message));
+                    let (behind, rest): (Vec<_>, Vec<_>) =
+                        effective.into_iter().partition(|(at, envelope)| {
+                            *at > poison_at
+                                && envelope.aggregate_type == poison.aggregate_type
+                                && envelope.aggregate_id == poison.aggregate_id
+                        });
+                    for (at, _) in behind {
+                        parked.push((
+                            at,
+                            "waiting behind a parked event of the same aggregate".into(),
+                        ));
+                    }
+                    effective = rest;
+                }
+            }
+        }
+
+        // Park, record versions and positions, commit.
+        for (index, error) in &parked {
+            let record = &records[*index];
+            let (aggregate_type, aggregate_id, version, event_type, body) = match &decoded[*index] {
+                Ok(envelope) => (
+                    envelope.aggregate_type.clone(),
+                    envelope.aggregate_id.clone(),
+                    envelope.aggregate_version as i64,
+                    envelope.event_type.clone(),
+                    envelope.to_json().to_string(),
+                ),
+                Err(_) => (
+                    aggregate_type_of(&record.position.topic),
+                    record.record.key.clone(),
+                    0,
+                    record
+                        .record
+                        .header("ce_type")
+                        .unwrap_or("unknown")
+                        .to_owned(),
+                    String::from_utf8_lossy(&record.record.value).into_owned(),
+                ),
+            };
+            tx.execute(
+                r#"INSERT INTO parked_events (projection, topic, partition, "offset", aggregate_type, aggregate_id,
+                       aggregate_version, event_type, error, record, parked_at, status)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'parked')
+                   ON CONFLICT (projection, topic, partition, "offset") DO NOTHING"#,
+                &[
+                    name.into(),
+                    record.position.topic.as_str().into(),
+                    record.position.partition.into(),
+                    record.position.offset.into(),
+                    aggregate_type.into(),
+                    aggregate_id.into(),
+                    version.into(),
+                    event_type.into(),
+                    error.as_str().into(),
+                    body.into(),
+                    now_ms().into(),
+                ],
+            )
+            .await?;
+        }
+        let touched: Vec<_> = touched.into_iter().collect();
+        for chunk in touched.chunks(200) {
+            let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 4);
+            for (aggregate_type, aggregate_id) in chunk {
+                args.push(name.into());
+                args.push(aggregate_type.as_str().into());
+                args.push(aggregate_id.as_str().into());
+                args.push(versions[&(aggregate_type.clone(), aggregate_id.clone())].into());
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO applied_versions (projection, aggregate_type, aggregate_id, version) VALUES {}
+                     ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version",
+                    value_rows(chunk.len(), 4, 1)
+                ),
+                &args,
+            )
+            .await?;
+        }
+        let mut reached: BTreeMap<(String, u32), u64> = BTreeMap::new();
+        for record in records {
+            let next = reached
+                .entry((record.position.topic.clone(), record.position.partition))
+                .or_default();
+            *next = (*next).max(record.position.offset + 1);
+        }
+        for ((topic, partition), next) in &reached {
+            tx.execute(
+                "INSERT INTO projection_positions (projection, topic, partition, next_offset, updated_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (projection, topic, partition) DO UPDATE
+                 SET next_offset = excluded.next_offset, updated_at = excluded.updated_at",
+                &[name.into(), topic.as_str().into(), (*partition).into(), (*next).into(), now_ms().into()],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+
+        use std::sync::atomic::Ordering::Relaxed;
+        self.state.conflicts.fetch_add(conflicts, Relaxed);
+        self.state.parked.fetch_add(parked.len() as u64, Relaxed);
+        self.state
+            .applied
+            .fetch_add(effective.len() as u64, Relaxed);
+        if let Ok(mut positions) = self.state.positions.lock() {
+            for (key, next) in reached {
+                positions.insert(key, next);
+            }
+        }
+        self.state.notify();
+        Ok(())
+    }
+}
+
+/// `<prefix>.<aggregate>.events` → `<aggregate>`.
+fn aggregate_type_of(topic: &str) -> String {
+    topic
+        .strip_suffix(".events")
+        .and_then(|rest| rest.rsplit('.').next())
+        .unwrap_or("unknown")
+        .to_owned()
+}
