@@ -35,6 +35,7 @@ struct Running {
 pub struct ReadSide {
     log: SharedLog,
     topic_prefix: String,
+    group_prefix: String,
     running: Arc<Vec<Running>>,
 }
 
@@ -91,6 +92,17 @@ impl ReadSide {
         backend: &ReadBackend,
         topic_prefix: &str,
     ) -> Result<Self, DbError> {
+        Self::open_in_group(log, backend, topic_prefix, topic_prefix).await
+    }
+
+    /// Like [`ReadSide::open`], with the workers in consumer groups named after `group_prefix`
+    /// (a second, independent build of the read models, such as a replay).
+    pub async fn open_in_group(
+        log: SharedLog,
+        backend: &ReadBackend,
+        topic_prefix: &str,
+        group_prefix: &str,
+    ) -> Result<Self, DbError> {
         let mut running = Vec::new();
         for projection in all_projections() {
             let db = match backend {
@@ -117,6 +129,7 @@ impl ReadSide {
         Ok(ReadSide {
             log,
             topic_prefix: topic_prefix.to_owned(),
+            group_prefix: group_prefix.to_owned(),
             running: Arc::new(running),
         })
     }
@@ -132,7 +145,7 @@ impl ReadSide {
                 topics: running.topics.clone(),
                 group: format!(
                     "{}.projection.{}",
-                    self.topic_prefix,
+                    self.group_prefix,
                     running.projection.name()
                 ),
                 state: running.state.clone(),
@@ -150,6 +163,57 @@ impl ReadSide {
     /// The database of a projection (`orders`, `inventory`, `payments`, `audit`).
     pub fn db(&self, projection: &str) -> Option<&Db> {
         self.running(projection).map(|running| &running.db)
+    }
+
+    /// Waits until every projection has applied everything the log held when called.
+    pub async fn wait_caught_up(&self, limit: Duration) -> Result<bool, String> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let statuses = self.status().await?;
+            if statuses.iter().all(|status| status.lag_events == 0) {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every row of a read-model table, in primary-key order, as text (for comparisons).
+    pub async fn dump(
+        &self,
+        projection: &str,
+        table: &str,
+        order_by: &str,
+    ) -> Result<Vec<Vec<String>>, DbError> {
+        let db = self
+            .db(projection)
+            .ok_or_else(|| DbError(format!("no projection {projection}")))?;
+        let rows = db
+            .fetch_all(&format!("SELECT * FROM {table} ORDER BY {order_by}"), &[])
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                row.columns
+                    .into_iter()
+                    .map(|(name, value)| format!("{name}={value:?}"))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// The log this read side reads.
+    pub fn log(&self) -> SharedLog {
+        self.log.clone()
+    }
+
+    /// The partitions this process's worker of `projection` holds, with its positions.
+    pub fn held_partitions(&self, projection: &str) -> Vec<crate::runtime::PartitionProgress> {
+        self.running(projection)
+            .map(|running| running.state.positions())
+            .unwrap_or_default()
     }
 
     pub fn projection_names(&self) -> Vec<&'static str> {

@@ -79,9 +79,23 @@ async fn state_survives_a_restart_from_snapshots_and_the_log_tail() {
     }
 }
 
-struct Process {
-    child: Child,
-    address: String,
+pub struct Process {
+    pub child: Child,
+    pub address: String,
+}
+
+impl Process {
+    /// kill -9, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 fn free_port() -> u16 {
@@ -91,7 +105,7 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-async fn start_process(settings: &platform::Settings) -> Process {
+pub async fn start_process(settings: &platform::Settings) -> Process {
     let port = free_port();
     let mut command = Command::new(platform_binary());
     command

@@ -67,6 +67,7 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub settings: Settings,
     pub dir: Arc<tempfile::TempDir>,
+    pub read: Option<projections::ReadSide>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -90,6 +91,7 @@ impl TestApp {
             .await
             .expect("build the platform");
         let address = format!("http://{}", platform.local_addr());
+        let read = platform.read_side().cloned();
         assert!(
             platform
                 .commands()
@@ -112,6 +114,7 @@ impl TestApp {
             client: reqwest::Client::new(),
             settings,
             dir,
+            read,
             stop: Some(stop),
             server: Some(server),
         }
