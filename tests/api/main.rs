@@ -9,4 +9,5 @@ mod commands;
 mod concurrency;
 mod durability;
 mod helpers;
+mod openapi;
 mod two_owners;
