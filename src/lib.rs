@@ -9,9 +9,11 @@
 //! - [`backend`]: opening the event log and the stores for the chosen backend.
 //! - [`server`]: [`Platform::build`] binds and starts the parts; `run_until_stopped` serves.
 //! - [`bench`]: the `platform bench` load generators.
+//! - [`ops`]: operator commands (`projections status`, `parked list|retry|skip`).
 
 pub mod backend;
 pub mod bench;
+pub mod ops;
 pub mod server;
 pub mod settings;
 

@@ -454,6 +454,7 @@ pub async fn get_stock(
     responses(
         (status = 200, description = "SKUs below the threshold", body = StockList),
         (status = 304, description = "Not modified (If-None-Match)"),
+        (status = 400, description = "Malformed consistency token", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid threshold", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Read model behind the consistency token, or down", body = Problem, content_type = "application/problem+json"),
     )

@@ -204,6 +204,11 @@ impl ReadSide {
             .collect())
     }
 
+    /// A projection by name.
+    pub fn projection(&self, name: &str) -> Option<Arc<dyn Projection>> {
+        self.running(name).map(|running| running.projection.clone())
+    }
+
     /// The log this read side reads.
     pub fn log(&self) -> SharedLog {
         self.log.clone()

@@ -10,4 +10,5 @@ mod concurrency;
 mod durability;
 mod helpers;
 mod openapi;
+mod read_models;
 mod two_owners;

@@ -450,8 +450,11 @@ pub async fn place_order(
     request_body(content = Option<CancelOrderRequest>, description = "Optional reason"),
     responses(
         (status = 200, description = "Order cancelled", body = CommandAccepted),
+        (status = 400, description = "Malformed JSON or header", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Already shipped or rejected, or version conflict", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid reason", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Log unavailable or not ready", body = Problem, content_type = "application/problem+json"),
     )
@@ -485,6 +488,7 @@ pub async fn cancel_order(
     params(("id" = String, Path, description = "The order id"), CommandHeaderDocs),
     responses(
         (status = 200, description = "Order shipped", body = CommandAccepted),
+        (status = 400, description = "Malformed header", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not confirmed, or version conflict", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Log unavailable or not ready", body = Problem, content_type = "application/problem+json"),
