@@ -535,7 +535,8 @@ impl Worker {
             tx.execute(
                 &format!(
                     "INSERT INTO applied_versions (projection, aggregate_type, aggregate_id, version) VALUES {}
-                     ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version",
+                     ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version
+                     WHERE applied_versions.version < excluded.version",
                     value_rows(chunk.len(), 4, 1)
                 ),
                 &args,
@@ -554,7 +555,8 @@ impl Worker {
                 "INSERT INTO projection_positions (projection, topic, partition, next_offset, updated_at)
                  VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (projection, topic, partition) DO UPDATE
-                 SET next_offset = excluded.next_offset, updated_at = excluded.updated_at",
+                 SET next_offset = excluded.next_offset, updated_at = excluded.updated_at
+                 WHERE projection_positions.next_offset < excluded.next_offset",
                 &[name.into(), topic.as_str().into(), (*partition).into(), (*next).into(), now_ms().into()],
             )
             .await?;

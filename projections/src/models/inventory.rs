@@ -126,7 +126,8 @@ CREATE INDEX stock_levels_by_available ON stock_levels (available, sku)
                 &format!(
                     "INSERT INTO stock_levels (sku, on_hand, reserved, available, version, updated_at) VALUES {}
                      ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, reserved = excluded.reserved,
-                     available = excluded.available, version = excluded.version, updated_at = excluded.updated_at",
+                     available = excluded.available, version = excluded.version, updated_at = excluded.updated_at
+                     WHERE stock_levels.version < excluded.version",
                     value_rows(chunk.len(), 6, 1)
                 ),
                 &args,

@@ -65,6 +65,7 @@ CREATE INDEX order_summary_by_customer_status ON order_summary (customer_id, sta
 CREATE TABLE order_payment (
     order_id TEXT PRIMARY KEY,
     status TEXT NOT NULL,
+    version BIGINT NOT NULL,
     updated_at BIGINT NOT NULL
 );
 -- The order's stock reservations, one per SKU, from the stock items' events.
@@ -73,6 +74,8 @@ CREATE TABLE order_reservations (
     sku TEXT NOT NULL,
     quantity BIGINT NOT NULL,
     status TEXT NOT NULL,
+    -- The stock item's version of the event behind `status`.
+    stock_version BIGINT NOT NULL,
     updated_at BIGINT NOT NULL,
     PRIMARY KEY (order_id, sku)
 )
@@ -81,8 +84,8 @@ CREATE TABLE order_reservations (
 
     async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {
         let mut orders = Vec::new();
-        let mut payments: BTreeMap<String, (String, i64)> = BTreeMap::new();
-        let mut reservations: BTreeMap<(String, String), (i64, String, i64)> = BTreeMap::new();
+        let mut payments: BTreeMap<String, (String, i64, i64)> = BTreeMap::new();
+        let mut reservations: BTreeMap<(String, String), (i64, String, i64, i64)> = BTreeMap::new();
         for (index, event) in events.iter().enumerate() {
             let envelope = &event.envelope;
             let at = envelope.occurred_at.timestamp_millis();
@@ -104,7 +107,10 @@ CREATE TABLE order_reservations (
                         PaymentEvent::Refunded(_) => "refunded",
                         PaymentEvent::Voided(_) => "voided",
                     };
-                    payments.insert(envelope.aggregate_id.clone(), (status.to_owned(), at));
+                    payments.insert(
+                        envelope.aggregate_id.clone(),
+                        (status.to_owned(), envelope.aggregate_version as i64, at),
+                    );
                 }
                 "stock" => {
                     let (order_id, quantity, status) = match envelope
@@ -121,7 +127,12 @@ CREATE TABLE order_reservations (
                     };
                     reservations.insert(
                         (order_id.to_string(), envelope.aggregate_id.clone()),
-                        (i64::from(quantity.get()), status.to_owned(), at),
+                        (
+                            i64::from(quantity.get()),
+                            status.to_owned(),
+                            envelope.aggregate_version as i64,
+                            at,
+                        ),
                     );
                 }
                 _ => {}
@@ -231,7 +242,8 @@ CREATE TABLE order_reservations (
                     "INSERT INTO order_summary (order_id, customer_id, status, currency, total_minor, lines, reason,
                          placed_at, updated_at, version) VALUES {}
                      ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, reason = excluded.reason,
-                     updated_at = excluded.updated_at, version = excluded.version",
+                     updated_at = excluded.updated_at, version = excluded.version
+                     WHERE order_summary.version < excluded.version",
                     value_rows(chunk.len(), 10, 1)
                 ),
                 &args,
@@ -241,18 +253,21 @@ CREATE TABLE order_reservations (
         let payments: Vec<_> = payments.into_iter().collect();
         for chunk in payments.chunks(300) {
             let mut args = Vec::with_capacity(chunk.len() * 3);
-            for (order_id, (status, at)) in chunk {
+            for (order_id, (status, version, at)) in chunk {
                 args.extend([
                     Value::from(order_id.as_str()),
                     status.as_str().into(),
+                    (*version).into(),
                     (*at).into(),
                 ]);
             }
             tx.execute(
                 &format!(
-                    "INSERT INTO order_payment (order_id, status, updated_at) VALUES {}
-                     ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
-                    value_rows(chunk.len(), 3, 1)
+                    "INSERT INTO order_payment (order_id, status, version, updated_at) VALUES {}
+                     ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, version = excluded.version,
+                     updated_at = excluded.updated_at
+                     WHERE order_payment.version < excluded.version",
+                    value_rows(chunk.len(), 4, 1)
                 ),
                 &args,
             )
@@ -261,21 +276,23 @@ CREATE TABLE order_reservations (
         let reservations: Vec<_> = reservations.into_iter().collect();
         for chunk in reservations.chunks(200) {
             let mut args = Vec::with_capacity(chunk.len() * 5);
-            for ((order_id, sku), (quantity, status, at)) in chunk {
+            for ((order_id, sku), (quantity, status, version, at)) in chunk {
                 args.extend([
                     Value::from(order_id.as_str()),
                     sku.as_str().into(),
                     (*quantity).into(),
                     status.as_str().into(),
+                    (*version).into(),
                     (*at).into(),
                 ]);
             }
             tx.execute(
                 &format!(
-                    "INSERT INTO order_reservations (order_id, sku, quantity, status, updated_at) VALUES {}
+                    "INSERT INTO order_reservations (order_id, sku, quantity, status, stock_version, updated_at) VALUES {}
                      ON CONFLICT (order_id, sku) DO UPDATE SET quantity = excluded.quantity, status = excluded.status,
-                     updated_at = excluded.updated_at",
-                    value_rows(chunk.len(), 5, 1)
+                     stock_version = excluded.stock_version, updated_at = excluded.updated_at
+                     WHERE order_reservations.stock_version < excluded.stock_version",
+                    value_rows(chunk.len(), 6, 1)
                 ),
                 &args,
             )

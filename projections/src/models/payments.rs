@@ -163,7 +163,8 @@ CREATE TABLE payments (
                      ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, currency = excluded.currency,
                      authorised_minor = excluded.authorised_minor, captured_minor = excluded.captured_minor,
                      refunded_minor = excluded.refunded_minor, authorisation_id = excluded.authorisation_id,
-                     reason = excluded.reason, version = excluded.version, updated_at = excluded.updated_at",
+                     reason = excluded.reason, version = excluded.version, updated_at = excluded.updated_at
+                     WHERE payments.version < excluded.version",
                     value_rows(chunk.len(), 10, 1)
                 ),
                 &args,
