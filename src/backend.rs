@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use command_services::store::{CommandStore, PostgresStore, SqliteStore};
+use command_services::store::{CommandStore, SqlStore};
 use event_log::SharedLog;
 use event_log::embedded::EmbeddedLog;
 use event_log::kafka::{KafkaLog, KafkaSettings};
@@ -25,14 +25,21 @@ impl std::fmt::Debug for Backend {
     }
 }
 
+/// The Kafka client settings the platform runs with (also used by `platform bench`, so its raw
+/// produce baseline uses exactly the platform's producer configuration).
+pub fn kafka_settings(brokers: &str, settings: &Settings) -> KafkaSettings {
+    let mut kafka = KafkaSettings::new(brokers);
+    kafka.linger_ms = settings.kafka_linger_ms;
+    kafka.fetch_wait_max_ms = settings.kafka_fetch_wait_ms;
+    kafka.delivery_timeout = Duration::from_secs(15);
+    kafka
+}
+
 impl Backend {
     pub async fn open(settings: &Settings) -> anyhow::Result<Self> {
         let log: SharedLog = match &settings.kafka {
             Some(brokers) => {
-                let mut kafka = KafkaSettings::new(brokers.clone());
-                kafka.linger_ms = settings.kafka_linger_ms;
-                kafka.fetch_wait_max_ms = settings.kafka_fetch_wait_ms;
-                kafka.delivery_timeout = Duration::from_secs(15);
+                let kafka = kafka_settings(brokers, settings);
                 Arc::new(
                     KafkaLog::connect(kafka)
                         .await
@@ -52,7 +59,7 @@ impl Backend {
         };
         let command_store: Arc<dyn CommandStore> = match (&settings.database_url, &settings.kafka) {
             (Some(url), _) => Arc::new(
-                PostgresStore::connect(url, &format!("{}command_side", settings.schema_prefix))
+                SqlStore::postgres(url, &format!("{}command_side", settings.schema_prefix))
                     .await
                     .context("connecting to Postgres")?,
             ),
@@ -61,7 +68,7 @@ impl Backend {
                 std::fs::create_dir_all(&settings.data_dir)
                     .with_context(|| format!("creating {}", settings.data_dir.display()))?;
                 Arc::new(
-                    SqliteStore::open(settings.data_dir.join("command-side.db"))
+                    SqlStore::sqlite(settings.data_dir.join("command-side.db"))
                         .await
                         .context("opening the command-side store")?,
                 )

@@ -7,7 +7,7 @@
 //! another's tables.
 //!
 //! # Layout
-//! - [`db`]: one small layer over Postgres and SQLite, so each read model's SQL is written once.
+//! - [`db`]: the shared SQL layer (crate `sql-store`), so each read model's SQL is written once.
 //! - [`runtime`]: the projection runtime: consumer groups, batches applied in one transaction
 //!   with their positions, the effective-history rule, parking.
 //! - [`models`]: the read models (orders, inventory, payments, audit).
@@ -15,7 +15,7 @@
 //! - [`parked`]: listing, retrying and skipping parked events.
 //! - [`query`]: the HTTP query API.
 
-pub mod db;
+pub use sql_store as db;
 pub mod models;
 pub mod parked;
 pub mod query;

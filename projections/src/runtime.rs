@@ -100,52 +100,8 @@ fn now_ms() -> i64 {
 
 /// Runs the runtime's and the projection's migrations that have not run yet.
 pub async fn migrate(db: &Db, projection: &dyn Projection) -> Result<(), DbError> {
-    let mut tx = db.begin().await?;
-    tx.run(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
-            projection TEXT NOT NULL, version BIGINT NOT NULL, applied_at BIGINT NOT NULL,
-            PRIMARY KEY (projection, version))",
-    )
-    .await?;
-    let steps: Vec<(&str, i64, &str)> = std::iter::once(("runtime", 1, RUNTIME_MIGRATION))
-        .chain(
-            projection
-                .migrations()
-                .iter()
-                .enumerate()
-                .map(|(index, sql)| (projection.name(), index as i64 + 1, *sql)),
-        )
-        .collect();
-    for (owner, version, sql) in steps {
-        let done = tx
-            .fetch_optional(
-                "SELECT version FROM schema_migrations WHERE projection = $1 AND version = $2",
-                &[owner.into(), version.into()],
-            )
-            .await?;
-        if done.is_some() {
-            continue;
-        }
-        // Comments go first: they may contain semicolons.
-        let code: String = sql
-            .lines()
-            .filter(|line| !line.trim_start().starts_with("--"))
-            .collect::<Vec<_>>()
-            .join("\n");
-        for statement in code
-            .split(';')
-            .map(str::trim)
-            .filter(|statement| !statement.is_empty())
-        {
-            tx.run(statement).await?;
-        }
-        tx.execute(
-            "INSERT INTO schema_migrations (projection, version, applied_at) VALUES ($1, $2, $3)",
-            &[owner.into(), version.into(), now_ms().into()],
-        )
-        .await?;
-    }
-    tx.commit().await
+    crate::db::migrate(db, "runtime", &[RUNTIME_MIGRATION]).await?;
+    crate::db::migrate(db, projection.name(), projection.migrations()).await
 }
 
 /// Where a projection stands on one partition.

@@ -1,5 +1,11 @@
-//! One small database layer over Postgres and SQLite, so every read model's SQL is written
-//! once. Statements use Postgres placeholders (`$1`, `$2`, ...); on SQLite they become numbered
+//! One small database layer over Postgres and SQLite, so every table's SQL is written once
+//! (read models, the command side's snapshots, the saga's state and outbox).
+//!
+//! # Layout
+//! Everything is in this file: [`Db`] (a pool, one Postgres schema or one SQLite file), [`Tx`]
+//! (a transaction on it), [`Value`] and [`Row`] (what goes in and comes out), and
+//! [`value_rows`] for multi-row statements.
+//! Statements use Postgres placeholders (`$1`, `$2`, ...); on SQLite they become numbered
 //! parameters (`?1`, `?2`, ...), which bind the same way. Values are integers, text or null:
 //! timestamps are stored as Unix milliseconds and documents as JSON text, in both databases.
 
@@ -383,4 +389,52 @@ mod tests {
         assert_eq!(value_rows(2, 3, 1), "($1, $2, $3), ($4, $5, $6)");
         assert_eq!(value_rows(1, 2, 5), "($5, $6)");
     }
+}
+
+/// Runs the migrations of `owner` that have not run yet, in order, each once, in one
+/// transaction. Migrations are plain SQL common to both databases (statements separated by
+/// `;`, `--` comments); once released they are never edited: a change is a new migration.
+pub async fn migrate(db: &Db, owner: &str, migrations: &[&str]) -> Result<(), DbError> {
+    let mut tx = db.begin().await?;
+    tx.run(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            projection TEXT NOT NULL, version BIGINT NOT NULL, applied_at BIGINT NOT NULL,
+            PRIMARY KEY (projection, version))",
+    )
+    .await?;
+    for (index, sql) in migrations.iter().enumerate() {
+        let version = index as i64 + 1;
+        let done = tx
+            .fetch_optional(
+                "SELECT version FROM schema_migrations WHERE projection = $1 AND version = $2",
+                &[owner.into(), version.into()],
+            )
+            .await?;
+        if done.is_some() {
+            continue;
+        }
+        // Comments go first: they may contain semicolons.
+        let code: String = sql
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for statement in code
+            .split(';')
+            .map(str::trim)
+            .filter(|statement| !statement.is_empty())
+        {
+            tx.run(statement).await?;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as i64)
+            .unwrap_or(0);
+        tx.execute(
+            "INSERT INTO schema_migrations (projection, version, applied_at) VALUES ($1, $2, $3)",
+            &[owner.into(), version.into(), now.into()],
+        )
+        .await?;
+    }
+    tx.commit().await
 }
