@@ -40,7 +40,10 @@ pub enum ParkedCommand {
         position: String,
     },
     /// Give up a parked event; the events waiting behind it are applied.
-    Skip { projection: String, position: String },
+    Skip {
+        projection: String,
+        position: String,
+    },
 }
 
 async fn open(settings: &Settings) -> anyhow::Result<ReadSide> {
@@ -76,7 +79,13 @@ pub async fn projections(command: ProjectionsCommand, settings: Settings) -> any
         for lag in &status.partitions {
             println!(
                 "{:<10} {:<34} {:>9} {:>10} {:>10} {:>10} {:>9.1}",
-                status.projection, lag.topic, lag.partition, lag.applied, lag.end, lag.lag_events, lag.lag_seconds
+                status.projection,
+                lag.topic,
+                lag.partition,
+                lag.applied,
+                lag.end,
+                lag.lag_events,
+                lag.lag_seconds
             );
         }
     }
@@ -93,14 +102,22 @@ pub async fn projections(command: ProjectionsCommand, settings: Settings) -> any
 pub async fn parked(command: ParkedCommand, settings: Settings) -> anyhow::Result<()> {
     let read = open(&settings).await?;
     match command {
-        ParkedCommand::List { projection, all, json } => {
+        ParkedCommand::List {
+            projection,
+            all,
+            json,
+        } => {
             let mut events = Vec::new();
             for name in read.projection_names() {
                 if projection.as_deref().is_some_and(|wanted| wanted != name) {
                     continue;
                 }
                 let db = read.db(name).context("no such projection")?;
-                events.extend(parked::list(db, name, all).await.map_err(anyhow::Error::msg)?);
+                events.extend(
+                    parked::list(db, name, all)
+                        .await
+                        .map_err(anyhow::Error::msg)?,
+                );
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&events)?);
@@ -127,16 +144,27 @@ pub async fn parked(command: ParkedCommand, settings: Settings) -> anyhow::Resul
             }
             Ok(())
         }
-        ParkedCommand::Retry { projection, position } => resolve(&read, &projection, &position, Resolution::Retry).await,
-        ParkedCommand::Skip { projection, position } => resolve(&read, &projection, &position, Resolution::Skip).await,
+        ParkedCommand::Retry {
+            projection,
+            position,
+        } => resolve(&read, &projection, &position, Resolution::Retry).await,
+        ParkedCommand::Skip {
+            projection,
+            position,
+        } => resolve(&read, &projection, &position, Resolution::Skip).await,
     }
 }
 
-async fn resolve(read: &ReadSide, projection: &str, position: &str, resolution: Resolution) -> anyhow::Result<()> {
+async fn resolve(
+    read: &ReadSide,
+    projection: &str,
+    position: &str,
+    resolution: Resolution,
+) -> anyhow::Result<()> {
     let position: Position = position.parse().map_err(anyhow::Error::msg)?;
-    let db = read
-        .db(projection)
-        .with_context(|| format!("no projection {projection:?} (orders, inventory, payments, audit)"))?;
+    let db = read.db(projection).with_context(|| {
+        format!("no projection {projection:?} (orders, inventory, payments, audit)")
+    })?;
     let model = read
         .projection(projection)
         .with_context(|| format!("no projection {projection:?}"))?;

@@ -10,7 +10,7 @@
 //! - [`owner`]: the generic partition owner: state rebuild, per-aggregate locking, append and
 //!   read-back, idempotency, snapshots, stepping down.
 //! - [`store`]: snapshots and command-topic positions, in SQLite or Postgres.
-//! - [`messages`]: the commands that travel on command topics.
+//! - [`messages`]: the commands that travel on command topics (from `event-schema`).
 //! - [`consumer`]: the command-topic consumer loop.
 //! - [`provider`]: payment providers (a trait, and the deterministic test provider).
 //! - [`services`]: starting the three services and wiring the command topics to them.
@@ -18,7 +18,8 @@
 
 pub mod consumer;
 pub mod http;
-pub mod messages;
+/// The commands on command topics (defined with the wire format, in `event-schema`).
+pub use event_schema::commands as messages;
 pub mod owner;
 pub mod provider;
 pub mod services;

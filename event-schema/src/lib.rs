@@ -10,6 +10,8 @@
 //! # Layout
 //! - [`catalog`]: every event type name with its current schema version, and the
 //!   [`EventCodec`] each aggregate implements (encode to / decode from JSON data).
+//! - [`commands`]: the commands that travel on command topics (the saga sends them; each
+//!   service consumes its own topic).
 //! - [`envelope`]: [`Envelope`], its metadata, and its CloudEvents JSON encoding.
 //! - [`record`]: an envelope as a Kafka record: key, headers, value.
 //! - [`upcast`]: the upcaster chain, applied at this boundary so no reader sees an old shape.
@@ -20,6 +22,7 @@
 //! No IO crate is used here; the log backends live elsewhere.
 
 pub mod catalog;
+pub mod commands;
 pub mod envelope;
 pub mod history;
 pub mod record;

@@ -18,8 +18,7 @@
 //!   the code (`saga/tests.rs`); the property test that drives the saga against the real
 //!   aggregates with shuffled, duplicated and dropped messages is `tests/properties.rs`.
 //!
-//! This crate depends on `command-services` only for its `ServiceCommand` type; that crate
-//! brings IO crates along, which nothing here uses.
+//! No IO crate is used: the commands it emits are `event_schema::commands::ServiceCommand`.
 
 pub mod saga;
 pub mod testing;

@@ -41,11 +41,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use command_services::messages::ServiceCommand;
 use domain::order::{OrderAggregate, OrderEvent, OrderLine};
 use domain::payment::{PaymentAggregate, PaymentEvent};
 use domain::stock::{StockAggregate, StockEvent};
 use domain::{Aggregate, Money, OrderId, PaymentToken, Quantity, Sku};
+use event_schema::commands::ServiceCommand;
 use event_schema::{DecodeError, Envelope, catalog};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

@@ -17,7 +17,6 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use chrono::{DateTime, TimeDelta, Utc};
-use command_services::messages::ServiceCommand;
 use domain::order::{OrderAggregate, OrderCommand, OrderLine, OrderState, OrderStatus, PlaceOrder};
 use domain::payment::{
     PaymentAggregate, PaymentCommand, PaymentState, PaymentStatus, ProviderAnswer,
@@ -25,6 +24,7 @@ use domain::payment::{
 use domain::stock::{StockAggregate, StockCommand, StockItem};
 use domain::{Aggregate, CustomerId, Decision, OrderId, PaymentToken, Quantity, Sku};
 use event_schema::catalog::EventCodec;
+use event_schema::commands::ServiceCommand;
 use event_schema::{CommandMeta, Envelope};
 use proptest::collection::vec;
 use proptest::prelude::*;

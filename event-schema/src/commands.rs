@@ -2,9 +2,9 @@
 //! saga or any other process. Keyed by aggregate id, partitioned like the events topic, so the
 //! owner of an aggregate's events also consumes its commands.
 
+use crate::{CommandMeta, Header, Record};
 use chrono::{DateTime, Utc};
 use domain::{Money, OrderId, PaymentToken, Quantity};
-use event_schema::{CommandMeta, Header, Record};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
