@@ -22,6 +22,7 @@ use utoipa::OpenApi;
 
 use projections::read_side::ProjectionStatus;
 use projections::{ReadBackend, ReadSide};
+use saga_orchestrator::side::SagaSide;
 
 use crate::backend::Backend;
 use crate::settings::{Part, Settings};
@@ -33,6 +34,7 @@ pub struct Platform {
     shutdown: watch::Sender<bool>,
     commands: CommandState,
     read: Option<ReadSide>,
+    saga: Option<SagaSide>,
     backend: Backend,
 }
 
@@ -49,6 +51,7 @@ impl std::fmt::Debug for Platform {
 struct AppState {
     commands: CommandState,
     read: Option<ReadSide>,
+    saga: Option<SagaSide>,
     backend: &'static str,
     max_lag_seconds: f64,
 }
@@ -72,7 +75,7 @@ impl Platform {
                 inventory: true,
                 ..ServiceSet::NONE
             },
-            Part::Projections => ServiceSet::NONE,
+            Part::Projections | Part::Saga => ServiceSet::NONE,
         };
         let mut command_settings = CommandSettings::new(settings.topic_prefix.clone());
         command_settings.partitions = settings.partitions;
@@ -90,16 +93,31 @@ impl Platform {
         .await
         .map_err(anyhow::Error::msg)
         .context("starting the command services")?;
+        let read_backend = match &settings.database_url {
+            Some(url) => ReadBackend::Postgres {
+                url: url.clone(),
+                schema_prefix: settings.schema_prefix.clone(),
+            },
+            None => ReadBackend::Sqlite {
+                dir: settings.data_dir.clone(),
+            },
+        };
+        let saga = if matches!(part, Part::All | Part::Saga) {
+            let saga = SagaSide::open(
+                backend.log.clone(),
+                &read_backend,
+                &settings.topic_prefix,
+                settings.saga_config(),
+            )
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("opening the saga orchestrator's database")?;
+            saga.start(shutdown.subscribe());
+            Some(saga)
+        } else {
+            None
+        };
         let read = if matches!(part, Part::All | Part::Projections) {
-            let read_backend = match &settings.database_url {
-                Some(url) => ReadBackend::Postgres {
-                    url: url.clone(),
-                    schema_prefix: settings.schema_prefix.clone(),
-                },
-                None => ReadBackend::Sqlite {
-                    dir: settings.data_dir.clone(),
-                },
-            };
             let read = ReadSide::open(backend.log.clone(), &read_backend, &settings.topic_prefix)
                 .await
                 .map_err(anyhow::Error::msg)
@@ -115,6 +133,7 @@ impl Platform {
         let router = app(AppState {
             commands: commands.clone(),
             read: read.clone(),
+            saga: saga.clone(),
             backend: backend.log.backend(),
             max_lag_seconds: settings.max_lag_seconds,
         });
@@ -124,6 +143,7 @@ impl Platform {
             shutdown,
             commands,
             read,
+            saga,
             backend,
         })
     }
@@ -137,6 +157,11 @@ impl Platform {
     /// The running command services (for tests and tools).
     pub fn commands(&self) -> &CommandState {
         &self.commands
+    }
+
+    /// The saga orchestrator of this process, when it runs it.
+    pub fn saga(&self) -> Option<&SagaSide> {
+        self.saga.as_ref()
     }
 
     /// The read models of this process, when it runs them.
@@ -174,6 +199,9 @@ fn app(state: AppState) -> Router {
     let mut router = Router::new().merge(command_routes);
     if let Some(read) = &state.read {
         router = router.merge(projections::query::router().with_state(read.clone()));
+    }
+    if let Some(saga) = &state.saga {
+        router = router.merge(saga_orchestrator::http::router().with_state(saga.clone()));
     }
     router
         .route("/health/live", get(live))
@@ -358,11 +386,15 @@ async fn metrics(State(state): State<AppState>) -> Response {
         projections::query::get_stock,
         projections::query::low_stock,
         projections::query::get_payment,
+        saga_orchestrator::http::get_saga,
+        saga_orchestrator::http::list_sagas,
+        saga_orchestrator::http::retry_saga,
     ),
     tags(
         (name = "orders", description = "The order's life cycle"),
         (name = "inventory", description = "Stock on hand per SKU"),
         (name = "payments", description = "The payment of each order"),
+        (name = "sagas", description = "The fulfilment saga of each order"),
     )
 )]
 #[derive(Debug)]

@@ -17,6 +17,8 @@ pub enum Part {
     Inventory,
     /// The projection workers and the query API.
     Projections,
+    /// The order-fulfilment saga orchestrator.
+    Saga,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -117,9 +119,53 @@ pub struct Settings {
         default_value_t = 30.0
     )]
     pub max_lag_seconds: f64,
+
+    /// How long the saga waits for a reservation, an authorisation or a confirmation before it
+    /// compensates (ms).
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_SAGA_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub saga_timeout_ms: u64,
+
+    /// How long the saga waits for a compensation's acknowledgement before sending it again (ms);
+    /// it backs off exponentially from there.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_SAGA_COMPENSATION_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub saga_compensation_timeout_ms: u64,
+
+    /// Sends of a compensation before the saga is parked as needs_attention.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_SAGA_MAX_ATTEMPTS",
+        default_value_t = 5
+    )]
+    pub saga_max_attempts: u32,
 }
 
 impl Settings {
+    /// The saga's timeouts and retries.
+    pub fn saga_config(&self) -> saga_orchestrator::SagaConfig {
+        let step = std::time::Duration::from_millis(self.saga_timeout_ms);
+        saga_orchestrator::SagaConfig {
+            reservation_timeout: step,
+            payment_timeout: step,
+            confirmation_timeout: step,
+            compensation_timeout: std::time::Duration::from_millis(
+                self.saga_compensation_timeout_ms,
+            ),
+            max_attempts: self.saga_max_attempts,
+            ..saga_orchestrator::SagaConfig::default()
+        }
+    }
+
     /// Defaults for tests and tools: embedded backend in `data_dir`, a free port.
     pub fn embedded(data_dir: impl Into<PathBuf>) -> Self {
         Settings {
@@ -136,6 +182,9 @@ impl Settings {
             kafka_fetch_wait_ms: 5,
             snapshot_every: 5000,
             max_lag_seconds: 30.0,
+            saga_timeout_ms: 10_000,
+            saga_compensation_timeout_ms: 5_000,
+            saga_max_attempts: 5,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! or a cancellation, compensate what was done, in reverse (see `ARCHITECTURE.md`, "Sagas").
 //!
 //! [`react`]`(&saga, &input, now, &config) -> (saga, actions)` is the whole of it. It does no IO
-//! and reads no clock: a driver (elsewhere) feeds it the participants' events
+//! and reads no clock: a driver ([`driver`]) feeds it the participants' events
 //! ([`SagaEvent::from_envelope`]) and its own wake-ups, and in one transaction stores the new
 //! [`Saga`] (as JSON) with the commands of its [`Action::Send`]s in an outbox, and the wake-up of
 //! its [`Action::Deadline`]. Command ids are derived with [`command_id`] from the saga, the step
@@ -18,9 +18,17 @@
 //!   the code (`saga/tests.rs`); the property test that drives the saga against the real
 //!   aggregates with shuffled, duplicated and dropped messages is `tests/properties.rs`.
 //!
-//! No IO crate is used: the commands it emits are `event_schema::commands::ServiceCommand`.
+//! [`saga`] and [`testing`] use no IO: the commands the saga emits are
+//! `event_schema::commands::ServiceCommand`. The IO is in:
+//! - [`driver`]: the saga as a consumer of events (through the projection runtime), its store
+//!   and outbox, the deadline ticker and the outbox relay;
+//! - [`side`]: starting all of that for one process ([`side::SagaSide`]);
+//! - [`http`]: `GET /sagas/{order_id}`, `GET /sagas?state=…&stuck_for=…`, `POST …/retry`.
 
+pub mod driver;
+pub mod http;
 pub mod saga;
+pub mod side;
 pub mod testing;
 
 pub use saga::{

@@ -48,7 +48,7 @@ async fn state_survives_a_restart_from_snapshots_and_the_log_tail() {
         for _ in 0..20 {
             app.receive("SKU-R", 2).await.expect(200);
         }
-        let order = app.place_order("tok_approve", &[("SKU-R", 1, 500)]).await;
+        let order = app.place_pending_order("SKU-O").await;
         let order_id = order.expect(201)["order_id"]
             .as_str()
             .expect("id")

@@ -53,6 +53,9 @@ pub fn settings(backend: Backend, dir: &std::path::Path) -> Settings {
     settings.topic_prefix = format!("t{}", &unique[..12]);
     settings.schema_prefix = format!("t{}_", &unique[..12]);
     settings.partitions = 4;
+    // The saga acts on every order a test places; it waits this long for a payment that never
+    // answers (`tok_timeout`), so such an order stays pending for the test unless it says so.
+    settings.saga_timeout_ms = 120_000;
     if backend == Backend::Kafka {
         settings.kafka = std::env::var("TEST_KAFKA_BROKERS").ok();
         settings.database_url = std::env::var("TEST_DATABASE_URL").ok();
@@ -164,6 +167,13 @@ impl TestApp {
             json!({ "quantity": quantity }),
         )
         .await
+    }
+
+    /// An order that stays `pending` (stock is received for its line and its payment never
+    /// answers) until the test moves it on.
+    pub async fn place_pending_order(&self, sku: &str) -> Reply {
+        self.receive(sku, 100).await.expect(200);
+        self.place_order("tok_timeout", &[(sku, 1, 100)]).await
     }
 
     pub async fn place_order(&self, token: &str, lines: &[(&str, i64, i64)]) -> Reply {

@@ -110,8 +110,9 @@ async fn read_your_writes_holds_right_after_a_command() {
             );
             assert_eq!(stock["version"], round);
         }
+        app.receive("SKU-2", 10).await.expect(200);
         let placed = app
-            .place_order("tok_approve", &[("SKU-RYW", 1, 250), ("SKU-2", 2, 100)])
+            .place_order("tok_timeout", &[("SKU-RYW", 1, 250), ("SKU-2", 2, 100)])
             .await;
         let body = placed.expect(201).clone();
         let order_id = body["order_id"].as_str().expect("id");
@@ -175,9 +176,10 @@ async fn queries_answer_404_304_and_pages_newest_first() {
         app.get("/inventory").await.expect_problem(422);
 
         let mut ids = Vec::new();
+        app.receive("SKU-P", 100).await.expect(200);
         for _ in 0..5 {
             let body = app
-                .place_order("tok_approve", &[("SKU-P", 1, 100)])
+                .place_order("tok_timeout", &[("SKU-P", 1, 100)])
                 .await
                 .expect(201)
                 .clone();

@@ -1,0 +1,543 @@
+//! The saga driver: everything around the pure state machine that does IO.
+//!
+//! - Events reach the saga through the projection runtime (`projections::runtime`): a consumer
+//!   group over the order, payment and stock topics, positions stored in the same transaction
+//!   as the effect, the effective-history rule, parking. The saga's "read model" is its own
+//!   state: [`SagaProjection::apply`] loads each saga, runs [`react`], and in the same
+//!   transaction stores the new state and puts the commands it decided in the outbox.
+//! - A ticker fires due deadlines the same way (load, react, store + outbox, one transaction).
+//! - A relay publishes the outbox to the command topics, in order per aggregate, and marks rows
+//!   sent. A crash between the publish and the mark sends a command twice; participants dedupe
+//!   it by its command id, which is derived from the saga, the step and the attempt.
+//! - Concurrent writers of one saga (a worker and the ticker; two instances during a rebalance)
+//!   are kept apart by a revision number: an update that lost the race is retried.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use domain::OrderId;
+use event_log::{SharedLog, partition_for, topics};
+use event_schema::commands::CommandMessage;
+use projections::runtime::{ApplyError, Event, Projection};
+use serde::Serialize;
+use sql_store::{Db, DbError, Tx, Value};
+use tokio::sync::{Notify, watch};
+
+use crate::saga::{Action, Input, Saga, SagaConfig, SagaEvent, react};
+
+pub const MIGRATIONS: &[&str] = &["
+-- The orchestrator's own state: each order's saga (as JSON, plus the columns its read model
+-- filters on), and the outbox of commands decided but perhaps not yet published.
+CREATE TABLE sagas (
+    order_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    deadline BIGINT,
+    correlation_id TEXT NOT NULL,
+    started_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    revision BIGINT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX sagas_by_deadline ON sagas (deadline);
+CREATE INDEX sagas_by_state ON sagas (state, updated_at);
+CREATE TABLE saga_outbox (
+    command_id TEXT PRIMARY KEY,
+    seq BIGINT NOT NULL,
+    order_id TEXT NOT NULL,
+    service TEXT NOT NULL,
+    aggregate_id TEXT NOT NULL,
+    message TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    sent_at BIGINT
+);
+CREATE INDEX saga_outbox_unsent ON saga_outbox (sent_at, seq)
+"];
+
+fn now_ms(now: DateTime<Utc>) -> i64 {
+    now.timestamp_millis()
+}
+
+/// A saga as stored.
+#[derive(Debug, Clone)]
+struct Stored {
+    saga: Saga,
+    revision: Option<i64>,
+    correlation_id: String,
+}
+
+async fn load(tx: &mut Tx, order_ids: &[String]) -> Result<HashMap<String, Stored>, DbError> {
+    let mut found = HashMap::new();
+    for chunk in order_ids.chunks(400) {
+        let list = (1..=chunk.len())
+            .map(|n| format!("${n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let args: Vec<Value> = chunk.iter().map(|id| Value::from(id.as_str())).collect();
+        for row in tx
+            .fetch_all(
+                &format!("SELECT order_id, revision, correlation_id, body FROM sagas WHERE order_id IN ({list})"),
+                &args,
+            )
+            .await?
+        {
+            let saga: Saga = serde_json::from_str(&row.text("body"))
+                .map_err(|error| DbError(format!("stored saga {} is unreadable: {error}", row.text("order_id"))))?;
+            found.insert(
+                row.text("order_id"),
+                Stored {
+                    saga,
+                    revision: Some(row.int("revision")),
+                    correlation_id: row.text("correlation_id"),
+                },
+            );
+        }
+    }
+    Ok(found)
+}
+
+/// Writes a saga if nobody else changed it since it was loaded; false when somebody did.
+async fn save(tx: &mut Tx, stored: &Stored, now: DateTime<Utc>) -> Result<bool, DbError> {
+    let saga = &stored.saga;
+    let body = serde_json::to_string(saga).map_err(|error| DbError(error.to_string()))?;
+    let deadline: Value = saga
+        .deadline
+        .map(|deadline| deadline.timestamp_millis())
+        .into();
+    let started = saga.started_at.unwrap_or(now).timestamp_millis();
+    let changed = match stored.revision {
+        Some(revision) => {
+            tx.execute(
+                "UPDATE sagas SET state = $1, deadline = $2, updated_at = $3, revision = $4, body = $5
+                 WHERE order_id = $6 AND revision = $7",
+                &[
+                    saga.state.as_str().into(),
+                    deadline,
+                    now_ms(now).into(),
+                    (revision + 1).into(),
+                    body.into(),
+                    saga.order_id.to_string().into(),
+                    revision.into(),
+                ],
+            )
+            .await?
+        }
+        None => {
+            tx.execute(
+                "INSERT INTO sagas (order_id, state, deadline, correlation_id, started_at, updated_at, revision, body)
+                 VALUES ($1, $2, $3, $4, $5, $6, 1, $7) ON CONFLICT (order_id) DO NOTHING",
+                &[
+                    saga.order_id.to_string().into(),
+                    saga.state.as_str().into(),
+                    deadline,
+                    stored.correlation_id.as_str().into(),
+                    started.into(),
+                    now_ms(now).into(),
+                    body.into(),
+                ],
+            )
+            .await?
+        }
+    };
+    Ok(changed == 1)
+}
+
+/// Puts the commands among `actions` in the outbox.
+async fn enqueue(
+    tx: &mut Tx,
+    order_id: OrderId,
+    actions: &[Action],
+    correlation_id: &str,
+    causation_id: Option<String>,
+    traceparent: Option<String>,
+    now: DateTime<Utc>,
+) -> Result<(), DbError> {
+    let base = now.timestamp_micros() * 100;
+    for (index, action) in actions.iter().enumerate() {
+        let Action::Send {
+            aggregate_id,
+            command,
+            ..
+        } = action
+        else {
+            continue;
+        };
+        let Some(command_id) = action.command_id(order_id) else {
+            continue;
+        };
+        let message = CommandMessage {
+            command_id,
+            correlation_id: correlation_id.to_owned(),
+            causation_id: causation_id.clone(),
+            actor: "saga".into(),
+            aggregate_id: aggregate_id.clone(),
+            issued_at: now,
+            traceparent: traceparent.clone(),
+            command: command.clone(),
+        };
+        let body = serde_json::to_string(&message).map_err(|error| DbError(error.to_string()))?;
+        tx.execute(
+            "INSERT INTO saga_outbox (command_id, seq, order_id, service, aggregate_id, message, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (command_id) DO NOTHING",
+            &[
+                command_id.to_string().into(),
+                (base + index as i64).into(),
+                order_id.to_string().into(),
+                command.service().into(),
+                aggregate_id.as_str().into(),
+                body.into(),
+                now_ms(now).into(),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The saga as a consumer of the participants' events (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct SagaProjection {
+    pub config: SagaConfig,
+    /// Woken after commands were put in the outbox.
+    pub outbox: Arc<Notify>,
+}
+
+#[async_trait]
+impl Projection for SagaProjection {
+    fn name(&self) -> &'static str {
+        "saga"
+    }
+
+    fn aggregate_types(&self) -> &'static [&'static str] {
+        &["order", "payment", "stock"]
+    }
+
+    fn migrations(&self) -> &'static [&'static str] {
+        MIGRATIONS
+    }
+
+    async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {
+        let mut inputs = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            match SagaEvent::from_envelope(&event.envelope) {
+                Ok(Some(saga_event)) => inputs.push((saga_event, &event.envelope)),
+                Ok(None) => {}
+                Err(error) => {
+                    return Err(ApplyError::Poison {
+                        index,
+                        message: error.to_string(),
+                    });
+                }
+            }
+        }
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = inputs
+            .iter()
+            .map(|(event, _)| event.order_id().to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut sagas = load(tx, &ids).await?;
+        let now = Utc::now();
+        let mut sent = false;
+        let mut touched = BTreeMap::new();
+        for (saga_event, envelope) in inputs {
+            let order_id = saga_event.order_id();
+            let key = order_id.to_string();
+            let stored = sagas.entry(key.clone()).or_insert_with(|| Stored {
+                saga: Saga::new(order_id),
+                revision: None,
+                correlation_id: envelope.correlation_id.clone(),
+            });
+            let (saga, actions) = react(&stored.saga, &Input::Event(saga_event), now, &self.config);
+            stored.saga = saga;
+            enqueue(
+                tx,
+                order_id,
+                &actions,
+                &stored.correlation_id,
+                Some(envelope.event_id.to_string()),
+                envelope.traceparent.clone(),
+                now,
+            )
+            .await?;
+            sent |= actions
+                .iter()
+                .any(|action| matches!(action, Action::Send { .. }));
+            touched.insert(key, ());
+        }
+        for key in touched.keys() {
+            if let Some(stored) = sagas.get(key)
+                && !save(tx, stored, now).await?
+            {
+                return Err(ApplyError::Db(DbError(format!(
+                    "saga {key} changed concurrently; the batch is retried"
+                ))));
+            }
+        }
+        if sent {
+            self.outbox.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// What an operator or the ticker can do to one saga.
+pub async fn poke(
+    db: &Db,
+    config: &SagaConfig,
+    order_id: &str,
+    input: Input,
+    outbox: &Notify,
+) -> Result<Option<Saga>, DbError> {
+    let mut tx = db.begin().await?;
+    let mut sagas = load(&mut tx, &[order_id.to_owned()]).await?;
+    let Some(stored) = sagas.get_mut(order_id) else {
+        return Ok(None);
+    };
+    let now = Utc::now();
+    let (saga, actions) = react(&stored.saga, &input, now, config);
+    stored.saga = saga;
+    let causation = match input {
+        Input::DeadlinePassed => "deadline".to_owned(),
+        Input::OperatorRetry => "operator-retry".to_owned(),
+        Input::Event(event) => event.event_id.to_string(),
+    };
+    enqueue(
+        &mut tx,
+        stored.saga.order_id,
+        &actions,
+        &stored.correlation_id,
+        Some(causation),
+        None,
+        now,
+    )
+    .await?;
+    if !save(&mut tx, stored, now).await? {
+        // Someone else moved the saga on; the next tick looks again.
+        return Ok(None);
+    }
+    tx.commit().await?;
+    if actions
+        .iter()
+        .any(|action| matches!(action, Action::Send { .. }))
+    {
+        outbox.notify_one();
+    }
+    Ok(Some(stored.saga.clone()))
+}
+
+/// Fires due deadlines until `shutdown`.
+pub async fn run_ticker(
+    db: Db,
+    config: SagaConfig,
+    outbox: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        let due = db
+            .fetch_all(
+                "SELECT order_id FROM sagas WHERE deadline IS NOT NULL AND deadline <= $1 ORDER BY deadline LIMIT 200",
+                &[Utc::now().timestamp_millis().into()],
+            )
+            .await;
+        let due = match due {
+            Ok(due) => due,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read due saga deadlines; retrying");
+                continue;
+            }
+        };
+        for row in due {
+            let order_id = row.text("order_id");
+            if let Err(error) = poke(&db, &config, &order_id, Input::DeadlinePassed, &outbox).await
+            {
+                tracing::warn!(%error, order_id, "firing a saga deadline failed; retrying");
+            }
+        }
+    }
+}
+
+/// Publishes the outbox until `shutdown`: in order per aggregate, then marks rows sent.
+pub async fn run_relay(
+    db: Db,
+    log: SharedLog,
+    topic_prefix: String,
+    outbox: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let rows = match db
+            .fetch_all(
+                "SELECT command_id, service, aggregate_id, message FROM saga_outbox
+                 WHERE sent_at IS NULL ORDER BY seq LIMIT 1000",
+                &[],
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the saga outbox; retrying");
+                Vec::new()
+            }
+        };
+        if rows.is_empty() {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = outbox.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            continue;
+        }
+        let mut by_aggregate: BTreeMap<(String, String), Vec<(String, String)>> = BTreeMap::new();
+        for row in rows {
+            by_aggregate
+                .entry((row.text("service"), row.text("aggregate_id")))
+                .or_default()
+                .push((row.text("command_id"), row.text("message")));
+        }
+        let mut running = tokio::task::JoinSet::new();
+        for ((service, aggregate_id), messages) in by_aggregate {
+            let log = log.clone();
+            let topic = topics::commands(&topic_prefix, &service);
+            running.spawn(async move {
+                let mut sent = Vec::new();
+                let partitions = match log.partition_count(&topic).await {
+                    Ok(partitions) => partitions,
+                    Err(error) => {
+                        tracing::warn!(%error, topic, "cannot publish saga commands yet");
+                        return sent;
+                    }
+                };
+                let partition = partition_for(&aggregate_id, partitions);
+                for (command_id, message) in messages {
+                    let Ok(message) = serde_json::from_str::<CommandMessage>(&message) else {
+                        tracing::error!(command_id, "unreadable outbox row; left unsent");
+                        break;
+                    };
+                    match log.append(&topic, partition, message.to_record()).await {
+                        Ok(_) => sent.push(command_id),
+                        Err(error) => {
+                            tracing::warn!(%error, topic, "publishing a saga command failed; retrying");
+                            break;
+                        }
+                    }
+                }
+                sent
+            });
+        }
+        let mut sent = Vec::new();
+        while let Some(done) = running.join_next().await {
+            if let Ok(done) = done {
+                sent.extend(done);
+            }
+        }
+        for chunk in sent.chunks(400) {
+            let list = (2..chunk.len() + 2)
+                .map(|n| format!("${n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut args: Vec<Value> = vec![Utc::now().timestamp_millis().into()];
+            args.extend(chunk.iter().map(|id| Value::from(id.as_str())));
+            if let Err(error) = db
+                .execute(
+                    &format!("UPDATE saga_outbox SET sent_at = $1 WHERE command_id IN ({list})"),
+                    &args,
+                )
+                .await
+            {
+                // They will be sent again: participants dedupe by command id.
+                tracing::warn!(%error, "cannot mark saga commands sent");
+            }
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+/// One line of the saga list.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct SagaSummary {
+    pub order_id: String,
+    pub state: String,
+    /// RFC 3339; absent when nothing is awaited.
+    pub deadline: Option<String>,
+    pub started_at: String,
+    pub updated_at: String,
+    pub correlation_id: String,
+}
+
+fn rfc3339(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|time| time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+/// Sagas, filtered by state and by how long they have not moved.
+pub async fn list(
+    db: &Db,
+    state: Option<&str>,
+    stuck_for: Option<Duration>,
+    limit: i64,
+) -> Result<Vec<SagaSummary>, DbError> {
+    let mut sql = String::from(
+        "SELECT order_id, state, deadline, started_at, updated_at, correlation_id FROM sagas WHERE 1 = 1",
+    );
+    let mut args: Vec<Value> = Vec::new();
+    if let Some(state) = state {
+        args.push(state.into());
+        sql.push_str(&format!(" AND state = ${}", args.len()));
+    }
+    if let Some(stuck_for) = stuck_for {
+        args.push((Utc::now().timestamp_millis() - stuck_for.as_millis() as i64).into());
+        sql.push_str(&format!(
+            " AND updated_at <= ${} AND state NOT IN ('confirmed', 'completed', 'rejected', 'cancelled')",
+            args.len()
+        ));
+    }
+    args.push(limit.into());
+    sql.push_str(&format!(
+        " ORDER BY updated_at DESC, order_id LIMIT ${}",
+        args.len()
+    ));
+    Ok(db
+        .fetch_all(&sql, &args)
+        .await?
+        .into_iter()
+        .map(|row| SagaSummary {
+            order_id: row.text("order_id"),
+            state: row.text("state"),
+            deadline: row.get("deadline").int().map(rfc3339),
+            started_at: rfc3339(row.int("started_at")),
+            updated_at: rfc3339(row.int("updated_at")),
+            correlation_id: row.text("correlation_id"),
+        })
+        .collect())
+}
+
+/// One saga, whole.
+pub async fn show(db: &Db, order_id: &str) -> Result<Option<(Saga, i64)>, DbError> {
+    let row = db
+        .fetch_optional(
+            "SELECT revision, body FROM sagas WHERE order_id = $1",
+            &[order_id.into()],
+        )
+        .await?;
+    match row {
+        None => Ok(None),
+        Some(row) => {
+            let saga = serde_json::from_str(&row.text("body"))
+                .map_err(|error| DbError(error.to_string()))?;
+            Ok(Some((saga, row.int("revision"))))
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The saga read API: `GET /sagas/{order_id}`, `GET /sagas?state=…&stuck_for=…`, and the
+//! operator's `POST /sagas/{order_id}/retry`.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use command_services::http::{ApiError, FieldError, Problem};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::driver::{self, SagaSummary};
+use crate::saga::Input;
+use crate::side::SagaSide;
+
+fn infra(error: impl std::fmt::Display) -> ApiError {
+    ApiError::Unavailable(format!("saga database: {error}"))
+}
+
+/// `GET /sagas/{order_id}`: the saga's whole state (its steps with timestamps, attempts,
+/// deadlines, and the ids of the events and commands involved).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SagaView {
+    pub revision: i64,
+    /// The saga (see the `saga` module of the orchestrator for its fields).
+    #[schema(value_type = Object)]
+    pub saga: serde_json::Value,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SagaList {
+    pub sagas: Vec<SagaSummary>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SagaFilter {
+    /// `reserving_stock`, `authorising_payment`, `confirming`, `confirmed`, `completed`,
+    /// `compensating`, `rejected`, `cancelled` or `needs_attention`.
+    pub state: Option<String>,
+    /// Only sagas not terminal and unchanged for at least this many seconds.
+    pub stuck_for: Option<String>,
+    /// 1 to 500; default 100.
+    pub limit: Option<String>,
+}
+
+/// One saga, by its order id.
+#[utoipa::path(
+    get, path = "/sagas/{order_id}", tag = "sagas",
+    params(("order_id" = String, Path, description = "The order id (one saga per order)")),
+    responses(
+        (status = 200, description = "The saga", body = SagaView),
+        (status = 404, description = "No saga for the order", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Saga database down", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_saga(
+    State(side): State<SagaSide>,
+    Path(order_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (saga, revision) = driver::show(side.db(), &order_id)
+        .await
+        .map_err(infra)?
+        .ok_or_else(|| ApiError::NotFound(format!("no saga for order {order_id}")))?;
+    let saga =
+        serde_json::to_value(&saga).map_err(|error| ApiError::Internal(error.to_string()))?;
+    Ok(axum::Json(SagaView { revision, saga }).into_response())
+}
+
+/// Sagas by state, or stuck for longer than a threshold.
+#[utoipa::path(
+    get, path = "/sagas", tag = "sagas",
+    params(SagaFilter),
+    responses(
+        (status = 200, description = "Matching sagas, most recently changed first", body = SagaList),
+        (status = 422, description = "Invalid filter", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Saga database down", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list_sagas(
+    State(side): State<SagaSide>,
+    Query(filter): Query<SagaFilter>,
+) -> Result<Response, ApiError> {
+    let mut errors = Vec::new();
+    let stuck_for = match filter.stuck_for.as_deref().map(str::parse::<u64>) {
+        None => None,
+        Some(Ok(seconds)) => Some(Duration::from_secs(seconds)),
+        Some(Err(_)) => {
+            errors.push(FieldError::new(
+                "stuck_for",
+                "must be a whole number of seconds",
+            ));
+            None
+        }
+    };
+    let limit = match filter.limit.as_deref().map(str::parse::<i64>) {
+        None => 100,
+        Some(Ok(limit)) if (1..=500).contains(&limit) => limit,
+        Some(_) => {
+            errors.push(FieldError::new("limit", "must be a number from 1 to 500"));
+            100
+        }
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    let sagas = driver::list(side.db(), filter.state.as_deref(), stuck_for, limit)
+        .await
+        .map_err(infra)?;
+    Ok(axum::Json(SagaList { sagas }).into_response())
+}
+
+/// Operator: retry the pending compensation of a saga parked as `needs_attention`.
+#[utoipa::path(
+    post, path = "/sagas/{order_id}/retry", tag = "sagas",
+    params(("order_id" = String, Path, description = "The order id")),
+    responses(
+        (status = 200, description = "The saga after the retry", body = SagaView),
+        (status = 404, description = "No saga for the order", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Saga database down, or changed concurrently", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn retry_saga(
+    State(side): State<SagaSide>,
+    Path(order_id): Path<String>,
+) -> Result<Response, ApiError> {
+    if driver::show(side.db(), &order_id)
+        .await
+        .map_err(infra)?
+        .is_none()
+    {
+        return Err(ApiError::NotFound(format!("no saga for order {order_id}")));
+    }
+    let saga = driver::poke(
+        side.db(),
+        side.config(),
+        &order_id,
+        Input::OperatorRetry,
+        side.outbox(),
+    )
+    .await
+    .map_err(infra)?
+    .ok_or_else(|| ApiError::Unavailable("the saga changed concurrently; retry".into()))?;
+    let (_, revision) = driver::show(side.db(), &order_id)
+        .await
+        .map_err(infra)?
+        .ok_or_else(|| ApiError::NotFound(format!("no saga for order {order_id}")))?;
+    let saga =
+        serde_json::to_value(&saga).map_err(|error| ApiError::Internal(error.to_string()))?;
+    Ok(axum::Json(SagaView { revision, saga }).into_response())
+}
+
+pub fn router() -> Router<SagaSide> {
+    Router::new()
+        .route("/sagas", get(list_sagas))
+        .route("/sagas/{order_id}", get(get_saga))
+        .route("/sagas/{order_id}/retry", post(retry_saga))
+}

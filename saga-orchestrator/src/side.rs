@@ -1,0 +1,130 @@
+//! The saga orchestrator of one process: its database, its event consumer, its deadline ticker
+//! and its outbox relay.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use event_log::{SharedLog, topics};
+use projections::ReadBackend;
+use projections::runtime::{Projection, Worker, WorkerState, migrate};
+use sql_store::{Db, DbError};
+use tokio::sync::{Notify, watch};
+
+use crate::driver::{SagaProjection, run_relay, run_ticker};
+use crate::saga::SagaConfig;
+
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct SagaSide {
+    db: Db,
+    log: SharedLog,
+    topic_prefix: String,
+    projection: Arc<SagaProjection>,
+    state: Arc<WorkerState>,
+}
+
+impl std::fmt::Debug for SagaSide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SagaSide({})", self.topic_prefix)
+    }
+}
+
+impl SagaSide {
+    /// Opens (and migrates) the orchestrator's database: the Postgres schema
+    /// `<schema_prefix>saga`, or `saga.db` in the data directory.
+    pub async fn open(
+        log: SharedLog,
+        backend: &ReadBackend,
+        topic_prefix: &str,
+        config: SagaConfig,
+    ) -> Result<Self, DbError> {
+        let db = match backend {
+            ReadBackend::Postgres { url, schema_prefix } => {
+                Db::postgres(url, &format!("{schema_prefix}saga"), 4).await?
+            }
+            ReadBackend::Sqlite { dir } => Db::sqlite(&dir.join("saga.db")).await?,
+        };
+        let projection = Arc::new(SagaProjection {
+            config,
+            outbox: Arc::new(Notify::new()),
+        });
+        migrate(&db, projection.as_ref()).await?;
+        Ok(SagaSide {
+            db,
+            log,
+            topic_prefix: topic_prefix.to_owned(),
+            projection,
+            state: Arc::new(WorkerState::default()),
+        })
+    }
+
+    /// Starts the event consumer (a member of the saga's consumer group), the deadline ticker
+    /// and the outbox relay.
+    pub fn start(&self, shutdown: watch::Receiver<bool>) {
+        let worker = Worker {
+            log: self.log.clone(),
+            db: self.db.clone(),
+            projection: self.projection.clone(),
+            topics: self
+                .projection
+                .aggregate_types()
+                .iter()
+                .map(|aggregate| topics::events(&self.topic_prefix, aggregate))
+                .collect(),
+            group: format!("{}.saga", self.topic_prefix),
+            state: self.state.clone(),
+        };
+        tokio::spawn(worker.run(shutdown.clone()));
+        tokio::spawn(run_ticker(
+            self.db.clone(),
+            self.projection.config.clone(),
+            self.projection.outbox.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(run_relay(
+            self.db.clone(),
+            self.log.clone(),
+            self.topic_prefix.clone(),
+            self.projection.outbox.clone(),
+            shutdown,
+        ));
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn config(&self) -> &SagaConfig {
+        &self.projection.config
+    }
+
+    pub fn outbox(&self) -> &Notify {
+        &self.projection.outbox
+    }
+
+    /// The partitions this process's saga consumer holds.
+    pub fn held_partitions(&self) -> usize {
+        self.state.positions().len()
+    }
+
+    /// Waits until `projection`-style positions cover everything in the log (tests, tools).
+    pub async fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            let unsent = self
+                .db
+                .fetch_optional(
+                    "SELECT COUNT(*) AS unsent FROM saga_outbox WHERE sent_at IS NULL",
+                    &[],
+                )
+                .await
+                .map(|row| row.map(|row| row.int("unsent")).unwrap_or(0))
+                .unwrap_or(1);
+            if unsent == 0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+}
