@@ -11,4 +11,5 @@ mod durability;
 mod helpers;
 mod openapi;
 mod read_models;
+mod sagas;
 mod two_owners;

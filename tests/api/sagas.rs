@@ -1,0 +1,273 @@
+//! The fulfilment saga end to end, over HTTP, on every backend: each path from the README's
+//! tokens to its terminal state, with stock and money where they must be.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{Backend, TestApp, backends, settings};
+
+/// A platform whose saga gives up on a step after 1.5 s (for the timeout path).
+async fn spawn(backend: Backend) -> TestApp {
+    let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+    let mut settings = settings(backend, dir.path());
+    settings.saga_timeout_ms = 1_500;
+    settings.saga_compensation_timeout_ms = 1_000;
+    TestApp::spawn_with(backend, settings, dir).await
+}
+
+/// Polls an order until its status is one of `statuses`.
+async fn order_until(app: &TestApp, order_id: &str, statuses: &[&str]) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = app.get(&format!("/orders/{order_id}")).await;
+        if reply.status == 200
+            && statuses.contains(&reply.body["status"].as_str().unwrap_or_default())
+        {
+            return reply.body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}: order {order_id} never became {statuses:?}: {}",
+            app.backend,
+            reply.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls a saga until its state is `state`.
+async fn saga_until(app: &TestApp, order_id: &str, state: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = app.get(&format!("/sagas/{order_id}")).await;
+        if reply.status == 200 && reply.body["saga"]["state"] == state {
+            return reply.body["saga"].clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}: saga never {state}: {}",
+            app.backend,
+            reply.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `(on_hand, reserved)` of a SKU, once its read model has it.
+async fn stock(app: &TestApp, sku: &str) -> Option<(i64, i64)> {
+    let reply = app.get(&format!("/inventory/{sku}")).await;
+    (reply.status == 200).then(|| {
+        (
+            reply.body["on_hand"].as_i64().expect("on hand"),
+            reply.body["reserved"].as_i64().expect("reserved"),
+        )
+    })
+}
+
+/// Polls a SKU until its stock is `(on_hand, reserved)`.
+async fn stock_until(app: &TestApp, sku: &str, expected: (i64, i64)) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stock(app, sku).await != Some(expected) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}: {sku} never {expected:?}: {:?}",
+            app.backend,
+            stock(app, sku).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn place(app: &TestApp, token: &str, lines: &[(&str, i64, i64)]) -> String {
+    let reply = app.place_order(token, lines).await;
+    reply.expect(201)["order_id"]
+        .as_str()
+        .expect("order id")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_order_is_confirmed_captured_then_shipped_and_its_stock_committed() {
+    for backend in backends() {
+        let app = spawn(backend).await;
+        app.receive("SKU-A", 10).await.expect(200);
+        app.receive("SKU-A2", 5).await.expect(200);
+        let order_id = place(
+            &app,
+            "tok_approve",
+            &[("SKU-A", 2, 1999), ("SKU-A2", 1, 500)],
+        )
+        .await;
+        let order = order_until(&app, &order_id, &["confirmed"]).await;
+        assert_eq!(order["payment_status"], "captured", "{backend:?}");
+        assert_eq!(order["reservation_status"], "reserved");
+        saga_until(&app, &order_id, "confirmed").await;
+        stock_until(&app, "SKU-A", (10, 2)).await;
+        let payment = app.get(&format!("/payments/{order_id}")).await;
+        assert_eq!(payment.expect(200)["captured_minor"], 2 * 1999 + 500);
+
+        app.post(&format!("/orders/{order_id}/ship"), json!({}))
+            .await
+            .expect(200);
+        let saga = saga_until(&app, &order_id, "completed").await;
+        stock_until(&app, "SKU-A", (8, 0)).await;
+        stock_until(&app, "SKU-A2", (4, 0)).await;
+        // The saga's steps, with their timestamps and the commands sent.
+        let steps: Vec<&str> = saga["history"]
+            .as_array()
+            .expect("history")
+            .iter()
+            .map(|step| step["step"].as_str().expect("step"))
+            .collect();
+        for step in [
+            "reserve:SKU-A",
+            "reserve:SKU-A2",
+            "authorise",
+            "confirm",
+            "capture",
+            "commit:SKU-A",
+        ] {
+            assert!(steps.contains(&step), "{backend:?}: {step} in {steps:?}");
+        }
+        let listed = app.get("/sagas?state=completed").await;
+        assert!(
+            listed.expect(200)["sagas"]
+                .as_array()
+                .expect("sagas")
+                .iter()
+                .any(|saga| saga["order_id"] == order_id.as_str())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_without_enough_stock_is_rejected_and_what_was_reserved_released() {
+    for backend in backends() {
+        let app = spawn(backend).await;
+        app.receive("SKU-B", 10).await.expect(200);
+        app.receive("SKU-SCARCE", 1).await.expect(200);
+        let order_id = place(
+            &app,
+            "tok_approve",
+            &[("SKU-B", 3, 100), ("SKU-SCARCE", 2, 100)],
+        )
+        .await;
+        let order = order_until(&app, &order_id, &["rejected"]).await;
+        assert!(
+            order["reason"]
+                .as_str()
+                .expect("reason")
+                .contains("SKU-SCARCE"),
+            "{backend:?}: {order}"
+        );
+        saga_until(&app, &order_id, "rejected").await;
+        stock_until(&app, "SKU-B", (10, 0)).await;
+        stock_until(&app, "SKU-SCARCE", (1, 0)).await;
+        app.get(&format!("/payments/{order_id}"))
+            .await
+            .expect_problem(404);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_payment_releases_the_stock_and_rejects_the_order() {
+    for backend in backends() {
+        let app = spawn(backend).await;
+        app.receive("SKU-C", 10).await.expect(200);
+        let order_id = place(&app, "tok_decline", &[("SKU-C", 4, 100)]).await;
+        let order = order_until(&app, &order_id, &["rejected"]).await;
+        assert_eq!(order["payment_status"], "declined", "{backend:?}");
+        saga_until(&app, &order_id, "rejected").await;
+        stock_until(&app, "SKU-C", (10, 0)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_that_never_answers_times_out_voids_and_releases() {
+    for backend in backends() {
+        let app = spawn(backend).await;
+        app.receive("SKU-D", 10).await.expect(200);
+        let order_id = place(&app, "tok_timeout", &[("SKU-D", 4, 100)]).await;
+        let order = order_until(&app, &order_id, &["rejected"]).await;
+        assert!(
+            order["reason"]
+                .as_str()
+                .expect("reason")
+                .contains("timed out"),
+            "{backend:?}: {order}"
+        );
+        saga_until(&app, &order_id, "rejected").await;
+        stock_until(&app, "SKU-D", (10, 0)).await;
+        let payment = app.get(&format!("/payments/{order_id}")).await;
+        assert_eq!(payment.expect(200)["status"], "voided", "{backend:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flaky_provider_is_retried_and_the_order_confirmed() {
+    for backend in backends() {
+        let app = spawn(backend).await;
+        app.receive("SKU-E", 10).await.expect(200);
+        let order_id = place(&app, "tok_flaky", &[("SKU-E", 1, 700)]).await;
+        let order = order_until(&app, &order_id, &["confirmed"]).await;
+        assert_eq!(order["payment_status"], "captured", "{backend:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_confirmed_order_refunds_it_and_releases_its_stock() {
+    for backend in backends() {
+        let app = spawn(backend).await;
+        app.receive("SKU-F", 10).await.expect(200);
+        let order_id = place(&app, "tok_approve", &[("SKU-F", 3, 1000)]).await;
+        order_until(&app, &order_id, &["confirmed"]).await;
+        saga_until(&app, &order_id, "confirmed").await;
+        app.post(
+            &format!("/orders/{order_id}/cancel"),
+            json!({"reason": "changed my mind"}),
+        )
+        .await
+        .expect(200);
+        saga_until(&app, &order_id, "cancelled").await;
+        stock_until(&app, "SKU-F", (10, 0)).await;
+        let payment = app.get(&format!("/payments/{order_id}")).await;
+        let payment = payment.expect(200);
+        assert_eq!(payment["status"], "refunded", "{backend:?}");
+        assert_eq!(payment["refunded_minor"], 3000);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_pending_order_compensates_what_the_saga_had_done() {
+    for backend in backends() {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let settings = settings(backend, dir.path());
+        let app = TestApp::spawn_with(backend, settings, dir).await;
+        app.receive("SKU-G", 10).await.expect(200);
+        // Stock reserved, payment asked and never answered: the order waits, pending.
+        let order_id = place(&app, "tok_timeout", &[("SKU-G", 2, 100)]).await;
+        stock_until(&app, "SKU-G", (10, 2)).await;
+        app.post(&format!("/orders/{order_id}/cancel"), json!({}))
+            .await
+            .expect(200);
+        saga_until(&app, &order_id, "cancelled").await;
+        stock_until(&app, "SKU-G", (10, 0)).await;
+        let payment = app.get(&format!("/payments/{order_id}")).await;
+        assert_eq!(payment.expect(200)["status"], "voided", "{backend:?}");
+        // Stuck-saga detection: nothing is stuck now.
+        let stuck = app.get("/sagas?stuck_for=0").await;
+        assert!(
+            stuck.expect(200)["sagas"]
+                .as_array()
+                .expect("sagas")
+                .is_empty(),
+            "{backend:?}"
+        );
+        app.get("/sagas/0190a0a0-0000-7000-8000-000000000000")
+            .await
+            .expect_problem(404);
+        app.get("/sagas?stuck_for=soon").await.expect_problem(422);
+    }
+}
