@@ -372,25 +372,6 @@ pub fn value_rows(rows: usize, width: usize, first: usize) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placeholders_become_numbered_sqlite_parameters_outside_strings() {
-        assert_eq!(
-            sqlite_sql("SELECT $1, '$2', $10 WHERE a = 'x' AND b = $2"),
-            "SELECT ?1, '$2', ?10 WHERE a = 'x' AND b = ?2"
-        );
-    }
-
-    #[test]
-    fn multi_row_placeholders_are_numbered_row_by_row() {
-        assert_eq!(value_rows(2, 3, 1), "($1, $2, $3), ($4, $5, $6)");
-        assert_eq!(value_rows(1, 2, 5), "($5, $6)");
-    }
-}
-
 /// Runs the migrations of `owner` that have not run yet, in order, each once, in one
 /// transaction. Migrations are plain SQL common to both databases (statements separated by
 /// `;`, `--` comments); once released they are never edited: a change is a new migration.
@@ -437,4 +418,23 @@ pub async fn migrate(db: &Db, owner: &str, migrations: &[&str]) -> Result<(), Db
         .await?;
     }
     tx.commit().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_become_numbered_sqlite_parameters_outside_strings() {
+        assert_eq!(
+            sqlite_sql("SELECT $1, '$2', $10 WHERE a = 'x' AND b = $2"),
+            "SELECT ?1, '$2', ?10 WHERE a = 'x' AND b = ?2"
+        );
+    }
+
+    #[test]
+    fn multi_row_placeholders_are_numbered_row_by_row() {
+        assert_eq!(value_rows(2, 3, 1), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(value_rows(1, 2, 5), "($5, $6)");
+    }
 }
