@@ -52,7 +52,7 @@ echo "TEST_DATABASE_URL=$TEST_DATABASE_URL"
 echo "TEST_REQUIRE_BACKENDS=$TEST_REQUIRE_BACKENDS"
 
 status=0
-cargo test --workspace --all-targets "$@" || status=$?
+cargo test --workspace --all-targets --no-fail-fast "$@" || status=$?
 # On failure stop here, so the failing run's summary is the closing line of the log.
 if [[ "$status" -eq 0 ]]; then
     cargo test --workspace --doc || status=$?

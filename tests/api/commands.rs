@@ -87,7 +87,10 @@ async fn an_order_is_placed_with_201_and_its_location() {
 async fn a_repeated_idempotency_key_returns_the_original_response_and_appends_nothing() {
     for backend in backends() {
         let app = TestApp::spawn(backend).await;
-        let order = json!({"customer_id": "c-1", "currency": "EUR", "payment_token": "tok_approve",
+        // Stock on hand and a payment that never answers: the saga writes nothing more to the
+        // order's topic while the test counts its records.
+        app.receive("SKU-1", 10).await.expect(200);
+        let order = json!({"customer_id": "c-1", "currency": "EUR", "payment_token": "tok_timeout",
                            "lines": [{"sku": "SKU-1", "quantity": 2, "unit_price_minor": 1999}]});
         let first = app
             .post_with(
