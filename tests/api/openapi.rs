@@ -584,10 +584,11 @@ async fn what_the_commands_answer_is_documented_and_matches_its_schema() {
     api.call(Method::POST, receipts, receive, &stale, json(one), 409)
         .await;
 
+    // A payment that never answers keeps the order pending while the test ships and cancels it.
     let place = json!({
         "customer_id": "c-1",
         "currency": "EUR",
-        "payment_token": "tok_approve",
+        "payment_token": "tok_timeout",
         "lines": [{"sku": "SKU-1", "quantity": 2, "unit_price_minor": 1999}],
     });
     let placed = api
