@@ -25,11 +25,22 @@ enum Command {
         #[arg(value_enum, default_value = "all")]
         part: Part,
     },
+    /// Projection lag per projection and partition.
+    Projections {
+        #[command(subcommand)]
+        command: platform::ops::ProjectionsCommand,
+    },
+    /// Events a projection could not apply: list, retry, skip.
+    Parked {
+        #[command(subcommand)]
+        command: platform::ops::ParkedCommand,
+    },
 }
 
-fn init_logging(json: bool) {
+/// `default` applies when `RUST_LOG` is not set.
+fn init_logging(json: bool, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if json {
         builder.json().init();
@@ -63,11 +74,19 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
-    match cli.command.unwrap_or(Command::Serve { part: Part::All }) {
+    let command = cli.command.unwrap_or(Command::Serve { part: Part::All });
+    // Operator commands print a report; only warnings should interleave with it.
+    let default_filter = match command {
+        Command::Serve { .. } => "info,sqlx=warn,rdkafka=warn",
+        Command::Projections { .. } | Command::Parked { .. } => "warn",
+    };
+    init_logging(cli.log_json, default_filter);
+    match command {
         Command::Serve { part } => {
             let platform = Platform::build(cli.settings, part).await?;
             platform.run_until_stopped(shutdown_signal()).await
         }
+        Command::Projections { command } => platform::ops::projections(command, cli.settings).await,
+        Command::Parked { command } => platform::ops::parked(command, cli.settings).await,
     }
 }
