@@ -19,17 +19,31 @@ async fn spawn(backend: Backend) -> TestApp {
 
 /// Polls an order until its status is one of `statuses`.
 async fn order_until(app: &TestApp, order_id: &str, statuses: &[&str]) -> Value {
+    order_where(app, order_id, |order| {
+        statuses.contains(&order["status"].as_str().unwrap_or_default())
+    })
+    .await
+}
+
+/// Polls an order until every `(field, value)` holds. Its payment and reservation statuses come
+/// from other topics than its own status, so they may trail it.
+async fn order_with(app: &TestApp, order_id: &str, fields: &[(&str, &str)]) -> Value {
+    order_where(app, order_id, |order| {
+        fields.iter().all(|(field, value)| order[*field] == *value)
+    })
+    .await
+}
+
+async fn order_where(app: &TestApp, order_id: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let reply = app.get(&format!("/orders/{order_id}")).await;
-        if reply.status == 200
-            && statuses.contains(&reply.body["status"].as_str().unwrap_or_default())
-        {
+        if reply.status == 200 && done(&reply.body) {
             return reply.body;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{:?}: order {order_id} never became {statuses:?}: {}",
+            "{:?}: order {order_id} never got there: {}",
             app.backend,
             reply.body
         );
@@ -80,6 +94,25 @@ async fn stock_until(app: &TestApp, sku: &str, expected: (i64, i64)) {
     }
 }
 
+/// Polls an order's payment until its status is `status` (the payments read model may trail
+/// the saga, which hears of the payment first).
+async fn payment_until(app: &TestApp, order_id: &str, status: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = app.get(&format!("/payments/{order_id}")).await;
+        if reply.status == 200 && reply.body["status"] == status {
+            return reply.body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}: payment of {order_id} never {status}: {}",
+            app.backend,
+            reply.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn place(app: &TestApp, token: &str, lines: &[(&str, i64, i64)]) -> String {
     let reply = app.place_order(token, lines).await;
     reply.expect(201)["order_id"]
@@ -100,13 +133,20 @@ async fn an_approved_order_is_confirmed_captured_then_shipped_and_its_stock_comm
             &[("SKU-A", 2, 1999), ("SKU-A2", 1, 500)],
         )
         .await;
-        let order = order_until(&app, &order_id, &["confirmed"]).await;
-        assert_eq!(order["payment_status"], "captured", "{backend:?}");
-        assert_eq!(order["reservation_status"], "reserved");
+        order_with(
+            &app,
+            &order_id,
+            &[
+                ("status", "confirmed"),
+                ("payment_status", "captured"),
+                ("reservation_status", "reserved"),
+            ],
+        )
+        .await;
         saga_until(&app, &order_id, "confirmed").await;
         stock_until(&app, "SKU-A", (10, 2)).await;
-        let payment = app.get(&format!("/payments/{order_id}")).await;
-        assert_eq!(payment.expect(200)["captured_minor"], 2 * 1999 + 500);
+        let payment = payment_until(&app, &order_id, "captured").await;
+        assert_eq!(payment["captured_minor"], 2 * 1999 + 500);
 
         app.post(&format!("/orders/{order_id}/ship"), json!({}))
             .await
@@ -177,8 +217,12 @@ async fn a_declined_payment_releases_the_stock_and_rejects_the_order() {
         let app = spawn(backend).await;
         app.receive("SKU-C", 10).await.expect(200);
         let order_id = place(&app, "tok_decline", &[("SKU-C", 4, 100)]).await;
-        let order = order_until(&app, &order_id, &["rejected"]).await;
-        assert_eq!(order["payment_status"], "declined", "{backend:?}");
+        order_with(
+            &app,
+            &order_id,
+            &[("status", "rejected"), ("payment_status", "declined")],
+        )
+        .await;
         saga_until(&app, &order_id, "rejected").await;
         stock_until(&app, "SKU-C", (10, 0)).await;
     }
@@ -200,8 +244,7 @@ async fn a_payment_that_never_answers_times_out_voids_and_releases() {
         );
         saga_until(&app, &order_id, "rejected").await;
         stock_until(&app, "SKU-D", (10, 0)).await;
-        let payment = app.get(&format!("/payments/{order_id}")).await;
-        assert_eq!(payment.expect(200)["status"], "voided", "{backend:?}");
+        payment_until(&app, &order_id, "voided").await;
     }
 }
 
@@ -211,8 +254,12 @@ async fn a_flaky_provider_is_retried_and_the_order_confirmed() {
         let app = spawn(backend).await;
         app.receive("SKU-E", 10).await.expect(200);
         let order_id = place(&app, "tok_flaky", &[("SKU-E", 1, 700)]).await;
-        let order = order_until(&app, &order_id, &["confirmed"]).await;
-        assert_eq!(order["payment_status"], "captured", "{backend:?}");
+        order_with(
+            &app,
+            &order_id,
+            &[("status", "confirmed"), ("payment_status", "captured")],
+        )
+        .await;
     }
 }
 
@@ -232,10 +279,8 @@ async fn cancelling_a_confirmed_order_refunds_it_and_releases_its_stock() {
         .expect(200);
         saga_until(&app, &order_id, "cancelled").await;
         stock_until(&app, "SKU-F", (10, 0)).await;
-        let payment = app.get(&format!("/payments/{order_id}")).await;
-        let payment = payment.expect(200);
-        assert_eq!(payment["status"], "refunded", "{backend:?}");
-        assert_eq!(payment["refunded_minor"], 3000);
+        let payment = payment_until(&app, &order_id, "refunded").await;
+        assert_eq!(payment["refunded_minor"], 3000, "{backend:?}");
     }
 }
 
@@ -254,8 +299,7 @@ async fn cancelling_a_pending_order_compensates_what_the_saga_had_done() {
             .expect(200);
         saga_until(&app, &order_id, "cancelled").await;
         stock_until(&app, "SKU-G", (10, 0)).await;
-        let payment = app.get(&format!("/payments/{order_id}")).await;
-        assert_eq!(payment.expect(200)["status"], "voided", "{backend:?}");
+        payment_until(&app, &order_id, "voided").await;
         // Stuck-saga detection: nothing is stuck now.
         let stuck = app.get("/sagas?stuck_for=0").await;
         assert!(
