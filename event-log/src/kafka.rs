@@ -446,9 +446,21 @@ impl GroupMember for KafkaMember {
     }
 
     async fn start(&mut self, topic: &str, partition: u32, offset: u64) -> Result<(), LogError> {
-        // A partition just assigned may not accept a seek until its fetcher is set up.
+        // A partition just assigned may not accept a seek until its fetcher is set up; one
+        // revoked meanwhile (a newer rebalance) never will: say so at once.
         let mut attempts = 0;
         loop {
+            let assigned = self
+                .consumer
+                .assignment()
+                .map(|list| list.find_partition(topic, partition as i32).is_some())
+                .unwrap_or(false);
+            if !assigned {
+                return Err(LogError::UnknownPartition {
+                    topic: topic.to_owned(),
+                    partition,
+                });
+            }
             match self.consumer.seek(
                 topic,
                 partition as i32,

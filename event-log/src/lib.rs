@@ -154,7 +154,9 @@ pub trait GroupMember: Send {
     /// The next assignment change, or the next records; an empty `Records` after `wait`.
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<GroupEvent, LogError>;
 
-    /// Starts delivering an assigned partition from `offset`.
+    /// Starts delivering an assigned partition from `offset`. Fails with
+    /// `LogError::UnknownPartition` when the partition is no longer assigned (revoked by a newer
+    /// rebalance before it started): skip it, its `Revoked` event follows.
     async fn start(&mut self, topic: &str, partition: u32, offset: u64) -> Result<(), LogError>;
 }
 

@@ -461,11 +461,11 @@ impl Member {
         {
             event_log::GroupEvent::Assigned(partitions) => {
                 for (topic, partition) in partitions {
-                    self.member
-                        .start(&topic, partition, start)
-                        .await
-                        .expect("start");
-                    self.owned.insert((topic, partition));
+                    // A partition revoked again before it started is skipped (its Revoked
+                    // event follows).
+                    if self.member.start(&topic, partition, start).await.is_ok() {
+                        self.owned.insert((topic, partition));
+                    }
                 }
             }
             event_log::GroupEvent::Revoked(partitions) => {
