@@ -25,6 +25,11 @@ enum Command {
         #[arg(value_enum, default_value = "all")]
         part: Part,
     },
+    /// Load generators that measure the platform against raw baselines taken in the same run.
+    Bench {
+        #[command(subcommand)]
+        bench: platform::bench::Bench,
+    },
     /// Projection lag per projection and partition.
     Projections {
         #[command(subcommand)]
@@ -37,11 +42,19 @@ enum Command {
     },
 }
 
-/// `default` applies when `RUST_LOG` is not set.
-fn init_logging(json: bool, default: &str) {
+/// `default` applies when `RUST_LOG` is not set. `to_stderr` keeps stdout for a command's own
+/// output (a benchmark's report).
+fn init_logging(json: bool, default: &str, to_stderr: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let writer = if to_stderr {
+        tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr)
+    } else {
+        tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stdout)
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     if json {
         builder.json().init();
     } else {
@@ -75,17 +88,22 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve { part: Part::All });
-    // Operator commands print a report; only warnings should interleave with it.
+    // Operator commands and benchmarks print a report; only warnings should interleave with it.
     let default_filter = match command {
         Command::Serve { .. } => "info,sqlx=warn,rdkafka=warn",
-        Command::Projections { .. } | Command::Parked { .. } => "warn",
+        Command::Bench { .. } | Command::Projections { .. } | Command::Parked { .. } => "warn",
     };
-    init_logging(cli.log_json, default_filter);
+    init_logging(
+        cli.log_json,
+        default_filter,
+        matches!(command, Command::Bench { .. }),
+    );
     match command {
         Command::Serve { part } => {
             let platform = Platform::build(cli.settings, part).await?;
             platform.run_until_stopped(shutdown_signal()).await
         }
+        Command::Bench { bench } => platform::bench::run(bench, cli.settings).await,
         Command::Projections { command } => platform::ops::projections(command, cli.settings).await,
         Command::Parked { command } => platform::ops::parked(command, cli.settings).await,
     }
