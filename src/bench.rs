@@ -666,6 +666,38 @@ fn append_operation(
 // ---------------------------------------------------------------------------------------------
 // The run
 
+/// The raw baseline's own log, configured exactly as the platform's: for Kafka a producer with
+/// the platform's settings, for the embedded backend the platform's own file (in
+/// `settings.data_dir`). Also a description for the report.
+async fn open_raw_log(settings: &Settings) -> anyhow::Result<(SharedLog, String)> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating {}", settings.data_dir.display()))?;
+    Ok(match &settings.kafka {
+        Some(brokers) => (
+            Arc::new(
+                KafkaLog::connect(kafka_settings(brokers, settings))
+                    .await
+                    .context("connecting the raw producer")?,
+            ),
+            format!(
+                "kafka ({brokers}), linger {} ms, fetch.wait.max.ms {}",
+                settings.kafka_linger_ms, settings.kafka_fetch_wait_ms
+            ),
+        ),
+        None => {
+            let path = settings.data_dir.join("log.db");
+            (
+                Arc::new(
+                    EmbeddedLog::open(&path)
+                        .await
+                        .context("opening the raw embedded log")?,
+                ),
+                format!("embedded (SQLite, {})", path.display()),
+            )
+        }
+    })
+}
+
 /// The platform under test, serving in this process.
 struct Running {
     /// `http://127.0.0.1:<port>`
@@ -850,30 +882,7 @@ async fn commands(options: CommandsBench, base_settings: Settings) -> anyhow::Re
     let clients = options.clients;
     let drain_timeout = Duration::from_secs(options.drain_timeout);
 
-    // The raw baseline's own log, configured exactly as the platform's.
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
-    let (raw_log, backend): (SharedLog, String) = match &settings.kafka {
-        Some(brokers) => (
-            Arc::new(
-                KafkaLog::connect(kafka_settings(brokers, &settings))
-                    .await
-                    .context("connecting the raw producer")?,
-            ),
-            format!(
-                "kafka ({brokers}), linger {} ms, fetch.wait.max.ms {}",
-                settings.kafka_linger_ms, settings.kafka_fetch_wait_ms
-            ),
-        ),
-        None => (
-            Arc::new(
-                EmbeddedLog::open(data_dir.join("log.db"))
-                    .await
-                    .context("opening the raw embedded log")?,
-            ),
-            format!("embedded (SQLite, {})", data_dir.join("log.db").display()),
-        ),
-    };
+    let (raw_log, backend) = open_raw_log(&settings).await?;
     let raw_topic = format!("{}.bench.raw", settings.topic_prefix);
     let raw_partitions = raw_log
         .ensure_topic(&raw_topic, settings.partitions)
@@ -924,6 +933,18 @@ async fn commands(options: CommandsBench, base_settings: Settings) -> anyhow::Re
     fresh.data_dir = data_dir.join("half-load");
     fresh.topic_prefix = format!("{}-2", settings.topic_prefix);
     fresh.schema_prefix = format!("{}2_", settings.schema_prefix);
+    // On the embedded backend the raw baseline moves to the fresh platform's file too (the
+    // first one now holds a large log, and its checkpoints would stall the baseline).
+    let raw_log = if settings.kafka.is_some() {
+        raw_log
+    } else {
+        drop(raw_log);
+        let (log, _) = open_raw_log(&fresh).await?;
+        log.ensure_topic(&raw_topic, settings.partitions)
+            .await
+            .context("creating the raw baseline's topic")?;
+        log
+    };
     let (running, idle_half) = start_platform(fresh, &http).await?;
     let base = running.base.clone();
     let half = commands.rate() / 2.0;
