@@ -110,7 +110,7 @@ async fn save(tx: &mut Tx, stored: &Stored, now: DateTime<Utc>) -> Result<bool, 
     let changed = match stored.revision {
         Some(revision) => {
             tx.execute(
-                "UPDATE sagas SET state = $1, deadline = $2, updated_at = $3, revision = $4, body = $5
+                "UPDATE sagas SET state = $1, deadline = CAST($2 AS BIGINT), updated_at = $3, revision = $4, body = $5
                  WHERE order_id = $6 AND revision = $7",
                 &[
                     saga.state.as_str().into(),
@@ -127,7 +127,7 @@ async fn save(tx: &mut Tx, stored: &Stored, now: DateTime<Utc>) -> Result<bool, 
         None => {
             tx.execute(
                 "INSERT INTO sagas (order_id, state, deadline, correlation_id, started_at, updated_at, revision, body)
-                 VALUES ($1, $2, $3, $4, $5, $6, 1, $7) ON CONFLICT (order_id) DO NOTHING",
+                 VALUES ($1, $2, CAST($3 AS BIGINT), $4, $5, $6, 1, $7) ON CONFLICT (order_id) DO NOTHING",
                 &[
                     saga.order_id.to_string().into(),
                     saga.state.as_str().into(),
