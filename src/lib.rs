@@ -9,11 +9,16 @@
 //! - [`backend`]: opening the event log and the stores for the chosen backend.
 //! - [`server`]: [`Platform::build`] binds and starts the parts; `run_until_stopped` serves.
 //! - [`bench`]: the `platform bench` load generators.
+//! - [`security`]: the authentication, role, rate-limit and request-limit layer of every part.
+//! - [`gateway`]: `platform serve gateway`, the single entry point: registry, health checks,
+//!   partition-aware routing, retries, circuit breakers.
 //! - [`ops`]: operator commands (`projections status`, `parked list|retry|skip`).
 
 pub mod backend;
 pub mod bench;
+pub mod gateway;
 pub mod ops;
+pub mod security;
 pub mod server;
 pub mod settings;
 

@@ -99,6 +99,12 @@ async fn main() -> anyhow::Result<()> {
         matches!(command, Command::Bench { .. }),
     );
     match command {
+        Command::Serve {
+            part: Part::Gateway,
+        } => {
+            let gateway = platform::gateway::Gateway::build(&cli.settings).await?;
+            gateway.run_until_stopped(shutdown_signal()).await
+        }
         Command::Serve { part } => {
             let platform = Platform::build(cli.settings, part).await?;
             platform.run_until_stopped(shutdown_signal()).await

@@ -25,6 +25,7 @@ use projections::{ReadBackend, ReadSide};
 use saga_orchestrator::side::SagaSide;
 
 use crate::backend::Backend;
+use crate::security::{self, Security};
 use crate::settings::{Part, Settings};
 
 /// A built platform process: bound, parts started, not yet serving HTTP.
@@ -59,6 +60,13 @@ struct AppState {
 impl Platform {
     /// Opens the backend, starts the parts named by `part`, and binds the HTTP address.
     pub async fn build(settings: Settings, part: Part) -> anyhow::Result<Self> {
+        if part == Part::Gateway {
+            anyhow::bail!("the gateway is its own process: gateway::Gateway::build");
+        }
+        let security = Arc::new(Security::from_settings(
+            &settings.security,
+            settings.distributed(),
+        )?);
         let backend = Backend::open(&settings).await?;
         let (shutdown, stopped) = watch::channel(false);
         let services = match part {
@@ -75,7 +83,7 @@ impl Platform {
                 inventory: true,
                 ..ServiceSet::NONE
             },
-            Part::Projections | Part::Saga => ServiceSet::NONE,
+            Part::Projections | Part::Saga | Part::Gateway => ServiceSet::NONE,
         };
         let mut command_settings = CommandSettings::new(settings.topic_prefix.clone());
         command_settings.partitions = settings.partitions;
@@ -130,13 +138,16 @@ impl Platform {
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("binding {}", settings.http_addr))?;
-        let router = app(AppState {
-            commands: commands.clone(),
-            read: read.clone(),
-            saga: saga.clone(),
-            backend: backend.log.backend(),
-            max_lag_seconds: settings.max_lag_seconds,
-        });
+        let router = security::protect(
+            app(AppState {
+                commands: commands.clone(),
+                read: read.clone(),
+                saga: saga.clone(),
+                backend: backend.log.backend(),
+                max_lag_seconds: settings.max_lag_seconds,
+            }),
+            security,
+        );
         Ok(Platform {
             listener,
             router,

@@ -19,6 +19,8 @@ pub enum Part {
     Projections,
     /// The order-fulfilment saga orchestrator.
     Saga,
+    /// The API gateway in front of the other parts (`--gateway-*` settings).
+    Gateway,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -148,6 +150,227 @@ pub struct Settings {
         default_value_t = 5
     )]
     pub saga_max_attempts: u32,
+
+    #[command(flatten)]
+    pub security: SecuritySettings,
+
+    #[command(flatten)]
+    pub gateway: GatewaySettings,
+}
+
+/// A secret from the command line or the environment: its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(\"***\")")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(value.to_owned()))
+    }
+}
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Toggle {
+    On,
+    Off,
+}
+
+/// Authentication, roles and rate limits (see `security`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SecuritySettings {
+    /// Require credentials (`on`/`off`). Default: off on the embedded backend (a developer's
+    /// machine), on with --kafka or --database-url. /health/*, /metrics and /openapi.json stay
+    /// open.
+    #[arg(long, global = true, env = "PLATFORM_AUTH", value_enum)]
+    pub auth: Option<Toggle>,
+
+    /// API keys as `role:key` pairs, comma separated (roles: client, operator, auditor), sent as
+    /// `Authorization: Bearer <key>` or `X-Api-Key: <key>`. Never logged.
+    #[arg(long, global = true, env = "PLATFORM_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<Secret>,
+
+    /// HMAC secret (HS256) of JWT bearer tokens; their `role` (or `roles`) claim names the
+    /// role, `sub` the caller, `exp` is required. Never logged.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_JWT_SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<Secret>,
+
+    /// Requests per second each caller (key, token subject, or client address when
+    /// authentication is off) may make on average.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_RATE_LIMIT",
+        default_value_t = 100.0
+    )]
+    pub rate_limit: f64,
+
+    /// Requests a caller may make in a burst above the average rate.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_RATE_BURST",
+        default_value_t = 200
+    )]
+    pub rate_burst: u32,
+}
+
+impl SecuritySettings {
+    /// Authentication is on unless turned off, except on the embedded backend.
+    pub fn auth_enabled(&self, distributed: bool) -> bool {
+        match self.auth {
+            Some(toggle) => toggle == Toggle::On,
+            None => distributed,
+        }
+    }
+}
+
+/// The gateway's upstreams and policies (`platform serve gateway`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewaySettings {
+    /// Instances of the order service: `http://host:port` base URLs, comma separated, and/or
+    /// `dns://name:port` (every address the name resolves to, re-resolved at each health
+    /// check).
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_GATEWAY_ORDER",
+        value_delimiter = ','
+    )]
+    pub gateway_order: Vec<String>,
+
+    /// Instances of the inventory service (same form as --gateway-order).
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_GATEWAY_INVENTORY",
+        value_delimiter = ','
+    )]
+    pub gateway_inventory: Vec<String>,
+
+    /// Instances of the query API (`serve projections`), same form.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_GATEWAY_QUERY",
+        value_delimiter = ','
+    )]
+    pub gateway_query: Vec<String>,
+
+    /// Instances of the saga API (`serve saga`), same form.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_GATEWAY_SAGA",
+        value_delimiter = ','
+    )]
+    pub gateway_saga: Vec<String>,
+
+    /// Timeout of one attempt at a command (ms).
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_GATEWAY_COMMAND_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub gateway_command_timeout_ms: u64,
+
+    /// Timeout of one attempt at a read (ms); a read-your-writes query waits up to 5 s.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_GATEWAY_READ_TIMEOUT_MS",
+        default_value_t = 8_000
+    )]
+    pub gateway_read_timeout_ms: u64,
+
+    /// Extra attempts, on another instance, for an idempotent request (a GET, or a command with
+    /// an Idempotency-Key) that failed to connect, timed out or answered 502/503/504.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_GATEWAY_RETRIES",
+        default_value_t = 2
+    )]
+    pub gateway_retries: u32,
+
+    /// How often each upstream instance's /health/ready is polled (ms).
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_GATEWAY_HEALTH_INTERVAL_MS",
+        default_value_t = 2_000
+    )]
+    pub gateway_health_interval_ms: u64,
+
+    /// Consecutive failures that open an instance's circuit breaker.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_GATEWAY_BREAKER_FAILURES",
+        default_value_t = 5
+    )]
+    pub gateway_breaker_failures: u32,
+
+    /// How long an open breaker refuses requests before letting one probe through (ms).
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_GATEWAY_BREAKER_OPEN_MS",
+        default_value_t = 10_000
+    )]
+    pub gateway_breaker_open_ms: u64,
+}
+
+impl Default for SecuritySettings {
+    fn default() -> Self {
+        SecuritySettings {
+            auth: None,
+            api_keys: None,
+            jwt_secret: None,
+            rate_limit: 100.0,
+            rate_burst: 200,
+        }
+    }
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings {
+            gateway_order: Vec::new(),
+            gateway_inventory: Vec::new(),
+            gateway_query: Vec::new(),
+            gateway_saga: Vec::new(),
+            gateway_command_timeout_ms: 10_000,
+            gateway_read_timeout_ms: 8_000,
+            gateway_retries: 2,
+            gateway_health_interval_ms: 2_000,
+            gateway_breaker_failures: 5,
+            gateway_breaker_open_ms: 10_000,
+        }
+    }
 }
 
 impl Settings {
@@ -161,9 +384,17 @@ impl Settings {
             compensation_timeout: std::time::Duration::from_millis(
                 self.saga_compensation_timeout_ms,
             ),
+            // A fifth of the compensation timeout (1 s with the defaults): resends wait 5, 6, 7,
+            // 9, 13 s by default, and proportionally less with a shorter timeout.
+            backoff_base: std::time::Duration::from_millis(self.saga_compensation_timeout_ms / 5),
             max_attempts: self.saga_max_attempts,
             ..saga_orchestrator::SagaConfig::default()
         }
+    }
+
+    /// Kafka or Postgres: a deployment rather than a developer's machine.
+    pub fn distributed(&self) -> bool {
+        self.kafka.is_some() || self.database_url.is_some()
     }
 
     /// Defaults for tests and tools: embedded backend in `data_dir`, a free port.
@@ -185,6 +416,8 @@ impl Settings {
             saga_timeout_ms: 10_000,
             saga_compensation_timeout_ms: 5_000,
             saga_max_attempts: 5,
+            security: SecuritySettings::default(),
+            gateway: GatewaySettings::default(),
         }
     }
 }

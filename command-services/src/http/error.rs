@@ -81,9 +81,34 @@ pub enum ApiError {
     /// 415: the body is not `application/json`.
     #[error("expected a body with content type application/json")]
     UnsupportedMediaType,
+    /// 401: no credentials, or credentials that are not valid (unknown key, bad or expired
+    /// token). Carries `WWW-Authenticate: Bearer`.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403: valid credentials whose role may not use this route.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 414: the request target is longer than the limit.
+    #[error("the request target is longer than {0} bytes")]
+    UriTooLong(usize),
+    /// 429: the caller exceeded its rate limit. Carries `Retry-After` (seconds).
+    #[error("rate limit exceeded; retry in {retry_after_secs} s")]
+    TooManyRequests { retry_after_secs: u64 },
+    /// 431: the request's headers are larger than the limit.
+    #[error("the request headers are larger than {0} bytes")]
+    HeadersTooLarge(usize),
     /// 503: a dependency (broker, database) is down or the service is not ready; retry later.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 (gateway): every instance of an upstream has its circuit breaker open; retry later.
+    #[error("{0}")]
+    CircuitOpen(String),
+    /// 502 (gateway): the upstream could not be reached or answered garbage.
+    #[error("{0}")]
+    BadGateway(String),
+    /// 504 (gateway): the upstream did not answer within the route's timeout.
+    #[error("{0}")]
+    GatewayTimeout(String),
     /// 500: a bug. The detail is logged, never shown.
     #[error("internal error")]
     Internal(String),
@@ -101,7 +126,14 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::Unavailable(_) | ApiError::CircuitOpen(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -118,7 +150,15 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method-not-allowed",
             ApiError::PayloadTooLarge(_) => "payload-too-large",
             ApiError::UnsupportedMediaType => "unsupported-media-type",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::UriTooLong(_) => "uri-too-long",
+            ApiError::TooManyRequests { .. } => "rate-limited",
+            ApiError::HeadersTooLarge(_) => "headers-too-large",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::CircuitOpen(_) => "circuit-open",
+            ApiError::BadGateway(_) => "bad-gateway",
+            ApiError::GatewayTimeout(_) => "gateway-timeout",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -148,7 +188,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
             ApiError::Internal(cause) => tracing::error!(%cause, "internal error"),
-            ApiError::Unavailable(cause) => tracing::warn!(%cause, "dependency unavailable"),
+            ApiError::Unavailable(cause)
+            | ApiError::CircuitOpen(cause)
+            | ApiError::BadGateway(cause)
+            | ApiError::GatewayTimeout(cause) => tracing::warn!(%cause, "dependency unavailable"),
             _ => tracing::info!(error = %self, "request refused"),
         }
         let status = self.status();
@@ -156,8 +199,17 @@ impl IntoResponse for ApiError {
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        match &self {
+            ApiError::Unavailable(_) | ApiError::CircuitOpen(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::TooManyRequests { retry_after_secs } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            ApiError::Unauthorized(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
         }
         response
     }

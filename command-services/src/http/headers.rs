@@ -119,10 +119,16 @@ impl CommandHeaders {
     /// names the same order), else a fresh UUIDv7.
     pub fn new_id(&self, purpose: &str) -> Uuid {
         match &self.idempotency_key {
-            Some(key) => Uuid::new_v5(&COMMAND_NAMESPACE, format!("{purpose}:{key}").as_bytes()),
+            Some(key) => id_for_key(purpose, key),
             None => Uuid::now_v7(),
         }
     }
+}
+
+/// The id a request with this idempotency key gets (`purpose` is `order-id` for `POST /orders`);
+/// the gateway uses it to find the instance owning the new aggregate's partition.
+pub fn id_for_key(purpose: &str, key: &str) -> Uuid {
+    Uuid::new_v5(&COMMAND_NAMESPACE, format!("{purpose}:{key}").as_bytes())
 }
 
 fn digest(text: &str) -> String {

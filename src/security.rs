@@ -1,0 +1,476 @@
+//! Authentication, roles, rate limits and request limits: one tower layer in front of every
+//! route of a part (and of the gateway).
+//!
+//! Routes are classified by method and path, not listed one by one, so a route added later
+//! falls into its class without touching this module:
+//! - **open**: `/health/*`, `/metrics`, `/openapi.json` (probes and scrapers carry no keys);
+//! - **audit**: anything under `/audit`;
+//! - **operator**: anything under `/parked`, `/projections`, `/replay`, `/admin`, and every
+//!   non-GET under `/sagas` (retrying a saga);
+//! - **read**: any other GET or HEAD;
+//! - **command**: any other method.
+//!
+//! Roles: `client` may send commands and read; `operator` may use the operator routes and read;
+//! `auditor` may use the audit routes and read. A caller presents an API key
+//! (`Authorization: Bearer <key>` or `X-Api-Key: <key>`) or an HS256 JWT bearer token whose
+//! `role`/`roles` claim names its roles. No or bad credentials: 401; a role that may not use
+//! the route: 403; over the caller's rate: 429 with `Retry-After`. Keys and tokens are never
+//! logged: a caller is identified in logs and limits by its token's subject or by a short
+//! digest of its key.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use command_services::http::ApiError;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::settings::SecuritySettings;
+
+/// Longest request target accepted (path and query).
+pub const MAX_URI_BYTES: usize = 4096;
+/// Largest total size of the request headers accepted.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Callers whose rate-limit buckets are kept; past it, full buckets are forgotten.
+const MAX_TRACKED_CALLERS: usize = 100_000;
+
+/// What a route does, for deciding who may call it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteClass {
+    Open,
+    Command,
+    Read,
+    Operator,
+    Audit,
+}
+
+impl RouteClass {
+    pub const ALL: [RouteClass; 5] = [
+        RouteClass::Open,
+        RouteClass::Command,
+        RouteClass::Read,
+        RouteClass::Operator,
+        RouteClass::Audit,
+    ];
+
+    fn describe(self) -> &'static str {
+        match self {
+            RouteClass::Open => "open",
+            RouteClass::Command => "command",
+            RouteClass::Read => "read",
+            RouteClass::Operator => "operator",
+            RouteClass::Audit => "audit",
+        }
+    }
+}
+
+/// A caller's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Client,
+    Operator,
+    Auditor,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Client, Role::Operator, Role::Auditor];
+
+    pub fn parse(raw: &str) -> Option<Role> {
+        match raw.trim() {
+            "client" => Some(Role::Client),
+            "operator" => Some(Role::Operator),
+            "auditor" => Some(Role::Auditor),
+            _ => None,
+        }
+    }
+
+    /// May this role use routes of `class`?
+    pub fn may(self, class: RouteClass) -> bool {
+        matches!(
+            (self, class),
+            (_, RouteClass::Open)
+                | (_, RouteClass::Read)
+                | (Role::Client, RouteClass::Command)
+                | (Role::Operator, RouteClass::Operator)
+                | (Role::Auditor, RouteClass::Audit)
+        )
+    }
+}
+
+fn under(path: &str, prefix: &str) -> bool {
+    path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The class of a request, by method and path.
+pub fn classify(method: &Method, path: &str) -> RouteClass {
+    if under(path, "/health") || path == "/metrics" || path == "/openapi.json" {
+        return RouteClass::Open;
+    }
+    if under(path, "/audit") {
+        return RouteClass::Audit;
+    }
+    let read = method == Method::GET || method == Method::HEAD;
+    if ["/parked", "/projections", "/replay", "/admin"]
+        .iter()
+        .any(|prefix| under(path, prefix))
+        || (under(path, "/sagas") && !read)
+    {
+        return RouteClass::Operator;
+    }
+    if read {
+        RouteClass::Read
+    } else {
+        RouteClass::Command
+    }
+}
+
+/// Who made a request: the caller's id (never a secret) and roles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub caller: String,
+    pub roles: Vec<Role>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+/// The layer's state: keys by digest, the JWT key, the buckets.
+pub struct Security {
+    enabled: bool,
+    keys: HashMap<[u8; 32], Principal>,
+    jwt: Option<(jsonwebtoken::DecodingKey, jsonwebtoken::Validation)>,
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("enabled", &self.enabled)
+            .field("keys", &self.keys.len())
+            .field("jwt", &self.jwt.is_some())
+            .field("rate", &self.rate)
+            .field("burst", &self.burst)
+            .finish()
+    }
+}
+
+fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+impl Security {
+    /// Parses the settings; `distributed` decides the default of `--auth`.
+    pub fn from_settings(settings: &SecuritySettings, distributed: bool) -> anyhow::Result<Self> {
+        let mut keys: HashMap<[u8; 32], Principal> = HashMap::new();
+        if let Some(raw) = &settings.api_keys {
+            for (index, pair) in raw.expose().split(',').enumerate() {
+                let pair = pair.trim();
+                if pair.is_empty() {
+                    continue;
+                }
+                // The error never quotes the pair: it holds a key.
+                let (role, key) = pair.split_once(':').ok_or_else(|| {
+                    anyhow::anyhow!("--api-keys entry {} is not role:key", index + 1)
+                })?;
+                let role = Role::parse(role).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--api-keys entry {}: unknown role {role:?} (client, operator, auditor)",
+                        index + 1
+                    )
+                })?;
+                let key = key.trim();
+                if key.len() < 16 {
+                    anyhow::bail!(
+                        "--api-keys entry {}: a key needs at least 16 characters",
+                        index + 1
+                    );
+                }
+                let hash = digest(key);
+                let caller = format!(
+                    "key:{}",
+                    hash[..4]
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                );
+                let principal = keys.entry(hash).or_insert_with(|| Principal {
+                    caller,
+                    roles: Vec::new(),
+                });
+                if !principal.roles.contains(&role) {
+                    principal.roles.push(role);
+                }
+            }
+        }
+        let jwt = match &settings.jwt_secret {
+            Some(secret) if !secret.expose().is_empty() => {
+                if secret.expose().len() < 32 {
+                    anyhow::bail!("--jwt-secret needs at least 32 bytes");
+                }
+                let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+                validation.set_required_spec_claims(&["exp", "sub"]);
+                Some((
+                    jsonwebtoken::DecodingKey::from_secret(secret.expose().as_bytes()),
+                    validation,
+                ))
+            }
+            _ => None,
+        };
+        if settings.rate_limit.is_nan() || settings.rate_limit <= 0.0 || settings.rate_burst == 0 {
+            anyhow::bail!("--rate-limit and --rate-burst must be positive");
+        }
+        let enabled = settings.auth_enabled(distributed);
+        if enabled && keys.is_empty() && jwt.is_none() {
+            tracing::warn!(
+                "authentication is on but no --api-keys or --jwt-secret is set: every protected route answers 401"
+            );
+        }
+        Ok(Security {
+            enabled,
+            keys,
+            jwt,
+            rate: settings.rate_limit,
+            burst: f64::from(settings.rate_burst),
+            buckets: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn credential(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+        if let Some(value) = headers.get(header::AUTHORIZATION) {
+            let value = value
+                .to_str()
+                .map_err(|_| ApiError::Unauthorized("malformed Authorization header".into()))?;
+            let token = value
+                .strip_prefix("Bearer ")
+                .or_else(|| value.strip_prefix("bearer "))
+                .ok_or_else(|| {
+                    ApiError::Unauthorized("the Authorization scheme must be Bearer".into())
+                })?;
+            return Ok(Some(token.trim()));
+        }
+        match headers.get("x-api-key") {
+            Some(value) => value
+                .to_str()
+                .map(|key| Some(key.trim()))
+                .map_err(|_| ApiError::Unauthorized("malformed X-Api-Key header".into())),
+            None => Ok(None),
+        }
+    }
+
+    /// Who the request's credentials name.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
+        let token = Self::credential(headers)?.ok_or_else(|| {
+            ApiError::Unauthorized(
+                "credentials required: Authorization: Bearer <API key or token>".into(),
+            )
+        })?;
+        if let Some(principal) = self.keys.get(&digest(token)) {
+            return Ok(principal.clone());
+        }
+        if token.split('.').count() == 3
+            && let Some((key, validation)) = &self.jwt
+        {
+            let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|error| {
+                ApiError::Unauthorized(format!("the bearer token is not valid: {error}"))
+            })?;
+            let claims = data.claims;
+            let roles: Vec<Role> = claims
+                .role
+                .iter()
+                .chain(claims.roles.iter())
+                .filter_map(|role| Role::parse(role))
+                .collect();
+            if roles.is_empty() {
+                return Err(ApiError::Forbidden(
+                    "the token names no role (client, operator, auditor)".into(),
+                ));
+            }
+            return Ok(Principal {
+                caller: format!("jwt:{}", claims.sub),
+                roles,
+            });
+        }
+        Err(ApiError::Unauthorized("unknown API key or token".into()))
+    }
+
+    /// Takes one token from `caller`'s bucket, or says how long to wait.
+    pub fn take(&self, caller: &str) -> Result<(), ApiError> {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_TRACKED_CALLERS && !buckets.contains_key(caller) {
+            let (rate, burst) = (self.rate, self.burst);
+            buckets.retain(|_, bucket| {
+                bucket.tokens + now.duration_since(bucket.updated).as_secs_f64() * rate < burst
+            });
+        }
+        let bucket = buckets.entry(caller.to_owned()).or_insert(Bucket {
+            tokens: self.burst,
+            updated: now,
+        });
+        let elapsed = now.duration_since(bucket.updated).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
+        bucket.updated = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = Duration::from_secs_f64((1.0 - bucket.tokens) / self.rate);
+            Err(ApiError::TooManyRequests {
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            })
+        }
+    }
+
+    /// The whole check for one request: limits, then (when on) credentials, role and rate.
+    pub fn check(
+        &self,
+        method: &Method,
+        uri: &axum::http::Uri,
+        headers: &HeaderMap,
+    ) -> Result<Option<Principal>, ApiError> {
+        let target = uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+        if target > MAX_URI_BYTES {
+            return Err(ApiError::UriTooLong(MAX_URI_BYTES));
+        }
+        let header_bytes: usize = headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum();
+        if header_bytes > MAX_HEADER_BYTES {
+            return Err(ApiError::HeadersTooLarge(MAX_HEADER_BYTES));
+        }
+        let class = classify(method, uri.path());
+        if !self.enabled || class == RouteClass::Open {
+            return Ok(None);
+        }
+        let principal = self.authenticate(headers)?;
+        if !principal.roles.iter().any(|role| role.may(class)) {
+            return Err(ApiError::Forbidden(format!(
+                "{} routes need another role than {:?}",
+                class.describe(),
+                principal.roles
+            )));
+        }
+        self.take(&principal.caller)?;
+        Ok(Some(principal))
+    }
+}
+
+/// The axum middleware: `axum::middleware::from_fn_with_state(security, security::layer)`.
+pub async fn layer(
+    State(security): State<Arc<Security>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match security.check(request.method(), request.uri(), request.headers()) {
+        Ok(principal) => {
+            if let Some(principal) = principal {
+                tracing::debug!(caller = %principal.caller, "authenticated");
+                request.extensions_mut().insert(principal);
+            }
+            next.run(request).await
+        }
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Wraps `router` in the security layer.
+pub fn protect(router: axum::Router, security: Arc<Security>) -> axum::Router {
+    router.layer(axum::middleware::from_fn_with_state(security, layer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_fall_into_their_class_by_path() {
+        let cases = [
+            ("GET", "/health/live", RouteClass::Open),
+            ("GET", "/health/ready", RouteClass::Open),
+            ("GET", "/metrics", RouteClass::Open),
+            ("GET", "/openapi.json", RouteClass::Open),
+            ("POST", "/orders", RouteClass::Command),
+            ("POST", "/orders/x/cancel", RouteClass::Command),
+            ("POST", "/inventory/SKU-1/receipts", RouteClass::Command),
+            ("GET", "/orders/x", RouteClass::Read),
+            ("GET", "/inventory", RouteClass::Read),
+            ("GET", "/sagas/x", RouteClass::Read),
+            ("POST", "/sagas/x/retry", RouteClass::Operator),
+            ("GET", "/parked", RouteClass::Operator),
+            ("POST", "/parked/orders/1/retry", RouteClass::Operator),
+            ("POST", "/projections/orders/replay", RouteClass::Operator),
+            ("GET", "/audit/orders/x", RouteClass::Audit),
+            ("GET", "/audit", RouteClass::Audit),
+            ("GET", "/auditing", RouteClass::Read),
+            ("GET", "/healthz", RouteClass::Read),
+        ];
+        for (method, path, class) in cases {
+            let method: Method = method.parse().expect("method");
+            assert_eq!(classify(&method, path), class, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn keys_must_be_role_colon_key_and_are_never_quoted_in_errors() {
+        let settings = SecuritySettings {
+            api_keys: Some(crate::settings::Secret::new("client-key-that-is-long")),
+            ..SecuritySettings::default()
+        };
+        let error = Security::from_settings(&settings, true).expect_err("no role");
+        assert!(!error.to_string().contains("client-key"), "{error}");
+        let settings = SecuritySettings {
+            api_keys: Some(crate::settings::Secret::new("admin:supersecretkey-123456")),
+            ..SecuritySettings::default()
+        };
+        let error = Security::from_settings(&settings, true).expect_err("unknown role");
+        assert!(!error.to_string().contains("supersecret"), "{error}");
+    }
+
+    #[test]
+    fn a_bucket_refills_at_the_rate() {
+        let settings = SecuritySettings {
+            rate_limit: 1000.0,
+            rate_burst: 2,
+            ..SecuritySettings::default()
+        };
+        let security = Security::from_settings(&settings, true).expect("settings");
+        assert!(security.take("a").is_ok());
+        assert!(security.take("a").is_ok());
+        assert!(matches!(
+            security.take("a"),
+            Err(ApiError::TooManyRequests {
+                retry_after_secs: 1
+            })
+        ));
+        assert!(security.take("b").is_ok(), "buckets are per caller");
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(security.take("a").is_ok(), "refilled");
+    }
+}

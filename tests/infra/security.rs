@@ -1,0 +1,325 @@
+//! The security layer on a running platform: every role against every route class, bad and
+//! missing credentials, JWTs, rate limits, request limits, and secrets kept out of output.
+
+use std::time::Duration;
+
+use platform::Part;
+use platform::settings::{Secret, Toggle};
+use serde_json::json;
+
+use crate::support::{self, read};
+
+const CLIENT: &str = "client-key-0123456789abcdef";
+const OPERATOR: &str = "operator-key-0123456789abcdef";
+const AUDITOR: &str = "auditor-key-0123456789abcdef";
+const JWT_SECRET: &str = "jwt-secret-0123456789abcdef0123456789";
+
+fn jwt(claims: serde_json::Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("encode a token")
+}
+
+fn in_an_hour() -> i64 {
+    chrono::Utc::now().timestamp() + 3600
+}
+
+/// A request of each route class (path and method only decide the class).
+fn requests() -> Vec<(
+    &'static str,
+    reqwest::Method,
+    &'static str,
+    Option<serde_json::Value>,
+)> {
+    use reqwest::Method;
+    vec![
+        ("open", Method::GET, "/health/live", None),
+        ("open", Method::GET, "/metrics", None),
+        (
+            "command",
+            Method::POST,
+            "/inventory/SKU-AUTH/receipts",
+            Some(json!({"quantity": 1})),
+        ),
+        ("read", Method::GET, "/inventory/SKU-AUTH", None),
+        ("read", Method::GET, "/sagas", None),
+        (
+            "operator",
+            Method::POST,
+            "/sagas/0192f5a4-1111-7000-8000-000000000001/retry",
+            None,
+        ),
+        ("operator", Method::GET, "/parked", None),
+        (
+            "audit",
+            Method::GET,
+            "/audit/orders/0192f5a4-1111-7000-8000-000000000001",
+            None,
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_against_every_route_class() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = support::settings(dir.path());
+    settings.security.auth = Some(Toggle::On);
+    settings.security.api_keys = Some(Secret::new(format!(
+        "client:{CLIENT},operator:{OPERATOR},auditor:{AUDITOR}"
+    )));
+    settings.security.jwt_secret = Some(Secret::new(JWT_SECRET));
+    let app = support::platform(settings, Part::All).await;
+    let client = reqwest::Client::new();
+
+    let operator_token = jwt(
+        json!({"sub": "ops-1", "role": "operator", "exp": in_an_hour()}),
+        JWT_SECRET,
+    );
+    let client_token = jwt(
+        json!({"sub": "c-1", "roles": ["client"], "exp": in_an_hour()}),
+        JWT_SECRET,
+    );
+    let expired = jwt(
+        json!({"sub": "c-1", "role": "client", "exp": 1_000}),
+        JWT_SECRET,
+    );
+    let forged = jwt(
+        json!({"sub": "c-1", "role": "client", "exp": in_an_hour()}),
+        "another-secret-0123456789abcdef0123",
+    );
+    let roleless = jwt(json!({"sub": "c-1", "exp": in_an_hour()}), JWT_SECRET);
+
+    // Who, how they authenticate, and the statuses expected for the classes open, command,
+    // read, operator, audit: "ok" means neither 401 nor 403 (the route answers for itself).
+    type Caller<'a> = (&'a str, Option<(&'a str, String)>, [&'a str; 5]);
+    let callers: Vec<Caller> = vec![
+        ("anonymous", None, ["ok", "401", "401", "401", "401"]),
+        (
+            "unknown key",
+            Some(("authorization", "Bearer not-a-key-0123456789".into())),
+            ["ok", "401", "401", "401", "401"],
+        ),
+        (
+            "client key",
+            Some(("authorization", format!("Bearer {CLIENT}"))),
+            ["ok", "ok", "ok", "403", "403"],
+        ),
+        (
+            "client key as X-Api-Key",
+            Some(("x-api-key", CLIENT.into())),
+            ["ok", "ok", "ok", "403", "403"],
+        ),
+        (
+            "operator key",
+            Some(("authorization", format!("Bearer {OPERATOR}"))),
+            ["ok", "403", "ok", "ok", "403"],
+        ),
+        (
+            "auditor key",
+            Some(("authorization", format!("Bearer {AUDITOR}"))),
+            ["ok", "403", "ok", "403", "ok"],
+        ),
+        (
+            "client JWT",
+            Some(("authorization", format!("Bearer {client_token}"))),
+            ["ok", "ok", "ok", "403", "403"],
+        ),
+        (
+            "operator JWT",
+            Some(("authorization", format!("Bearer {operator_token}"))),
+            ["ok", "403", "ok", "ok", "403"],
+        ),
+        (
+            "expired JWT",
+            Some(("authorization", format!("Bearer {expired}"))),
+            ["ok", "401", "401", "401", "401"],
+        ),
+        (
+            "forged JWT",
+            Some(("authorization", format!("Bearer {forged}"))),
+            ["ok", "401", "401", "401", "401"],
+        ),
+        (
+            "JWT without a role",
+            Some(("authorization", format!("Bearer {roleless}"))),
+            ["ok", "403", "403", "403", "403"],
+        ),
+        (
+            "basic auth",
+            Some(("authorization", "Basic dXNlcjpwYXNz".into())),
+            ["ok", "401", "401", "401", "401"],
+        ),
+    ];
+    let classes = ["open", "command", "read", "operator", "audit"];
+    let mut failures = Vec::new();
+    for (who, credential, expected) in &callers {
+        for (class, method, path, body) in requests() {
+            let index = classes.iter().position(|c| *c == class).expect("class");
+            let mut request = client.request(method.clone(), format!("{}{path}", app.url()));
+            if let Some((name, value)) = credential {
+                request = request.header(*name, value);
+            }
+            if let Some(body) = &body {
+                request = request.json(body);
+            }
+            let (status, headers, problem) = read(request.send().await.expect("request")).await;
+            let got = match status {
+                401 | 403 => status.to_string(),
+                _ => "ok".to_owned(),
+            };
+            if got != expected[index] {
+                failures.push(format!(
+                    "{who} {method} {path}: expected {}, got {status} {problem}",
+                    expected[index]
+                ));
+                continue;
+            }
+            if status == 401 || status == 403 {
+                assert_eq!(
+                    headers.get("content-type").and_then(|v| v.to_str().ok()),
+                    Some("application/problem+json"),
+                    "{who} {path}"
+                );
+                assert_eq!(problem["status"], status, "{who} {path}: {problem}");
+                let text = problem.to_string();
+                for secret in [CLIENT, OPERATOR, AUDITOR, JWT_SECRET] {
+                    assert!(
+                        !text.contains(secret),
+                        "a problem never quotes a secret: {text}"
+                    );
+                }
+            }
+            if status == 401 {
+                assert_eq!(
+                    headers
+                        .get("www-authenticate")
+                        .and_then(|v| v.to_str().ok()),
+                    Some("Bearer"),
+                    "{who} {path}"
+                );
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "auth matrix mismatches:\n{}",
+        failures.join("\n")
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_key_has_its_own_rate_limit_and_429_says_when_to_retry() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = support::settings(dir.path());
+    settings.security.auth = Some(Toggle::On);
+    settings.security.api_keys = Some(Secret::new(format!("client:{CLIENT},operator:{OPERATOR}")));
+    settings.security.rate_limit = 2.0;
+    settings.security.rate_burst = 3;
+    let app = support::platform(settings, Part::All).await;
+    let client = reqwest::Client::new();
+    let get = |key: &'static str| {
+        client
+            .get(format!("{}/inventory/SKU-RATE", app.url()))
+            .bearer_auth(key)
+            .send()
+    };
+    for attempt in 0..3 {
+        let status = get(CLIENT).await.expect("request").status().as_u16();
+        assert_ne!(status, 429, "attempt {attempt} is within the burst");
+    }
+    let (status, headers, problem) = read(get(CLIENT).await.expect("request")).await;
+    assert_eq!(status, 429, "{problem}");
+    assert_eq!(problem["type"], "/problems/rate-limited");
+    let retry_after: u64 = headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After in seconds");
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    // Another key is not affected, and open routes are never limited.
+    assert_ne!(get(OPERATOR).await.expect("request").status().as_u16(), 429);
+    for _ in 0..10 {
+        let health = client
+            .get(format!("{}/health/live", app.url()))
+            .send()
+            .await
+            .expect("health");
+        assert_eq!(health.status().as_u16(), 200);
+    }
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    assert_ne!(
+        get(CLIENT).await.expect("request").status().as_u16(),
+        429,
+        "refilled"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_dev_server_is_open_and_limits_still_apply() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let settings = support::settings(dir.path());
+    assert!(
+        !settings.security.auth_enabled(settings.distributed()),
+        "off on the embedded backend"
+    );
+    let mut distributed = settings.clone();
+    distributed.database_url = Some("postgres://x".into());
+    assert!(
+        distributed.security.auth_enabled(distributed.distributed()),
+        "on elsewhere"
+    );
+    let app = support::platform(settings, Part::All).await;
+    let client = reqwest::Client::new();
+    let (status, _, body) = read(
+        client
+            .post(format!("{}/inventory/SKU-OPEN/receipts", app.url()))
+            .json(&json!({"quantity": 2}))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    let long = format!("{}/inventory/{}", app.url(), "A".repeat(5000));
+    let (status, _, problem) = read(client.get(long).send().await.expect("request")).await;
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (414, Some("/problems/uri-too-long"))
+    );
+
+    let mut request = client.get(format!("{}/inventory/SKU-OPEN", app.url()));
+    for index in 0..40 {
+        request = request.header(format!("x-filler-{index}"), "x".repeat(500));
+    }
+    let (status, _, problem) = read(request.send().await.expect("request")).await;
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (431, Some("/problems/headers-too-large"))
+    );
+    app.stop().await;
+}
+
+#[test]
+fn secrets_never_show_in_debug_output() {
+    let mut settings = platform::Settings::embedded("/tmp/unused");
+    settings.security.api_keys = Some(Secret::new(format!("client:{CLIENT}")));
+    settings.security.jwt_secret = Some(Secret::new(JWT_SECRET));
+    let shown = format!("{settings:?}");
+    assert!(
+        !shown.contains(CLIENT) && !shown.contains(JWT_SECRET),
+        "{shown}"
+    );
+    let security =
+        platform::security::Security::from_settings(&settings.security, true).expect("security");
+    let shown = format!("{security:?}");
+    assert!(
+        !shown.contains(CLIENT) && !shown.contains(JWT_SECRET),
+        "{shown}"
+    );
+}
