@@ -77,12 +77,17 @@ use tokio::time::Instant;
 use crate::backend::kafka_settings;
 use crate::{Part, Platform, Settings};
 
+mod sagas;
+
 /// The load generators of `platform bench`.
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
     /// HTTP commands (orders and stock receipts) against the raw append rate of the same log
     /// and the HTTP no-op rate of the same server, all measured in one run.
     Commands(CommandsBench),
+    /// The fulfilment saga under load: completed sagas/s and order-placed → confirmed latency,
+    /// against the command throughput of the same run (`bench/sagas.rs`).
+    Sagas(sagas::SagasBench),
 }
 
 /// Options of `platform bench commands`. The backend and its tuning come from the global
@@ -125,6 +130,7 @@ pub struct CommandsBench {
 pub async fn run(bench: Bench, settings: Settings) -> anyhow::Result<()> {
     match bench {
         Bench::Commands(options) => commands(options, settings).await,
+        Bench::Sagas(options) => sagas::run(options, settings).await,
     }
 }
 

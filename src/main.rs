@@ -40,6 +40,11 @@ enum Command {
         #[command(subcommand)]
         command: platform::ops::ParkedCommand,
     },
+    /// Order-fulfilment sagas: list (by state, stuck), show, retry a parked one.
+    Sagas {
+        #[command(subcommand)]
+        command: platform::ops::SagasCommand,
+    },
 }
 
 /// `default` applies when `RUST_LOG` is not set. `to_stderr` keeps stdout for a command's own
@@ -91,7 +96,10 @@ async fn main() -> anyhow::Result<()> {
     // Operator commands and benchmarks print a report; only warnings should interleave with it.
     let default_filter = match command {
         Command::Serve { .. } => "info,sqlx=warn,rdkafka=warn",
-        Command::Bench { .. } | Command::Projections { .. } | Command::Parked { .. } => "warn",
+        Command::Bench { .. }
+        | Command::Projections { .. }
+        | Command::Parked { .. }
+        | Command::Sagas { .. } => "warn",
     };
     init_logging(
         cli.log_json,
@@ -112,5 +120,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench { bench } => platform::bench::run(bench, cli.settings).await,
         Command::Projections { command } => platform::ops::projections(command, cli.settings).await,
         Command::Parked { command } => platform::ops::parked(command, cli.settings).await,
+        Command::Sagas { command } => platform::ops::sagas(command, cli.settings).await,
     }
 }

@@ -1,10 +1,19 @@
-//! Operator commands: `platform projections status` and `platform parked list|retry|skip`.
-//! They open the same backend as the services (by the same flags) and run no worker.
+//! Operator commands: `platform projections status`, `platform parked list|retry|skip` and
+//! `platform sagas list|show|retry`. They open the same backend as the services (by the same
+//! flags) and run no worker: a saga retry goes into the saga's outbox, which the running
+//! orchestrator's relay publishes.
+
+use std::time::Duration;
 
 use anyhow::Context;
+use chrono::{DateTime, SecondsFormat, Utc};
 use event_log::Position;
 use projections::parked::{self, Resolution};
 use projections::{ReadBackend, ReadSide};
+
+use saga_orchestrator::driver;
+use saga_orchestrator::side::SagaSide;
+use saga_orchestrator::{Input, Saga, SagaState, StepOutcome};
 
 use crate::backend::Backend;
 use crate::settings::Settings;
@@ -46,9 +55,75 @@ pub enum ParkedCommand {
     },
 }
 
-async fn open(settings: &Settings) -> anyhow::Result<ReadSide> {
+#[derive(Debug, clap::Subcommand)]
+pub enum SagasCommand {
+    /// Sagas, most recently changed first.
+    List {
+        /// Only sagas in this state: reserving_stock, authorising_payment, confirming,
+        /// confirmed, completed, compensating, rejected, cancelled, needs_attention.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only sagas not terminal and unchanged for at least this long (`90`, `90s`, `5m`, `2h`).
+        #[arg(long, value_parser = parse_duration)]
+        stuck_for: Option<Duration>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One saga: its state, reason, deadline and every step with its attempts and answer.
+    Show {
+        /// The saga's id, which is its order's id (a correlation id finds it too).
+        id: String,
+        /// Print the saga's JSON (as `GET /sagas/{id}` answers) instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resend the parked compensation of a saga in `needs_attention` (a new round of attempts).
+    Retry {
+        /// The saga's (order's) id.
+        id: String,
+        /// Print the saga's JSON after the retry.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `90`, `90s`, `5m`, `2h`, `1d`.
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration (e.g. 90s, 5m, 2h)"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{raw:?}: the unit must be s, m, h or d")),
+    };
+    Ok(Duration::from_secs(number.saturating_mul(seconds)))
+}
+
+async fn open_saga(settings: &Settings) -> anyhow::Result<SagaSide> {
     let backend = Backend::open(settings).await?;
-    let read_backend = match &settings.database_url {
+    SagaSide::open(
+        backend.log,
+        &read_backend(settings),
+        &settings.topic_prefix,
+        settings.saga_config(),
+    )
+    .await
+    .map_err(anyhow::Error::msg)
+    .context("opening the saga orchestrator's database")
+}
+
+fn read_backend(settings: &Settings) -> ReadBackend {
+    match &settings.database_url {
         Some(url) => ReadBackend::Postgres {
             url: url.clone(),
             schema_prefix: settings.schema_prefix.clone(),
@@ -56,8 +131,186 @@ async fn open(settings: &Settings) -> anyhow::Result<ReadSide> {
         None => ReadBackend::Sqlite {
             dir: settings.data_dir.clone(),
         },
-    };
-    ReadSide::open(backend.log, &read_backend, &settings.topic_prefix)
+    }
+}
+
+fn time(time: Option<DateTime<Utc>>) -> String {
+    time.map(|time| time.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The saga's id from an order id or a correlation id.
+async fn find_saga(side: &SagaSide, id: &str) -> anyhow::Result<Option<(Saga, i64)>> {
+    if let Some(found) = driver::show(side.db(), id)
+        .await
+        .map_err(anyhow::Error::msg)?
+    {
+        return Ok(Some(found));
+    }
+    let row = side
+        .db()
+        .fetch_optional(
+            "SELECT order_id FROM sagas WHERE correlation_id = $1",
+            &[id.into()],
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+    match row {
+        None => Ok(None),
+        Some(row) => driver::show(side.db(), &row.text("order_id"))
+            .await
+            .map_err(anyhow::Error::msg),
+    }
+}
+
+fn print_saga(saga: &Saga, revision: i64) {
+    println!("saga      {}  (revision {revision})", saga.order_id);
+    println!("state     {}", saga.state);
+    if let Some(reason) = &saga.reason {
+        println!("reason    {reason}");
+    }
+    if let Some(attention) = &saga.attention {
+        println!(
+            "attention {} since {}: {}",
+            attention.step,
+            time(Some(attention.since)),
+            attention.reason
+        );
+    }
+    println!("started   {}", time(saga.started_at));
+    println!("updated   {}", time(saga.updated_at));
+    println!("deadline  {}", time(saga.deadline));
+    println!();
+    println!(
+        "{:<22} {:>7} {:<24} {:<24} {:<24} {}",
+        "STEP", "ATTEMPT", "STARTED", "FINISHED", "DEADLINE", "OUTCOME"
+    );
+    for step in &saga.history {
+        let outcome = match &step.outcome {
+            Some(StepOutcome::Answered { event_type, .. }) => event_type.clone(),
+            Some(StepOutcome::TimedOut) => "timed out".into(),
+            Some(StepOutcome::Abandoned) => "abandoned".into(),
+            None if step.parked_at.is_some() => "parked".into(),
+            None => "waiting".into(),
+        };
+        println!(
+            "{:<22} {:>7} {:<24} {:<24} {:<24} {}",
+            step.step.to_string(),
+            step.attempt,
+            time(Some(step.started_at)),
+            time(step.finished_at),
+            time(step.deadline),
+            outcome
+        );
+    }
+}
+
+pub async fn sagas(command: SagasCommand, settings: Settings) -> anyhow::Result<()> {
+    let side = open_saga(&settings).await?;
+    match command {
+        SagasCommand::List {
+            state,
+            stuck_for,
+            limit,
+            json,
+        } => {
+            let sagas = driver::list(
+                side.db(),
+                state.as_deref(),
+                stuck_for,
+                limit.clamp(1, 10_000),
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sagas)?);
+                return Ok(());
+            }
+            if sagas.is_empty() {
+                println!("no sagas");
+                return Ok(());
+            }
+            println!(
+                "{:<36} {:<20} {:<24} {:<24} {}",
+                "ORDER", "STATE", "UPDATED", "STARTED", "DEADLINE"
+            );
+            for saga in &sagas {
+                println!(
+                    "{:<36} {:<20} {:<24} {:<24} {}",
+                    saga.order_id,
+                    saga.state,
+                    saga.updated_at,
+                    saga.started_at,
+                    saga.deadline.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(())
+        }
+        SagasCommand::Show { id, json } => {
+            let Some((saga, revision)) = find_saga(&side, &id).await? else {
+                anyhow::bail!("no saga for {id:?} (neither an order id nor a correlation id)");
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"revision": revision, "saga": saga})
+                    )?
+                );
+            } else {
+                print_saga(&saga, revision);
+            }
+            Ok(())
+        }
+        SagasCommand::Retry { id, json } => {
+            let Some((before, _)) = find_saga(&side, &id).await? else {
+                anyhow::bail!("no saga for {id:?}");
+            };
+            let order_id = before.order_id.to_string();
+            if before.state != SagaState::NeedsAttention {
+                anyhow::bail!(
+                    "saga {order_id} is {}, not needs_attention: nothing to retry",
+                    before.state
+                );
+            }
+            let Some(after) = driver::poke(
+                side.db(),
+                side.config(),
+                &order_id,
+                Input::OperatorRetry,
+                side.outbox(),
+            )
+            .await
+            .map_err(anyhow::Error::msg)?
+            else {
+                anyhow::bail!("saga {order_id} changed while retrying; look again and retry");
+            };
+            let (_, revision) = driver::show(side.db(), &order_id)
+                .await
+                .map_err(anyhow::Error::msg)?
+                .unwrap_or((after.clone(), 0));
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"revision": revision, "saga": after})
+                    )?
+                );
+            } else {
+                println!(
+                    "retrying: saga {order_id} is now {} (the running orchestrator sends the commands)",
+                    after.state
+                );
+                print_saga(&after, revision);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn open(settings: &Settings) -> anyhow::Result<ReadSide> {
+    let backend = Backend::open(settings).await?;
+    ReadSide::open(backend.log, &read_backend(settings), &settings.topic_prefix)
         .await
         .map_err(anyhow::Error::msg)
         .context("opening the read models")

@@ -133,7 +133,7 @@ pub struct Settings {
     pub saga_timeout_ms: u64,
 
     /// How long the saga waits for a compensation's acknowledgement before sending it again (ms);
-    /// it backs off exponentially from there.
+    /// it backs off exponentially from there (adding a fifth of it, doubling per resend).
     #[arg(
         long,
         global = true,

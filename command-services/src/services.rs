@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use domain::OrderId;
 use domain::order::{OrderAggregate, OrderCommand};
 use domain::payment::{PaymentAggregate, PaymentCommand, PaymentState};
 use domain::stock::{StockAggregate, StockCommand};
+use domain::{Aggregate, Decision, OrderId};
 use event_log::{SharedLog, topics};
 use event_schema::EventCodec;
 use serde::Serialize;
@@ -17,7 +17,9 @@ use tokio::sync::watch;
 use crate::consumer;
 use crate::messages::{CommandMessage, ServiceCommand};
 use crate::owner::{CommandError, CommandRequest, Owner, OwnerConfig, OwnerStatus};
-use crate::provider::{PaymentProvider, ProviderPolicy, authorise_with_retries};
+use crate::provider::{
+    PaymentProvider, ProviderPolicy, authorise_with_retries, release_with_retries,
+};
 use crate::store::CommandStore;
 
 /// Which services run in this process.
@@ -408,5 +410,55 @@ async fn payment_command(
         },
         _ => return misrouted("payment", &message),
     };
+    if matches!(
+        command,
+        PaymentCommand::Refund { .. } | PaymentCommand::Void { .. }
+    ) && !provider_released(owner, provider, policy, &message, order_id, &command).await
+    {
+        tracing::info!(%order_id, command = message.command.name(), "the payment provider did not void or refund; nothing recorded, the saga resends");
+        return;
+    }
     execute(owner, &message, command).await;
+}
+
+/// Asks the provider to void or refund before the payment records it, when the payment would
+/// record it (a repeat or a refusal asks nothing). True when it may be recorded.
+async fn provider_released(
+    owner: &Owner<PaymentAggregate>,
+    provider: &dyn PaymentProvider,
+    policy: &ProviderPolicy,
+    message: &CommandMessage,
+    order_id: OrderId,
+    command: &PaymentCommand,
+) -> bool {
+    let (state, _) = owner.state(&message.aggregate_id);
+    if !matches!(
+        PaymentAggregate::decide(&state, command),
+        Ok(Decision::Append(_))
+    ) {
+        // Unchanged or refused: the owner answers that without the provider.
+        return true;
+    }
+    // Voided before any authorisation: nothing is held at the provider.
+    let Some(authorisation_id) = state
+        .payment()
+        .and_then(|payment| payment.authorisation_id.clone())
+    else {
+        return true;
+    };
+    let attempt = message.attempt.unwrap_or(1);
+    match command {
+        PaymentCommand::Refund { amount, .. } => {
+            release_with_retries(policy, order_id, || {
+                provider.refund(order_id, &authorisation_id, *amount, attempt)
+            })
+            .await
+        }
+        _ => {
+            release_with_retries(policy, order_id, || {
+                provider.void(order_id, &authorisation_id, attempt)
+            })
+            .await
+        }
+    }
 }

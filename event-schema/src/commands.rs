@@ -24,6 +24,11 @@ pub struct CommandMessage {
     pub issued_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The sender's attempt number for this step (1 for the first send, then 2, 3, ... for
+    /// each resend under a new command id); absent from senders that do not retry. A participant
+    /// may pass it on to an outside system (the payment provider) but decides nothing by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
     pub command: ServiceCommand,
 }
 

@@ -159,6 +159,7 @@ async fn enqueue(
         let Action::Send {
             aggregate_id,
             command,
+            attempt,
             ..
         } = action
         else {
@@ -175,6 +176,7 @@ async fn enqueue(
             aggregate_id: aggregate_id.clone(),
             issued_at: now,
             traceparent: traceparent.clone(),
+            attempt: Some(*attempt),
             command: command.clone(),
         };
         let body = serde_json::to_string(&message).map_err(|error| DbError(error.to_string()))?;

@@ -66,6 +66,7 @@ async fn a_reservation_sent_on_the_command_topic_is_decided_once_even_when_redel
             aggregate_id: "SKU-C".into(),
             issued_at: Utc::now(),
             traceparent: None,
+            attempt: None,
             command: ServiceCommand::ReserveStock {
                 order_id,
                 quantity: Quantity::new(3).expect("quantity"),

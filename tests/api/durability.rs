@@ -13,7 +13,11 @@ use serde_json::json;
 use crate::helpers::{Backend, TestApp, backends, open_log, platform_binary, settings};
 
 /// Every record of a topic, in log order per partition.
-async fn read_topic(log: &SharedLog, topic: &str, partitions: u32) -> Vec<(Position, Envelope)> {
+pub async fn read_topic(
+    log: &SharedLog,
+    topic: &str,
+    partitions: u32,
+) -> Vec<(Position, Envelope)> {
     let mut records = Vec::new();
     for partition in 0..partitions {
         let end = log.end_offset(topic, partition).await.expect("end offset");

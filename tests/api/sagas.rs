@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, TestApp, backends, settings};
+use crate::helpers::{Backend, TestApp, backends, platform_binary, settings};
 
 /// A platform whose saga gives up on a step after 1.5 s (for the timeout path).
 async fn spawn(backend: Backend) -> TestApp {
@@ -313,5 +313,136 @@ async fn cancelling_a_pending_order_compensates_what_the_saga_had_done() {
             .await
             .expect_problem(404);
         app.get("/sagas?stuck_for=soon").await.expect_problem(422);
+    }
+}
+
+/// `platform sagas …` against `app`'s backend, as an operator would run it.
+async fn sagas_cli(app: &TestApp, args: &[&str]) -> (bool, String) {
+    let settings = &app.settings;
+    let mut command = std::process::Command::new(platform_binary());
+    command
+        .arg("sagas")
+        .args(args)
+        .arg("--data-dir")
+        .arg(&settings.data_dir)
+        .arg("--topic-prefix")
+        .arg(&settings.topic_prefix)
+        .arg("--schema-prefix")
+        .arg(&settings.schema_prefix)
+        .arg("--saga-compensation-timeout-ms")
+        .arg(settings.saga_compensation_timeout_ms.to_string())
+        .env("RUST_LOG", "error")
+        .env_remove("DATABASE_URL")
+        .env_remove("PLATFORM_KAFKA");
+    if let (Some(kafka), Some(url)) = (&settings.kafka, &settings.database_url) {
+        command
+            .arg("--kafka")
+            .arg(kafka)
+            .arg("--database-url")
+            .arg(url);
+    }
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .expect("run platform sagas");
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_that_keeps_failing_is_parked_until_an_operator_retries_it() {
+    for backend in backends() {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let mut settings = settings(backend, dir.path());
+        settings.saga_timeout_ms = 5_000;
+        // Resends after 0.3, 0.36, 0.42, 0.54 s: parked about 2 s after the first refund.
+        settings.saga_compensation_timeout_ms = 300;
+        let app = TestApp::spawn_with(backend, settings, dir).await;
+        app.receive("SKU-H", 10).await.expect(200);
+        // Two orders whose refunds fail at the provider: one retried over HTTP, one by the CLI.
+        let by_http = place(&app, "tok_refund_fails", &[("SKU-H", 2, 1000)]).await;
+        let by_cli = place(&app, "tok_refund_fails", &[("SKU-H", 3, 700)]).await;
+        for order_id in [&by_http, &by_cli] {
+            order_with(
+                &app,
+                order_id,
+                &[("status", "confirmed"), ("payment_status", "captured")],
+            )
+            .await;
+            saga_until(&app, order_id, "confirmed").await;
+            app.post(&format!("/orders/{order_id}/cancel"), json!({}))
+                .await
+                .expect(200);
+        }
+        for order_id in [&by_http, &by_cli] {
+            let saga = saga_until(&app, order_id, "needs_attention").await;
+            assert_eq!(saga["attention"]["step"], "refund", "{backend:?}: {saga}");
+            let refund = saga["history"]
+                .as_array()
+                .expect("history")
+                .iter()
+                .find(|step| step["step"] == "refund")
+                .expect("a refund step")
+                .clone();
+            // Sent max_attempts times, each under its own command id, then parked.
+            assert_eq!(refund["attempt"], 5, "{backend:?}: {refund}");
+            assert_eq!(
+                refund["command_ids"].as_array().expect("ids").len(),
+                5,
+                "{backend:?}: {refund}"
+            );
+            assert!(refund["parked_at"].is_string(), "{backend:?}: {refund}");
+            // The money has not moved back; the stock was released (its compensation worked).
+            payment_until(&app, order_id, "captured").await;
+        }
+        stock_until(&app, "SKU-H", (10, 0)).await;
+        let parked = app.get("/sagas?state=needs_attention").await;
+        assert_eq!(
+            parked.expect(200)["sagas"].as_array().expect("sagas").len(),
+            2,
+            "{backend:?}: both listed as needing attention"
+        );
+        let stuck = app.get("/sagas?stuck_for=0").await;
+        assert_eq!(
+            stuck.expect(200)["sagas"].as_array().expect("sagas").len(),
+            2,
+            "{backend:?}: parked sagas are stuck sagas"
+        );
+        // The CLI shows it, and lists it by state.
+        let (ok, shown) = sagas_cli(&app, &["show", &by_cli]).await;
+        assert!(ok, "{backend:?}: sagas show: {shown}");
+        assert!(
+            shown.contains("needs_attention") && shown.contains("refund"),
+            "{backend:?}: {shown}"
+        );
+        let (ok, listed) = sagas_cli(&app, &["list", "--state", "needs_attention", "--json"]).await;
+        assert!(ok, "{backend:?}: sagas list: {listed}");
+        let listed: Value = serde_json::from_str(&listed).expect("sagas list --json is JSON");
+        assert_eq!(listed.as_array().expect("a list").len(), 2, "{backend:?}");
+
+        // The operator retries: the 6th send succeeds at the provider.
+        let retried = app
+            .post(&format!("/sagas/{by_http}/retry"), json!({}))
+            .await;
+        assert_eq!(
+            retried.expect(200)["saga"]["state"],
+            "compensating",
+            "{backend:?}"
+        );
+        let (ok, output) = sagas_cli(&app, &["retry", &by_cli]).await;
+        assert!(ok, "{backend:?}: sagas retry: {output}");
+        for (order_id, refunded) in [(&by_http, 2000), (&by_cli, 2100)] {
+            let saga = saga_until(&app, order_id, "cancelled").await;
+            assert!(saga["attention"].is_null(), "{backend:?}: {saga}");
+            let payment = payment_until(&app, order_id, "refunded").await;
+            assert_eq!(payment["refunded_minor"], refunded, "{backend:?}");
+        }
+        // Retrying a saga that needs nothing is refused by the CLI.
+        let (ok, output) = sagas_cli(&app, &["retry", &by_cli]).await;
+        assert!(
+            !ok && output.contains("nothing to retry"),
+            "{backend:?}: {output}"
+        );
     }
 }

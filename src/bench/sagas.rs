@@ -1,0 +1,548 @@
+//! `platform bench sagas`: the fulfilment saga under load, against the command throughput of
+//! the same platform measured in the same run.
+//!
+//! The platform runs whole in this process (`Part::All`, as `serve` does), on the backend the
+//! global flags choose, with its own port, topic prefix, schema and data directory. Its SKUs
+//! get stock enough for every order first. Then, each phase `--warmup` seconds unmeasured and
+//! `--duration` seconds measured:
+//!
+//! 1. **Commands**: `--clients` closed-loop HTTP clients receiving stock (`POST
+//!    /inventory/{sku}/receipts`): the command throughput C of this platform (decide, append,
+//!    read back as effective, answer), with no saga work behind it.
+//! 2. **Sagas at saturation**: `--clients` closed-loop clients placing one-line orders,
+//!    `--decline-share` of them with `tok_decline`, the rest `tok_approve`. A saga is complete
+//!    when its order is confirmed (happy path: place, reserve, authorise, confirm, capture) or
+//!    rejected (decline: place, reserve, authorise, release, reject): 5 commands either way.
+//!    Completed sagas/s counts the orders whose `order.confirmed` / `order.rejected` event
+//!    occurred inside the window (read from the order topic by a tailing reader, not polled
+//!    over HTTP). Target: sagas/s ≥ 0.8 × C ÷ 5.
+//! 3. **Latency at half that rate**: an open loop placing orders at half the completed sagas/s
+//!    (same mix), each placement started on schedule whatever the earlier ones do. Latency is
+//!    from the scheduled placement to the event's `occurred_at` (the order service's clock, the
+//!    same machine's), for confirmed orders (p50, p99) and declined ones (the compensation:
+//!    release the stock, reject the order). Target: compensation p99 ≤ 2 × happy-path p99.
+//!
+//! After each saga phase the bench waits (at most `--drain-timeout`) until every saga it
+//! started has finished, so a backlog is reported rather than carried into the next phase.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use event_log::{SharedLog, topics};
+use event_schema::Envelope;
+use hdrhistogram::Histogram;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{
+    Failure, Stats, Timing, closed_loop, command_line, finish, histogram, load_average, lock,
+    open_loop, start_platform, verdict,
+};
+use crate::Settings;
+use crate::backend::Backend;
+
+/// Commands one saga takes, its order's placement included (one-line orders; the happy path
+/// and the decline path alike).
+const COMMANDS_PER_SAGA: f64 = 5.0;
+
+/// Options of `platform bench sagas`. The backend and its tuning come from the global settings,
+/// as for `serve` (`--kafka`, `--database-url`, `--partitions`, ...).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SagasBench {
+    /// Concurrent clients of the closed-loop phases.
+    #[arg(long, default_value_t = 32)]
+    pub clients: usize,
+
+    /// Measured seconds of each phase.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+
+    /// Unmeasured seconds before each phase's measurement.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+
+    /// How many SKUs the orders and receipts spread over.
+    #[arg(long, default_value_t = 200)]
+    pub skus: usize,
+
+    /// Share of orders paid with `tok_decline` (compensated), 0 to 1.
+    #[arg(long, default_value_t = 0.2)]
+    pub decline_share: f64,
+
+    /// Longest wait, in seconds, for the sagas of a phase to finish after it.
+    #[arg(long, default_value_t = 120)]
+    pub drain_timeout: u64,
+
+    /// Also report the CPU use of this process (e.g. the broker) in each phase; repeatable.
+    #[arg(long)]
+    pub watch_pid: Vec<u32>,
+}
+
+/// An order the bench placed.
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    at: DateTime<Utc>,
+    declined: bool,
+}
+
+/// How an order's saga ended, as its order event says.
+#[derive(Debug, Clone, Copy)]
+struct Ended {
+    at: DateTime<Utc>,
+    confirmed: bool,
+}
+
+#[derive(Default)]
+struct Book {
+    placed: HashMap<String, Placed>,
+    ended: HashMap<String, Ended>,
+}
+
+type Shared = Arc<Mutex<Book>>;
+
+/// Reads the order topic from its start and notes every order's confirmation or rejection.
+async fn track(log: SharedLog, topic: String, book: Shared, mut stop: watch::Receiver<bool>) {
+    let partitions = loop {
+        match log.partition_count(&topic).await {
+            Ok(partitions) => break partitions,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let from: Vec<(u32, u64)> = (0..partitions).map(|partition| (partition, 0)).collect();
+    let mut reader = match log.reader(&topic, &from).await {
+        Ok(reader) => reader,
+        Err(error) => {
+            eprintln!("bench: cannot read {topic}: {error}");
+            return;
+        }
+    };
+    while !*stop.borrow() {
+        let records = tokio::select! {
+            records = reader.poll(1000, Duration::from_millis(100)) => records,
+            _ = stop.changed() => return,
+        };
+        let Ok(records) = records else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut book = lock(&book);
+        for record in records {
+            let Ok(envelope) = Envelope::try_from(&record.record) else {
+                continue;
+            };
+            let confirmed = match envelope.event_type.as_str() {
+                "order.confirmed" => true,
+                "order.rejected" => false,
+                _ => continue,
+            };
+            book.ended.entry(envelope.aggregate_id).or_insert(Ended {
+                at: envelope.occurred_at,
+                confirmed,
+            });
+        }
+    }
+}
+
+fn sku(n: u64, skus: usize) -> String {
+    format!("SKU-SB{}", n % skus as u64)
+}
+
+/// Deterministic spread of clients' requests over SKUs and tokens.
+fn pick(client: usize, sequence: u64, salt: u64) -> u64 {
+    let mut x = (client as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ sequence ^ salt;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x
+}
+
+type Operation =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Failure>> + Send + 'static>>;
+
+fn receipt_operation(
+    http: reqwest::Client,
+    base: String,
+    skus: usize,
+) -> impl Fn(usize, u64) -> Operation + Send + Sync + 'static {
+    move |client, sequence| {
+        let sku = sku(pick(client, sequence, 1), skus);
+        let request = http
+            .post(format!("{base}/inventory/{sku}/receipts"))
+            .json(&serde_json::json!({"quantity": 1}));
+        Box::pin(async move { finish(request.send().await, 200).await })
+    }
+}
+
+fn order_operation(
+    http: reqwest::Client,
+    base: String,
+    skus: usize,
+    decline_share: f64,
+    book: Shared,
+) -> impl Fn(usize, u64) -> Operation + Send + Sync + 'static {
+    move |client, sequence| {
+        // Taken when the request is due (the open loop calls this on schedule).
+        let at = Utc::now();
+        let roll = pick(client, sequence, 2);
+        let declined = (roll % 10_000) as f64 / 10_000.0 < decline_share;
+        let token = if declined {
+            "tok_decline"
+        } else {
+            "tok_approve"
+        };
+        let request = http.post(format!("{base}/orders")).json(&serde_json::json!({
+            "customer_id": format!("bench-{client}"),
+            "currency": "EUR",
+            "payment_token": token,
+            "lines": [{"sku": sku(pick(client, sequence, 3), skus), "quantity": 1, "unit_price_minor": 1000}],
+        }));
+        let book = book.clone();
+        Box::pin(async move {
+            let response = request
+                .send()
+                .await
+                .map_err(|error| Failure::new("transport", error))?;
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response
+                .json()
+                .await
+                .map_err(|error| Failure::new("body", error))?;
+            if status != 201 {
+                return Err(Failure::new(format!("HTTP {status}"), body));
+            }
+            let order_id = body["order_id"].as_str().unwrap_or_default().to_owned();
+            lock(&book).placed.insert(order_id, Placed { at, declined });
+            Ok(())
+        })
+    }
+}
+
+/// Waits until every order placed so far has ended; false after `limit`.
+async fn drain(book: &Shared, limit: Duration) -> (bool, Duration) {
+    let start = Instant::now();
+    loop {
+        let open = {
+            let book = lock(book);
+            book.placed
+                .keys()
+                .filter(|id| !book.ended.contains_key(*id))
+                .count()
+        };
+        if open == 0 {
+            return (true, start.elapsed());
+        }
+        if start.elapsed() >= limit {
+            eprintln!("bench: {open} sagas still open after {} s", limit.as_secs());
+            return (false, start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What a saga phase measured, from the book.
+struct SagaFigures {
+    completed: u64,
+    per_second: f64,
+    happy: Histogram<u64>,
+    compensated: Histogram<u64>,
+    unfinished: usize,
+}
+
+fn figures(
+    book: &Shared,
+    since: &HashMap<String, Placed>,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> SagaFigures {
+    let book = lock(book);
+    let mut happy = histogram();
+    let mut compensated = histogram();
+    let mut completed = 0;
+    let mut unfinished = 0;
+    for (order_id, placed) in &book.placed {
+        if since.contains_key(order_id) {
+            continue;
+        }
+        let Some(ended) = book.ended.get(order_id) else {
+            unfinished += 1;
+            continue;
+        };
+        if ended.at >= from && ended.at < to {
+            completed += 1;
+        }
+        if placed.at >= from && placed.at < to {
+            let micros = (ended.at - placed.at)
+                .num_microseconds()
+                .unwrap_or(0)
+                .max(1) as u64;
+            let histogram = if ended.confirmed && !placed.declined {
+                &mut happy
+            } else {
+                &mut compensated
+            };
+            histogram.saturating_record(micros);
+        }
+    }
+    let seconds = (to - from).num_milliseconds() as f64 / 1000.0;
+    SagaFigures {
+        completed,
+        per_second: completed as f64 / seconds,
+        happy,
+        compensated,
+        unfinished,
+    }
+}
+
+fn ms(histogram: &Histogram<u64>, quantile: f64) -> f64 {
+    histogram.value_at_quantile(quantile) as f64 / 1000.0
+}
+
+fn cpu(stats: &Stats) -> String {
+    stats
+        .cpu
+        .as_ref()
+        .map(|cpu| format!("{:.2} cores (machine {:.2})", cpu.own, cpu.machine))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+fn errors(stats: &Stats) -> String {
+    if stats.errors.is_empty() {
+        return "none".into();
+    }
+    stats
+        .errors
+        .iter()
+        .map(|(kind, count)| {
+            format!(
+                "{kind} x{count} ({})",
+                stats.samples.get(kind).map(String::as_str).unwrap_or("")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result<()> {
+    anyhow::ensure!(options.clients > 0, "--clients must be at least 1");
+    anyhow::ensure!(options.duration > 0, "--duration must be at least 1");
+    anyhow::ensure!(options.skus > 0, "--skus must be at least 1");
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&options.decline_share),
+        "--decline-share must be between 0 and 1"
+    );
+    let command = command_line();
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let data_dir = base_settings.data_dir.join(format!("bench-sagas-{run_id}"));
+    let mut settings = base_settings.clone();
+    settings.data_dir = data_dir.clone();
+    settings.http_addr = SocketAddr::new(base_settings.http_addr.ip(), 0);
+    settings.topic_prefix = format!("{}-sagas-{run_id}", base_settings.topic_prefix);
+    settings.schema_prefix = format!("{}sagas_{run_id}_", base_settings.schema_prefix);
+    settings.instance = 0;
+    settings.instances = 1;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let load_before = load_average();
+    let backend_name = if settings.kafka.is_some() {
+        "kafka + postgres"
+    } else {
+        "embedded (SQLite)"
+    };
+
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(options.clients * 4)
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .context("building the HTTP client")?;
+    let (running, _idle) = start_platform(settings.clone(), &http).await?;
+    let base = running.base.clone();
+
+    // Stock for every order the run can place.
+    eprintln!("bench: receiving stock for {} SKUs", options.skus);
+    for n in 0..options.skus as u64 {
+        let response = http
+            .post(format!(
+                "{base}/inventory/{}/receipts",
+                sku(n, options.skus)
+            ))
+            .json(&serde_json::json!({"quantity": 1_000_000}))
+            .send()
+            .await
+            .context("receiving stock")?;
+        anyhow::ensure!(
+            response.status() == 200,
+            "receiving stock: HTTP {}",
+            response.status()
+        );
+    }
+
+    // The tracker reads the order topic through a log client of its own.
+    let log = Backend::open(&settings).await?.log;
+    let book: Shared = Arc::new(Mutex::new(Book::default()));
+    let (stop_tracker, stopped) = watch::channel(false);
+    let tracker = tokio::spawn(track(
+        log,
+        topics::events(&settings.topic_prefix, "order"),
+        book.clone(),
+        stopped,
+    ));
+
+    let timing = Timing {
+        warmup: Duration::from_secs(options.warmup),
+        duration: Duration::from_secs(options.duration),
+        watched: &options.watch_pid,
+    };
+    let drain_limit = Duration::from_secs(options.drain_timeout);
+    let window_of = |start: DateTime<Utc>| {
+        let from = start + chrono::TimeDelta::seconds(options.warmup as i64);
+        (
+            from,
+            from + chrono::TimeDelta::seconds(options.duration as i64),
+        )
+    };
+
+    eprintln!(
+        "bench: commands (stock receipts), {} clients",
+        options.clients
+    );
+    let commands = closed_loop(
+        options.clients,
+        timing,
+        receipt_operation(http.clone(), base.clone(), options.skus),
+    )
+    .await;
+    let command_rate = commands.rate();
+
+    eprintln!("bench: sagas at saturation, {} clients", options.clients);
+    let before = lock(&book).placed.clone();
+    let start = Utc::now();
+    let saturated = closed_loop(
+        options.clients,
+        timing,
+        order_operation(
+            http.clone(),
+            base.clone(),
+            options.skus,
+            options.decline_share,
+            book.clone(),
+        ),
+    )
+    .await;
+    let (drained_full, drain_full) = drain(&book, drain_limit).await;
+    let (from, to) = window_of(start);
+    let full = figures(&book, &before, from, to);
+
+    let rate = (full.per_second / 2.0).max(1.0);
+    eprintln!("bench: sagas at half that rate ({rate:.0} orders/s), open loop");
+    let before = lock(&book).placed.clone();
+    let start = Utc::now();
+    let half_load = open_loop(
+        rate,
+        timing,
+        order_operation(
+            http.clone(),
+            base.clone(),
+            options.skus,
+            options.decline_share,
+            book.clone(),
+        ),
+    )
+    .await;
+    let (drained_half, drain_half) = drain(&book, drain_limit).await;
+    let (from, to) = window_of(start);
+    let half = figures(&book, &before, from, to);
+
+    let _ = stop_tracker.send(true);
+    let _ = tracker.await;
+    running.stop().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+
+    let target_rate = 0.8 * command_rate / COMMANDS_PER_SAGA;
+    let happy_p99 = ms(&half.happy, 0.99);
+    let compensation_p99 = ms(&half.compensated, 0.99);
+    println!("platform bench sagas");
+    println!("command:  {command}");
+    println!(
+        "backend:  {backend_name}; partitions {}",
+        settings.partitions
+    );
+    println!(
+        "run:      {} clients, {} s warm-up + {} s measured per phase, {} SKUs, decline share {}",
+        options.clients, options.warmup, options.duration, options.skus, options.decline_share
+    );
+    println!("load avg: {load_before} before, {} after", load_average());
+    println!();
+    println!(
+        "commands (stock receipts, closed loop): {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, errors: {}; cpu {}",
+        command_rate,
+        commands.ms(0.5),
+        commands.ms(0.99),
+        errors(&commands),
+        cpu(&commands)
+    );
+    println!(
+        "sagas at saturation (closed loop): {} placed/s; {:.1} completed sagas/s ({} in the window); \
+         placed->confirmed p50 {:.0} ms p99 {:.0} ms; declined->rejected p99 {:.0} ms; \
+         drained {} in {:.1} s{}; errors: {}; cpu {}",
+        saturated.ok / options.duration.max(1),
+        full.per_second,
+        full.completed,
+        ms(&full.happy, 0.5),
+        ms(&full.happy, 0.99),
+        ms(&full.compensated, 0.99),
+        if drained_full { "fully" } else { "NOT fully" },
+        drain_full.as_secs_f64(),
+        if full.unfinished > 0 {
+            format!(" ({} unfinished)", full.unfinished)
+        } else {
+            String::new()
+        },
+        errors(&saturated),
+        cpu(&saturated)
+    );
+    println!(
+        "sagas at {rate:.0} orders/s (open loop): {:.1} completed sagas/s; happy path (placed->confirmed, {} sagas) \
+         p50 {:.0} ms p99 {:.0} ms max {:.0} ms; compensation (declined->released->rejected, {} sagas) p50 {:.0} ms \
+         p99 {:.0} ms max {:.0} ms; drained {} in {:.1} s{}; errors: {}; cpu {}",
+        half.per_second,
+        half.happy.len(),
+        ms(&half.happy, 0.5),
+        happy_p99,
+        half.happy.max() as f64 / 1000.0,
+        half.compensated.len(),
+        ms(&half.compensated, 0.5),
+        compensation_p99,
+        half.compensated.max() as f64 / 1000.0,
+        if drained_half { "fully" } else { "NOT fully" },
+        drain_half.as_secs_f64(),
+        if half.unfinished > 0 {
+            format!(" ({} unfinished)", half.unfinished)
+        } else {
+            String::new()
+        },
+        errors(&half_load),
+        cpu(&half_load)
+    );
+    println!();
+    println!(
+        "target: sagas/s >= 0.8 x {command_rate:.0} commands/s / {COMMANDS_PER_SAGA} commands per saga = {target_rate:.1}: \
+         {:.1} -> {}",
+        full.per_second,
+        verdict(full.per_second >= target_rate)
+    );
+    println!(
+        "target: compensation p99 <= 2 x happy-path p99 = {:.0} ms: {compensation_p99:.0} ms -> {}",
+        2.0 * happy_p99,
+        verdict(
+            half.compensated.len() > 0
+                && half.happy.len() > 0
+                && compensation_p99 <= 2.0 * happy_p99
+        )
+    );
+    Ok(())
+}
