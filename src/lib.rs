@@ -10,6 +10,8 @@
 //! - [`server`]: [`Platform::build`] binds and starts the parts; `run_until_stopped` serves.
 //! - [`bench`]: the `platform bench` load generators.
 //! - [`security`]: the authentication, role, rate-limit and request-limit layer of every part.
+//! - [`telemetry`]: the command metrics (by route and outcome, latency) and saga states in
+//!   `/metrics`.
 //! - [`gateway`]: `platform serve gateway`, the single entry point: registry, health checks,
 //!   partition-aware routing, retries, circuit breakers.
 //! - [`ops`]: operator commands (`projections status`, `parked list|retry|skip`).
@@ -21,6 +23,7 @@ pub mod ops;
 pub mod security;
 pub mod server;
 pub mod settings;
+pub mod telemetry;
 
 pub use server::Platform;
 pub use settings::{Part, Settings};

@@ -222,6 +222,7 @@ fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(crate::telemetry::track))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)
 }
@@ -369,6 +370,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
                 status.projection, status.conflicts
             );
         }
+    }
+    crate::telemetry::render(&mut out);
+    if let Some(saga) = &state.saga {
+        crate::telemetry::render_sagas(&mut out, saga).await;
     }
     (
         [(

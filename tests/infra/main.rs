@@ -5,5 +5,6 @@
 
 mod deploy;
 mod gateway;
+mod observability;
 mod security;
 mod support;

@@ -1,0 +1,153 @@
+//! The process's HTTP command metrics, rendered into `/metrics` in the Prometheus text format.
+//!
+//! A middleware times every request of the command class (see [`crate::security::classify`])
+//! and counts it by route and outcome; `/metrics` renders the counters and a latency histogram.
+//! The registry is per process, as a Prometheus registry is: several platforms in one test
+//! process add to the same series.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use crate::security::{RouteClass, classify};
+
+/// Upper bounds (seconds) of the command latency histogram's buckets.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    /// Sum in microseconds.
+    sum_micros: AtomicU64,
+}
+
+#[derive(Default)]
+struct Registry {
+    /// (route, outcome) → count
+    commands: Mutex<BTreeMap<(String, &'static str), u64>>,
+    latency: Histogram,
+}
+
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(Registry::default)
+}
+
+/// What a command's status says about it.
+pub fn outcome(status: u16) -> &'static str {
+    match status {
+        200..=299 => "accepted",
+        409 => "conflict",
+        401 | 403 | 429 => "refused",
+        400..=499 => "rejected",
+        _ => "failed",
+    }
+}
+
+/// The middleware: counts and times command requests.
+pub async fn track(request: Request, next: Next) -> Response {
+    if classify(request.method(), request.uri().path()) != RouteClass::Command {
+        return next.run(request).await;
+    }
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let route = format!("{} {route}", request.method());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let elapsed = started.elapsed();
+    let registry = registry();
+    if let Ok(mut commands) = registry.commands.lock() {
+        *commands
+            .entry((route, outcome(response.status().as_u16())))
+            .or_default() += 1;
+    }
+    let seconds = elapsed.as_secs_f64();
+    for (bound, bucket) in BUCKETS.iter().zip(&registry.latency.buckets) {
+        if seconds <= *bound {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    registry.latency.count.fetch_add(1, Ordering::Relaxed);
+    registry
+        .latency
+        .sum_micros
+        .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    response
+}
+
+/// Appends the command series to a Prometheus text exposition.
+pub fn render(out: &mut String) {
+    let registry = registry();
+    let _ = writeln!(
+        out,
+        "# HELP platform_commands_total HTTP commands answered, by route and outcome (accepted, conflict, rejected, refused, failed)."
+    );
+    let _ = writeln!(out, "# TYPE platform_commands_total counter");
+    if let Ok(commands) = registry.commands.lock() {
+        for ((route, outcome), count) in commands.iter() {
+            let _ = writeln!(
+                out,
+                "platform_commands_total{{route=\"{}\",outcome=\"{outcome}\"}} {count}",
+                route.replace('"', "'")
+            );
+        }
+    }
+    let name = "platform_command_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time from a command's arrival to its answer (decide, append, read back as effective)."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (bound, bucket) in BUCKETS.iter().zip(&registry.latency.buckets) {
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"{bound}\"}} {}",
+            bucket.load(Ordering::Relaxed)
+        );
+    }
+    let count = registry.latency.count.load(Ordering::Relaxed);
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(
+        out,
+        "{name}_sum {}",
+        registry.latency.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+    );
+    let _ = writeln!(out, "{name}_count {count}");
+}
+
+/// Appends the saga instances per state.
+pub async fn render_sagas(out: &mut String, saga: &saga_orchestrator::side::SagaSide) {
+    let rows = saga
+        .db()
+        .fetch_all(
+            "SELECT state, COUNT(*) AS n FROM sagas GROUP BY state ORDER BY state",
+            &[],
+        )
+        .await;
+    let _ = writeln!(
+        out,
+        "# HELP platform_saga_instances Saga instances by state (needs_attention: parked for an operator)."
+    );
+    let _ = writeln!(out, "# TYPE platform_saga_instances gauge");
+    if let Ok(rows) = rows {
+        for row in rows {
+            let _ = writeln!(
+                out,
+                "platform_saga_instances{{state=\"{}\"}} {}",
+                row.text("state"),
+                row.int("n")
+            );
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! `/metrics` exposes the named series, and every part answers `/health/live`,
+//! `/health/ready` and `/metrics`.
+
+use std::time::Duration;
+
+use platform::Part;
+use serde_json::json;
+
+use crate::support::{self, read};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_expose_commands_by_outcome_latency_lag_parking_conflicts_and_saga_states() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let app = support::platform(support::settings(dir.path()), Part::All).await;
+    let client = reqwest::Client::new();
+    let url = app.url();
+    let (status, _, body) = read(
+        client
+            .post(format!("{url}/inventory/SKU-M/receipts"))
+            .json(&json!({"quantity": 5}))
+            .send()
+            .await
+            .expect("receipt"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let status = client
+        .post(format!("{url}/inventory/SKU-M/receipts"))
+        .header("if-match", "\"7\"")
+        .json(&json!({"quantity": 5}))
+        .send()
+        .await
+        .expect("conflict")
+        .status();
+    assert_eq!(status.as_u16(), 409);
+    let status = client
+        .post(format!("{url}/orders"))
+        .json(&json!({"customer_id": "", "currency": "EUR", "payment_token": "tok_approve", "lines": []}))
+        .send()
+        .await
+        .expect("invalid order")
+        .status();
+    assert_eq!(status.as_u16(), 422);
+    let status = client
+        .post(format!("{url}/orders"))
+        .json(
+            &json!({"customer_id": "c-m", "currency": "EUR", "payment_token": "tok_timeout",
+            "lines": [{"sku": "SKU-M", "quantity": 1, "unit_price_minor": 100}]}),
+        )
+        .send()
+        .await
+        .expect("order")
+        .status();
+    assert_eq!(status.as_u16(), 201);
+
+    // The saga starts on the order; its state shows once it has consumed it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let metrics = client
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        if metrics.contains("platform_saga_instances{state=") {
+            break metrics;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no saga state in:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for series in [
+        "platform_commands_total{route=\"POST /inventory/{sku}/receipts\",outcome=\"accepted\"}",
+        "platform_commands_total{route=\"POST /inventory/{sku}/receipts\",outcome=\"conflict\"}",
+        "platform_commands_total{route=\"POST /orders\",outcome=\"rejected\"}",
+        "platform_commands_total{route=\"POST /orders\",outcome=\"accepted\"}",
+        "platform_command_duration_seconds_bucket{le=\"+Inf\"}",
+        "platform_command_duration_seconds_count",
+        "platform_command_conflicts_total{topic=",
+        "platform_projection_lag_events{projection=",
+        "platform_projection_lag_seconds{projection=",
+        "platform_projection_parked_events{projection=",
+        "platform_projection_conflicts_total{projection=",
+        "platform_saga_instances{state=",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "{series} missing from:\n{metrics}"
+        );
+    }
+    // Every sample line is `name{labels} number` or `name number`.
+    for line in metrics.lines().filter(|line| !line.starts_with('#')) {
+        let value = line.rsplit(' ').next().expect("value");
+        assert!(value.parse::<f64>().is_ok(), "not a sample: {line}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_part_answers_health_and_metrics() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = reqwest::Client::new();
+    let mut urls = Vec::new();
+    let mut running = Vec::new();
+    for part in [
+        Part::Order,
+        Part::Payment,
+        Part::Inventory,
+        Part::Projections,
+        Part::Saga,
+    ] {
+        let app = support::platform(support::settings(dir.path()), part).await;
+        urls.push((format!("{part:?}"), app.url()));
+        running.push(app);
+    }
+    let mut gateway_settings = support::settings(dir.path());
+    gateway_settings.http_addr = support::localhost();
+    gateway_settings.gateway.gateway_order = vec![urls[0].1.clone()];
+    gateway_settings.gateway.gateway_query = vec![urls[3].1.clone()];
+    let gateway = support::gateway(gateway_settings).await;
+    urls.push(("Gateway".into(), gateway.url()));
+    for (part, url) in &urls {
+        for path in ["/health/live", "/health/ready", "/metrics"] {
+            let mut status = 0;
+            // A projection may need a moment to measure its lag after start.
+            for _ in 0..50 {
+                status = client
+                    .get(format!("{url}{path}"))
+                    .send()
+                    .await
+                    .expect("request")
+                    .status()
+                    .as_u16();
+                if status == 200 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert_eq!(status, 200, "{part} {path}");
+        }
+    }
+    gateway.stop().await;
+    for app in running {
+        app.stop().await;
+    }
+}
