@@ -1,4 +1,5 @@
-//! The process's HTTP command metrics, rendered into `/metrics` in the Prometheus text format.
+//! The process's HTTP command metrics, rendered into `/metrics` in the Prometheus text format,
+//! and the correlation id of every request's log lines.
 //!
 //! A middleware times every request of the command class (see [`crate::security::classify`])
 //! and counts it by route and outcome; `/metrics` renders the counters and a latency histogram.
@@ -12,10 +13,15 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
+use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 
+use tracing::Instrument;
+
 use crate::security::{RouteClass, classify};
+
+const CORRELATION_ID: &str = "x-correlation-id";
 
 /// Upper bounds (seconds) of the command latency histogram's buckets.
 const BUCKETS: [f64; 12] = [
@@ -53,8 +59,37 @@ pub fn outcome(status: u16) -> &'static str {
     }
 }
 
-/// The middleware: counts and times command requests.
-pub async fn track(request: Request, next: Next) -> Response {
+/// The middleware: gives every request a correlation id (the client's `X-Correlation-Id`, or a
+/// new one) and a span carrying it, so every log line of the request has it; returns it in the
+/// answer; counts and times command requests.
+pub async fn track(mut request: Request, next: Next) -> Response {
+    let correlation_id = request
+        .headers()
+        .get(CORRELATION_ID)
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|value| !value.is_empty() && value.len() <= 255)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    if let Ok(value) = HeaderValue::from_str(&correlation_id) {
+        request.headers_mut().insert(CORRELATION_ID, value);
+    }
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        correlation_id = %correlation_id,
+    );
+    let mut response = timed(request, next).instrument(span).await;
+    if !response.headers().contains_key(CORRELATION_ID)
+        && let Ok(value) = HeaderValue::from_str(&correlation_id)
+    {
+        response.headers_mut().insert(CORRELATION_ID, value);
+    }
+    response
+}
+
+async fn timed(request: Request, next: Next) -> Response {
     if classify(request.method(), request.uri().path()) != RouteClass::Command {
         return next.run(request).await;
     }

@@ -148,3 +148,50 @@ async fn every_part_answers_health_and_metrics() {
         app.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_carries_the_correlation_id() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let app = support::platform(support::settings(dir.path()), Part::All).await;
+    let client = reqwest::Client::new();
+    let given = client
+        .get(format!("{}/inventory/SKU-C", app.url()))
+        .header("x-correlation-id", "corr-123")
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(
+        given
+            .headers()
+            .get("x-correlation-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("corr-123")
+    );
+    let command = client
+        .post(format!("{}/inventory/SKU-C/receipts", app.url()))
+        .header("x-correlation-id", "corr-456")
+        .json(&json!({"quantity": 1}))
+        .send()
+        .await
+        .expect("command");
+    assert_eq!(
+        command
+            .headers()
+            .get("x-correlation-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("corr-456"),
+        "the command's own correlation id is the client's"
+    );
+    let generated = client
+        .get(format!("{}/inventory/SKU-C", app.url()))
+        .send()
+        .await
+        .expect("read");
+    let id = generated
+        .headers()
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("a generated correlation id");
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+    app.stop().await;
+}
