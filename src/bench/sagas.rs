@@ -40,10 +40,10 @@ use tokio::time::Instant;
 
 use super::{
     Failure, Stats, Timing, closed_loop, command_line, finish, histogram, load_average, lock,
-    open_loop, start_platform, verdict,
+    open_loop, verdict,
 };
-use crate::Settings;
 use crate::backend::Backend;
+use crate::{Part, Platform, Settings};
 
 /// Commands one saga takes, its order's placement included (one-line orders; the happy path
 /// and the decline path alike).
@@ -359,8 +359,31 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
         .timeout(Duration::from_secs(30))
         .build()
         .context("building the HTTP client")?;
-    let (running, _idle) = start_platform(settings.clone(), &http).await?;
-    let base = running.base.clone();
+    eprintln!(
+        "bench: starting the platform (topic prefix {})",
+        settings.topic_prefix
+    );
+    let platform = Platform::build(settings.clone(), Part::All)
+        .await
+        .context("starting the platform under test")?;
+    let base = format!("http://{}", platform.local_addr());
+    let (stop_platform, platform_stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(platform.run_until_stopped(async move {
+        let _ = platform_stopped.await;
+    }));
+    let ready_by = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(response) = http.get(format!("{base}/health/ready")).send().await
+            && response.status() == 200
+        {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < ready_by,
+            "the platform was not ready within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Stock for every order the run can place.
     eprintln!("bench: receiving stock for {} SKUs", options.skus);
@@ -459,7 +482,12 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
 
     let _ = stop_tracker.send(true);
     let _ = tracker.await;
-    running.stop().await;
+    let _ = stop_platform.send(());
+    match served.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => eprintln!("bench: the platform stopped with an error: {error:#}"),
+        Err(error) => eprintln!("bench: the platform task failed: {error}"),
+    }
     let _ = std::fs::remove_dir_all(&data_dir);
 
     let target_rate = 0.8 * command_rate / COMMANDS_PER_SAGA;
