@@ -364,12 +364,14 @@ impl Pool {
                 .filter(|instance| instance.healthy())
                 .cloned()
                 .collect();
-            if healthy.is_empty() {
-                return Err(ApiError::Unavailable(format!(
-                    "no healthy instance of upstream {}",
-                    self.upstream.name()
-                )));
-            }
+            // With no healthy instance at all, try them all rather than refuse: readiness
+            // also fails on a lagging projection, whose instance still answers (or says why
+            // not); the breakers keep dead ones out.
+            let healthy = if healthy.is_empty() {
+                instances.clone()
+            } else {
+                healthy
+            };
             let start = self.next.fetch_add(1, Ordering::Relaxed) % healthy.len();
             let mut rotated = healthy[start..].to_vec();
             rotated.extend_from_slice(&healthy[..start]);
@@ -788,6 +790,24 @@ async fn proxy(State(registry): State<Registry>, mut request: Request) -> Respon
     if let Ok(value) = HeaderValue::from_str(&correlation_id) {
         request.headers_mut().insert(CORRELATION_ID, value);
     }
+    // Start a W3C trace here unless the client already did: its id travels with the command
+    // into the events' `traceparent` header, the projections and the saga's commands.
+    let trace_id = match request
+        .headers()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .and_then(crate::telemetry::trace_id)
+    {
+        Some(trace_id) => trace_id.to_owned(),
+        None => {
+            let trace_id = uuid::Uuid::new_v4().simple().to_string();
+            let span_id = &uuid::Uuid::new_v4().simple().to_string()[..16];
+            if let Ok(value) = HeaderValue::from_str(&format!("00-{trace_id}-{span_id}-01")) {
+                request.headers_mut().insert("traceparent", value);
+            }
+            trace_id
+        }
+    };
     let upstream = route(&method, &path, Some("")).map(|route| route.upstream);
     let mut response = match registry.forward(request).await {
         Ok(response) => response,
@@ -806,6 +826,7 @@ async fn proxy(State(registry): State<Registry>, mut request: Request) -> Respon
         status = response.status().as_u16(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         correlation_id,
+        trace_id,
         "gateway request"
     );
     response

@@ -117,7 +117,15 @@ async fn main() -> anyhow::Result<()> {
             let platform = Platform::build(cli.settings, part).await?;
             platform.run_until_stopped(shutdown_signal()).await
         }
-        Command::Bench { bench } => platform::bench::run(bench, cli.settings).await,
+        Command::Bench { bench } => {
+            // The load generators talk to the platform they start without credentials.
+            let mut settings = cli.settings;
+            settings
+                .security
+                .auth
+                .get_or_insert(platform::settings::Toggle::Off);
+            platform::bench::run(bench, settings).await
+        }
         Command::Projections { command } => platform::ops::projections(command, cli.settings).await,
         Command::Parked { command } => platform::ops::parked(command, cli.settings).await,
         Command::Sagas { command } => platform::ops::sagas(command, cli.settings).await,

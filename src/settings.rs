@@ -416,7 +416,12 @@ impl Settings {
             saga_timeout_ms: 10_000,
             saga_compensation_timeout_ms: 5_000,
             saga_max_attempts: 5,
-            security: SecuritySettings::default(),
+            // Tests and tools drive their platforms without credentials, on either backend;
+            // tests/infra turns authentication on where it is the subject.
+            security: SecuritySettings {
+                auth: Some(Toggle::Off),
+                ..SecuritySettings::default()
+            },
             gateway: GatewaySettings::default(),
         }
     }

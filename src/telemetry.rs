@@ -74,11 +74,19 @@ pub async fn track(mut request: Request, next: Next) -> Response {
     if let Ok(value) = HeaderValue::from_str(&correlation_id) {
         request.headers_mut().insert(CORRELATION_ID, value);
     }
+    let trace_id = request
+        .headers()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .and_then(trace_id)
+        .unwrap_or_default()
+        .to_owned();
     let span = tracing::info_span!(
         "request",
         method = %request.method(),
         path = %request.uri().path(),
         correlation_id = %correlation_id,
+        trace_id = %trace_id,
     );
     let mut response = timed(request, next).instrument(span).await;
     if !response.headers().contains_key(CORRELATION_ID)
@@ -87,6 +95,22 @@ pub async fn track(mut request: Request, next: Next) -> Response {
         response.headers_mut().insert(CORRELATION_ID, value);
     }
     response
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), when it is one.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex =
+        |part: &str, len: usize| part.len() == len && part.chars().all(|c| c.is_ascii_hexdigit());
+    (parts.next().is_none()
+        && hex(version, 2)
+        && hex(trace, 32)
+        && hex(span, 16)
+        && hex(flags, 2)
+        && trace != "0".repeat(32))
+    .then_some(trace)
 }
 
 async fn timed(request: Request, next: Next) -> Response {

@@ -132,36 +132,36 @@ async fn the_gateway_keeps_serving_when_one_of_two_instances_is_killed() {
     let gateway = support::gateway(settings).await;
     let client = reqwest::Client::new();
 
-    let mut statuses = Vec::new();
+    let mut failures = Vec::new();
     let mut first = Some(first);
     for index in 0..60 {
         if index == 20 {
             first.take().expect("first").stop().await;
         }
-        let read_status = client
-            .get(format!("{}/inventory?below=5", gateway.url()))
-            .send()
-            .await
-            .expect("request")
-            .status()
-            .as_u16();
+        let (read_status, _, read_body) = read(
+            client
+                .get(format!("{}/inventory?below=5", gateway.url()))
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await;
         // A command with an Idempotency-Key may be retried on the other instance.
-        let write_status = client
-            .post(format!("{}/inventory/SKU-{index}/receipts", gateway.url()))
-            .header("idempotency-key", format!("receipt-{index}"))
-            .json(&json!({"quantity": 1}))
-            .send()
-            .await
-            .expect("request")
-            .status()
-            .as_u16();
-        statuses.push((index, read_status, write_status));
+        let (write_status, _, write_body) = read(
+            client
+                .post(format!("{}/inventory/SKU-{index}/receipts", gateway.url()))
+                .header("idempotency-key", format!("receipt-{index}"))
+                .json(&json!({"quantity": 1}))
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await;
+        if read_status != 200 || write_status != 200 {
+            failures.push((index, read_status, read_body, write_status, write_body));
+        }
     }
-    let failed: Vec<_> = statuses
-        .iter()
-        .filter(|(_, read, write)| *read != 200 || *write != 200)
-        .collect();
-    assert!(failed.is_empty(), "requests failed: {failed:?}");
+    assert!(failures.is_empty(), "requests failed: {failures:?}");
 
     tokio::time::sleep(Duration::from_millis(400)).await;
     let (status, _, body) = read(
@@ -379,6 +379,76 @@ async fn the_breaker_opens_on_failures_answers_503_and_recovers() {
         ready["upstreams"]["saga"]["instances"][0]["breaker"], "closed",
         "{ready}"
     );
+    gateway.stop().await;
+    upstream.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_starts_a_trace_and_passes_the_correlation_id_on() {
+    let echo = axum::Router::new()
+        .route(
+            "/health/ready",
+            get(|| async { axum::Json(json!({"status": "ready"})) }),
+        )
+        .route(
+            "/sagas",
+            get(|headers: axum::http::HeaderMap| async move {
+                let header = |name: &str| {
+                    headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                axum::Json(json!({
+                    "traceparent": header("traceparent"),
+                    "correlation_id": header("x-correlation-id"),
+                }))
+            }),
+        );
+    let upstream = support::serve(echo, localhost()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut settings = gateway_settings(dir.path());
+    settings.http_addr = localhost();
+    settings.gateway.gateway_saga = vec![upstream.url()];
+    let gateway = support::gateway(settings).await;
+    let client = reqwest::Client::new();
+
+    let (_, headers, seen) = read(
+        client
+            .get(format!("{}/sagas", gateway.url()))
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    let traceparent = seen["traceparent"]
+        .as_str()
+        .expect("a traceparent upstream");
+    assert!(
+        platform::telemetry::trace_id(traceparent).is_some(),
+        "{traceparent}"
+    );
+    assert_eq!(
+        headers
+            .get("x-correlation-id")
+            .and_then(|v| v.to_str().ok()),
+        seen["correlation_id"].as_str(),
+        "the id sent upstream is the one returned"
+    );
+
+    let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (_, _, seen) = read(
+        client
+            .get(format!("{}/sagas", gateway.url()))
+            .header("traceparent", given)
+            .header("x-correlation-id", "corr-gw")
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(seen["traceparent"], given, "a client's trace goes on");
+    assert_eq!(seen["correlation_id"], "corr-gw");
     gateway.stop().await;
     upstream.stop().await;
 }

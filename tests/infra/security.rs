@@ -262,17 +262,11 @@ async fn each_key_has_its_own_rate_limit_and_429_says_when_to_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_dev_server_is_open_and_limits_still_apply() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let settings = support::settings(dir.path());
-    assert!(
-        !settings.security.auth_enabled(settings.distributed()),
-        "off on the embedded backend"
-    );
-    let mut distributed = settings.clone();
-    distributed.database_url = Some("postgres://x".into());
-    assert!(
-        distributed.security.auth_enabled(distributed.distributed()),
-        "on elsewhere"
-    );
+    let defaults = platform::settings::SecuritySettings::default();
+    assert!(!defaults.auth_enabled(false), "off on the embedded backend");
+    assert!(defaults.auth_enabled(true), "on with Kafka or Postgres");
+    let mut settings = support::settings(dir.path());
+    settings.security.auth = None;
     let app = support::platform(settings, Part::All).await;
     let client = reqwest::Client::new();
     let (status, _, body) = read(
