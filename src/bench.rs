@@ -79,12 +79,17 @@ use crate::{Part, Platform, Settings};
 
 mod sagas;
 
+mod replay;
+
 /// The load generators of `platform bench`.
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
     /// HTTP commands (orders and stock receipts) against the raw append rate of the same log
     /// and the HTTP no-op rate of the same server, all measured in one run.
     Commands(CommandsBench),
+    /// `platform replay` rebuilding read models from a preloaded log, against the raw consume
+    /// rate of the same log and the raw COPY rate into equivalent tables (`bench/replay.rs`).
+    Replay(replay::ReplayBench),
     /// The fulfilment saga under load: completed sagas/s and order-placed → confirmed latency,
     /// against the command throughput of the same run (`bench/sagas.rs`).
     Sagas(sagas::SagasBench),
@@ -130,6 +135,7 @@ pub struct CommandsBench {
 pub async fn run(bench: Bench, settings: Settings) -> anyhow::Result<()> {
     match bench {
         Bench::Commands(options) => commands(options, settings).await,
+        Bench::Replay(options) => replay::run(options, settings).await,
         Bench::Sagas(options) => sagas::run(options, settings).await,
     }
 }

@@ -15,6 +15,7 @@
 //! - [`gateway`]: `platform serve gateway`, the single entry point: registry, health checks,
 //!   partition-aware routing, retries, circuit breakers.
 //! - [`ops`]: operator commands (`projections status`, `parked list|retry|skip`).
+//! - [`tools`]: `platform replay` and `platform audit`.
 
 pub mod backend;
 pub mod bench;
@@ -23,6 +24,7 @@ pub mod ops;
 pub mod security;
 pub mod server;
 pub mod settings;
+pub mod tools;
 pub mod telemetry;
 
 pub use server::Platform;

@@ -30,6 +30,15 @@ enum Command {
         #[command(subcommand)]
         bench: platform::bench::Bench,
     },
+    /// Rebuild read models from the log into shadow tables and swap them in (live queries keep
+    /// answering); or count (--dry-run) or compare (--diff) only.
+    Replay(platform::tools::ReplayArgs),
+    /// The audit trail: an aggregate's timeline, a request's causation tree, state as of a time
+    /// or version.
+    Audit {
+        #[command(subcommand)]
+        command: platform::tools::AuditCommand,
+    },
     /// Projection lag per projection and partition.
     Projections {
         #[command(subcommand)]
@@ -96,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
     // Operator commands and benchmarks print a report; only warnings should interleave with it.
     let default_filter = match command {
         Command::Serve { .. } => "info,sqlx=warn,rdkafka=warn",
+        Command::Replay(_) | Command::Audit { .. } => "warn",
         Command::Bench { .. }
         | Command::Projections { .. }
         | Command::Parked { .. }
@@ -104,7 +114,7 @@ async fn main() -> anyhow::Result<()> {
     init_logging(
         cli.log_json,
         default_filter,
-        matches!(command, Command::Bench { .. }),
+        matches!(command, Command::Bench { .. } | Command::Replay(_)),
     );
     match command {
         Command::Serve {
@@ -126,6 +136,8 @@ async fn main() -> anyhow::Result<()> {
                 .get_or_insert(platform::settings::Toggle::Off);
             platform::bench::run(bench, settings).await
         }
+        Command::Replay(args) => platform::tools::replay(args, cli.settings).await,
+        Command::Audit { command } => platform::tools::audit(command, cli.settings).await,
         Command::Projections { command } => platform::ops::projections(command, cli.settings).await,
         Command::Parked { command } => platform::ops::parked(command, cli.settings).await,
         Command::Sagas { command } => platform::ops::sagas(command, cli.settings).await,

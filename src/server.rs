@@ -210,6 +210,7 @@ fn app(state: AppState) -> Router {
     let mut router = Router::new().merge(command_routes);
     if let Some(read) = &state.read {
         router = router.merge(projections::query::router().with_state(read.clone()));
+        router = router.merge(projections::audit::router().with_state(read.clone()));
     }
     if let Some(saga) = &state.saga {
         router = router.merge(saga_orchestrator::http::router().with_state(saga.clone()));
@@ -402,6 +403,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
         projections::query::get_stock,
         projections::query::low_stock,
         projections::query::get_payment,
+        projections::audit::get_timeline,
+        projections::audit::get_trace,
+        projections::audit::get_state,
         saga_orchestrator::http::get_saga,
         saga_orchestrator::http::list_sagas,
         saga_orchestrator::http::retry_saga,
@@ -410,6 +414,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         (name = "orders", description = "The order's life cycle"),
         (name = "inventory", description = "Stock on hand per SKU"),
         (name = "payments", description = "The payment of each order"),
+        (name = "audit", description = "Who did what, when and why: timelines, causation trees, past states"),
         (name = "sagas", description = "The fulfilment saga of each order"),
     )
 )]

@@ -14,12 +14,17 @@
 //! - [`read_side`]: opening the databases, starting the workers, read-your-writes, lag.
 //! - [`parked`]: listing, retrying and skipping parked events.
 //! - [`query`]: the HTTP query API.
+//! - [`replay`]: rebuilding a projection into shadow tables and swapping them in.
+//! - [`audit`]: an aggregate's timeline, a correlation's causation tree, state as of a time
+//!   or version; for the CLI and the `/audit` routes.
 
 pub use sql_store as db;
+pub mod audit;
 pub mod models;
 pub mod parked;
 pub mod query;
 pub mod read_side;
+pub mod replay;
 pub mod runtime;
 
 pub use read_side::{ReadBackend, ReadSide};

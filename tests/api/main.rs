@@ -5,6 +5,7 @@
 //! their absence fails instead of skipping). Logs stay quiet unless `TEST_LOG` is set.
 
 mod chaos;
+mod audit;
 mod command_topics;
 mod commands;
 mod concurrency;
@@ -12,5 +13,6 @@ mod durability;
 mod helpers;
 mod openapi;
 mod read_models;
+mod replay;
 mod sagas;
 mod two_owners;

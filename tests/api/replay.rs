@@ -1,0 +1,311 @@
+//! `platform replay`: rebuilding read models into shadow tables and swapping them in under a
+//! live platform, the diff against the live models, dry runs.
+
+use std::time::Duration;
+
+use projections::ReadBackend;
+use projections::replay::{self, Filter, ReplayOptions, ReplayReport};
+use serde_json::json;
+
+use crate::helpers::{Backend, TestApp, backends, platform_binary};
+
+/// Every read-model table, with its primary key order.
+const TABLES: &[(&str, &str, &str)] = &[
+    ("orders", "order_summary", "order_id"),
+    ("orders", "order_payment", "order_id"),
+    ("orders", "order_reservations", "order_id, sku"),
+    ("inventory", "stock_levels", "sku"),
+    ("payments", "payments", "order_id"),
+    ("audit", "audit_events", "event_id"),
+];
+
+fn read_backend(app: &TestApp) -> ReadBackend {
+    match app.backend {
+        Backend::Embedded => ReadBackend::Sqlite {
+            dir: app.settings.data_dir.clone(),
+        },
+        Backend::Kafka => ReadBackend::Postgres {
+            url: app.settings.database_url.clone().expect("database url"),
+            schema_prefix: app.settings.schema_prefix.clone(),
+        },
+    }
+}
+
+/// Some history: stock, an approved order, a declined one (compensated), a cancelled one.
+async fn make_history(app: &TestApp) -> String {
+    app.receive("SKU-R1", 20).await.expect(200);
+    app.receive("SKU-R2", 20).await.expect(200);
+    app.place_order("tok_approve", &[("SKU-R1", 2, 150), ("SKU-R2", 1, 900)])
+        .await
+        .expect(201);
+    app.place_order("tok_decline", &[("SKU-R1", 1, 150)])
+        .await
+        .expect(201);
+    let pending = app.place_pending_order("SKU-R3").await;
+    let order_id = pending.expect(201)["order_id"]
+        .as_str()
+        .expect("order id")
+        .to_owned();
+    app.post(
+        &format!("/orders/{order_id}/cancel"),
+        json!({"reason": "changed my mind"}),
+    )
+    .await;
+    order_id
+}
+
+async fn settle(app: &TestApp) {
+    let read = app.read.as_ref().expect("read side");
+    // The saga acts on what the projections see; give it time to finish, then catch up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        read.wait_caught_up(Duration::from_secs(60))
+            .await
+            .expect("status"),
+        "{:?}: the live read models caught up",
+        app.backend
+    );
+}
+
+async fn dump_all(app: &TestApp) -> Vec<Vec<Vec<String>>> {
+    let read = app.read.as_ref().expect("read side");
+    let mut tables = Vec::new();
+    for (projection, table, order) in TABLES {
+        tables.push(read.dump(projection, table, order).await.expect("dump"));
+    }
+    tables
+}
+
+async fn run(app: &TestApp, projection: &str, options: &ReplayOptions) -> ReplayReport {
+    let read = app.read.as_ref().expect("read side");
+    let mut progress_calls = 0;
+    let report = replay::replay(
+        &read.log(),
+        &read_backend(app),
+        &app.settings.topic_prefix,
+        read.db(projection).expect("live db"),
+        read.projection(projection).expect("projection"),
+        options,
+        &mut |_| progress_calls += 1,
+    )
+    .await
+    .unwrap_or_else(|error| panic!("{:?}: replaying {projection}: {error}", app.backend));
+    assert!(progress_calls > 0, "progress is reported");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_swapped_in_equals_the_live_read_models_row_for_row_and_the_live_worker_goes_on() {
+    for backend in backends() {
+        let app = TestApp::spawn(backend).await;
+        make_history(&app).await;
+        settle(&app).await;
+        let before = dump_all(&app).await;
+        assert!(!before[5].is_empty(), "{backend:?}: the audit has events");
+
+        let on_hand_before = app.get("/inventory/SKU-R1").await.expect(200)["on_hand"]
+            .as_i64()
+            .expect("on hand");
+        for projection in ["orders", "inventory", "payments", "audit"] {
+            let report = run(&app, projection, &ReplayOptions::default()).await;
+            assert!(report.swapped, "{backend:?}: {projection} swapped in");
+            assert!(report.read > 0, "{backend:?}: {projection} read the log");
+        }
+        let after = dump_all(&app).await;
+        for ((_, table, _), (before, after)) in TABLES.iter().zip(before.iter().zip(&after)) {
+            assert_eq!(
+                before, after,
+                "{backend:?}: {table} row for row after the swap"
+            );
+        }
+
+        // The live worker goes on from the swapped positions: a new command shows up.
+        let receipt = app.receive("SKU-R1", 5).await;
+        let token = receipt.expect(200)["consistency_token"]
+            .as_str()
+            .expect("token")
+            .to_owned();
+        let stock = app.get(&format!("/inventory/SKU-R1?after={token}")).await;
+        let stock = stock.expect(200);
+        assert_eq!(
+            stock["on_hand"].as_i64().expect("on hand") - on_hand_before,
+            5,
+            "{backend:?}: the receipt after the swap was applied once"
+        );
+
+        // Running it again (nothing new) is harmless.
+        let again = run(&app, "inventory", &ReplayOptions::default()).await;
+        assert!(again.swapped);
+        settle(&app).await;
+        let reply = app.get("/inventory/SKU-R1").await;
+        assert_eq!(
+            reply.expect(200)["on_hand"],
+            stock["on_hand"],
+            "{backend:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_reports_a_deliberately_corrupted_row_and_exits_non_zero() {
+    for backend in backends() {
+        let app = TestApp::spawn(backend).await;
+        make_history(&app).await;
+        settle(&app).await;
+        let read = app.read.as_ref().expect("read side");
+
+        let clean = run(
+            &app,
+            "inventory",
+            &ReplayOptions {
+                diff: true,
+                ..ReplayOptions::default()
+            },
+        )
+        .await;
+        assert!(
+            clean.differences.is_empty(),
+            "{backend:?}: a healthy model has no differences: {:?}",
+            clean.differences
+        );
+        assert!(!clean.swapped, "a diff swaps nothing");
+
+        read.db("inventory")
+            .expect("db")
+            .execute(
+                "UPDATE stock_levels SET on_hand = on_hand + 1000 WHERE sku = 'SKU-R2'",
+                &[],
+            )
+            .await
+            .expect("corrupt a row");
+        let corrupted = run(
+            &app,
+            "inventory",
+            &ReplayOptions {
+                diff: true,
+                ..ReplayOptions::default()
+            },
+        )
+        .await;
+        assert_eq!(corrupted.differences.len(), 1, "{backend:?}: {corrupted:?}");
+        let difference = &corrupted.differences[0];
+        assert_eq!(difference.table, "stock_levels");
+        assert_eq!(difference.key, "sku=SKU-R2");
+        let live = difference.live.as_ref().expect("live row");
+        let rebuilt = difference.replay.as_ref().expect("rebuilt row");
+        assert_eq!(
+            live["on_hand"].parse::<i64>().expect("number")
+                - rebuilt["on_hand"].parse::<i64>().expect("number"),
+            1000
+        );
+
+        // The command line says so too, and fails.
+        let mut command = std::process::Command::new(platform_binary());
+        command
+            .args(["replay", "--diff", "--projection", "inventory"])
+            .arg("--data-dir")
+            .arg(&app.settings.data_dir)
+            .args(["--topic-prefix", &app.settings.topic_prefix])
+            .args(["--schema-prefix", &app.settings.schema_prefix]);
+        if let Some(kafka) = &app.settings.kafka {
+            command.args(["--kafka", kafka]);
+        }
+        if let Some(url) = &app.settings.database_url {
+            command.args(["--database-url", url]);
+        }
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .expect("join")
+            .expect("run platform replay");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            !output.status.success(),
+            "{backend:?}: --diff exits non-zero on a difference; stdout: {stdout}"
+        );
+        assert!(
+            stdout.contains("stock_levels [sku=SKU-R2]"),
+            "{backend:?}: the row is printed: {stdout}"
+        );
+
+        // A replay repairs it.
+        run(&app, "inventory", &ReplayOptions::default()).await;
+        let repaired = run(
+            &app,
+            "inventory",
+            &ReplayOptions {
+                diff: true,
+                ..ReplayOptions::default()
+            },
+        )
+        .await;
+        assert!(repaired.differences.is_empty(), "{backend:?}: {repaired:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_counts_per_event_type_what_a_filtered_replay_would_apply_and_writes_nothing() {
+    for backend in backends() {
+        let app = TestApp::spawn(backend).await;
+        let order_id = make_history(&app).await;
+        settle(&app).await;
+        let before = dump_all(&app).await;
+
+        let all = run(
+            &app,
+            "audit",
+            &ReplayOptions {
+                dry_run: true,
+                ..ReplayOptions::default()
+            },
+        )
+        .await;
+        assert_eq!(
+            all.applied as usize,
+            before[5].len(),
+            "{backend:?}: one audit row per effective event"
+        );
+        assert_eq!(
+            all.by_type.get("stock.received"),
+            Some(&3),
+            "{backend:?}: {all:?}"
+        );
+
+        let one = run(
+            &app,
+            "audit",
+            &ReplayOptions {
+                dry_run: true,
+                filter: Filter {
+                    aggregate_id: Some(order_id.clone()),
+                    event_types: vec!["order.placed".into(), "order.cancelled".into()],
+                    ..Filter::default()
+                },
+                ..ReplayOptions::default()
+            },
+        )
+        .await;
+        assert_eq!(one.applied, 2, "{backend:?}: {one:?}");
+        assert_eq!(one.by_type.get("order.cancelled"), Some(&1));
+
+        // A filtered replay cannot replace a read model.
+        let read = app.read.as_ref().expect("read side");
+        let refused = replay::replay(
+            &read.log(),
+            &read_backend(&app),
+            &app.settings.topic_prefix,
+            read.db("audit").expect("db"),
+            read.projection("audit").expect("projection"),
+            &ReplayOptions {
+                filter: Filter {
+                    aggregate_id: Some(order_id.clone()),
+                    ..Filter::default()
+                },
+                ..ReplayOptions::default()
+            },
+            &mut |_| {},
+        )
+        .await;
+        assert!(refused.is_err(), "{backend:?}");
+        assert_eq!(dump_all(&app).await, before, "{backend:?}: nothing written");
+    }
+}
