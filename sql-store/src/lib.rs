@@ -239,7 +239,12 @@ impl Db {
     pub async fn begin(&self) -> Result<Tx, DbError> {
         Ok(match self {
             Db::Postgres(pool) => Tx::Postgres(pool.begin().await.map_err(db_error)?),
-            Db::Sqlite(pool) => Tx::Sqlite(pool.begin().await.map_err(db_error)?),
+            // IMMEDIATE: take the write lock up front. A deferred transaction that reads and then
+            // writes fails with SQLITE_BUSY_SNAPSHOT (not waited out by busy_timeout) whenever
+            // another connection committed in between, e.g. the saga worker against its relay.
+            Db::Sqlite(pool) => {
+                Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?)
+            }
         })
     }
 
