@@ -13,7 +13,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use event_log::SharedLog;
+use event_log::{ReadMode, SharedLog};
 use tokio::sync::{mpsc, watch};
 
 use crate::messages::CommandMessage;
@@ -93,7 +93,8 @@ pub async fn consume<F, Fut>(
         start.push((partition, offset));
     }
     let mut reader = loop {
-        match log.reader(&topic, &start).await {
+        // Commands come from the saga, which does not wait on their arrival to the millisecond.
+        match log.open_reader(&topic, &start, ReadMode::Background).await {
             Ok(reader) => break reader,
             Err(error) => {
                 tracing::warn!(%error, %topic, "cannot read the command topic; retrying");

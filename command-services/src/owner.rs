@@ -8,12 +8,26 @@
 //!   state by the effective-history rule (`event_schema::history`), the same rule every other
 //!   reader uses.
 //! - **Commands** are decided under a per-aggregate lock against that state. The event is
-//!   appended, and the command is acknowledged only once the tail has read the record back and
-//!   judged it effective. Commands on different aggregates run concurrently, so their appends
-//!   share produce batches (group commit).
+//!   appended, and the command is acknowledged only once its record has been folded into the
+//!   state in log order and judged effective. Commands on different aggregates run
+//!   concurrently, so their appends share produce batches (group commit).
+//! - **Read-back from the acknowledgement.** The log's acknowledgement of an append says at
+//!   which offset our record sits, and what sits there is exactly what we sent. So once every
+//!   earlier offset of the partition is folded, our record is folded from the acknowledgement
+//!   itself, without waiting for the tail to fetch it: when the offsets between the tail and
+//!   our record are all our own acknowledged appends, nobody else wrote in between. Any offset
+//!   that is not ours (another writer, or an append of ours whose acknowledgement was lost)
+//!   leaves a gap, and what follows it waits for the tail to read the gap. The tail still reads
+//!   every record and checks that it is the one acknowledged there. This is the same decision
+//!   the tail would make, taken as soon as the log has answered; the tail can therefore read
+//!   lazily (`ReadMode::Background`), which spares the broker its polling.
 //! - A record the owner did not write appearing after start-up means another writer is active
 //!   on the partition (a zombie, or a second owner): the owner steps down from that partition
 //!   and refuses its commands, so it never acknowledges a write that readers would skip.
+//! - **Snapshots** are incremental and taken by a task of their own, off the tail and off the
+//!   commands' path: each one stores only the aggregates and command outcomes changed since the
+//!   previous one, with the offset it covers, so its cost follows the write rate, not the
+//!   history, and start-up reads the stored aggregates plus the log after that offset.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,7 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::Utc;
-use event_log::{LogRecord, Position, SharedLog, partition_for};
+use event_log::{LogRecord, Position, ReadMode, SharedLog, partition_for};
 use event_schema::{CommandMeta, Envelope, EventCodec, Record, Verdict, judge};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -32,9 +46,12 @@ use domain::Decision;
 
 use crate::store::{CommandStore, Snapshot};
 
-/// Bumped whenever the snapshot body changes shape; older snapshots are then ignored and the
+/// Bumped whenever the snapshot rows change shape; older snapshots are then ignored and the
 /// partition is rebuilt from the log.
-const SNAPSHOT_FORMAT: u32 = 1;
+const SNAPSHOT_FORMAT: u32 = 2;
+
+/// How often the snapshot task looks for partitions due a snapshot.
+const SNAPSHOT_CHECK: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct OwnerConfig {
@@ -132,7 +149,6 @@ struct StoredOutcome {
 struct Slot<S> {
     state: S,
     version: u64,
-    partition: u32,
     position: Option<Position>,
 }
 
@@ -142,13 +158,41 @@ struct Table<S> {
     commands: HashMap<Uuid, StoredOutcome>,
     next_offsets: BTreeMap<u32, u64>,
     since_snapshot: BTreeMap<u32, u64>,
+    /// What changed since each partition's last snapshot.
+    dirty: BTreeMap<u32, Dirty>,
+    /// Our own appends the log acknowledged that cannot be folded yet (an earlier offset of
+    /// their partition is not folded), by partition and offset.
+    acked: BTreeMap<u32, BTreeMap<u64, Envelope>>,
+    /// Offsets folded from an acknowledgement that the tail has not read yet, with the event
+    /// id acknowledged there; the tail checks the log holds that record.
+    unconfirmed: HashMap<(u32, u64), Uuid>,
 }
 
+/// What changed in a partition since its last snapshot.
+#[derive(Debug, Default)]
+struct Dirty {
+    aggregates: HashSet<String>,
+    commands: HashSet<Uuid>,
+    /// No usable snapshot was loaded at start: the next one replaces whatever is stored.
+    replace: bool,
+}
+
+/// One aggregate in a snapshot.
 #[derive(Debug, Serialize, Deserialize)]
-struct PartitionSnapshot<S> {
-    format: u32,
-    aggregates: Vec<(String, u64, Option<String>, S)>,
-    commands: Vec<(Uuid, StoredOutcome)>,
+struct SnapshotSlot<S> {
+    version: u64,
+    position: Option<String>,
+    state: S,
+}
+
+/// A record folded into the table, to be answered once the table's lock is released.
+#[derive(Debug)]
+struct Folded {
+    position: Position,
+    event_id: Uuid,
+    aggregate_id: String,
+    claimed: u64,
+    verdict: Verdict,
 }
 
 enum ReadBack {
@@ -237,11 +281,15 @@ where
             commands: HashMap::new(),
             next_offsets: BTreeMap::new(),
             since_snapshot: BTreeMap::new(),
+            dirty: BTreeMap::new(),
+            acked: BTreeMap::new(),
+            unconfirmed: HashMap::new(),
         };
         let mut targets = BTreeMap::new();
         for &partition in &config.owned {
-            let offset = load_snapshot::<A>(&*store, &config.topic, partition, &mut table).await;
-            table.next_offsets.insert(partition, offset);
+            let loaded = load_snapshot::<A>(&*store, &config.topic, partition, &mut table).await;
+            table.dirty.entry(partition).or_default().replace = loaded.is_none();
+            table.next_offsets.insert(partition, loaded.unwrap_or(0));
             let end = log
                 .end_offset(&config.topic, partition)
                 .await
@@ -265,7 +313,8 @@ where
             ready: AtomicBool::new(false),
             conflicts: AtomicU64::new(0),
         });
-        tokio::spawn(tail(inner.clone(), targets, shutdown));
+        tokio::spawn(tail(inner.clone(), targets, shutdown.clone()));
+        tokio::spawn(take_snapshots(inner.clone(), shutdown));
         Ok(Owner { inner })
     }
 
@@ -425,9 +474,12 @@ where
             .log
             .append(&self.inner.config.topic, partition, Record::from(&envelope))
             .await;
-        if let Err(error) = appended {
-            self.forget_waiter(event_id);
-            return Err(CommandError::Unavailable(error.to_string()));
+        match appended {
+            Ok(position) => acknowledged::<A>(&self.inner, position, envelope),
+            Err(error) => {
+                self.forget_waiter(event_id);
+                return Err(CommandError::Unavailable(error.to_string()));
+            }
         }
         match tokio::time::timeout(self.inner.config.read_back_timeout, read_back).await {
             Ok(Ok(ReadBack::Effective(position))) => Ok(Outcome::Appended {
@@ -454,49 +506,73 @@ where
     }
 }
 
+/// Loads a partition's snapshot into the table; returns the offset it covers, or `None` when
+/// there is no usable one (the partition is then rebuilt from the log).
 async fn load_snapshot<A>(
     store: &dyn CommandStore,
     topic: &str,
     partition: u32,
     table: &mut Table<A::State>,
-) -> u64
+) -> Option<u64>
 where
     A: EventCodec,
     A::State: DeserializeOwned,
 {
     let snapshot = match store.load_snapshot(topic, partition).await {
         Ok(Some(snapshot)) => snapshot,
-        Ok(None) => return 0,
+        Ok(None) => return None,
         Err(error) => {
             tracing::warn!(%error, topic, partition, "cannot load snapshot; rebuilding from the log");
-            return 0;
+            return None;
         }
     };
-    let body = match serde_json::from_slice::<PartitionSnapshot<A::State>>(&snapshot.body) {
-        Ok(body) if body.format == SNAPSHOT_FORMAT => body,
-        _ => {
-            tracing::info!(
-                topic,
-                partition,
-                "snapshot in an older format; rebuilding from the log"
-            );
-            return 0;
+    if snapshot.format != SNAPSHOT_FORMAT {
+        tracing::info!(
+            topic,
+            partition,
+            "snapshot in an older format; rebuilding from the log"
+        );
+        return None;
+    }
+    let mut aggregates = Vec::with_capacity(snapshot.aggregates.len());
+    for (aggregate_id, body) in snapshot.aggregates {
+        match serde_json::from_str::<SnapshotSlot<A::State>>(&body) {
+            Ok(slot) => aggregates.push((aggregate_id, slot)),
+            Err(error) => {
+                tracing::warn!(%error, topic, partition, "unreadable snapshot; rebuilding from the log");
+                return None;
+            }
         }
-    };
-    for (aggregate_id, version, position, state) in body.aggregates {
-        let position = position.and_then(|position| position.parse().ok());
+    }
+    let mut commands = Vec::with_capacity(snapshot.outcomes.len());
+    for (command_id, body) in snapshot.outcomes {
+        match (
+            command_id.parse::<Uuid>(),
+            serde_json::from_str::<StoredOutcome>(&body),
+        ) {
+            (Ok(command_id), Ok(outcome)) => commands.push((command_id, outcome)),
+            _ => {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    "unreadable snapshot; rebuilding from the log"
+                );
+                return None;
+            }
+        }
+    }
+    for (aggregate_id, slot) in aggregates {
         table.aggregates.insert(
             aggregate_id,
             Slot {
-                state,
-                version,
-                partition,
-                position,
+                state: slot.state,
+                version: slot.version,
+                position: slot.position.and_then(|position| position.parse().ok()),
             },
         );
     }
-    table.commands.extend(body.commands);
-    snapshot.next_offset
+    table.commands.extend(commands);
+    Some(snapshot.next_offset)
 }
 
 /// Reads the owned partitions for ever, folding records into the table.
@@ -513,8 +589,14 @@ async fn tail<A>(
         .iter()
         .map(|(partition, offset)| (*partition, *offset))
         .collect();
+    // Commands are answered from the log's acknowledgements (see the module documentation), so
+    // nothing waits on this reader record by record.
     let mut reader = loop {
-        match inner.log.reader(&inner.config.topic, &start).await {
+        match inner
+            .log
+            .open_reader(&inner.config.topic, &start, ReadMode::Background)
+            .await
+        {
             Ok(reader) => break reader,
             Err(error) => {
                 tracing::warn!(%error, topic = %inner.config.topic, "cannot open the log tail; retrying");
@@ -539,7 +621,7 @@ async fn tail<A>(
             }
         };
         for record in &records {
-            apply(&inner, record);
+            read_from_tail(&inner, record);
         }
         if !inner.ready.load(Ordering::Acquire) {
             let table = lock(&inner.table);
@@ -552,32 +634,130 @@ async fn tail<A>(
                 tracing::info!(topic = %inner.config.topic, "owner caught up with the log; ready");
             }
         }
-        save_due_snapshots(&inner, false).await;
     }
-    save_due_snapshots(&inner, true).await;
 }
 
-/// Folds one record into the table by the effective-history rule, and answers whoever waits.
-fn apply<A>(inner: &Inner<A>, record: &LogRecord)
-where
-    A: EventCodec,
-{
+/// The log acknowledged our append at `position`: fold it, and whatever it unblocks, as soon as
+/// every earlier offset of the partition is folded.
+fn acknowledged<A: EventCodec>(inner: &Inner<A>, position: Position, envelope: Envelope) {
+    let partition = position.partition;
+    let folded = {
+        let mut table = lock(&inner.table);
+        let next = table.next_offsets.get(&partition).copied().unwrap_or(0);
+        if position.offset < next {
+            // The tail read it first and answered.
+            return;
+        }
+        table
+            .acked
+            .entry(partition)
+            .or_default()
+            .insert(position.offset, envelope);
+        fold_acknowledged::<A>(&mut table, &inner.config.topic, partition)
+    };
+    settle(inner, folded);
+}
+
+/// Folds the acknowledged appends that continue the partition from its next offset.
+fn fold_acknowledged<A: EventCodec>(
+    table: &mut Table<A::State>,
+    topic: &str,
+    partition: u32,
+) -> Vec<Folded> {
+    let mut folded = Vec::new();
+    loop {
+        let next = table.next_offsets.get(&partition).copied().unwrap_or(0);
+        let Some(envelope) = table
+            .acked
+            .get_mut(&partition)
+            .and_then(|acked| acked.remove(&next))
+        else {
+            break;
+        };
+        let position = Position {
+            topic: topic.to_owned(),
+            partition,
+            offset: next,
+        };
+        table
+            .unconfirmed
+            .insert((partition, next), envelope.event_id);
+        folded.push(fold::<A>(table, position, &envelope));
+    }
+    folded
+}
+
+/// One record read by the tail: folds it unless an acknowledgement already did, and checks that
+/// the log holds what it acknowledged.
+fn read_from_tail<A: EventCodec>(inner: &Inner<A>, record: &LogRecord) {
     let partition = record.position.partition;
-    let envelope = match Envelope::try_from(&record.record) {
+    let offset = record.position.offset;
+    let decoded = Envelope::try_from(&record.record);
+    let mut table = lock(&inner.table);
+    let next = table.next_offsets.get(&partition).copied().unwrap_or(0);
+    if offset < next {
+        let acknowledged = table.unconfirmed.remove(&(partition, offset));
+        drop(table);
+        let held = decoded.as_ref().ok().map(|envelope| envelope.event_id);
+        if let Some(acknowledged) = acknowledged
+            && held != Some(acknowledged)
+        {
+            // The log acknowledged one record at this offset and holds another: what this owner
+            // folded may not be what readers see. Stop writing here.
+            tracing::error!(
+                position = %record.position,
+                %acknowledged,
+                ?held,
+                "the log holds another record than the one it acknowledged; stepping down"
+            );
+            lock(&inner.stepped_down).insert(partition);
+        }
+        return;
+    }
+    let acked = table
+        .acked
+        .get_mut(&partition)
+        .and_then(|acked| acked.remove(&offset));
+    let envelope = match decoded {
         Ok(envelope) => envelope,
         Err(error) => {
             tracing::error!(position = %record.position, %error, "undecodable record in the log; skipped");
-            let mut table = lock(&inner.table);
-            table
-                .next_offsets
-                .insert(partition, record.position.offset + 1);
+            table.next_offsets.insert(partition, offset + 1);
+            let folded = fold_acknowledged::<A>(&mut table, &inner.config.topic, partition);
+            drop(table);
+            settle(inner, folded);
             return;
         }
     };
-    let mut table = lock(&inner.table);
-    table
-        .next_offsets
-        .insert(partition, record.position.offset + 1);
+    if let Some(acked) = &acked
+        && acked.event_id != envelope.event_id
+    {
+        tracing::error!(
+            position = %record.position,
+            acknowledged = %acked.event_id,
+            held = %envelope.event_id,
+            "the log holds another record than the one it acknowledged; stepping down"
+        );
+        lock(&inner.stepped_down).insert(partition);
+    }
+    let mut folded = vec![fold::<A>(&mut table, record.position.clone(), &envelope)];
+    folded.extend(fold_acknowledged::<A>(
+        &mut table,
+        &inner.config.topic,
+        partition,
+    ));
+    drop(table);
+    settle(inner, folded);
+}
+
+/// Folds one record, the next of its partition, into the table by the effective-history rule.
+fn fold<A: EventCodec>(
+    table: &mut Table<A::State>,
+    position: Position,
+    envelope: &Envelope,
+) -> Folded {
+    let partition = position.partition;
+    table.next_offsets.insert(partition, position.offset + 1);
     *table.since_snapshot.entry(partition).or_default() += 1;
     let last = table
         .aggregates
@@ -594,68 +774,110 @@ where
                     .or_insert_with(|| Slot {
                         state: A::State::default(),
                         version: 0,
-                        partition,
                         position: None,
                     });
                 slot.state = A::evolve(std::mem::take(&mut slot.state), &event);
                 slot.version = envelope.aggregate_version;
-                slot.position = Some(record.position.clone());
+                slot.position = Some(position.clone());
                 table.commands.insert(
                     envelope.command_id,
                     StoredOutcome {
                         aggregate_id: envelope.aggregate_id.clone(),
                         version: envelope.aggregate_version,
-                        position: record.position.to_string(),
+                        position: position.to_string(),
                         request_hash: envelope.request_hash.clone(),
                     },
                 );
+                let dirty = table.dirty.entry(partition).or_default();
+                dirty.aggregates.insert(envelope.aggregate_id.clone());
+                dirty.commands.insert(envelope.command_id);
             }
             Err(error) => {
                 // Every reader skips it alike, so agreement holds; but an event we cannot read
                 // is a broken invariant worth an alert.
-                tracing::error!(position = %record.position, %error, "effective event cannot be decoded; skipped");
+                tracing::error!(%position, %error, "effective event cannot be decoded; skipped");
                 verdict = Verdict::Stale {
                     last_effective: last,
                 };
             }
         }
     }
-    drop(table);
-    if !verdict.is_effective() {
-        inner.conflicts.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            position = %record.position,
-            aggregate_id = %envelope.aggregate_id,
-            claimed = envelope.aggregate_version,
-            ?verdict,
-            "record skipped by the effective-history rule"
-        );
+    Folded {
+        position,
+        event_id: envelope.event_id,
+        aggregate_id: envelope.aggregate_id.clone(),
+        claimed: envelope.aggregate_version,
+        verdict,
     }
-    let waiter = lock(&inner.waiters).remove(&envelope.event_id);
-    match waiter {
-        Some(waiter) => {
-            let answer = if verdict.is_effective() {
-                ReadBack::Effective(record.position.clone())
-            } else {
-                ReadBack::Skipped(verdict)
-            };
-            let _ = waiter.send(answer);
+}
+
+/// Answers whoever waits for the folded records, and steps down from a partition where a
+/// record nobody here wrote appeared.
+fn settle<A: EventCodec>(inner: &Inner<A>, folded: Vec<Folded>) {
+    for folded in folded {
+        let Folded {
+            position,
+            event_id,
+            aggregate_id,
+            claimed,
+            verdict,
+        } = folded;
+        if !verdict.is_effective() {
+            inner.conflicts.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                %position,
+                %aggregate_id,
+                claimed,
+                ?verdict,
+                "record skipped by the effective-history rule"
+            );
         }
-        None => {
-            let ours = lock(&inner.in_doubt).remove(&envelope.event_id);
-            if !ours && inner.ready.load(Ordering::Acquire) {
-                let newly = lock(&inner.stepped_down).insert(partition);
-                if newly {
-                    tracing::error!(
-                        topic = %inner.config.topic,
-                        partition,
-                        position = %record.position,
-                        "another writer appended to an owned partition; stepping down from it"
-                    );
+        let waiter = lock(&inner.waiters).remove(&event_id);
+        match waiter {
+            Some(waiter) => {
+                let answer = if verdict.is_effective() {
+                    ReadBack::Effective(position)
+                } else {
+                    ReadBack::Skipped(verdict)
+                };
+                let _ = waiter.send(answer);
+            }
+            None => {
+                let ours = lock(&inner.in_doubt).remove(&event_id);
+                if !ours && inner.ready.load(Ordering::Acquire) {
+                    let newly = lock(&inner.stepped_down).insert(position.partition);
+                    if newly {
+                        tracing::error!(
+                            topic = %inner.config.topic,
+                            partition = position.partition,
+                            %position,
+                            "another writer appended to an owned partition; stepping down from it"
+                        );
+                    }
                 }
             }
         }
     }
+}
+
+/// Takes the snapshots that are due, off the tail and the commands' path, until shutdown; then
+/// one last time for every partition with changes.
+async fn take_snapshots<A>(inner: Arc<Inner<A>>, mut shutdown: watch::Receiver<bool>)
+where
+    A: EventCodec,
+    A::State: Serialize,
+{
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = tokio::time::sleep(SNAPSHOT_CHECK) => {}
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+        save_due_snapshots(&inner, false).await;
+    }
+    save_due_snapshots(&inner, true).await;
 }
 
 async fn save_due_snapshots<A>(inner: &Inner<A>, all: bool)
@@ -670,58 +892,73 @@ where
         .map(|(partition, _)| *partition)
         .collect();
     for partition in due {
-        let (next_offset, body) = {
+        // Only what changed is copied under the lock; it is serialised and stored outside it.
+        let (next_offset, dirty, aggregates, commands) = {
             let mut table = lock(&inner.table);
             table.since_snapshot.insert(partition, 0);
             let next_offset = table.next_offsets.get(&partition).copied().unwrap_or(0);
-            let aggregates: Vec<_> = table
+            let dirty = table.dirty.remove(&partition).unwrap_or_default();
+            let aggregates: Vec<(String, SnapshotSlot<A::State>)> = dirty
                 .aggregates
                 .iter()
-                .filter(|(_, slot)| slot.partition == partition)
-                .map(|(id, slot)| {
-                    (
+                .filter_map(|id| {
+                    let slot = table.aggregates.get(id)?;
+                    Some((
                         id.clone(),
-                        slot.version,
-                        slot.position.as_ref().map(Position::to_string),
-                        slot.state.clone(),
-                    )
+                        SnapshotSlot {
+                            version: slot.version,
+                            position: slot.position.as_ref().map(Position::to_string),
+                            state: slot.state.clone(),
+                        },
+                    ))
                 })
                 .collect();
-            let commands: Vec<_> = table
+            let commands: Vec<(Uuid, StoredOutcome)> = dirty
                 .commands
                 .iter()
-                .filter(|(_, outcome)| {
-                    table
-                        .aggregates
-                        .get(&outcome.aggregate_id)
-                        .is_some_and(|slot| slot.partition == partition)
-                })
-                .map(|(id, outcome)| (*id, outcome.clone()))
+                .filter_map(|id| Some((*id, table.commands.get(id)?.clone())))
                 .collect();
-            let body = PartitionSnapshot {
-                format: SNAPSHOT_FORMAT,
-                aggregates,
-                commands,
-            };
-            (next_offset, serde_json::to_vec(&body))
+            (next_offset, dirty, aggregates, commands)
         };
-        let body = match body {
-            Ok(body) => body,
-            Err(error) => {
-                tracing::error!(%error, "cannot serialise a snapshot");
-                continue;
-            }
+        let serialised = aggregates
+            .iter()
+            .map(|(id, slot)| Ok((id.clone(), serde_json::to_string(slot)?)))
+            .collect::<Result<Vec<_>, serde_json::Error>>()
+            .and_then(|aggregates| {
+                let outcomes = commands
+                    .iter()
+                    .map(|(id, outcome)| Ok((id.to_string(), serde_json::to_string(outcome)?)))
+                    .collect::<Result<Vec<_>, serde_json::Error>>()?;
+                Ok((aggregates, outcomes))
+            });
+        let saved = match serialised {
+            Ok((aggregates, outcomes)) => inner
+                .store
+                .save_snapshot(
+                    &inner.config.topic,
+                    partition,
+                    Snapshot {
+                        format: SNAPSHOT_FORMAT,
+                        next_offset,
+                        aggregates,
+                        outcomes,
+                    },
+                    dirty.replace,
+                )
+                .await
+                .map_err(|error| error.to_string()),
+            Err(error) => Err(format!("cannot serialise a snapshot: {error}")),
         };
-        if let Err(error) = inner
-            .store
-            .save_snapshot(
-                &inner.config.topic,
-                partition,
-                Snapshot { next_offset, body },
-            )
-            .await
-        {
+        if let Err(error) = saved {
             tracing::warn!(%error, partition, "cannot save snapshot; will retry later");
+            // Keep what changed for the next attempt.
+            let mut table = lock(&inner.table);
+            let pending = table.dirty.entry(partition).or_default();
+            pending.aggregates.extend(dirty.aggregates);
+            pending.commands.extend(dirty.commands);
+            pending.replace |= dirty.replace;
+            let count = table.since_snapshot.entry(partition).or_default();
+            *count = (*count).max(inner.config.snapshot_every);
         }
     }
 }

@@ -5,14 +5,18 @@
 use std::path::Path;
 
 use async_trait::async_trait;
-use sql_store::{Db, DbError};
+use sql_store::{Db, DbError, Value, value_rows};
 
-/// A snapshot of one partition: everything needed to resume reading it at `next_offset`.
+/// A partition's snapshot, or the change to it since the previous one: the aggregates and
+/// command outcomes (JSON, keyed by aggregate id and command id) as of `next_offset`, the offset
+/// from which reading resumes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
+    /// The owner's snapshot format; a snapshot of another format is not used.
+    pub format: u32,
     pub next_offset: u64,
-    /// JSON.
-    pub body: Vec<u8>,
+    pub aggregates: Vec<(String, String)>,
+    pub outcomes: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -30,16 +34,21 @@ impl From<DbError> for StoreError {
 /// is durable in the log).
 #[async_trait]
 pub trait CommandStore: Send + Sync + 'static {
+    /// Everything stored for the partition: every aggregate and outcome ever saved, with the
+    /// latest offset.
     async fn load_snapshot(
         &self,
         topic: &str,
         partition: u32,
     ) -> Result<Option<Snapshot>, StoreError>;
+    /// Stores the changes in `snapshot` over what is stored for the partition (or, with
+    /// `replace`, instead of it), atomically: a crash leaves the previous snapshot or this one.
     async fn save_snapshot(
         &self,
         topic: &str,
         partition: u32,
         snapshot: Snapshot,
+        replace: bool,
     ) -> Result<(), StoreError>;
     async fn load_position(
         &self,
@@ -56,7 +65,8 @@ pub trait CommandStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 }
 
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 -- The command side's own bookkeeping: snapshots of each partition's aggregate states (so
 -- start-up reads only the log tail), and how far each command topic has been consumed. Neither
 -- is a source of truth: losing them costs a longer start-up, no data.
@@ -75,7 +85,40 @@ CREATE TABLE command_positions (
     next_offset BIGINT NOT NULL,
     PRIMARY KEY (consumer, topic, partition)
 )
-"];
+",
+    "
+-- Snapshots become incremental: each one writes only the aggregates and command outcomes that
+-- changed since the previous one, so taking one costs what changed, not the partition's whole
+-- history. The whole-partition snapshots above are dropped; the first start-up after this
+-- rebuilds each partition from the log once.
+DROP TABLE command_snapshots;
+CREATE TABLE command_snapshot_heads (
+    topic TEXT NOT NULL,
+    partition BIGINT NOT NULL,
+    format BIGINT NOT NULL,
+    next_offset BIGINT NOT NULL,
+    taken_at BIGINT NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+CREATE TABLE command_snapshot_aggregates (
+    topic TEXT NOT NULL,
+    partition BIGINT NOT NULL,
+    aggregate_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (topic, partition, aggregate_id)
+);
+CREATE TABLE command_snapshot_outcomes (
+    topic TEXT NOT NULL,
+    partition BIGINT NOT NULL,
+    command_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (topic, partition, command_id)
+)
+",
+];
+
+/// Rows per multi-row upsert (4 values each; well under both databases' parameter limits).
+const CHUNK: usize = 500;
 
 /// The store, in SQLite or Postgres.
 #[derive(Debug, Clone)]
@@ -111,16 +154,41 @@ impl CommandStore for SqlStore {
         topic: &str,
         partition: u32,
     ) -> Result<Option<Snapshot>, StoreError> {
-        let row = self
+        let key = [topic.into(), partition.into()];
+        let Some(head) = self
             .db
             .fetch_optional(
-                "SELECT next_offset, body FROM command_snapshots WHERE topic = $1 AND partition = $2",
-                &[topic.into(), partition.into()],
+                "SELECT format, next_offset FROM command_snapshot_heads WHERE topic = $1 AND partition = $2",
+                &key,
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let pairs = |rows: Vec<sql_store::Row>, id: &str| -> Vec<(String, String)> {
+            rows.into_iter()
+                .map(|row| (row.text(id), row.text("body")))
+                .collect()
+        };
+        let aggregates = self
+            .db
+            .fetch_all(
+                "SELECT aggregate_id, body FROM command_snapshot_aggregates WHERE topic = $1 AND partition = $2",
+                &key,
             )
             .await?;
-        Ok(row.map(|row| Snapshot {
-            next_offset: row.int("next_offset") as u64,
-            body: row.text("body").into_bytes(),
+        let outcomes = self
+            .db
+            .fetch_all(
+                "SELECT command_id, body FROM command_snapshot_outcomes WHERE topic = $1 AND partition = $2",
+                &key,
+            )
+            .await?;
+        Ok(Some(Snapshot {
+            format: head.int("format") as u32,
+            next_offset: head.int("next_offset") as u64,
+            aggregates: pairs(aggregates, "aggregate_id"),
+            outcomes: pairs(outcomes, "command_id"),
         }))
     }
 
@@ -129,23 +197,69 @@ impl CommandStore for SqlStore {
         topic: &str,
         partition: u32,
         snapshot: Snapshot,
+        replace: bool,
     ) -> Result<(), StoreError> {
-        let body =
-            String::from_utf8(snapshot.body).map_err(|error| StoreError(error.to_string()))?;
-        self.db
-            .execute(
-                "INSERT INTO command_snapshots (topic, partition, next_offset, taken_at, body) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (topic, partition) DO UPDATE
-                 SET next_offset = excluded.next_offset, taken_at = excluded.taken_at, body = excluded.body",
-                &[
-                    topic.into(),
-                    partition.into(),
-                    snapshot.next_offset.into(),
-                    now_ms().into(),
-                    body.into(),
-                ],
-            )
-            .await?;
+        let mut tx = self.db.begin().await?;
+        if replace {
+            for table in [
+                "command_snapshot_aggregates",
+                "command_snapshot_outcomes",
+                "command_snapshot_heads",
+            ] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE topic = $1 AND partition = $2"),
+                    &[topic.into(), partition.into()],
+                )
+                .await?;
+            }
+        }
+        for (table, id, rows) in [
+            (
+                "command_snapshot_aggregates",
+                "aggregate_id",
+                &snapshot.aggregates,
+            ),
+            (
+                "command_snapshot_outcomes",
+                "command_id",
+                &snapshot.outcomes,
+            ),
+        ] {
+            for chunk in rows.chunks(CHUNK) {
+                let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 4);
+                for (key, body) in chunk {
+                    args.extend([
+                        topic.into(),
+                        partition.into(),
+                        key.as_str().into(),
+                        body.as_str().into(),
+                    ]);
+                }
+                tx.execute(
+                    &format!(
+                        "INSERT INTO {table} (topic, partition, {id}, body) VALUES {}
+                         ON CONFLICT (topic, partition, {id}) DO UPDATE SET body = excluded.body",
+                        value_rows(chunk.len(), 4, 1)
+                    ),
+                    &args,
+                )
+                .await?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO command_snapshot_heads (topic, partition, format, next_offset, taken_at) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (topic, partition) DO UPDATE
+             SET format = excluded.format, next_offset = excluded.next_offset, taken_at = excluded.taken_at",
+            &[
+                topic.into(),
+                partition.into(),
+                snapshot.format.into(),
+                snapshot.next_offset.into(),
+                now_ms().into(),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 

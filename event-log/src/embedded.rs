@@ -6,6 +6,14 @@
 //! commands costs one fsync, not one each. Readers share a pool of read connections and sleep
 //! on a watch channel that the writer bumps after each commit, so a tailing reader sees a new
 //! record within microseconds rather than after a poll interval.
+//!
+//! After each commit the writer also keeps, per partition, the end offset and the most recent
+//! records it wrote ([`RECENT`] of them) in memory. A reader woken by a commit looks there
+//! first: a partition with nothing new costs it no query, and a reader close behind the end
+//! (every tail, most of the time) takes its records from memory. Only a reader further behind
+//! queries SQLite. Another process writing the same file does not wake this one's readers, so
+//! a reader still queries every partition when its wait times out, and at least every
+//! [`RECHECK`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::Path;
@@ -20,11 +28,19 @@ use sqlx::{Connection, QueryBuilder, Row, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    EventLog, GroupEvent, GroupMember, LogError, LogReader, LogRecord, Position, TopicPartition,
+    EventLog, GroupEvent, GroupMember, LogError, LogReader, LogRecord, Position, ReadMode,
+    TopicPartition,
 };
 
 /// Most records one group commit writes.
 const MAX_BATCH: usize = 1000;
+
+/// How many of the latest records of each partition the writer keeps in memory for readers.
+const RECENT: usize = 256;
+
+/// A reader woken only by this process's commits still queries every partition this often, for
+/// records other processes wrote to the same file.
+const RECHECK: Duration = Duration::from_millis(100);
 
 struct AppendRequest {
     topic: String,
@@ -45,6 +61,8 @@ struct Inner {
     appends: mpsc::Sender<AppendRequest>,
     /// Bumped after every commit; readers wait on it.
     committed: watch::Receiver<u64>,
+    /// What this process's writer committed last, per partition.
+    heads: Arc<Heads>,
     /// For the rare writes that are not appends (topic creation).
     admin: tokio::sync::Mutex<SqliteConnection>,
     partitions: RwLock<HashMap<String, u32>>,
@@ -52,6 +70,111 @@ struct Inner {
     groups: std::sync::Mutex<HashMap<String, GroupState>>,
     /// Bumped whenever a group's membership changes.
     group_changes: watch::Sender<u64>,
+}
+
+/// Per topic and partition, what this process's writer committed last.
+#[derive(Debug, Default)]
+struct Heads {
+    partitions: std::sync::Mutex<HashMap<TopicPartition, Head>>,
+}
+
+#[derive(Debug, Default)]
+struct Head {
+    /// The offset after the last record this process committed.
+    end: u64,
+    /// The latest records committed here, contiguous, ending at `end`.
+    recent: VecDeque<LogRecord>,
+}
+
+/// Where a partition's next records are, as far as the heads know.
+enum Found {
+    /// Taken from memory (maybe none: the reader is at the end).
+    Records(Vec<LogRecord>),
+    /// This process's writer has written nothing new there.
+    Nothing,
+    /// Not in memory: query the file.
+    Query,
+}
+
+impl Heads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TopicPartition, Head>> {
+        self.partitions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records the committed batch.
+    fn committed(&self, records: Vec<LogRecord>) {
+        let mut heads = self.lock();
+        for record in records {
+            let key = (record.position.topic.clone(), record.position.partition);
+            let head = heads.entry(key).or_default();
+            let offset = record.position.offset;
+            if offset != head.end || head.recent.is_empty() {
+                // Another process wrote in between (or this is the first record seen here):
+                // what is kept must stay contiguous.
+                head.recent.clear();
+            }
+            head.end = offset + 1;
+            head.recent.push_back(record);
+            if head.recent.len() > RECENT {
+                head.recent.pop_front();
+            }
+        }
+    }
+
+    /// Up to `limit` records of a partition from `next`, if memory can tell.
+    fn find(&self, topic: &str, partition: u32, next: u64, limit: usize) -> Found {
+        let heads = self.lock();
+        let Some(head) = heads.get(&(topic.to_owned(), partition)) else {
+            return Found::Nothing;
+        };
+        if next >= head.end {
+            return Found::Nothing;
+        }
+        match head.recent.front() {
+            Some(first) if next >= first.position.offset => Found::Records(
+                head.recent
+                    .iter()
+                    .skip((next - first.position.offset) as usize)
+                    .take(limit)
+                    .cloned()
+                    .collect(),
+            ),
+            _ => Found::Query,
+        }
+    }
+}
+
+/// Reads up to `max` records over `partitions` (each with the next offset to read, advanced
+/// past what is returned), from memory where the heads can tell and from the file otherwise.
+/// `thorough` also queries the partitions where this process wrote nothing new (another
+/// process may have).
+async fn read_partitions<'a>(
+    pool: &SqlitePool,
+    heads: &Heads,
+    partitions: impl Iterator<Item = (&'a str, u32, &'a mut u64)>,
+    count: usize,
+    max: usize,
+    thorough: bool,
+) -> Result<Vec<LogRecord>, LogError> {
+    let mut records = Vec::new();
+    let per_partition = max.div_ceil(count.max(1)).max(1);
+    for (topic, partition, next) in partitions {
+        if records.len() >= max {
+            break;
+        }
+        let fetched = match heads.find(topic, partition, *next, per_partition) {
+            Found::Records(found) if !found.is_empty() => found,
+            Found::Nothing | Found::Records(_) if !thorough => continue,
+            _ => fetch_partition(pool, topic, partition, *next, per_partition).await?,
+        };
+        if let Some(last) = fetched.last() {
+            *next = last.position.offset + 1;
+        }
+        records.extend(fetched);
+    }
+    Ok(records)
 }
 
 #[derive(Debug, Default)]
@@ -107,12 +230,14 @@ impl EmbeddedLog {
             .map_err(unavailable)?;
         let (appends, queue) = mpsc::channel(MAX_BATCH * 4);
         let (bump, committed) = watch::channel(0);
-        tokio::spawn(write_loop(writer, queue, bump));
+        let heads = Arc::new(Heads::default());
+        tokio::spawn(write_loop(writer, queue, bump, heads.clone()));
         Ok(EmbeddedLog {
             inner: Arc::new(Inner {
                 reads,
                 appends,
                 committed,
+                heads,
                 admin: tokio::sync::Mutex::new(admin),
                 partitions: RwLock::new(HashMap::new()),
                 groups: std::sync::Mutex::new(HashMap::new()),
@@ -127,15 +252,23 @@ async fn write_loop(
     mut connection: SqliteConnection,
     mut queue: mpsc::Receiver<AppendRequest>,
     bump: watch::Sender<u64>,
+    heads: Arc<Heads>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let result = write_batch(&mut connection, &batch).await;
         match result {
-            Ok(positions) => {
+            Ok((positions, timestamp_ms)) => {
+                let mut committed = Vec::with_capacity(batch.len());
                 for (request, position) in batch.drain(..).zip(positions) {
-                    let _ = request.done.send(Ok(position));
+                    let _ = request.done.send(Ok(position.clone()));
+                    committed.push(LogRecord {
+                        position,
+                        timestamp_ms,
+                        record: request.record,
+                    });
                 }
+                heads.committed(committed);
                 bump.send_modify(|count| *count += 1);
             }
             Err(error) => {
@@ -151,7 +284,7 @@ async fn write_loop(
 async fn write_batch(
     connection: &mut SqliteConnection,
     batch: &[AppendRequest],
-) -> Result<Vec<Position>, LogError> {
+) -> Result<(Vec<Position>, i64), LogError> {
     // IMMEDIATE takes the write lock up front, so the offsets read below cannot be taken by
     // another process writing the same file before this transaction commits.
     sqlx::query("BEGIN IMMEDIATE")
@@ -176,7 +309,7 @@ async fn write_batch(
 async fn insert_batch(
     tx: &mut SqliteConnection,
     batch: &[AppendRequest],
-) -> Result<Vec<Position>, LogError> {
+) -> Result<(Vec<Position>, i64), LogError> {
     let mut planned: HashMap<(&str, u32), u64> = HashMap::new();
     let mut positions = Vec::with_capacity(batch.len());
     for request in batch {
@@ -224,7 +357,7 @@ async fn insert_batch(
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
-    Ok(positions)
+    Ok((positions, now_ms))
 }
 
 fn now_ms() -> i64 {
@@ -334,10 +467,12 @@ impl EventLog for EmbeddedLog {
         Ok(row.get::<i64, _>(0) as u64)
     }
 
-    async fn reader(
+    async fn open_reader(
         &self,
         topic: &str,
         start: &[(u32, u64)],
+        // Memory and SQLite answer at once either way.
+        _mode: ReadMode,
     ) -> Result<Box<dyn LogReader>, LogError> {
         let partitions = self.partition_count(topic).await?;
         if let Some((partition, _)) = start.iter().find(|(partition, _)| *partition >= partitions) {
@@ -348,9 +483,11 @@ impl EventLog for EmbeddedLog {
         }
         Ok(Box::new(EmbeddedReader {
             pool: self.inner.reads.clone(),
+            heads: self.inner.heads.clone(),
             committed: self.inner.committed.clone(),
             topic: topic.to_owned(),
             next: start.to_vec(),
+            checked: None,
         }))
     }
 
@@ -385,6 +522,7 @@ impl EventLog for EmbeddedLog {
             pending: VecDeque::new(),
             changes: self.inner.group_changes.subscribe(),
             committed: self.inner.committed.clone(),
+            checked: None,
         }))
     }
 
@@ -407,6 +545,8 @@ struct EmbeddedMember {
     pending: VecDeque<GroupEvent>,
     changes: watch::Receiver<u64>,
     committed: watch::Receiver<u64>,
+    /// When every started partition was last queried (see the module documentation).
+    checked: Option<tokio::time::Instant>,
 }
 
 impl EmbeddedMember {
@@ -460,27 +600,29 @@ impl EmbeddedMember {
         Ok(())
     }
 
-    async fn fetch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
-        let mut records = Vec::new();
-        let per_partition = max.div_ceil(self.started.len().max(1)).max(1);
-        for ((topic, partition), next) in &mut self.started {
-            if records.len() >= max {
-                break;
-            }
-            let fetched = fetch_partition(
-                &self.log.inner.reads,
-                topic,
-                *partition,
-                *next,
-                per_partition,
-            )
-            .await?;
-            if let Some(last) = fetched.last() {
-                *next = last.position.offset + 1;
-            }
-            records.extend(fetched);
+    /// The next records of the started partitions; `thorough` queries every partition (see
+    /// [`read_partitions`]), and is forced every [`RECHECK`].
+    async fn fetch(&mut self, max: usize, thorough: bool) -> Result<Vec<LogRecord>, LogError> {
+        let now = tokio::time::Instant::now();
+        let thorough = thorough
+            || self
+                .checked
+                .is_none_or(|checked| now.duration_since(checked) >= RECHECK);
+        if thorough {
+            self.checked = Some(now);
         }
-        Ok(records)
+        let count = self.started.len();
+        read_partitions(
+            &self.log.inner.reads,
+            &self.log.inner.heads,
+            self.started
+                .iter_mut()
+                .map(|((topic, partition), next)| (topic.as_str(), *partition, next)),
+            count,
+            max,
+            thorough,
+        )
+        .await
     }
 }
 
@@ -493,11 +635,11 @@ impl GroupMember for EmbeddedMember {
         if let Some(event) = self.pending.pop_front() {
             return Ok(event);
         }
-        let records = self.fetch(max).await?;
+        let records = self.fetch(max, false).await?;
         if !records.is_empty() || wait.is_zero() {
             return Ok(GroupEvent::Records(records));
         }
-        let _ = tokio::time::timeout(wait, async {
+        let woken = tokio::time::timeout(wait, async {
             tokio::select! {
                 _ = self.changes.changed() => {}
                 _ = self.committed.changed() => {}
@@ -508,7 +650,7 @@ impl GroupMember for EmbeddedMember {
         if let Some(event) = self.pending.pop_front() {
             return Ok(event);
         }
-        Ok(GroupEvent::Records(self.fetch(max).await?))
+        Ok(GroupEvent::Records(self.fetch(max, woken.is_err()).await?))
     }
 
     async fn start(&mut self, topic: &str, partition: u32, offset: u64) -> Result<(), LogError> {
@@ -547,10 +689,13 @@ impl Drop for EmbeddedMember {
 
 struct EmbeddedReader {
     pool: SqlitePool,
+    heads: Arc<Heads>,
     committed: watch::Receiver<u64>,
     topic: String,
     /// The next offset to read, per partition.
     next: Vec<(u32, u64)>,
+    /// When every partition was last queried (see the module documentation).
+    checked: Option<tokio::time::Instant>,
 }
 
 /// Up to `limit` records of one partition from offset `from`.
@@ -592,21 +737,29 @@ async fn fetch_partition(
 }
 
 impl EmbeddedReader {
-    async fn fetch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
-        let mut records = Vec::new();
-        let per_partition = max.div_ceil(self.next.len().max(1)).max(1);
-        for (partition, next) in &mut self.next {
-            if records.len() >= max {
-                break;
-            }
-            let fetched =
-                fetch_partition(&self.pool, &self.topic, *partition, *next, per_partition).await?;
-            if let Some(last) = fetched.last() {
-                *next = last.position.offset + 1;
-            }
-            records.extend(fetched);
+    /// As [`EmbeddedMember::fetch`].
+    async fn fetch(&mut self, max: usize, thorough: bool) -> Result<Vec<LogRecord>, LogError> {
+        let now = tokio::time::Instant::now();
+        let thorough = thorough
+            || self
+                .checked
+                .is_none_or(|checked| now.duration_since(checked) >= RECHECK);
+        if thorough {
+            self.checked = Some(now);
         }
-        Ok(records)
+        let count = self.next.len();
+        let topic = self.topic.as_str();
+        read_partitions(
+            &self.pool,
+            &self.heads,
+            self.next
+                .iter_mut()
+                .map(|(partition, next)| (topic, *partition, next)),
+            count,
+            max,
+            thorough,
+        )
+        .await
     }
 }
 
@@ -616,7 +769,7 @@ impl LogReader for EmbeddedReader {
         // Mark the current commit count as seen before reading, so a commit that lands between
         // the read and the wait still wakes us.
         self.committed.borrow_and_update();
-        let records = self.fetch(max).await?;
+        let records = self.fetch(max, false).await?;
         if !records.is_empty() || wait.is_zero() {
             return Ok(records);
         }
@@ -624,9 +777,10 @@ impl LogReader for EmbeddedReader {
             Ok(Err(_)) => Err(LogError::Unavailable(
                 "embedded log writer has stopped".into(),
             )),
-            // Woken by our own writer, or timed out: another process may have written to the
-            // same file without waking us, so look once more either way.
-            Ok(Ok(())) | Err(_) => self.fetch(max).await,
+            // Woken by our own writer: its heads say what is new.
+            Ok(Ok(())) => self.fetch(max, false).await,
+            // Timed out: another process may have written to the same file without waking us.
+            Err(_) => self.fetch(max, true).await,
         }
     }
 }

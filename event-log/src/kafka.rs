@@ -4,6 +4,9 @@
 //! appends ride in the same produce batches and nothing waits for one delivery before sending the
 //! next. Readers assign explicit partitions and seek to explicit offsets; they never use Kafka's
 //! committed offsets, since positions are stored with their effects (see ARCHITECTURE.md).
+//! A reader's fetch wait depends on its [`ReadMode`]: a few ms for readers someone waits on, a
+//! longer one for background readers, since some brokers (nisshi) hold every fetch for its full
+//! wait and spend their CPU answering idle readers' fetches.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -22,7 +25,8 @@ use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::{
-    EventLog, GroupEvent, GroupMember, LogError, LogReader, LogRecord, Position, TopicPartition,
+    EventLog, GroupEvent, GroupMember, LogError, LogReader, LogRecord, Position, ReadMode,
+    TopicPartition,
 };
 
 /// How the platform talks to Kafka.
@@ -36,6 +40,9 @@ pub struct KafkaSettings {
     /// How long the broker may hold a fetch open. Brokers that do not answer a fetch early when
     /// data arrives (nisshi, see KAFKA.md) add this to every read-back; keep it small.
     pub fetch_wait_max_ms: u32,
+    /// The fetch wait of [`ReadMode::Background`] readers: long, so an idle reader costs the
+    /// broker a few fetches a second rather than hundreds.
+    pub background_fetch_wait_ms: u32,
     /// How long an append may take before it fails (and the command answers 503).
     pub delivery_timeout: Duration,
 }
@@ -46,6 +53,7 @@ impl KafkaSettings {
             brokers: brokers.into(),
             linger_ms: 2,
             fetch_wait_max_ms: 5,
+            background_fetch_wait_ms: 250,
             delivery_timeout: Duration::from_secs(15),
         }
     }
@@ -270,11 +278,18 @@ impl EventLog for KafkaLog {
         .map_err(unavailable)?
     }
 
-    async fn reader(
+    async fn open_reader(
         &self,
         topic: &str,
         start: &[(u32, u64)],
+        mode: ReadMode,
     ) -> Result<Box<dyn LogReader>, LogError> {
+        // A background reader asks for more than a fetch usually finds, so a broker holds its
+        // fetch for the whole wait even under load, and answers it a few times a second.
+        let (fetch_wait, min_bytes) = match mode {
+            ReadMode::Latency => (self.inner.settings.fetch_wait_max_ms, 1),
+            ReadMode::Background => (self.inner.settings.background_fetch_wait_ms, 1 << 20),
+        };
         let consumer: StreamConsumer = self
             .inner
             .settings
@@ -288,10 +303,8 @@ impl EventLog for KafkaLog {
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "earliest")
-            .set(
-                "fetch.wait.max.ms",
-                self.inner.settings.fetch_wait_max_ms.to_string(),
-            )
+            .set("fetch.wait.max.ms", fetch_wait.to_string())
+            .set("fetch.min.bytes", min_bytes.to_string())
             .create()
             .map_err(unavailable)?;
         let mut assignment = TopicPartitionList::new();

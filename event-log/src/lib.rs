@@ -11,9 +11,11 @@
 //! - this file: the [`EventLog`] and [`LogReader`] traits, [`Position`], [`LogError`] and the
 //!   partitioner.
 //! - [`embedded`]: the default backend, a local SQLite file in WAL mode; appends from many
-//!   tasks are group-committed by one writer task, readers wake on new records.
+//!   tasks are group-committed by one writer task, readers wake on new records and take the
+//!   most recent ones from memory.
 //! - [`kafka`]: rdkafka; an idempotent producer (acks=all, a few ms of linger) shared by all
-//!   appends, and readers that assign explicit partitions and seek to explicit offsets.
+//!   appends, and readers that assign explicit partitions and seek to explicit offsets, with a
+//!   short fetch wait or, for [`ReadMode::Background`] readers, a longer one.
 //! - [`topics`]: the topic naming scheme (`<prefix>.<aggregate>.events`, `.commands`).
 
 pub mod embedded;
@@ -113,11 +115,23 @@ pub trait EventLog: Send + Sync + 'static {
     /// The offset the next record of the partition will get (the high watermark).
     async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError>;
 
-    /// Opens a reader of `topic` positioned at explicit offsets, one per partition to read.
+    /// Opens a reader of `topic` positioned at explicit offsets, one per partition to read,
+    /// for someone who waits on what it reads ([`ReadMode::Latency`]).
     async fn reader(
         &self,
         topic: &str,
         start: &[(u32, u64)],
+    ) -> Result<Box<dyn LogReader>, LogError> {
+        self.open_reader(topic, start, ReadMode::Latency).await
+    }
+
+    /// Opens a reader as [`EventLog::reader`] does, tuned for `mode`. The mode changes only how
+    /// soon new records arrive, never which records or in which order.
+    async fn open_reader(
+        &self,
+        topic: &str,
+        start: &[(u32, u64)],
+        mode: ReadMode,
     ) -> Result<Box<dyn LogReader>, LogError>;
 
     /// Joins consumer group `group` reading `topics`: the group's members share the topics'
@@ -130,6 +144,19 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// A short name for logs and health output (`kafka`, `embedded`).
     fn backend(&self) -> &'static str;
+}
+
+/// How eagerly a reader asks for new records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadMode {
+    /// Someone waits on each new record (a read-back, read-your-writes): deliver it as soon as
+    /// possible.
+    #[default]
+    Latency,
+    /// Nobody waits on a record's arrival to the millisecond (a tail kept for checking, a
+    /// consumer of commands): fewer, larger fetches are fine. On Kafka this is a longer fetch
+    /// wait, which matters on brokers that hold every fetch for its full wait (see KAFKA.md).
+    Background,
 }
 
 /// A topic and one of its partitions.
