@@ -70,7 +70,7 @@ impl Platform {
         let backend = Backend::open(&settings).await?;
         let (shutdown, stopped) = watch::channel(false);
         let services = match part {
-            Part::All => ServiceSet::ALL,
+            Part::All | Part::Commands => ServiceSet::ALL,
             Part::Order => ServiceSet {
                 order: true,
                 ..ServiceSet::NONE

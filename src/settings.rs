@@ -9,6 +9,8 @@ use std::path::PathBuf;
 pub enum Part {
     /// Every part in one process.
     All,
+    /// The three command services (order, payment, inventory) in one process.
+    Commands,
     /// The order command service.
     Order,
     /// The payment command service.

@@ -8,6 +8,7 @@
 //!
 //! # Layout
 //! - [`db`]: the shared SQL layer (crate `sql-store`), so each read model's SQL is written once.
+//! - [`traced`]: a span per applied event with the trace id of the request behind it.
 //! - [`runtime`]: the projection runtime: consumer groups, batches applied in one transaction
 //!   with their positions, the effective-history rule, parking.
 //! - [`models`]: the read models (orders, inventory, payments, audit).
@@ -26,5 +27,6 @@ pub mod query;
 pub mod read_side;
 pub mod replay;
 pub mod runtime;
+pub mod traced;
 
 pub use read_side::{ReadBackend, ReadSide};

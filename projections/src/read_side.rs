@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::db::{Db, DbError};
 use crate::models::{audit::Audit, inventory::Inventory, orders::Orders, payments::Payments};
 use crate::runtime::{Projection, Worker, WorkerState, migrate, stored_positions};
+use crate::traced::{SpanKind, Traced};
 
 /// Where the read models live.
 #[derive(Debug, Clone)]
@@ -76,12 +77,16 @@ pub struct ProjectionStatus {
 }
 
 fn all_projections() -> Vec<Arc<dyn Projection>> {
-    vec![
+    let projections: Vec<Arc<dyn Projection>> = vec![
         Arc::new(Orders),
         Arc::new(Inventory),
         Arc::new(Payments),
         Arc::new(Audit),
-    ]
+    ];
+    projections
+        .into_iter()
+        .map(|projection| Traced::wrap(projection, SpanKind::Projection))
+        .collect()
 }
 
 impl ReadSide {

@@ -12,6 +12,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::driver::{SagaProjection, run_relay, run_ticker};
 use crate::saga::SagaConfig;
+use projections::traced::{SpanKind, Traced};
 
 /// Cheap to clone.
 #[derive(Clone)]
@@ -64,7 +65,7 @@ impl SagaSide {
         let worker = Worker {
             log: self.log.clone(),
             db: self.db.clone(),
-            projection: self.projection.clone(),
+            projection: Traced::wrap(self.projection.clone(), SpanKind::Saga),
             topics: self
                 .projection
                 .aggregate_types()

@@ -195,3 +195,58 @@ async fn every_answer_carries_the_correlation_id() {
     assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_id_set_on_a_command_is_on_the_projection_and_saga_spans() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let app = support::platform(support::settings(dir.path()), Part::All).await;
+    let client = reqwest::Client::new();
+    let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let (status, _, body) = read(
+        client
+            .post(format!("{}/orders", app.url()))
+            .header("traceparent", &traceparent)
+            .json(
+                &json!({"customer_id": "c-trace", "currency": "EUR", "payment_token": "tok_timeout",
+                "lines": [{"sku": "SKU-T", "quantity": 1, "unit_price_minor": 100}]}),
+            )
+            .send()
+            .await
+            .expect("order"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let order_id = body["order_id"].as_str().expect("order id").to_owned();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ours: Vec<support::SeenSpan> = support::spans()
+            .into_iter()
+            .filter(|span| span.fields.get("trace_id") == Some(&trace_id))
+            .collect();
+        let projection = ours.iter().any(|span| {
+            span.name == "projection.apply"
+                && span.fields.get("projection").map(String::as_str) == Some("orders")
+                && span.fields.get("aggregate_id") == Some(&order_id)
+                && span.fields.get("parent_span_id").map(String::as_str) == Some("00f067aa0ba902b7")
+        });
+        let saga = ours.iter().any(|span| {
+            span.name == "saga.step" && span.fields.get("aggregate_id") == Some(&order_id)
+        });
+        // The saga's command to reserve stock carries the trace on, into the stock's events.
+        let downstream = ours.iter().any(|span| {
+            span.name == "projection.apply"
+                && span.fields.get("projection").map(String::as_str) == Some("inventory")
+        });
+        if projection && saga && downstream {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "spans with trace {trace_id} (projection {projection}, saga {saga}, downstream {downstream}): {ours:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}

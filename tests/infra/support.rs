@@ -7,19 +7,76 @@ use std::time::Duration;
 use platform::gateway::Gateway;
 use platform::{Part, Platform, Settings};
 use tokio::sync::oneshot;
+use tracing_subscriber::Layer;
 
+/// Installs this test binary's subscriber once: the span collector, and log output when
+/// `TEST_LOG` is set.
 pub fn init_logging() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        if std::env::var("TEST_LOG").is_ok() {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new(
+        use tracing_subscriber::layer::SubscriberExt;
+        let fmt = std::env::var("TEST_LOG").is_ok().then(|| {
+            tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(tracing_subscriber::EnvFilter::new(
                     std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()),
                 ))
-                .with_test_writer()
-                .try_init();
-        }
+        });
+        let subscriber = tracing_subscriber::registry().with(SpanCollector).with(fmt);
+        let _ = tracing::subscriber::set_global_default(subscriber);
     });
+}
+
+/// A span seen by [`SpanCollector`]: its name and fields.
+#[derive(Debug, Clone)]
+pub struct SeenSpan {
+    pub name: &'static str,
+    pub fields: std::collections::BTreeMap<String, String>,
+}
+
+/// Every span with a `trace_id` field opened in this process, for the tests to look at.
+pub fn spans() -> Vec<SeenSpan> {
+    SPANS.lock().map(|spans| spans.clone()).unwrap_or_default()
+}
+
+static SPANS: std::sync::Mutex<Vec<SeenSpan>> = std::sync::Mutex::new(Vec::new());
+
+/// An in-memory span collector: records the fields of every span that carries a trace id.
+struct SpanCollector;
+
+struct Fields(std::collections::BTreeMap<String, String>);
+
+impl tracing::field::Visit for Fields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(
+            field.name().to_owned(),
+            format!("{value:?}").trim_matches('"').to_owned(),
+        );
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SpanCollector {
+    fn on_new_span(
+        &self,
+        attributes: &tracing::span::Attributes<'_>,
+        _: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut fields = Fields(std::collections::BTreeMap::new());
+        attributes.record(&mut fields);
+        if fields.0.get("trace_id").is_some_and(|id| !id.is_empty())
+            && let Ok(mut spans) = SPANS.lock()
+        {
+            spans.push(SeenSpan {
+                name: attributes.metadata().name(),
+                fields: fields.0,
+            });
+        }
+    }
 }
 
 /// Embedded settings in `dir` with a unique topic prefix and 4 partitions.

@@ -1,0 +1,118 @@
+//! Spans around a projection's work: one per event it applies, carrying the W3C trace id and
+//! parent span id of the request that caused the event (the envelope's `traceparent`, which the
+//! command API took from the request and the log keeps in a record header), and its correlation
+//! id. So one trace id leads from the HTTP command to every read model and saga step it fed,
+//! in the logs (`--log-json` shows span fields) and in any tracing layer that exports spans.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::db::Tx;
+use crate::runtime::{ApplyError, Event, Projection};
+
+/// Which span a [`Traced`] projection opens per event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanKind {
+    /// `projection.apply`
+    Projection,
+    /// `saga.step`
+    Saga,
+}
+
+/// A projection whose `apply` opens a span per event.
+pub struct Traced {
+    inner: Arc<dyn Projection>,
+    kind: SpanKind,
+}
+
+impl std::fmt::Debug for Traced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Traced({}, {:?})", self.inner.name(), self.kind)
+    }
+}
+
+impl Traced {
+    pub fn wrap(inner: Arc<dyn Projection>, kind: SpanKind) -> Arc<dyn Projection> {
+        Arc::new(Traced { inner, kind })
+    }
+}
+
+/// `(trace id, parent span id)` of a W3C `traceparent`, when it is one.
+pub fn trace_context(traceparent: Option<&str>) -> Option<(&str, &str)> {
+    let mut parts = traceparent?.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex =
+        |part: &str, len: usize| part.len() == len && part.chars().all(|c| c.is_ascii_hexdigit());
+    (parts.next().is_none() && hex(version, 2) && hex(trace, 32) && hex(span, 16) && hex(flags, 2))
+        .then_some((trace, span))
+}
+
+#[async_trait]
+impl Projection for Traced {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn aggregate_types(&self) -> &'static [&'static str] {
+        self.inner.aggregate_types()
+    }
+
+    fn migrations(&self) -> &'static [&'static str] {
+        self.inner.migrations()
+    }
+
+    async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {
+        // Opened before and closed after the batch: each span covers its event's application.
+        let spans: Vec<tracing::Span> = events
+            .iter()
+            .map(|event| {
+                let envelope = &event.envelope;
+                let (trace_id, parent_span_id) =
+                    trace_context(envelope.traceparent.as_deref()).unwrap_or_default();
+                match self.kind {
+                    SpanKind::Projection => tracing::info_span!(
+                        "projection.apply",
+                        projection = self.inner.name(),
+                        event_type = %envelope.event_type,
+                        aggregate_id = %envelope.aggregate_id,
+                        event_id = %envelope.event_id,
+                        correlation_id = %envelope.correlation_id,
+                        trace_id,
+                        parent_span_id,
+                    ),
+                    SpanKind::Saga => tracing::info_span!(
+                        "saga.step",
+                        event_type = %envelope.event_type,
+                        aggregate_id = %envelope.aggregate_id,
+                        event_id = %envelope.event_id,
+                        correlation_id = %envelope.correlation_id,
+                        trace_id,
+                        parent_span_id,
+                    ),
+                }
+            })
+            .collect();
+        let result = self.inner.apply(tx, events).await;
+        drop(spans);
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traceparent_splits_into_trace_and_parent_span() {
+        assert_eq!(
+            trace_context(Some(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            )),
+            Some(("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"))
+        );
+        assert_eq!(trace_context(Some("00-xyz-00f067aa0ba902b7-01")), None);
+        assert_eq!(trace_context(None), None);
+    }
+}
