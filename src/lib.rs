@@ -24,8 +24,8 @@ pub mod ops;
 pub mod security;
 pub mod server;
 pub mod settings;
-pub mod tools;
 pub mod telemetry;
+pub mod tools;
 
 pub use server::Platform;
 pub use settings::{Part, Settings};
