@@ -83,12 +83,20 @@ use tokio::time::Instant;
 use crate::backend::kafka_settings;
 use crate::{Part, Platform, Settings};
 
+mod projections;
+mod queries;
+
 /// The load generators of `platform bench`.
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
     /// HTTP commands (orders and stock receipts) against the raw append rate of the same log
     /// and the HTTP no-op rate of the same server, all measured in one run.
     Commands(CommandsBench),
+    /// Projection workers catching up on a preloaded log, against raw batched-upsert and COPY
+    /// rates into equivalent tables and the command event rate (`bench/projections.rs`).
+    Projections(projections::ProjectionsBench),
+    /// `GET /orders/{id}` against the HTTP no-op and `pgbench -S` (`bench/queries.rs`).
+    Queries(queries::QueriesBench),
 }
 
 /// Options of `platform bench commands`. The backend and its tuning come from the global
@@ -145,6 +153,8 @@ pub async fn run(bench: Bench, settings: Settings) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Bench::Projections(options) => projections::run(options, settings).await,
+        Bench::Queries(options) => queries::run(options, settings).await,
     }
 }
 

@@ -4,6 +4,7 @@
 //! command's consistency token (`X-Consistency-Token` header or `?after=`) answers only once the
 //! read model has applied that position, or 503 with `Retry-After` after a bounded wait.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::Router;
@@ -208,75 +209,105 @@ fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-async fn order_views(db: &Db, rows: Vec<Row>) -> Result<Vec<OrderView>, ApiError> {
-    let mut views = Vec::with_capacity(rows.len());
-    for row in rows {
-        let order_id = row.text("order_id");
-        let payment = db
-            .fetch_optional(
-                "SELECT status FROM order_payment WHERE order_id = $1",
-                &[order_id.as_str().into()],
-            )
-            .await
-            .map_err(infra)?
-            .map(|row| row.text("status"))
-            .unwrap_or_else(|| "none".into());
-        let reservations: Vec<(String, String)> = db
-            .fetch_all(
-                "SELECT sku, status FROM order_reservations WHERE order_id = $1",
-                &[order_id.as_str().into()],
-            )
-            .await
-            .map_err(infra)?
-            .into_iter()
-            .map(|row| (row.text("sku"), row.text("status")))
-            .collect();
-        let lines: Vec<domain::order::OrderLine> =
-            serde_json::from_str(&row.text("lines")).unwrap_or_default();
-        let lines: Vec<OrderLineView> = lines
-            .into_iter()
-            .map(|line| OrderLineView {
-                reservation: reservations
-                    .iter()
-                    .find(|(sku, _)| sku == line.sku.as_str())
-                    .map(|(_, status)| status.clone())
-                    .unwrap_or_else(|| "pending".into()),
-                sku: line.sku.to_string(),
-                quantity: i64::from(line.quantity.get()),
-                unit_price_minor: line.unit_price_minor,
-            })
-            .collect();
-        let statuses: Vec<&str> = lines.iter().map(|line| line.reservation.as_str()).collect();
-        let reservation_status = if statuses.contains(&"rejected") {
-            "rejected"
-        } else if statuses.iter().all(|status| *status == "committed") {
-            "committed"
-        } else if statuses.iter().all(|status| *status == "released") {
-            "released"
-        } else if statuses
-            .iter()
-            .all(|status| *status == "reserved" || *status == "committed")
-        {
-            "reserved"
-        } else {
-            "pending"
-        };
-        views.push(OrderView {
-            order_id,
-            customer_id: row.text("customer_id"),
-            status: row.text("status"),
-            lines,
-            total_minor: row.int("total_minor"),
-            currency: row.text("currency"),
-            payment_status: payment,
-            reservation_status: reservation_status.into(),
-            reason: row.get("reason").text().map(str::to_owned),
-            placed_at: rfc3339(row.int("placed_at")),
-            updated_at: rfc3339(row.int("updated_at")),
-            version: row.int("version"),
-        });
+/// An order's view from its summary row, its payment's status and its reservations (sku,
+/// status).
+fn order_view(row: &Row, payment: Option<String>, reservations: &[(String, String)]) -> OrderView {
+    let lines: Vec<domain::order::OrderLine> =
+        serde_json::from_str(&row.text("lines")).unwrap_or_default();
+    let lines: Vec<OrderLineView> = lines
+        .into_iter()
+        .map(|line| OrderLineView {
+            reservation: reservations
+                .iter()
+                .find(|(sku, _)| sku == line.sku.as_str())
+                .map(|(_, status)| status.clone())
+                .unwrap_or_else(|| "pending".into()),
+            sku: line.sku.to_string(),
+            quantity: i64::from(line.quantity.get()),
+            unit_price_minor: line.unit_price_minor,
+        })
+        .collect();
+    let statuses: Vec<&str> = lines.iter().map(|line| line.reservation.as_str()).collect();
+    let reservation_status = if statuses.contains(&"rejected") {
+        "rejected"
+    } else if statuses.iter().all(|status| *status == "committed") {
+        "committed"
+    } else if statuses.iter().all(|status| *status == "released") {
+        "released"
+    } else if statuses
+        .iter()
+        .all(|status| *status == "reserved" || *status == "committed")
+    {
+        "reserved"
+    } else {
+        "pending"
+    };
+    OrderView {
+        order_id: row.text("order_id"),
+        customer_id: row.text("customer_id"),
+        status: row.text("status"),
+        lines,
+        total_minor: row.int("total_minor"),
+        currency: row.text("currency"),
+        payment_status: payment.unwrap_or_else(|| "none".into()),
+        reservation_status: reservation_status.into(),
+        reason: row.get("reason").text().map(str::to_owned),
+        placed_at: rfc3339(row.int("placed_at")),
+        updated_at: rfc3339(row.int("updated_at")),
+        version: row.int("version"),
     }
-    Ok(views)
+}
+
+/// The views of a page of summary rows: their payments and reservations in one query each.
+async fn order_views(db: &Db, rows: Vec<Row>) -> Result<Vec<OrderView>, ApiError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Value> = rows
+        .iter()
+        .map(|row| Value::from(row.text("order_id")))
+        .collect();
+    let list = (1..=ids.len())
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let payments: HashMap<String, String> = db
+        .fetch_all(
+            &format!("SELECT order_id, status FROM order_payment WHERE order_id IN ({list})"),
+            &ids,
+        )
+        .await
+        .map_err(infra)?
+        .into_iter()
+        .map(|row| (row.text("order_id"), row.text("status")))
+        .collect();
+    let mut reservations: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    for row in db
+        .fetch_all(
+            &format!(
+                "SELECT order_id, sku, status FROM order_reservations WHERE order_id IN ({list})"
+            ),
+            &ids,
+        )
+        .await
+        .map_err(infra)?
+    {
+        reservations
+            .entry(row.text("order_id"))
+            .or_default()
+            .push((row.text("sku"), row.text("status")));
+    }
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let id = row.text("order_id");
+            order_view(
+                row,
+                payments.get(&id).cloned(),
+                reservations.get(&id).map(Vec::as_slice).unwrap_or_default(),
+            )
+        })
+        .collect())
 }
 
 /// An order, with its payment and reservation status.
@@ -298,20 +329,37 @@ pub async fn get_order(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     consistent(&read, "orders", &headers, consistency.after.as_deref()).await?;
-    let db = db(&read, "orders")?;
-    let rows = db
+    // One round trip: the summary with its payment status, one row per reservation (or one
+    // row with none).
+    let rows = db(&read, "orders")?
         .fetch_all(
-            "SELECT * FROM order_summary WHERE order_id = $1",
+            "SELECT s.*, p.status AS payment_status, r.sku AS reservation_sku,
+                    r.status AS reservation_status
+             FROM order_summary s
+             LEFT JOIN order_payment p ON p.order_id = s.order_id
+             LEFT JOIN order_reservations r ON r.order_id = s.order_id
+             WHERE s.order_id = $1",
             &[id.as_str().into()],
         )
         .await
         .map_err(infra)?;
-    let view = order_views(db, rows)
-        .await?
-        .into_iter()
-        .next()
+    let first = rows
+        .first()
         .ok_or_else(|| ApiError::NotFound(format!("order {id} does not exist")))?;
-    Ok(respond(&headers, &view))
+    let reservations: Vec<(String, String)> = rows
+        .iter()
+        .filter_map(|row| {
+            Some((
+                row.get("reservation_sku").text()?.to_owned(),
+                row.text("reservation_status"),
+            ))
+        })
+        .collect();
+    let payment = first.get("payment_status").text().map(str::to_owned);
+    Ok(respond(
+        &headers,
+        &order_view(first, payment, &reservations),
+    ))
 }
 
 const STATUSES: [&str; 5] = ["pending", "confirmed", "rejected", "cancelled", "shipped"];

@@ -19,7 +19,11 @@ use event_schema::{Envelope, judge};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::db::{Db, DbError, Tx, Value, value_rows};
+use crate::db::{Db, DbError, Tx, Value};
+use crate::models::{Kind, fetch_for_keys, write_rows};
+
+/// The most records a worker applies in one transaction.
+pub const MAX_BATCH: usize = 2000;
 
 /// Why a projection could not apply a batch.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -225,10 +229,16 @@ impl Worker {
                 }
             }
         };
+        // What the member said while the previous batch was being applied (the next poll
+        // overlaps the database work, so the log is read while Postgres writes).
+        let mut ahead: Option<Result<GroupEvent, event_log::LogError>> = None;
         loop {
-            let polled = tokio::select! {
-                _ = shutdown.changed() => break,
-                polled = member.poll(2000, Duration::from_millis(100)) => polled,
+            let polled = match ahead.take() {
+                Some(polled) => polled,
+                None => tokio::select! {
+                    _ = shutdown.changed() => break,
+                    polled = member.poll(MAX_BATCH, Duration::from_millis(100)) => polled,
+                },
             };
             let event = match polled {
                 Ok(event) => event,
@@ -277,20 +287,39 @@ impl Worker {
                 }
                 GroupEvent::Records(records) if records.is_empty() => {}
                 GroupEvent::Records(records) => {
-                    let mut backoff = Duration::from_millis(100);
-                    loop {
-                        match self.apply_batch(&records).await {
-                            Ok(()) => break,
-                            Err(error) => {
-                                tracing::warn!(projection = name, %error, "applying a batch failed; retrying");
-                                tokio::select! {
-                                    _ = shutdown.changed() => return,
-                                    _ = tokio::time::sleep(backoff) => {}
-                                }
-                                backoff = (backoff * 2).min(Duration::from_secs(5));
-                            }
-                        }
+                    // Assignment changes polled meanwhile are handled after this batch
+                    // commits, in the order the member reported them.
+                    let (applied, next) = tokio::join!(
+                        self.apply_until_done(&records, &mut shutdown),
+                        member.poll(MAX_BATCH, Duration::from_millis(100))
+                    );
+                    if !applied {
+                        return;
                     }
+                    ahead = Some(next);
+                }
+            }
+        }
+    }
+
+    /// Applies a batch, retrying with backoff while the database fails; false when shutdown
+    /// came first.
+    async fn apply_until_done(
+        &self,
+        records: &[LogRecord],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.apply_batch(records).await {
+                Ok(()) => return true,
+                Err(error) => {
+                    tracing::warn!(projection = self.projection.name(), %error, "applying a batch failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.changed() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -312,65 +341,55 @@ impl Worker {
     pub async fn apply_batch(&self, records: &[LogRecord]) -> Result<(), DbError> {
         let name = self.projection.name();
         let mut tx = self.db.begin().await?;
-        let decoded: Vec<Result<Envelope, String>> = records
+        let mut decoded: Vec<Result<Envelope, String>> = records
             .iter()
             .map(|record| Envelope::try_from(&record.record).map_err(|error| error.to_string()))
             .collect();
 
-        // Last applied versions and parked aggregates of the batch's aggregates.
-        let ids: Vec<String> = records
-            .iter()
-            .map(|record| record.record.key.clone())
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
+        // Last applied versions and parked aggregates of the batch's aggregates: one query per
+        // aggregate type (so both lookups use their tables' keys in full).
+        let mut ids: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
+        for envelope in decoded.iter().flatten() {
+            ids.entry(envelope.aggregate_type.as_str())
+                .or_default()
+                .insert(envelope.aggregate_id.as_str());
+        }
         let mut versions: HashMap<(String, String), u64> = HashMap::new();
         let mut blocked: HashSet<(String, String)> = HashSet::new();
-        for chunk in ids.chunks(500) {
-            let mut args: Vec<Value> = vec![name.into()];
-            args.extend(chunk.iter().map(|id| Value::from(id.as_str())));
-            let list = (2..chunk.len() + 2)
-                .map(|n| format!("${n}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            for row in tx
-                .fetch_all(
-                    &format!(
-                        "SELECT aggregate_type, aggregate_id, version FROM applied_versions
-                         WHERE projection = $1 AND aggregate_id IN ({list})"
-                    ),
-                    &args,
-                )
-                .await?
+        for (aggregate_type, ids) in ids {
+            let ids: Vec<String> = ids.into_iter().map(str::to_owned).collect();
+            for row in fetch_for_keys(
+                &mut tx,
+                "SELECT aggregate_id, version, CAST(0 AS BIGINT) AS parked FROM applied_versions
+                 WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id {keys}
+                 UNION ALL
+                 SELECT DISTINCT aggregate_id, CAST(0 AS BIGINT) AS version, CAST(1 AS BIGINT) AS parked
+                 FROM parked_events
+                 WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id {keys} AND status = 'parked'",
+                &[name.into(), aggregate_type.into()],
+                &ids,
+            )
+            .await?
             {
-                versions.insert(
-                    (row.text("aggregate_type"), row.text("aggregate_id")),
-                    row.int("version") as u64,
-                );
-            }
-            for row in tx
-                .fetch_all(
-                    &format!(
-                        "SELECT DISTINCT aggregate_type, aggregate_id FROM parked_events
-                         WHERE projection = $1 AND status = 'parked' AND aggregate_id IN ({list})"
-                    ),
-                    &args,
-                )
-                .await?
-            {
-                blocked.insert((row.text("aggregate_type"), row.text("aggregate_id")));
+                let aggregate = (aggregate_type.to_owned(), row.text("aggregate_id"));
+                if row.int("parked") == 1 {
+                    blocked.insert(aggregate);
+                } else {
+                    versions.insert(aggregate, row.int("version") as u64);
+                }
             }
         }
 
-        let mut effective: Vec<(usize, Envelope)> = Vec::new();
-        let mut parked: Vec<(usize, String)> = Vec::new();
+        // The effective events, in log order; what is parked, with why.
+        let mut effective: Vec<(usize, Event)> = Vec::with_capacity(records.len());
+        let mut parked: Vec<(usize, String, Option<Envelope>)> = Vec::new();
         let mut touched: HashSet<(String, String)> = HashSet::new();
         let mut conflicts = 0;
-        for (index, (record, envelope)) in records.iter().zip(&decoded).enumerate() {
-            let envelope = match envelope {
+        for (index, record) in records.iter().enumerate() {
+            let envelope = match std::mem::replace(&mut decoded[index], Err(String::new())) {
                 Ok(envelope) => envelope,
                 Err(error) => {
-                    parked.push((index, format!("undecodable: {error}")));
+                    parked.push((index, format!("undecodable: {error}"), None));
                     continue;
                 }
             };
@@ -386,67 +405,84 @@ impl Worker {
                 continue;
             }
             versions.insert(aggregate.clone(), envelope.aggregate_version);
-            touched.insert(aggregate.clone());
             if blocked.contains(&aggregate) {
+                touched.insert(aggregate);
                 parked.push((
                     index,
                     "waiting behind a parked event of the same aggregate".into(),
+                    Some(envelope),
                 ));
                 continue;
             }
-            effective.push((index, envelope.clone()));
+            touched.insert(aggregate);
+            effective.push((
+                index,
+                Event {
+                    position: record.position.clone(),
+                    envelope,
+                },
+            ));
         }
 
         // Apply; a poison event is parked, with every later event of its aggregate.
+        let mut events: Vec<Event> = Vec::new();
+        let mut at: Vec<usize> = Vec::new();
+        for (index, event) in effective {
+            at.push(index);
+            events.push(event);
+        }
         loop {
-            let events: Vec<Event> = effective
-                .iter()
-                .map(|(at, envelope)| Event {
-                    position: records[*at].position.clone(),
-                    envelope: envelope.clone(),
-                })
-                .collect();
             match self.projection.apply(&mut tx, &events).await {
                 Ok(()) => break,
                 Err(ApplyError::Db(error)) => return Err(error),
                 Err(ApplyError::Poison { index, message }) => {
-                    if index >= effective.len() {
+                    if index >= events.len() {
                         return Err(DbError(format!(
                             "projection {name} reported poison at a bad index"
                         )));
                     }
-                    let (poison_at, poison) = effective.remove(index);
+                    // Nothing of the failed attempt may stay: the projection checks before it
+                    // writes, so its transaction is still clean.
+                    let poison_at = at.remove(index);
+                    let poison = events.remove(index).envelope;
                     tracing::warn!(projection = name, position = %records[poison_at].position, event_type = %poison.event_type, %message, "event parked");
-                    parked.push((poison_at, message));
-                    let (behind, rest): (Vec<_>, Vec<_>) =
-                        effective.into_iter().partition(|(at, envelope)| {
-                            *at > poison_at
-                                && envelope.aggregate_type == poison.aggregate_type
-                                && envelope.aggregate_id == poison.aggregate_id
-                        });
-                    for (at, _) in behind {
-                        parked.push((
-                            at,
-                            "waiting behind a parked event of the same aggregate".into(),
-                        ));
+                    let mut kept_at = Vec::with_capacity(at.len());
+                    let mut kept = Vec::with_capacity(events.len());
+                    for (index, event) in at.drain(..).zip(events.drain(..)) {
+                        if index > poison_at
+                            && event.envelope.aggregate_type == poison.aggregate_type
+                            && event.envelope.aggregate_id == poison.aggregate_id
+                        {
+                            parked.push((
+                                index,
+                                "waiting behind a parked event of the same aggregate".into(),
+                                Some(event.envelope),
+                            ));
+                        } else {
+                            kept_at.push(index);
+                            kept.push(event);
+                        }
                     }
-                    effective = rest;
+                    parked.push((poison_at, message, Some(poison)));
+                    at = kept_at;
+                    events = kept;
                 }
             }
         }
 
         // Park, record versions and positions, commit.
-        for (index, error) in &parked {
+        parked.sort_by_key(|(index, _, _)| *index);
+        for (index, error, envelope) in &parked {
             let record = &records[*index];
-            let (aggregate_type, aggregate_id, version, event_type, body) = match &decoded[*index] {
-                Ok(envelope) => (
+            let (aggregate_type, aggregate_id, version, event_type, body) = match envelope {
+                Some(envelope) => (
                     envelope.aggregate_type.clone(),
                     envelope.aggregate_id.clone(),
                     envelope.aggregate_version as i64,
                     envelope.event_type.clone(),
                     envelope.to_json().to_string(),
                 ),
-                Err(_) => (
+                None => (
                     aggregate_type_of(&record.position.topic),
                     record.record.key.clone(),
                     0,
@@ -479,26 +515,32 @@ impl Worker {
             )
             .await?;
         }
-        let touched: Vec<_> = touched.into_iter().collect();
-        for chunk in touched.chunks(200) {
-            let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 4);
-            for (aggregate_type, aggregate_id) in chunk {
-                args.push(name.into());
-                args.push(aggregate_type.as_str().into());
-                args.push(aggregate_id.as_str().into());
-                args.push(versions[&(aggregate_type.clone(), aggregate_id.clone())].into());
-            }
-            tx.execute(
-                &format!(
-                    "INSERT INTO applied_versions (projection, aggregate_type, aggregate_id, version) VALUES {}
-                     ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version
-                     WHERE applied_versions.version < excluded.version",
-                    value_rows(chunk.len(), 4, 1)
-                ),
-                &args,
-            )
-            .await?;
-        }
+        let rows: Vec<Vec<Value>> = touched
+            .into_iter()
+            .map(|aggregate| {
+                let version = versions[&aggregate];
+                vec![
+                    name.into(),
+                    aggregate.0.into(),
+                    aggregate.1.into(),
+                    version.into(),
+                ]
+            })
+            .collect();
+        write_rows(
+            &mut tx,
+            "applied_versions",
+            &[
+                ("projection", Kind::Text),
+                ("aggregate_type", Kind::Text),
+                ("aggregate_id", Kind::Text),
+                ("version", Kind::Int),
+            ],
+            &rows,
+            "ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version
+             WHERE applied_versions.version < excluded.version",
+        )
+        .await?;
         let mut reached: BTreeMap<(String, u32), u64> = BTreeMap::new();
         for record in records {
             let next = reached
@@ -506,25 +548,41 @@ impl Worker {
                 .or_default();
             *next = (*next).max(record.position.offset + 1);
         }
-        for ((topic, partition), next) in &reached {
-            tx.execute(
-                "INSERT INTO projection_positions (projection, topic, partition, next_offset, updated_at)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (projection, topic, partition) DO UPDATE
-                 SET next_offset = excluded.next_offset, updated_at = excluded.updated_at
-                 WHERE projection_positions.next_offset < excluded.next_offset",
-                &[name.into(), topic.as_str().into(), (*partition).into(), (*next).into(), now_ms().into()],
-            )
-            .await?;
-        }
+        let now = now_ms();
+        let rows: Vec<Vec<Value>> = reached
+            .iter()
+            .map(|((topic, partition), next)| {
+                vec![
+                    name.into(),
+                    topic.as_str().into(),
+                    (*partition).into(),
+                    (*next).into(),
+                    now.into(),
+                ]
+            })
+            .collect();
+        write_rows(
+            &mut tx,
+            "projection_positions",
+            &[
+                ("projection", Kind::Text),
+                ("topic", Kind::Text),
+                ("partition", Kind::Int),
+                ("next_offset", Kind::Int),
+                ("updated_at", Kind::Int),
+            ],
+            &rows,
+            "ON CONFLICT (projection, topic, partition) DO UPDATE
+             SET next_offset = excluded.next_offset, updated_at = excluded.updated_at
+             WHERE projection_positions.next_offset < excluded.next_offset",
+        )
+        .await?;
         tx.commit().await?;
 
         use std::sync::atomic::Ordering::Relaxed;
         self.state.conflicts.fetch_add(conflicts, Relaxed);
         self.state.parked.fetch_add(parked.len() as u64, Relaxed);
-        self.state
-            .applied
-            .fetch_add(effective.len() as u64, Relaxed);
+        self.state.applied.fetch_add(events.len() as u64, Relaxed);
         if let Ok(mut positions) = self.state.positions.lock() {
             for (key, next) in reached {
                 positions.insert(key, next);

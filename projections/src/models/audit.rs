@@ -3,7 +3,8 @@
 
 use async_trait::async_trait;
 
-use crate::db::{Tx, Value, value_rows};
+use super::{Kind, write_rows};
+use crate::db::{Tx, Value};
 use crate::runtime::{ApplyError, Event, Projection};
 
 #[derive(Debug, Default)]
@@ -49,11 +50,12 @@ CREATE INDEX audit_events_by_time ON audit_events (occurred_at)
     }
 
     async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {
-        for chunk in events.chunks(100) {
-            let mut args = Vec::with_capacity(chunk.len() * 15);
-            for event in chunk {
+        // The event id is unique: a redelivered event (already applied) changes nothing.
+        let rows: Vec<Vec<Value>> = events
+            .iter()
+            .map(|event| {
                 let envelope = &event.envelope;
-                args.extend([
+                vec![
                     Value::from(envelope.event_id.to_string()),
                     envelope.aggregate_type.as_str().into(),
                     envelope.aggregate_id.as_str().into(),
@@ -68,21 +70,36 @@ CREATE INDEX audit_events_by_time ON audit_events (occurred_at)
                     event.position.topic.as_str().into(),
                     event.position.partition.into(),
                     event.position.offset.into(),
-                    envelope.to_json().to_string().into(),
-                ]);
-            }
-            tx.execute(
-                &format!(
-                    "INSERT INTO audit_events (event_id, aggregate_type, aggregate_id, aggregate_version, event_type,
-                         schema_version, occurred_at, correlation_id, causation_id, command_id, actor, topic, partition,
-                         \"offset\", envelope) VALUES {}
-                     ON CONFLICT (event_id) DO NOTHING",
-                    value_rows(chunk.len(), 15, 1)
-                ),
-                &args,
-            )
-            .await?;
-        }
+                    String::from_utf8_lossy(&envelope.to_json_bytes())
+                        .into_owned()
+                        .into(),
+                ]
+            })
+            .collect();
+        write_rows(
+            tx,
+            "audit_events",
+            &[
+                ("event_id", Kind::Text),
+                ("aggregate_type", Kind::Text),
+                ("aggregate_id", Kind::Text),
+                ("aggregate_version", Kind::Int),
+                ("event_type", Kind::Text),
+                ("schema_version", Kind::Int),
+                ("occurred_at", Kind::Int),
+                ("correlation_id", Kind::Text),
+                ("causation_id", Kind::Text),
+                ("command_id", Kind::Text),
+                ("actor", Kind::Text),
+                ("topic", Kind::Text),
+                ("partition", Kind::Int),
+                ("\"offset\"", Kind::Int),
+                ("envelope", Kind::Text),
+            ],
+            &rows,
+            "ON CONFLICT (event_id) DO NOTHING",
+        )
+        .await?;
         Ok(())
     }
 }

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use domain::stock::{StockAggregate, StockEvent};
 
-use super::{in_list, texts};
-use crate::db::{Tx, Value, value_rows};
+use super::{Kind, fetch_for_keys, write_rows};
+use crate::db::{Tx, Value};
 use crate::runtime::{ApplyError, Event, Projection};
 
 #[derive(Debug, Default)]
@@ -69,27 +69,23 @@ CREATE INDEX stock_levels_by_available ON stock_levels (available, sku)
             .into_iter()
             .collect();
         let mut levels: BTreeMap<String, Level> = BTreeMap::new();
-        for chunk in skus.chunks(500) {
-            let rows = tx
-                .fetch_all(
-                    &format!(
-                        "SELECT sku, on_hand, reserved, version, updated_at FROM stock_levels WHERE sku IN ({})",
-                        in_list(chunk.len(), 1)
-                    ),
-                    &texts(chunk),
-                )
-                .await?;
-            for row in rows {
-                levels.insert(
-                    row.text("sku"),
-                    Level {
-                        on_hand: row.int("on_hand"),
-                        reserved: row.int("reserved"),
-                        version: row.int("version"),
-                        updated_at: row.int("updated_at"),
-                    },
-                );
-            }
+        for row in fetch_for_keys(
+            tx,
+            "SELECT sku, on_hand, reserved, version, updated_at FROM stock_levels WHERE sku {keys}",
+            &[],
+            &skus,
+        )
+        .await?
+        {
+            levels.insert(
+                row.text("sku"),
+                Level {
+                    on_hand: row.int("on_hand"),
+                    reserved: row.int("reserved"),
+                    version: row.int("version"),
+                    updated_at: row.int("updated_at"),
+                },
+            );
         }
         for (event, stock) in decoded {
             let level = levels
@@ -109,31 +105,36 @@ CREATE INDEX stock_levels_by_available ON stock_levels (available, sku)
             level.version = event.envelope.aggregate_version as i64;
             level.updated_at = event.envelope.occurred_at.timestamp_millis();
         }
-        let rows: Vec<(String, Level)> = levels.into_iter().collect();
-        for chunk in rows.chunks(300) {
-            let mut args = Vec::with_capacity(chunk.len() * 6);
-            for (sku, level) in chunk {
-                args.extend([
-                    Value::from(sku.as_str()),
+        let rows: Vec<Vec<Value>> = levels
+            .into_iter()
+            .map(|(sku, level)| {
+                vec![
+                    sku.into(),
                     level.on_hand.into(),
                     level.reserved.into(),
                     (level.on_hand - level.reserved).into(),
                     level.version.into(),
                     level.updated_at.into(),
-                ]);
-            }
-            tx.execute(
-                &format!(
-                    "INSERT INTO stock_levels (sku, on_hand, reserved, available, version, updated_at) VALUES {}
-                     ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, reserved = excluded.reserved,
-                     available = excluded.available, version = excluded.version, updated_at = excluded.updated_at
-                     WHERE stock_levels.version < excluded.version",
-                    value_rows(chunk.len(), 6, 1)
-                ),
-                &args,
-            )
-            .await?;
-        }
+                ]
+            })
+            .collect();
+        write_rows(
+            tx,
+            "stock_levels",
+            &[
+                ("sku", Kind::Text),
+                ("on_hand", Kind::Int),
+                ("reserved", Kind::Int),
+                ("available", Kind::Int),
+                ("version", Kind::Int),
+                ("updated_at", Kind::Int),
+            ],
+            &rows,
+            "ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, reserved = excluded.reserved,
+             available = excluded.available, version = excluded.version, updated_at = excluded.updated_at
+             WHERE stock_levels.version < excluded.version",
+        )
+        .await?;
         Ok(())
     }
 }

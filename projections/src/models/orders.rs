@@ -13,8 +13,8 @@ use domain::order::{OrderAggregate, OrderEvent};
 use domain::payment::{PaymentAggregate, PaymentEvent};
 use domain::stock::{StockAggregate, StockEvent};
 
-use super::{in_list, texts};
-use crate::db::{Tx, Value, value_rows};
+use super::{Kind, fetch_for_keys, write_rows};
+use crate::db::{Tx, Value};
 use crate::runtime::{ApplyError, Event, Projection};
 
 #[derive(Debug, Default)]
@@ -147,32 +147,28 @@ CREATE TABLE order_reservations (
             .into_iter()
             .collect();
         let mut summaries: BTreeMap<String, Summary> = BTreeMap::new();
-        for chunk in ids.chunks(500) {
-            for row in tx
-                .fetch_all(
-                    &format!(
-                        "SELECT * FROM order_summary WHERE order_id IN ({})",
-                        in_list(chunk.len(), 1)
-                    ),
-                    &texts(chunk),
-                )
-                .await?
-            {
-                summaries.insert(
-                    row.text("order_id"),
-                    Summary {
-                        customer_id: row.text("customer_id"),
-                        status: row.text("status"),
-                        currency: row.text("currency"),
-                        total_minor: row.int("total_minor"),
-                        lines: row.text("lines"),
-                        reason: row.get("reason").text().map(str::to_owned),
-                        placed_at: row.int("placed_at"),
-                        updated_at: row.int("updated_at"),
-                        version: row.int("version"),
-                    },
-                );
-            }
+        for row in fetch_for_keys(
+            tx,
+            "SELECT * FROM order_summary WHERE order_id {keys}",
+            &[],
+            &ids,
+        )
+        .await?
+        {
+            summaries.insert(
+                row.text("order_id"),
+                Summary {
+                    customer_id: row.text("customer_id"),
+                    status: row.text("status"),
+                    currency: row.text("currency"),
+                    total_minor: row.int("total_minor"),
+                    lines: row.text("lines"),
+                    reason: row.get("reason").text().map(str::to_owned),
+                    placed_at: row.int("placed_at"),
+                    updated_at: row.int("updated_at"),
+                    version: row.int("version"),
+                },
+            );
         }
         for (index, event, order_event) in orders {
             let envelope = &event.envelope;
@@ -220,84 +216,95 @@ CREATE TABLE order_reservations (
             summary.version = envelope.aggregate_version as i64;
         }
 
-        let rows: Vec<(String, Summary)> = summaries.into_iter().collect();
-        for chunk in rows.chunks(200) {
-            let mut args = Vec::with_capacity(chunk.len() * 10);
-            for (order_id, summary) in chunk {
-                args.extend([
-                    Value::from(order_id.as_str()),
-                    summary.customer_id.as_str().into(),
-                    summary.status.as_str().into(),
-                    summary.currency.as_str().into(),
+        let rows: Vec<Vec<Value>> = summaries
+            .into_iter()
+            .map(|(order_id, summary)| {
+                vec![
+                    order_id.into(),
+                    summary.customer_id.into(),
+                    summary.status.into(),
+                    summary.currency.into(),
                     summary.total_minor.into(),
-                    summary.lines.as_str().into(),
-                    summary.reason.clone().into(),
+                    summary.lines.into(),
+                    summary.reason.into(),
                     summary.placed_at.into(),
                     summary.updated_at.into(),
                     summary.version.into(),
-                ]);
-            }
-            tx.execute(
-                &format!(
-                    "INSERT INTO order_summary (order_id, customer_id, status, currency, total_minor, lines, reason,
-                         placed_at, updated_at, version) VALUES {}
-                     ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, reason = excluded.reason,
-                     updated_at = excluded.updated_at, version = excluded.version
-                     WHERE order_summary.version < excluded.version",
-                    value_rows(chunk.len(), 10, 1)
-                ),
-                &args,
-            )
-            .await?;
-        }
-        let payments: Vec<_> = payments.into_iter().collect();
-        for chunk in payments.chunks(300) {
-            let mut args = Vec::with_capacity(chunk.len() * 3);
-            for (order_id, (status, version, at)) in chunk {
-                args.extend([
-                    Value::from(order_id.as_str()),
-                    status.as_str().into(),
-                    (*version).into(),
-                    (*at).into(),
-                ]);
-            }
-            tx.execute(
-                &format!(
-                    "INSERT INTO order_payment (order_id, status, version, updated_at) VALUES {}
-                     ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, version = excluded.version,
-                     updated_at = excluded.updated_at
-                     WHERE order_payment.version < excluded.version",
-                    value_rows(chunk.len(), 4, 1)
-                ),
-                &args,
-            )
-            .await?;
-        }
-        let reservations: Vec<_> = reservations.into_iter().collect();
-        for chunk in reservations.chunks(200) {
-            let mut args = Vec::with_capacity(chunk.len() * 5);
-            for ((order_id, sku), (quantity, status, version, at)) in chunk {
-                args.extend([
-                    Value::from(order_id.as_str()),
-                    sku.as_str().into(),
-                    (*quantity).into(),
-                    status.as_str().into(),
-                    (*version).into(),
-                    (*at).into(),
-                ]);
-            }
-            tx.execute(
-                &format!(
-                    "INSERT INTO order_reservations (order_id, sku, quantity, status, stock_version, updated_at) VALUES {}
-                     ON CONFLICT (order_id, sku) DO UPDATE SET quantity = excluded.quantity, status = excluded.status,
-                     stock_version = excluded.stock_version, updated_at = excluded.updated_at
-                     WHERE order_reservations.stock_version < excluded.stock_version",
-                    value_rows(chunk.len(), 6, 1)
-                ),
-                &args,
-            )
-            .await?;
-        }
+                ]
+            })
+            .collect();
+        write_rows(
+            tx,
+            "order_summary",
+            &[
+                ("order_id", Kind::Text),
+                ("customer_id", Kind::Text),
+                ("status", Kind::Text),
+                ("currency", Kind::Text),
+                ("total_minor", Kind::Int),
+                ("lines", Kind::Text),
+                ("reason", Kind::Text),
+                ("placed_at", Kind::Int),
+                ("updated_at", Kind::Int),
+                ("version", Kind::Int),
+            ],
+            &rows,
+            "ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, reason = excluded.reason,
+             updated_at = excluded.updated_at, version = excluded.version
+             WHERE order_summary.version < excluded.version",
+        )
+        .await?;
+        let rows: Vec<Vec<Value>> = payments
+            .into_iter()
+            .map(|(order_id, (status, version, at))| {
+                vec![order_id.into(), status.into(), version.into(), at.into()]
+            })
+            .collect();
+        write_rows(
+            tx,
+            "order_payment",
+            &[
+                ("order_id", Kind::Text),
+                ("status", Kind::Text),
+                ("version", Kind::Int),
+                ("updated_at", Kind::Int),
+            ],
+            &rows,
+            "ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, version = excluded.version,
+             updated_at = excluded.updated_at
+             WHERE order_payment.version < excluded.version",
+        )
+        .await?;
+        let rows: Vec<Vec<Value>> = reservations
+            .into_iter()
+            .map(|((order_id, sku), (quantity, status, version, at))| {
+                vec![
+                    order_id.into(),
+                    sku.into(),
+                    quantity.into(),
+                    status.into(),
+                    version.into(),
+                    at.into(),
+                ]
+            })
+            .collect();
+        write_rows(
+            tx,
+            "order_reservations",
+            &[
+                ("order_id", Kind::Text),
+                ("sku", Kind::Text),
+                ("quantity", Kind::Int),
+                ("status", Kind::Text),
+                ("stock_version", Kind::Int),
+                ("updated_at", Kind::Int),
+            ],
+            &rows,
+            "ON CONFLICT (order_id, sku) DO UPDATE SET quantity = excluded.quantity, status = excluded.status,
+             stock_version = excluded.stock_version, updated_at = excluded.updated_at
+             WHERE order_reservations.stock_version < excluded.stock_version",
+        )
+        .await?;
         Ok(())
     }
 }

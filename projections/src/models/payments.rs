@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use domain::payment::{PaymentAggregate, PaymentEvent};
 
-use super::{in_list, texts};
-use crate::db::{Tx, Value, value_rows};
+use super::{Kind, fetch_for_keys, write_rows};
+use crate::db::{Tx, Value};
 use crate::runtime::{ApplyError, Event, Projection};
 
 #[derive(Debug, Default)]
@@ -75,32 +75,28 @@ CREATE TABLE payments (
             .into_iter()
             .collect();
         let mut payments: BTreeMap<String, Payment> = BTreeMap::new();
-        for chunk in ids.chunks(500) {
-            for row in tx
-                .fetch_all(
-                    &format!(
-                        "SELECT * FROM payments WHERE order_id IN ({})",
-                        in_list(chunk.len(), 1)
-                    ),
-                    &texts(chunk),
-                )
-                .await?
-            {
-                payments.insert(
-                    row.text("order_id"),
-                    Payment {
-                        status: row.text("status"),
-                        currency: row.get("currency").text().map(str::to_owned),
-                        authorised_minor: row.int("authorised_minor"),
-                        captured_minor: row.int("captured_minor"),
-                        refunded_minor: row.int("refunded_minor"),
-                        authorisation_id: row.get("authorisation_id").text().map(str::to_owned),
-                        reason: row.get("reason").text().map(str::to_owned),
-                        version: row.int("version"),
-                        updated_at: row.int("updated_at"),
-                    },
-                );
-            }
+        for row in fetch_for_keys(
+            tx,
+            "SELECT * FROM payments WHERE order_id {keys}",
+            &[],
+            &ids,
+        )
+        .await?
+        {
+            payments.insert(
+                row.text("order_id"),
+                Payment {
+                    status: row.text("status"),
+                    currency: row.get("currency").text().map(str::to_owned),
+                    authorised_minor: row.int("authorised_minor"),
+                    captured_minor: row.int("captured_minor"),
+                    refunded_minor: row.int("refunded_minor"),
+                    authorisation_id: row.get("authorisation_id").text().map(str::to_owned),
+                    reason: row.get("reason").text().map(str::to_owned),
+                    version: row.int("version"),
+                    updated_at: row.int("updated_at"),
+                },
+            );
         }
         for (event, payment_event) in decoded {
             let payment = payments
@@ -139,38 +135,46 @@ CREATE TABLE payments (
             payment.version = event.envelope.aggregate_version as i64;
             payment.updated_at = event.envelope.occurred_at.timestamp_millis();
         }
-        let rows: Vec<(String, Payment)> = payments.into_iter().collect();
-        for chunk in rows.chunks(200) {
-            let mut args = Vec::with_capacity(chunk.len() * 10);
-            for (order_id, payment) in chunk {
-                args.extend([
-                    Value::from(order_id.as_str()),
-                    payment.status.as_str().into(),
-                    payment.currency.clone().into(),
+        let rows: Vec<Vec<Value>> = payments
+            .into_iter()
+            .map(|(order_id, payment)| {
+                vec![
+                    order_id.into(),
+                    payment.status.into(),
+                    payment.currency.into(),
                     payment.authorised_minor.into(),
                     payment.captured_minor.into(),
                     payment.refunded_minor.into(),
-                    payment.authorisation_id.clone().into(),
-                    payment.reason.clone().into(),
+                    payment.authorisation_id.into(),
+                    payment.reason.into(),
                     payment.version.into(),
                     payment.updated_at.into(),
-                ]);
-            }
-            tx.execute(
-                &format!(
-                    "INSERT INTO payments (order_id, status, currency, authorised_minor, captured_minor, refunded_minor,
-                         authorisation_id, reason, version, updated_at) VALUES {}
-                     ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, currency = excluded.currency,
-                     authorised_minor = excluded.authorised_minor, captured_minor = excluded.captured_minor,
-                     refunded_minor = excluded.refunded_minor, authorisation_id = excluded.authorisation_id,
-                     reason = excluded.reason, version = excluded.version, updated_at = excluded.updated_at
-                     WHERE payments.version < excluded.version",
-                    value_rows(chunk.len(), 10, 1)
-                ),
-                &args,
-            )
-            .await?;
-        }
+                ]
+            })
+            .collect();
+        write_rows(
+            tx,
+            "payments",
+            &[
+                ("order_id", Kind::Text),
+                ("status", Kind::Text),
+                ("currency", Kind::Text),
+                ("authorised_minor", Kind::Int),
+                ("captured_minor", Kind::Int),
+                ("refunded_minor", Kind::Int),
+                ("authorisation_id", Kind::Text),
+                ("reason", Kind::Text),
+                ("version", Kind::Int),
+                ("updated_at", Kind::Int),
+            ],
+            &rows,
+            "ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, currency = excluded.currency,
+             authorised_minor = excluded.authorised_minor, captured_minor = excluded.captured_minor,
+             refunded_minor = excluded.refunded_minor, authorisation_id = excluded.authorisation_id,
+             reason = excluded.reason, version = excluded.version, updated_at = excluded.updated_at
+             WHERE payments.version < excluded.version",
+        )
+        .await?;
         Ok(())
     }
 }
