@@ -41,8 +41,9 @@ pub struct QueriesBench {
     #[arg(long, default_value_t = 1000)]
     pub skus: usize,
 
-    /// Closed-loop clients of each phase (and pgbench's connections).
-    #[arg(long, default_value_t = 64)]
+    /// Closed-loop clients of each phase (and pgbench's connections: Postgres' default limit
+    /// is 100 connections, shared with the platform and anything else running).
+    #[arg(long, default_value_t = 32)]
     pub clients: usize,
 
     /// Measured seconds of each phase.
