@@ -31,8 +31,12 @@ pub const AGGREGATE_TYPES: [&str; 3] = ["order", "payment", "stock"];
 pub enum AuditError {
     #[error("{0}")]
     NotFound(String),
+    /// Not `order`, `payment` or `stock`.
     #[error("{0}")]
-    Invalid(String),
+    UnknownType(String),
+    /// A stored event cannot be decoded: the audit data is broken, not the request.
+    #[error("{0}")]
+    Unreadable(String),
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -41,9 +45,10 @@ impl From<AuditError> for ApiError {
     fn from(error: AuditError) -> Self {
         match error {
             AuditError::NotFound(message) => ApiError::NotFound(message),
-            AuditError::Invalid(message) => {
-                ApiError::Validation(vec![FieldError::new("request", message)])
+            AuditError::UnknownType(message) => {
+                ApiError::Validation(vec![FieldError::new("aggregate_type", message)])
             }
+            AuditError::Unreadable(message) => ApiError::Internal(message),
             AuditError::Db(error) => ApiError::Unavailable(format!("audit read model: {error}")),
         }
     }
@@ -158,8 +163,8 @@ fn check_type(aggregate_type: &str) -> Result<(), AuditError> {
     if AGGREGATE_TYPES.contains(&aggregate_type) {
         Ok(())
     } else {
-        Err(AuditError::Invalid(format!(
-            "aggregate type must be one of {}",
+        Err(AuditError::UnknownType(format!(
+            "must be one of {}",
             AGGREGATE_TYPES.join(", ")
         )))
     }
@@ -205,12 +210,12 @@ fn states_after(aggregate_type: &str, envelopes: &[Envelope]) -> Result<Vec<Valu
         "payment" => fold::<PaymentAggregate>(envelopes),
         "stock" => fold::<StockAggregate>(envelopes),
         other => {
-            return Err(AuditError::Invalid(format!(
+            return Err(AuditError::UnknownType(format!(
                 "unknown aggregate type {other}"
             )));
         }
     };
-    folded.map_err(|error| AuditError::Invalid(format!("an event cannot be read: {error}")))
+    folded.map_err(|error| AuditError::Unreadable(format!("an event cannot be read: {error}")))
 }
 
 /// Leaf values of a JSON document by path; an enum's single-variant wrapper (`{"Placed":
@@ -304,7 +309,7 @@ pub async fn timeline(
         .iter()
         .map(envelope_of)
         .collect::<Result<_, _>>()
-        .map_err(|error| AuditError::Invalid(format!("an event cannot be read: {error}")))?;
+        .map_err(|error| AuditError::Unreadable(format!("an event cannot be read: {error}")))?;
     let states = states_after(aggregate_type, &envelopes)?;
     let mut before = Value::Null;
     let mut events = Vec::with_capacity(rows.len());
@@ -354,7 +359,7 @@ pub async fn state_as_of(
         .iter()
         .map(|row| envelope_of(row))
         .collect::<Result<_, _>>()
-        .map_err(|error| AuditError::Invalid(format!("an event cannot be read: {error}")))?;
+        .map_err(|error| AuditError::Unreadable(format!("an event cannot be read: {error}")))?;
     let state = match envelopes.is_empty() {
         true => states_after(aggregate_type, &[])?.pop(),
         false => states_after(aggregate_type, &envelopes)?.pop(),
