@@ -1,5 +1,7 @@
 //! The process's HTTP command metrics, rendered into `/metrics` in the Prometheus text format,
-//! and the correlation id of every request's log lines.
+//! and the correlation id of every request's log lines (each request logs one `answered` line
+//! inside its span). The log's append latency and the projections' batch sizes are histograms
+//! of `event_log::metrics`, rendered here too.
 //!
 //! A middleware times every request of the command class (see [`crate::security::classify`])
 //! and counts it by route and outcome; `/metrics` renders the counters and a latency histogram.
@@ -88,7 +90,23 @@ pub async fn track(mut request: Request, next: Next) -> Response {
         correlation_id = %correlation_id,
         trace_id = %trace_id,
     );
-    let mut response = timed(request, next).instrument(span).await;
+    let probe = matches!(
+        request.uri().path(),
+        "/metrics" | "/health/live" | "/health/ready"
+    );
+    let started = Instant::now();
+    let mut response = timed(request, next).instrument(span.clone()).await;
+    // One line per request, inside its span: JSON logs carry its correlation and trace ids.
+    // Probes answer every few seconds, so they log only at debug.
+    span.in_scope(|| {
+        let status = response.status().as_u16();
+        let millis = started.elapsed().as_secs_f64() * 1e3;
+        if probe {
+            tracing::debug!(status, millis, "answered");
+        } else {
+            tracing::info!(status, millis, "answered");
+        }
+    });
     if !response.headers().contains_key(CORRELATION_ID)
         && let Ok(value) = HeaderValue::from_str(&correlation_id)
     {
@@ -183,6 +201,7 @@ pub fn render(out: &mut String) {
         registry.latency.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
     );
     let _ = writeln!(out, "{name}_count {count}");
+    event_log::metrics::render(out);
 }
 
 /// Appends the saga instances per state.

@@ -432,6 +432,7 @@ impl EventLog for EmbeddedLog {
         partition: u32,
         record: Record,
     ) -> Result<Position, LogError> {
+        let _timer = crate::metrics::AppendTimer::start(self.backend(), topic);
         let partitions = self.partition_count(topic).await?;
         if partition >= partitions {
             return Err(LogError::UnknownPartition {

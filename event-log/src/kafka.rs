@@ -224,6 +224,7 @@ impl EventLog for KafkaLog {
         partition: u32,
         record: Record,
     ) -> Result<Position, LogError> {
+        let _timer = crate::metrics::AppendTimer::start(self.backend(), topic);
         let headers = record.headers.iter().fold(
             OwnedHeaders::new_with_capacity(record.headers.len()),
             |headers, header| {

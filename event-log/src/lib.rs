@@ -16,10 +16,12 @@
 //! - [`kafka`]: rdkafka; an idempotent producer (acks=all, a few ms of linger) shared by all
 //!   appends, and readers that assign explicit partitions and seek to explicit offsets, with a
 //!   short fetch wait or, for [`ReadMode::Background`] readers, a longer one.
+//! - [`metrics`]: the append latency and projection batch size histograms behind `/metrics`.
 //! - [`topics`]: the topic naming scheme (`<prefix>.<aggregate>.events`, `.commands`).
 
 pub mod embedded;
 pub mod kafka;
+pub mod metrics;
 pub mod topics;
 
 use std::fmt;

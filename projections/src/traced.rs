@@ -64,6 +64,7 @@ impl Projection for Traced {
     }
 
     async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {
+        event_log::metrics::observe_batch(self.inner.name(), events.len());
         // Opened before and closed after the batch: each span covers its event's application.
         let spans: Vec<tracing::Span> = events
             .iter()

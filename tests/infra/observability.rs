@@ -64,7 +64,9 @@ async fn metrics_expose_commands_by_outcome_latency_lag_parking_conflicts_and_sa
             .text()
             .await
             .expect("text");
-        if metrics.contains("platform_saga_instances{state=") {
+        if metrics.contains("platform_saga_instances{state=")
+            && metrics.contains("platform_projection_batch_size_count{projection=\"orders\"}")
+        {
             break metrics;
         }
         assert!(
@@ -86,12 +88,33 @@ async fn metrics_expose_commands_by_outcome_latency_lag_parking_conflicts_and_sa
         "platform_projection_parked_events{projection=",
         "platform_projection_conflicts_total{projection=",
         "platform_saga_instances{state=",
+        "# TYPE platform_append_duration_seconds histogram",
+        "platform_append_duration_seconds_bucket{backend=\"embedded\",topic=",
+        "# TYPE platform_projection_batch_size histogram",
+        "platform_projection_batch_size_bucket{projection=\"orders\",le=\"+Inf\"}",
+        "platform_projection_batch_size_count{projection=\"saga\"}",
     ] {
         assert!(
             metrics.contains(series),
             "{series} missing from:\n{metrics}"
         );
     }
+    // The order and the receipts were appended to their topics, and timed.
+    let appended = |suffix: &str| {
+        metrics.lines().any(|line| {
+            line.starts_with("platform_append_duration_seconds_count{backend=\"embedded\",topic=")
+                && line.contains(&format!("{suffix}\"}}"))
+                && line.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()) >= Some(1)
+        })
+    };
+    assert!(
+        appended(".order.events"),
+        "no order append timed in:\n{metrics}"
+    );
+    assert!(
+        appended(".stock.events"),
+        "no receipt append timed in:\n{metrics}"
+    );
     // Every sample line is `name{labels} number` or `name number`.
     for line in metrics.lines().filter(|line| !line.starts_with('#')) {
         let value = line.rsplit(' ').next().expect("value");
@@ -249,4 +272,102 @@ async fn a_trace_id_set_on_a_command_is_on_the_projection_and_saga_spans() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     app.stop().await;
+}
+
+/// The binary with `--log-json` logs one JSON line per request, inside the request's span,
+/// which carries the client's `X-Correlation-Id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_correlation_id() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_platform"))
+        .args(["serve", "--log-json", "--partitions", "2", "--data-dir"])
+        .arg(dir.path())
+        .arg("--http-addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "info,sqlx=warn")
+        .env_remove("PLATFORM_LOG_JSON")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("platform binary");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().expect("stdout");
+    let _child = Kill(child);
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while client
+        .get(format!("{url}/health/live"))
+        .send()
+        .await
+        .map_or(true, |response| !response.status().is_success())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "platform never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let correlation_id = format!("json-log-{}", uuid::Uuid::new_v4());
+    let response = client
+        .post(format!("{url}/inventory/SKU-LOG/receipts"))
+        .header("x-correlation-id", &correlation_id)
+        .json(&json!({"quantity": 3}))
+        .send()
+        .await
+        .expect("receipt");
+    assert_eq!(response.status().as_u16(), 200);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    let found = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else {
+            break None;
+        };
+        let record: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|error| panic!("not a JSON log line ({error}): {line}"));
+        if record["span"]["correlation_id"] == correlation_id.as_str() {
+            break Some(record);
+        }
+        seen.push(line);
+    };
+    let record = found.unwrap_or_else(|| {
+        panic!(
+            "no JSON log line with correlation id {correlation_id}:\n{}",
+            seen.join("\n")
+        )
+    });
+    assert_eq!(record["span"]["name"], "request", "{record}");
+    assert_eq!(
+        record["span"]["path"], "/inventory/SKU-LOG/receipts",
+        "{record}"
+    );
+    assert_eq!(record["fields"]["message"], "answered", "{record}");
+    assert_eq!(record["fields"]["status"], 200, "{record}");
+    assert_eq!(record["level"], "INFO", "{record}");
 }
