@@ -898,16 +898,27 @@ struct ProjectionResult {
     applied: u64,
 }
 
+/// The workers' read models: schemas `<schema_prefix><projection>` of `url`, in consumer groups
+/// named after `schema_prefix`.
+struct Target<'a> {
+    url: &'a str,
+    schema_prefix: &'a str,
+    topic_prefix: &'a str,
+}
+
 async fn projection_phase(
     log: SharedLog,
-    url: &str,
-    schema_prefix: &str,
-    topic_prefix: &str,
+    target: Target<'_>,
     ends: &BTreeMap<(String, u32), u64>,
     events_per_projection: &BTreeMap<&'static str, usize>,
     timeout: Duration,
     watched: &[u32],
 ) -> anyhow::Result<ProjectionResult> {
+    let Target {
+        url,
+        schema_prefix,
+        topic_prefix,
+    } = target;
     let backend = ReadBackend::Postgres {
         url: url.to_owned(),
         schema_prefix: schema_prefix.to_owned(),
@@ -1174,9 +1185,11 @@ pub(super) async fn run(options: ProjectionsBench, base: Settings) -> anyhow::Re
     eprintln!("bench: projections from position 0");
     let projected = projection_phase(
         log.clone(),
-        &url,
-        &settings.schema_prefix,
-        &settings.topic_prefix,
+        Target {
+            url: &url,
+            schema_prefix: &settings.schema_prefix,
+            topic_prefix: &settings.topic_prefix,
+        },
         &ends,
         &events_per_projection,
         Duration::from_secs(options.timeout),
@@ -1292,9 +1305,15 @@ pub(super) async fn run(options: ProjectionsBench, base: Settings) -> anyhow::Re
         preload.events
     );
     println!(
-        "  (joining the four consumer groups before the first batch: {:.2} s, not counted; events applied by the workers: {}, all of them effective)",
+        "  (joining the four consumer groups before the first batch: {:.2} s, not counted; events applied by the workers: {} of the {} they read{})",
         projected.join.as_secs_f64(),
-        projected.applied
+        projected.applied,
+        events_per_projection.values().sum::<usize>(),
+        if projected.applied as usize == events_per_projection.values().sum::<usize>() {
+            ""
+        } else {
+            ": some were skipped or parked, see the warnings"
+        }
     );
     let (command_events, command_source) = match &command_rate {
         Ok((events, commands, cpu)) => {
