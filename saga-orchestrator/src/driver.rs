@@ -56,6 +56,9 @@ CREATE TABLE saga_outbox (
 CREATE INDEX saga_outbox_unsent ON saga_outbox (sent_at, seq)
 "];
 
+/// How a missing deadline is bound (see [`save`]).
+const NO_DEADLINE: i64 = -1;
+
 fn now_ms(now: DateTime<Utc>) -> i64 {
     now.timestamp_millis()
 }
@@ -102,15 +105,18 @@ async fn load(tx: &mut Tx, order_ids: &[String]) -> Result<HashMap<String, Store
 async fn save(tx: &mut Tx, stored: &Stored, now: DateTime<Utc>) -> Result<bool, DbError> {
     let saga = &stored.saga;
     let body = serde_json::to_string(saga).map_err(|error| DbError(error.to_string()))?;
+    // Always bound as an integer (-1 for none): Postgres prepares a statement's parameter types
+    // once per connection, so a NULL bound as text one time and a number the next would send the
+    // number's bytes as text ("invalid byte sequence for encoding UTF8: 0x00").
     let deadline: Value = saga
         .deadline
-        .map(|deadline| deadline.timestamp_millis())
+        .map_or(NO_DEADLINE, |deadline| deadline.timestamp_millis())
         .into();
     let started = saga.started_at.unwrap_or(now).timestamp_millis();
     let changed = match stored.revision {
         Some(revision) => {
             tx.execute(
-                "UPDATE sagas SET state = $1, deadline = CAST($2 AS BIGINT), updated_at = $3, revision = $4, body = $5
+                "UPDATE sagas SET state = $1, deadline = NULLIF($2, -1), updated_at = $3, revision = $4, body = $5
                  WHERE order_id = $6 AND revision = $7",
                 &[
                     saga.state.as_str().into(),
@@ -127,7 +133,7 @@ async fn save(tx: &mut Tx, stored: &Stored, now: DateTime<Utc>) -> Result<bool, 
         None => {
             tx.execute(
                 "INSERT INTO sagas (order_id, state, deadline, correlation_id, started_at, updated_at, revision, body)
-                 VALUES ($1, $2, CAST($3 AS BIGINT), $4, $5, $6, 1, $7) ON CONFLICT (order_id) DO NOTHING",
+                 VALUES ($1, $2, NULLIF($3, -1), $4, $5, $6, 1, $7) ON CONFLICT (order_id) DO NOTHING",
                 &[
                     saga.order_id.to_string().into(),
                     saga.state.as_str().into(),
