@@ -21,6 +21,7 @@ pub mod backend;
 pub mod bench;
 pub mod gateway;
 pub mod ops;
+pub mod otlp;
 pub mod security;
 pub mod server;
 pub mod settings;

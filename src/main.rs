@@ -16,6 +16,11 @@ struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "PLATFORM_LOG_JSON", global = true)]
     log_json: bool,
+
+    /// Export OpenTelemetry traces of `serve` by OTLP over HTTP (protobuf) to this collector base
+    /// URL (spans go to `<url>/v1/traces`); off when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -57,8 +62,17 @@ enum Command {
 }
 
 /// `default` applies when `RUST_LOG` is not set. `to_stderr` keeps stdout for a command's own
-/// output (a benchmark's report).
-fn init_logging(json: bool, default: &str, to_stderr: bool) {
+/// output (a benchmark's report). With `otlp` (an endpoint and a service name), spans are also
+/// exported by OTLP; the exporter is returned to be shut down (flushed) on exit.
+fn init_logging(
+    json: bool,
+    default: &str,
+    to_stderr: bool,
+    otlp: Option<(&str, &str)>,
+) -> anyhow::Result<Option<platform::otlp::Exporter>> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let writer = if to_stderr {
@@ -66,14 +80,25 @@ fn init_logging(json: bool, default: &str, to_stderr: bool) {
     } else {
         tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stdout)
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    if json {
-        builder.json().init();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    let fmt = if json {
+        fmt.json().boxed()
     } else {
-        builder.init();
-    }
+        fmt.boxed()
+    };
+    let (otel, exporter) = match otlp {
+        Some((endpoint, service)) => {
+            let (layer, exporter) = platform::otlp::layer(endpoint, service)?;
+            (Some(layer), Some(exporter))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .with(filter)
+        .init();
+    Ok(exporter)
 }
 
 async fn shutdown_signal() {
@@ -111,35 +136,58 @@ async fn main() -> anyhow::Result<()> {
         | Command::Parked { .. }
         | Command::Sagas { .. } => "warn",
     };
-    init_logging(
+    let service = match &command {
+        Command::Serve { part } => Some(format!("platform-{part:?}").to_lowercase()),
+        _ => None,
+    };
+    let otlp = cli
+        .otlp_endpoint
+        .as_deref()
+        .map(str::trim)
+        .filter(|endpoint| !endpoint.is_empty())
+        .zip(service.as_deref());
+    let exporter = init_logging(
         cli.log_json,
         default_filter,
         matches!(command, Command::Bench { .. } | Command::Replay(_)),
-    );
+        otlp,
+    )?;
+    if let Some((endpoint, service)) = otlp {
+        tracing::info!(endpoint, service, "exporting traces by OTLP/HTTP");
+    }
+    let result = run(command, cli.settings).await;
+    if let Some(exporter) = exporter {
+        // The batch processor's thread exports what is left; not on a runtime worker.
+        let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
+    }
+    result
+}
+
+async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Serve {
             part: Part::Gateway,
         } => {
-            let gateway = platform::gateway::Gateway::build(&cli.settings).await?;
+            let gateway = platform::gateway::Gateway::build(&settings).await?;
             gateway.run_until_stopped(shutdown_signal()).await
         }
         Command::Serve { part } => {
-            let platform = Platform::build(cli.settings, part).await?;
+            let platform = Platform::build(settings, part).await?;
             platform.run_until_stopped(shutdown_signal()).await
         }
         Command::Bench { bench } => {
             // The load generators talk to the platform they start without credentials.
-            let mut settings = cli.settings;
+
             settings
                 .security
                 .auth
                 .get_or_insert(platform::settings::Toggle::Off);
             platform::bench::run(bench, settings).await
         }
-        Command::Replay(args) => platform::tools::replay(args, cli.settings).await,
-        Command::Audit { command } => platform::tools::audit(command, cli.settings).await,
-        Command::Projections { command } => platform::ops::projections(command, cli.settings).await,
-        Command::Parked { command } => platform::ops::parked(command, cli.settings).await,
-        Command::Sagas { command } => platform::ops::sagas(command, cli.settings).await,
+        Command::Replay(args) => platform::tools::replay(args, settings).await,
+        Command::Audit { command } => platform::tools::audit(command, settings).await,
+        Command::Projections { command } => platform::ops::projections(command, settings).await,
+        Command::Parked { command } => platform::ops::parked(command, settings).await,
+        Command::Sagas { command } => platform::ops::sagas(command, settings).await,
     }
 }

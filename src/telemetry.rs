@@ -19,7 +19,9 @@ use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 
+use opentelemetry::trace::TraceContextExt;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::security::{RouteClass, classify};
 
@@ -76,20 +78,44 @@ pub async fn track(mut request: Request, next: Next) -> Response {
     if let Ok(value) = HeaderValue::from_str(&correlation_id) {
         request.headers_mut().insert(CORRELATION_ID, value);
     }
-    let trace_id = request
+    let traceparent = request
         .headers()
         .get("traceparent")
         .and_then(|value| value.to_str().ok())
-        .and_then(trace_id)
-        .unwrap_or_default()
-        .to_owned();
+        .map(str::to_owned);
     let span = tracing::info_span!(
         "request",
         method = %request.method(),
         path = %request.uri().path(),
         correlation_id = %correlation_id,
-        trace_id = %trace_id,
+        trace_id = tracing::field::Empty,
     );
+    // With the OpenTelemetry layer (`--otlp-endpoint`), the span is a child of the client's
+    // trace (or starts one), and its own context becomes the request's `traceparent`: the
+    // command API writes that into the events, so the projections' and saga's spans are its
+    // children. Without the layer the span has no context and the client's header stays.
+    if let Some(parent) = projections::traced::remote_parent(traceparent.as_deref()) {
+        let _ = span.set_parent(parent);
+    }
+    let own = span.context();
+    let own = own.span().span_context().clone();
+    let traceparent = if own.is_valid() {
+        let own = format!(
+            "00-{}-{}-{:02x}",
+            own.trace_id(),
+            own.span_id(),
+            own.trace_flags().to_u8()
+        );
+        if let Ok(value) = HeaderValue::from_str(&own) {
+            request.headers_mut().insert("traceparent", value);
+        }
+        Some(own)
+    } else {
+        traceparent
+    };
+    if let Some(trace_id) = traceparent.as_deref().and_then(trace_id) {
+        span.record("trace_id", trace_id);
+    }
     let probe = matches!(
         request.uri().path(),
         "/metrics" | "/health/live" | "/health/ready"
