@@ -85,6 +85,9 @@ use crate::{Part, Platform, Settings};
 
 mod projections;
 mod queries;
+mod sagas;
+
+mod replay;
 
 /// The load generators of `platform bench`.
 #[derive(Debug, clap::Subcommand)]
@@ -92,11 +95,17 @@ pub enum Bench {
     /// HTTP commands (orders and stock receipts) against the raw append rate of the same log
     /// and the HTTP no-op rate of the same server, all measured in one run.
     Commands(CommandsBench),
+    /// `platform replay` rebuilding read models from a preloaded log, against the raw consume
+    /// rate of the same log and the raw COPY rate into equivalent tables (`bench/replay.rs`).
+    Replay(replay::ReplayBench),
     /// Projection workers catching up on a preloaded log, against raw batched-upsert and COPY
     /// rates into equivalent tables and the command event rate (`bench/projections.rs`).
     Projections(projections::ProjectionsBench),
     /// `GET /orders/{id}` against the HTTP no-op and `pgbench -S` (`bench/queries.rs`).
     Queries(queries::QueriesBench),
+    /// The fulfilment saga under load: completed sagas/s and order-placed → confirmed latency,
+    /// against the command throughput of the same run (`bench/sagas.rs`).
+    Sagas(sagas::SagasBench),
 }
 
 /// Options of `platform bench commands`. The backend and its tuning come from the global
@@ -153,8 +162,10 @@ pub async fn run(bench: Bench, settings: Settings) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Bench::Replay(options) => replay::run(options, settings).await,
         Bench::Projections(options) => projections::run(options, settings).await,
         Bench::Queries(options) => queries::run(options, settings).await,
+        Bench::Sagas(options) => sagas::run(options, settings).await,
     }
 }
 

@@ -4,8 +4,8 @@
 //! provides them (`TEST_KAFKA_BROKERS`, `TEST_DATABASE_URL`; with `TEST_REQUIRE_BACKENDS=1`
 //! their absence fails instead of skipping). Logs stay quiet unless `TEST_LOG` is set.
 
-mod chaos;
 mod audit;
+mod chaos;
 mod command_topics;
 mod commands;
 mod concurrency;
