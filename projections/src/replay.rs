@@ -862,6 +862,7 @@ fn lock_order(tables: &[String]) -> Vec<String> {
     ordered
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Catches the shadow up to `live` positions: reads each partition from the shadow's position
 /// up to the live one.
 async fn catch_up(
