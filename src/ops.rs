@@ -182,8 +182,8 @@ fn print_saga(saga: &Saga, revision: i64) {
     println!("deadline  {}", time(saga.deadline));
     println!();
     println!(
-        "{:<22} {:>7} {:<24} {:<24} {:<24} {}",
-        "STEP", "ATTEMPT", "STARTED", "FINISHED", "DEADLINE", "OUTCOME"
+        "{:<22} {:>7} {:<24} {:<24} {:<24} OUTCOME",
+        "STEP", "ATTEMPT", "STARTED", "FINISHED", "DEADLINE"
     );
     for step in &saga.history {
         let outcome = match &step.outcome {
@@ -231,8 +231,8 @@ pub async fn sagas(command: SagasCommand, settings: Settings) -> anyhow::Result<
                 return Ok(());
             }
             println!(
-                "{:<36} {:<20} {:<24} {:<24} {}",
-                "ORDER", "STATE", "UPDATED", "STARTED", "DEADLINE"
+                "{:<36} {:<20} {:<24} {:<24} DEADLINE",
+                "ORDER", "STATE", "UPDATED", "STARTED"
             );
             for saga in &sagas {
                 println!(

@@ -390,7 +390,6 @@ impl Settings {
             // 9, 13 s by default, and proportionally less with a shorter timeout.
             backoff_base: std::time::Duration::from_millis(self.saga_compensation_timeout_ms / 5),
             max_attempts: self.saga_max_attempts,
-            ..saga_orchestrator::SagaConfig::default()
         }
     }
 

@@ -641,6 +641,9 @@ fn raw_rows(projection: &str, position: &Position, envelope: &Envelope) -> Vec<R
 }
 
 /// The projections' names and the aggregate types each reads (as the workers subscribe).
+/// A topic and one of its partitions.
+type TopicPartition = (String, u32);
+
 const PROJECTIONS: [(&str, &[&str]); 4] = [
     ("orders", &["order", "payment", "stock"]),
     ("inventory", &["stock"]),
@@ -928,7 +931,7 @@ async fn projection_phase(
         .context("opening the read models")?;
     let names = read.projection_names();
     // The partitions each projection must reach, and where.
-    let targets: BTreeMap<&str, Vec<((String, u32), u64)>> = PROJECTIONS
+    let targets: BTreeMap<&str, Vec<(TopicPartition, u64)>> = PROJECTIONS
         .iter()
         .map(|(name, types)| {
             let wanted: Vec<String> = types

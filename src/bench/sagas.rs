@@ -591,8 +591,8 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
         "target: compensation p99 <= 2 x happy-path p99 = {:.0} ms: {compensation_p99:.0} ms -> {}",
         2.0 * happy_p99,
         verdict(
-            half.compensated.len() > 0
-                && half.happy.len() > 0
+            !half.compensated.is_empty()
+                && !half.happy.is_empty()
                 && compensation_p99 <= 2.0 * happy_p99
         )
     );
