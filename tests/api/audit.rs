@@ -164,6 +164,11 @@ async fn the_state_as_of_a_time_matches_what_the_read_model_showed_at_that_time(
             order["status"] == "cancelled"
         })
         .await;
+        // The audit log is its own projection: wait until it has the cancellation too.
+        until(&app, &format!("/audit/order/{order_id}/state"), |latest| {
+            latest["state"]["Placed"]["status"] == "cancelled"
+        })
+        .await;
 
         let at_time = app
             .get(&format!(

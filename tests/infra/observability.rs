@@ -321,7 +321,7 @@ async fn json_logs_carry_the_correlation_id() {
     let url = format!("http://127.0.0.1:{port}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while client
-        .get(format!("{url}/health/live"))
+        .get(format!("{url}/health/ready"))
         .send()
         .await
         .map_or(true, |response| !response.status().is_success())

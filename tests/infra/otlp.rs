@@ -145,7 +145,7 @@ async fn a_command_its_projections_and_saga_steps_are_exported_in_one_trace() {
     let url = format!("http://127.0.0.1:{port}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while client
-        .get(format!("{url}/health/live"))
+        .get(format!("{url}/health/ready"))
         .send()
         .await
         .map_or(true, |response| !response.status().is_success())
