@@ -243,48 +243,71 @@ impl Projection for SagaProjection {
         if inputs.is_empty() {
             return Ok(());
         }
-        let ids: Vec<String> = inputs
-            .iter()
-            .map(|(event, _)| event.order_id().to_string())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        // Each saga's events, in log order.
+        let mut by_saga: BTreeMap<String, Vec<(SagaEvent, &event_schema::Envelope)>> =
+            BTreeMap::new();
+        for (saga_event, envelope) in inputs {
+            by_saga
+                .entry(saga_event.order_id().to_string())
+                .or_default()
+                .push((saga_event, envelope));
+        }
+        let ids: Vec<String> = by_saga.keys().cloned().collect();
         let mut sagas = load(tx, &ids).await?;
         let now = Utc::now();
         let mut sent = false;
-        let mut touched = BTreeMap::new();
-        for (saga_event, envelope) in inputs {
-            let order_id = saga_event.order_id();
-            let key = order_id.to_string();
-            let stored = sagas.entry(key.clone()).or_insert_with(|| Stored {
-                saga: Saga::new(order_id),
-                revision: None,
-                correlation_id: envelope.correlation_id.clone(),
-            });
-            let (saga, actions) = react(&stored.saga, &Input::Event(saga_event), now, &self.config);
-            stored.saga = saga;
-            enqueue(
-                tx,
-                order_id,
-                &actions,
-                &stored.correlation_id,
-                Some(envelope.event_id.to_string()),
-                envelope.traceparent.clone(),
-                now,
-            )
-            .await?;
-            sent |= actions
-                .iter()
-                .any(|action| matches!(action, Action::Send { .. }));
-            touched.insert(key, ());
-        }
-        for key in touched.keys() {
-            if let Some(stored) = sagas.get(key)
-                && !save(tx, stored, now).await?
-            {
-                return Err(ApplyError::Db(DbError(format!(
-                    "saga {key} changed concurrently; the batch is retried"
-                ))));
+        for (key, events) in by_saga {
+            let mut loaded = sagas.remove(&key);
+            let mut attempt = 1;
+            loop {
+                let (order_id, first) = (events[0].0.order_id(), events[0].1);
+                let mut stored = loaded.take().unwrap_or_else(|| Stored {
+                    saga: Saga::new(order_id),
+                    revision: None,
+                    correlation_id: first.correlation_id.clone(),
+                });
+                let mut decided = Vec::new();
+                for (saga_event, envelope) in &events {
+                    let (saga, actions) = react(
+                        &stored.saga,
+                        &Input::Event(saga_event.clone()),
+                        now,
+                        &self.config,
+                    );
+                    stored.saga = saga;
+                    decided.push((actions, *envelope));
+                }
+                if save(tx, &stored, now).await? {
+                    for (actions, envelope) in decided {
+                        enqueue(
+                            tx,
+                            order_id,
+                            &actions,
+                            &stored.correlation_id,
+                            Some(envelope.event_id.to_string()),
+                            envelope.traceparent.clone(),
+                            now,
+                        )
+                        .await?;
+                        sent |= actions
+                            .iter()
+                            .any(|action| matches!(action, Action::Send { .. }));
+                    }
+                    break;
+                }
+                // Somebody else (the ticker firing a deadline, or another instance during a
+                // rebalance) moved this saga on since it was loaded. Reload just this saga and
+                // decide its events again on what is stored now, as a retry of the whole batch
+                // would: under Postgres' read committed the reload sees the other writer's
+                // commit. Retrying the whole batch instead would lose the race again and again
+                // while the ticker fires a backlog of deadlines after a restart.
+                if attempt == 3 {
+                    return Err(ApplyError::Db(DbError(format!(
+                        "saga {key} changed concurrently; the batch is retried"
+                    ))));
+                }
+                attempt += 1;
+                loaded = load(tx, std::slice::from_ref(&key)).await?.remove(&key);
             }
         }
         if sent {
