@@ -453,7 +453,7 @@ async fn chaos(
                 600 + rng.below(1_800)
             };
             // Kafka: the orchestrator every other time, else a command service at random.
-            let victim = if round % 2 == 0 {
+            let victim = if round.is_multiple_of(2) {
                 3
             } else {
                 rng.below(3) as usize
