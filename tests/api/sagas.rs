@@ -294,6 +294,26 @@ async fn cancelling_a_pending_order_compensates_what_the_saga_had_done() {
         // Stock reserved, payment asked and never answered: the order waits, pending.
         let order_id = place(&app, "tok_timeout", &[("SKU-G", 2, 100)]).await;
         stock_until(&app, "SKU-G", (10, 2)).await;
+        // The saga hears of the reservation on the stock topic and of the cancellation on the
+        // order topic, in either order: cancel only once it has asked for the payment, or
+        // there is nothing to void.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let reply = app.get(&format!("/sagas/{order_id}")).await;
+            let asked = reply.status == 200
+                && reply.body["saga"]["history"]
+                    .as_array()
+                    .is_some_and(|steps| steps.iter().any(|step| step["step"] == "authorise"));
+            if asked {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{backend:?}: the saga never asked for the payment: {}",
+                reply.body
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         app.post(&format!("/orders/{order_id}/cancel"), json!({}))
             .await
             .expect(200);
