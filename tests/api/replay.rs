@@ -56,8 +56,37 @@ async fn make_history(app: &TestApp) -> String {
 
 async fn settle(app: &TestApp) {
     let read = app.read.as_ref().expect("read side");
-    // The saga acts on what the projections see; give it time to finish, then catch up.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The saga acts on what the projections see: wait until every order has left `pending`
+    // and every confirmed one's payment is captured (on Kafka each saga hop can take a
+    // quarter of a second), then give the last events time and catch up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let page = app.get("/orders?customer_id=c-1&limit=100").await;
+        let orders = page.body["orders"].as_array().cloned().unwrap_or_default();
+        let mut settled = page.status == 200 && !orders.is_empty();
+        for order in &orders {
+            match order["status"].as_str() {
+                Some("pending") => settled = false,
+                Some("confirmed") => {
+                    let id = order["order_id"].as_str().expect("order id");
+                    let payment = app.get(&format!("/payments/{id}")).await;
+                    settled &= payment.status == 200 && payment.body["status"] == "captured";
+                }
+                _ => {}
+            }
+        }
+        if settled {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}: the sagas never settled: {}",
+            app.backend,
+            page.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(
         read.wait_caught_up(Duration::from_secs(60))
             .await
