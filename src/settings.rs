@@ -96,13 +96,15 @@ pub struct Settings {
     )]
     pub kafka_linger_ms: u32,
 
-    /// Kafka fetch.wait.max.ms for tailing readers. Keep it small: some brokers (nisshi) do not
-    /// answer a fetch early when data arrives.
+    /// Kafka fetch.wait.max.ms for tailing readers and consumer groups (projections, saga).
+    /// Some brokers (nisshi) hold every fetch for this long, so it is both the read-your-writes
+    /// delay and how often every idle reader costs the broker a fetch; 50 ms keeps nisshi from
+    /// saturating on idle fetches (5 ms cut the saga's throughput tenfold, BENCHMARKS.md).
     #[arg(
         long,
         global = true,
         env = "PLATFORM_KAFKA_FETCH_WAIT_MS",
-        default_value_t = 5
+        default_value_t = 50
     )]
     pub kafka_fetch_wait_ms: u32,
 
@@ -411,7 +413,7 @@ impl Settings {
             instance: 0,
             instances: 1,
             kafka_linger_ms: 2,
-            kafka_fetch_wait_ms: 5,
+            kafka_fetch_wait_ms: 50,
             snapshot_every: 5000,
             max_lag_seconds: 30.0,
             saga_timeout_ms: 10_000,

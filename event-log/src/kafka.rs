@@ -52,7 +52,7 @@ impl KafkaSettings {
         KafkaSettings {
             brokers: brokers.into(),
             linger_ms: 2,
-            fetch_wait_max_ms: 5,
+            fetch_wait_max_ms: 50,
             background_fetch_wait_ms: 250,
             delivery_timeout: Duration::from_secs(15),
         }
