@@ -40,7 +40,7 @@ use serde::Serialize;
 
 use crate::ReadBackend;
 use crate::db::{Db, DbError, Row, Value, value_rows};
-use crate::runtime::{ApplyError, Event, Projection, migrate};
+use crate::runtime::{ApplyError, Event, Projection, migrate, park};
 
 /// Tables of the runtime, swapped with the model's tables.
 const RUNTIME_TABLES: [&str; 3] = ["applied_versions", "parked_events", "projection_positions"];
@@ -624,56 +624,13 @@ async fn apply_bulk(
         }
     }
     for (index, envelope, error) in &parked {
-        let record = &records[*index];
-        let (aggregate_type, aggregate_id, version, event_type, body) = match envelope {
-            Some(envelope) => (
+        if let Some(envelope) = envelope {
+            blocked.insert((
                 envelope.aggregate_type.clone(),
                 envelope.aggregate_id.clone(),
-                envelope.aggregate_version as i64,
-                envelope.event_type.clone(),
-                envelope.to_json().to_string(),
-            ),
-            None => (
-                record
-                    .position
-                    .topic
-                    .strip_suffix(".events")
-                    .and_then(|rest| rest.rsplit('.').next())
-                    .unwrap_or("unknown")
-                    .to_owned(),
-                record.record.key.clone(),
-                0,
-                record
-                    .record
-                    .header("ce_type")
-                    .unwrap_or("unknown")
-                    .to_owned(),
-                String::from_utf8_lossy(&record.record.value).into_owned(),
-            ),
-        };
-        if envelope.is_some() {
-            blocked.insert((aggregate_type.clone(), aggregate_id.clone()));
+            ));
         }
-        tx.execute(
-            r#"INSERT INTO parked_events (projection, topic, partition, "offset", aggregate_type, aggregate_id,
-                   aggregate_version, event_type, error, record, parked_at, status)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'parked')
-               ON CONFLICT (projection, topic, partition, "offset") DO NOTHING"#,
-            &[
-                name.into(),
-                record.position.topic.as_str().into(),
-                record.position.partition.into(),
-                record.position.offset.into(),
-                aggregate_type.into(),
-                aggregate_id.into(),
-                version.into(),
-                event_type.into(),
-                error.as_str().into(),
-                body.into(),
-                Utc::now().timestamp_millis().into(),
-            ],
-        )
-        .await?;
+        park(&mut tx, name, &records[*index], envelope.as_ref(), error).await?;
     }
     let touched: Vec<(&(String, String), &u64)> = versions.iter().collect();
     for chunk in touched.chunks(500) {

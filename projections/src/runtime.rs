@@ -473,47 +473,7 @@ impl Worker {
         // Park, record versions and positions, commit.
         parked.sort_by_key(|(index, _, _)| *index);
         for (index, error, envelope) in &parked {
-            let record = &records[*index];
-            let (aggregate_type, aggregate_id, version, event_type, body) = match envelope {
-                Some(envelope) => (
-                    envelope.aggregate_type.clone(),
-                    envelope.aggregate_id.clone(),
-                    envelope.aggregate_version as i64,
-                    envelope.event_type.clone(),
-                    envelope.to_json().to_string(),
-                ),
-                None => (
-                    aggregate_type_of(&record.position.topic),
-                    record.record.key.clone(),
-                    0,
-                    record
-                        .record
-                        .header("ce_type")
-                        .unwrap_or("unknown")
-                        .to_owned(),
-                    String::from_utf8_lossy(&record.record.value).into_owned(),
-                ),
-            };
-            tx.execute(
-                r#"INSERT INTO parked_events (projection, topic, partition, "offset", aggregate_type, aggregate_id,
-                       aggregate_version, event_type, error, record, parked_at, status)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'parked')
-                   ON CONFLICT (projection, topic, partition, "offset") DO NOTHING"#,
-                &[
-                    name.into(),
-                    record.position.topic.as_str().into(),
-                    record.position.partition.into(),
-                    record.position.offset.into(),
-                    aggregate_type.into(),
-                    aggregate_id.into(),
-                    version.into(),
-                    event_type.into(),
-                    error.as_str().into(),
-                    body.into(),
-                    now_ms().into(),
-                ],
-            )
-            .await?;
+            park(&mut tx, name, &records[*index], envelope.as_ref(), error).await?;
         }
         let rows: Vec<Vec<Value>> = touched
             .into_iter()
@@ -594,6 +554,59 @@ impl Worker {
 }
 
 /// `<prefix>.<aggregate>.events` → `<aggregate>`.
+/// Writes a record a projection could not apply into `parked_events` (once per position), with
+/// what the envelope says of it, or what the record itself says when it did not decode. Shared by
+/// the live worker and the replay's bulk path.
+pub(crate) async fn park(
+    tx: &mut Tx,
+    projection: &str,
+    record: &LogRecord,
+    envelope: Option<&Envelope>,
+    error: &str,
+) -> Result<(), DbError> {
+    let (aggregate_type, aggregate_id, version, event_type, body) = match envelope {
+        Some(envelope) => (
+            envelope.aggregate_type.clone(),
+            envelope.aggregate_id.clone(),
+            envelope.aggregate_version as i64,
+            envelope.event_type.clone(),
+            envelope.to_json().to_string(),
+        ),
+        None => (
+            aggregate_type_of(&record.position.topic),
+            record.record.key.clone(),
+            0,
+            record
+                .record
+                .header("ce_type")
+                .unwrap_or("unknown")
+                .to_owned(),
+            String::from_utf8_lossy(&record.record.value).into_owned(),
+        ),
+    };
+    tx.execute(
+        r#"INSERT INTO parked_events (projection, topic, partition, "offset", aggregate_type, aggregate_id,
+               aggregate_version, event_type, error, record, parked_at, status)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'parked')
+           ON CONFLICT (projection, topic, partition, "offset") DO NOTHING"#,
+        &[
+            projection.into(),
+            record.position.topic.as_str().into(),
+            record.position.partition.into(),
+            record.position.offset.into(),
+            aggregate_type.into(),
+            aggregate_id.into(),
+            version.into(),
+            event_type.into(),
+            error.into(),
+            body.into(),
+            now_ms().into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
 fn aggregate_type_of(topic: &str) -> String {
     topic
         .strip_suffix(".events")
