@@ -287,9 +287,20 @@ impl EventLog for KafkaLog {
     ) -> Result<Box<dyn LogReader>, LogError> {
         // A background reader asks for more than a fetch usually finds, so a broker holds its
         // fetch for the whole wait even under load, and answers it a few times a second.
-        let (fetch_wait, min_bytes) = match mode {
-            ReadMode::Latency => (self.inner.settings.fetch_wait_max_ms, 1),
-            ReadMode::Background => (self.inner.settings.background_fetch_wait_ms, 1 << 20),
+        // A bulk reader also takes up to 8 MiB per partition per fetch (the default is 1 MiB), so
+        // a backlog comes in few round trips.
+        let (fetch_wait, min_bytes, partition_bytes) = match mode {
+            ReadMode::Latency => (self.inner.settings.fetch_wait_max_ms, 1, 1 << 20),
+            ReadMode::Background => (
+                self.inner.settings.background_fetch_wait_ms,
+                1 << 20,
+                1 << 20,
+            ),
+            ReadMode::Bulk => (
+                self.inner.settings.background_fetch_wait_ms,
+                1 << 20,
+                8 << 20,
+            ),
         };
         let consumer: StreamConsumer = self
             .inner
@@ -306,6 +317,7 @@ impl EventLog for KafkaLog {
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", fetch_wait.to_string())
             .set("fetch.min.bytes", min_bytes.to_string())
+            .set("max.partition.fetch.bytes", partition_bytes.to_string())
             .create()
             .map_err(unavailable)?;
         let mut assignment = TopicPartitionList::new();

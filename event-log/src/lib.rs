@@ -159,6 +159,8 @@ pub enum ReadMode {
     /// consumer of commands): fewer, larger fetches are fine. On Kafka this is a longer fetch
     /// wait, which matters on brokers that hold every fetch for its full wait (see KAFKA.md).
     Background,
+    /// Reading a backlog as fast as the log gives it (a replay): the largest fetches.
+    Bulk,
 }
 
 /// A topic and one of its partitions.

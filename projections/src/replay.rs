@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use event_log::{LogRecord, SharedLog, topics};
+use event_log::{LogReader, LogRecord, ReadMode, SharedLog, topics};
 use event_schema::{Envelope, judge};
 use serde::Serialize;
 
@@ -239,6 +239,9 @@ pub async fn replay(
     let shadow = open_shadow(&location, live, projection.as_ref(), options).await?;
     let mut history = load_history(&shadow, name).await?;
     report.resumed = !history.positions.is_empty();
+    if !report.resumed {
+        defer_indexes(&shadow, &location).await?;
+    }
 
     let ends = end_offsets(log, &topics).await?;
     let total: u64 = ends
@@ -276,6 +279,7 @@ pub async fn replay(
         close(shadow).await;
         drop_shadow(&location, live).await?;
     } else {
+        restore_indexes(&shadow, &location).await?;
         swap(
             log,
             &location,
@@ -351,7 +355,7 @@ async fn connect_shadow(location: &Location) -> Result<Db, DbError> {
         Location::Postgres {
             url, shadow_schema, ..
         } => Db::postgres(url, shadow_schema, 4).await,
-        Location::Sqlite { shadow_path } => Db::sqlite(shadow_path).await,
+        Location::Sqlite { shadow_path } => Db::sqlite_bulk(shadow_path).await,
     }
 }
 
@@ -450,7 +454,7 @@ async fn read_into_shadow(
     report: &mut ReplayReport,
     on_batch: &mut (dyn FnMut(u64) + Send),
 ) -> Result<(), DbError> {
-    let mut next: BTreeMap<u32, u64> = targets
+    let next: BTreeMap<u32, u64> = targets
         .keys()
         .map(|partition| {
             (
@@ -471,52 +475,175 @@ async fn read_into_shadow(
     if start.is_empty() {
         return Ok(());
     }
-    let mut reader = log
-        .reader(topic, &start)
+    let reader = log
+        .open_reader(topic, &start, ReadMode::Bulk)
         .await
         .map_err(|error| DbError(error.to_string()))?;
     let batch = batch.max(1);
-    let mut pending: Vec<LogRecord> = Vec::with_capacity(batch);
-    let mut idle_since = Instant::now();
-    loop {
-        let behind = next
-            .iter()
-            .any(|(partition, offset)| targets.get(partition).is_some_and(|end| offset < end));
-        if !behind && pending.is_empty() {
-            return Ok(());
-        }
-        if behind {
-            let records = reader
-                .poll(
-                    batch - pending.len().min(batch - 1),
-                    Duration::from_millis(200),
-                )
-                .await
-                .map_err(|error| DbError(error.to_string()))?;
-            if records.is_empty() {
-                if idle_since.elapsed() > Duration::from_secs(60) {
-                    return Err(DbError(format!(
-                        "the log stopped answering while replaying {topic}"
-                    )));
-                }
-            } else {
-                idle_since = Instant::now();
-            }
-            for record in records {
-                let offset = next.entry(record.position.partition).or_default();
-                *offset = (*offset).max(record.position.offset + 1);
-                pending.push(record);
-            }
-        }
-        let done_reading = !next
-            .iter()
-            .any(|(partition, offset)| targets.get(partition).is_some_and(|end| offset < end));
-        if pending.len() >= batch || (done_reading && !pending.is_empty()) {
-            let records = std::mem::take(&mut pending);
+    // Reading and writing overlap: a task reads ahead (a few polls) while this one writes.
+    let (sender, mut receiver) = tokio::sync::mpsc::channel(4);
+    let feeder = AbortOnDrop(tokio::spawn(feed(
+        reader,
+        topic.to_owned(),
+        next,
+        targets.clone(),
+        batch,
+        sender,
+    )));
+    let mut pending: Vec<LogRecord> = Vec::with_capacity(batch * 2);
+    while let Some(records) = receiver.recv().await {
+        pending.extend(records?);
+        while pending.len() >= batch {
+            let rest = pending.split_off(batch);
+            let records = std::mem::replace(&mut pending, rest);
             apply_bulk(shadow, projection, &records, filter, history, report).await?;
             on_batch(records.len() as u64);
         }
     }
+    drop(feeder);
+    if !pending.is_empty() {
+        apply_bulk(shadow, projection, &pending, filter, history, report).await?;
+        on_batch(pending.len() as u64);
+    }
+    Ok(())
+}
+
+/// Aborts a task when dropped (a replay that fails while writing stops its reader).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads `topic` until every partition has reached its target, sending what it reads; an error
+/// (or a log that stops answering for a minute) is sent as the last message.
+async fn feed(
+    mut reader: Box<dyn LogReader>,
+    topic: String,
+    mut next: BTreeMap<u32, u64>,
+    targets: BTreeMap<u32, u64>,
+    batch: usize,
+    sender: tokio::sync::mpsc::Sender<Result<Vec<LogRecord>, DbError>>,
+) {
+    let mut idle_since = Instant::now();
+    while next
+        .iter()
+        .any(|(partition, offset)| targets.get(partition).is_some_and(|end| offset < end))
+    {
+        let records = match reader.poll(batch, Duration::from_millis(200)).await {
+            Ok(records) => records,
+            Err(error) => {
+                let _ = sender.send(Err(DbError(error.to_string()))).await;
+                return;
+            }
+        };
+        if records.is_empty() {
+            if idle_since.elapsed() > Duration::from_secs(60) {
+                let _ = sender
+                    .send(Err(DbError(format!(
+                        "the log stopped answering while replaying {topic}"
+                    ))))
+                    .await;
+                return;
+            }
+            continue;
+        }
+        idle_since = Instant::now();
+        for record in &records {
+            let offset = next.entry(record.position.partition).or_default();
+            *offset = (*offset).max(record.position.offset + 1);
+        }
+        if sender.send(Ok(records)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Secondary indexes that are not unique (so no upsert's conflict target depends on them) are
+/// dropped while a fresh shadow is loaded and built once at the end: one sort per index
+/// instead of an insert at a random place per row. Their definitions wait in `replay_meta`, so
+/// an interrupted replay that resumes builds them when it finishes.
+async fn defer_indexes(shadow: &Db, location: &Location) -> Result<(), DbError> {
+    let (rows, schema) = match location {
+        Location::Postgres { shadow_schema, .. } => (
+            shadow
+                .fetch_all(
+                    "SELECT indexname::text AS name, indexdef AS definition FROM pg_indexes
+                     WHERE schemaname = $1 AND indexdef NOT LIKE 'CREATE UNIQUE%'
+                     ORDER BY indexname",
+                    &[shadow_schema.as_str().into()],
+                )
+                .await?,
+            Some(shadow_schema),
+        ),
+        Location::Sqlite { .. } => (
+            shadow
+                .fetch_all(
+                    "SELECT name, sql AS definition FROM sqlite_master
+                     WHERE type = 'index' AND sql IS NOT NULL AND sql NOT LIKE 'CREATE UNIQUE%'
+                     ORDER BY name",
+                    &[],
+                )
+                .await?,
+            None,
+        ),
+    };
+    let mut tx = shadow.begin().await?;
+    for row in rows {
+        let name = row.text("name");
+        tx.execute(
+            "INSERT INTO replay_meta (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[
+                format!("index:{name}").into(),
+                row.text("definition").into(),
+            ],
+        )
+        .await?;
+        let qualified = match schema {
+            Some(schema) => format!("{}.{}", quote(schema), quote(&name)),
+            None => quote(&name),
+        };
+        tx.run(&format!("DROP INDEX {qualified}")).await?;
+    }
+    tx.commit().await
+}
+
+/// Builds the indexes `defer_indexes` put aside.
+async fn restore_indexes(shadow: &Db, location: &Location) -> Result<(), DbError> {
+    let deferred = shadow
+        .fetch_all(
+            "SELECT key, value FROM replay_meta WHERE key LIKE 'index:%' ORDER BY key",
+            &[],
+        )
+        .await?;
+    for row in deferred {
+        let mut tx = shadow.begin().await?;
+        if matches!(location, Location::Postgres { .. }) {
+            tx.run("SET LOCAL maintenance_work_mem = '256MB'").await?;
+        }
+        tx.run(&row.text("value")).await?;
+        tx.execute(
+            "DELETE FROM replay_meta WHERE key = $1",
+            &[row.text("key").into()],
+        )
+        .await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+/// A transaction on the shadow. On Postgres its commit does not wait for the WAL flush: the
+/// shadow can always be rebuilt, and a lost tail of batches is read again on resume (the
+/// positions are lost with them).
+async fn begin_bulk(shadow: &Db) -> Result<crate::db::Tx, DbError> {
+    let mut tx = shadow.begin().await?;
+    if shadow.is_postgres() {
+        tx.run("SET LOCAL synchronous_commit = off").await?;
+    }
+    Ok(tx)
 }
 
 /// Applies one batch to the shadow in one transaction: the effective-history rule with the
@@ -579,7 +706,7 @@ async fn apply_bulk(
         });
     }
 
-    let mut tx = shadow.begin().await?;
+    let mut tx = begin_bulk(shadow).await?;
     loop {
         match projection.apply(&mut tx, &effective).await {
             Ok(()) => break,
@@ -592,7 +719,7 @@ async fn apply_bulk(
                 }
                 // The failed attempt may have written part of the batch: start it again.
                 drop(tx);
-                tx = shadow.begin().await?;
+                tx = begin_bulk(shadow).await?;
                 let poison = effective.remove(index);
                 let poison_at = at_of.remove(index);
                 let aggregate = (
