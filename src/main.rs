@@ -4,6 +4,10 @@
 use clap::{Parser, Subcommand};
 use platform::{Part, Platform, Settings};
 
+/// mimalloc instead of glibc's malloc: see its entry in Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "platform", version, about = "Event-sourced order fulfilment")]
 struct Cli {

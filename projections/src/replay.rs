@@ -369,7 +369,7 @@ async fn drop_shadow(location: &Location, live: &Db) -> Result<(), DbError> {
             .await?;
         }
         Location::Sqlite { shadow_path } => {
-            for suffix in ["", "-wal", "-shm"] {
+            for suffix in ["", "-wal", "-shm", "-journal"] {
                 let mut path = shadow_path.clone().into_os_string();
                 path.push(suffix);
                 match std::fs::remove_file(&path) {

@@ -266,12 +266,15 @@ impl Db {
         Db::sqlite_with(path, sqlite_options(path), 4).await
     }
 
-    /// Opens (creating) a SQLite file for bulk loading something that can be rebuilt (a
-    /// replay's shadow): a 256 MiB page cache per connection, so index inserts with random keys
-    /// stay in memory, and no fsync (a crash of the machine may cost the file, and the
-    /// rebuild then starts again; a crash of the process costs nothing under WAL).
+    /// Opens (creating) a SQLite file for bulk loading something that can be rebuilt and has no
+    /// concurrent readers (a replay's shadow): a 256 MiB page cache per connection, so index
+    /// inserts with random keys stay in memory; a rollback journal instead of WAL, so the new
+    /// pages are written once (WAL writes them twice: to the log, then to the file); and no
+    /// fsync (a crash of the machine may cost the file, and the rebuild then starts again; a
+    /// crash of the process costs nothing, the journal rolls the open batch back).
     pub async fn sqlite_bulk(path: &Path) -> Result<Db, DbError> {
         let options = sqlite_options(path)
+            .journal_mode(SqliteJournalMode::Truncate)
             .synchronous(SqliteSynchronous::Off)
             .pragma("cache_size", "-262144")
             .pragma("temp_store", "memory");
