@@ -2,9 +2,15 @@
 # Local Kafka-protocol broker for tests and CI: nisshi (see /work/shared/KAFKA.md).
 #
 #   scripts/kafka.sh install      install nisshi 0.8.1 into $HOME/.local/nisshi (once per machine)
-#   scripts/kafka.sh start [DIR]  start a broker with durable sqlite storage in DIR (default: a
-#                                 new temp dir); prints 127.0.0.1:PORT as the only stdout line
-#   scripts/kafka.sh stop DIR     stop the broker started in DIR
+#   scripts/kafka.sh start [DIR]  start a broker with durable storage, its files in DIR (default:
+#                                 a new temp dir); prints 127.0.0.1:PORT as the only stdout line
+#   scripts/kafka.sh stop DIR     stop the broker started in DIR (and drop its storage database)
+#
+# KAFKA_STORAGE chooses nisshi's durable storage engine:
+#   sqlite    (default) a file, DIR/broker.db
+#   postgres  a database of its own on the local Postgres ($KAFKA_STORAGE_PG, default
+#             postgres://postgres@localhost:5432; nisshi checks TLS certificates against the
+#             host name, and the local server's is for localhost), created by start and dropped by stop
 #
 # Everything except the broker address goes to stderr.
 set -euo pipefail
@@ -12,6 +18,8 @@ set -euo pipefail
 NISSHI_VERSION=0.8.1
 NISSHI_ROOT="${NISSHI_ROOT:-$HOME/.local/nisshi}"
 NISSHI_BIN="$NISSHI_ROOT/bin/nisshi"
+KAFKA_STORAGE="${KAFKA_STORAGE:-sqlite}"
+KAFKA_STORAGE_PG="${KAFKA_STORAGE_PG:-postgres://postgres@localhost:5432}"
 START_TIMEOUT_SECS=60
 STOP_TIMEOUT_SECS=30
 INSTALL_WAIT_TIMEOUT_SECS=3600
@@ -125,21 +133,42 @@ cmd_start() {
         die "a broker is already running from $dir (pid $(cat "$dir/broker.pid"))"
     fi
 
-    local attempt port pid waited
-    # A few attempts: the free port can be taken by someone else between choosing and binding.
-    for attempt in 1 2 3; do
-        port="$(free_port)"
-        log "starting nisshi on 127.0.0.1:$port (storage $dir/broker.db, log $dir/broker.log)"
+    local storage
+    case "$KAFKA_STORAGE" in
+    sqlite)
         # Storage URL: nisshi 0.8.1 drops the "/" that starts the URL path and opens the rest
         # relative to its working directory, so `sqlite://$dir/broker.db` (three slashes for an
         # absolute $dir) opens $PWD/tmp/... and fails with "Unable to open connection ... : 14".
         # An absolute path needs FOUR slashes: sqlite:////tmp/x/broker.db. $dir is absolute here.
+        storage="sqlite:///$dir/broker.db"
+        ;;
+    postgres)
+        local database
+        if [[ -f "$dir/broker.database" ]]; then
+            # A restart of the broker of DIR keeps its data.
+            database="$(cat "$dir/broker.database")"
+        else
+            database="nisshi_$(basename "$dir" | tr -c 'a-zA-Z0-9_\n' '_' | tr 'A-Z' 'a-z')_$$"
+            psql "$KAFKA_STORAGE_PG/postgres" -v ON_ERROR_STOP=1 -qc "CREATE DATABASE \"$database\"" >&2 ||
+                die "cannot create the storage database $database on $KAFKA_STORAGE_PG"
+            echo "$database" >"$dir/broker.database"
+        fi
+        storage="$KAFKA_STORAGE_PG/$database"
+        ;;
+    *) die "KAFKA_STORAGE must be sqlite or postgres, not '$KAFKA_STORAGE'" ;;
+    esac
+
+    local attempt port pid waited
+    # A few attempts: the free port can be taken by someone else between choosing and binding.
+    for attempt in 1 2 3; do
+        port="$(free_port)"
+        log "starting nisshi on 127.0.0.1:$port (storage $storage, log $dir/broker.log)"
         # stdin/stdout/stderr are detached so that `$(scripts/kafka.sh start)` returns at once.
         setsid "$NISSHI_BIN" broker \
             --listener-url "tcp://127.0.0.1:$port" \
             --advertised-listener-url "tcp://127.0.0.1:$port" \
             --group-initial-rebalance-delay 0s \
-            --storage-engine "sqlite:///$dir/broker.db" \
+            --storage-engine "$storage" \
             </dev/null >>"$dir/broker.log" 2>&1 &
         pid=$!
         echo "$pid" >"$dir/broker.pid"
@@ -204,6 +233,13 @@ cmd_stop() {
         done
     fi
     rm -f "$pidfile"
+    if [[ -f "$dir/broker.database" ]]; then
+        local database
+        database="$(cat "$dir/broker.database")"
+        psql "$KAFKA_STORAGE_PG/postgres" -qc "DROP DATABASE IF EXISTS \"$database\" WITH (FORCE)" >&2 ||
+            log "could not drop the storage database $database"
+        rm -f "$dir/broker.database"
+    fi
 }
 
 main() {

@@ -31,6 +31,7 @@ pub fn kafka_settings(brokers: &str, settings: &Settings) -> KafkaSettings {
     let mut kafka = KafkaSettings::new(brokers);
     kafka.linger_ms = settings.kafka_linger_ms;
     kafka.fetch_wait_max_ms = settings.kafka_fetch_wait_ms;
+    kafka.background_fetch_wait_ms = settings.kafka_background_fetch_wait_ms;
     kafka.delivery_timeout = Duration::from_secs(15);
     kafka
 }

@@ -108,6 +108,17 @@ pub struct Settings {
     )]
     pub kafka_fetch_wait_ms: u32,
 
+    /// Kafka `fetch.wait.max.ms` of background readers: the owners' checking tails, replays
+    /// and whatever else nobody waits on to the millisecond. Longer waits spare the broker
+    /// fetches (a broker such as nisshi holds every fetch for its full wait).
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_KAFKA_BACKGROUND_FETCH_WAIT_MS",
+        default_value_t = 250
+    )]
+    pub kafka_background_fetch_wait_ms: u32,
+
     /// Take a partition's snapshot after this many new events.
     #[arg(
         long,
@@ -414,6 +425,7 @@ impl Settings {
             instances: 1,
             kafka_linger_ms: 2,
             kafka_fetch_wait_ms: 50,
+            kafka_background_fetch_wait_ms: 250,
             snapshot_every: 5000,
             max_lag_seconds: 30.0,
             saga_timeout_ms: 10_000,

@@ -42,8 +42,9 @@ pub struct ReplayArgs {
     /// Start afresh instead of resuming an interrupted replay.
     #[arg(long)]
     pub restart: bool,
-    /// Records per transaction.
-    #[arg(long, default_value_t = 5000)]
+    /// Records per transaction. Large batches mean fewer commits, and each commit writes every
+    /// index page the batch touched (random keys such as event ids touch most of them).
+    #[arg(long, default_value_t = 25_000)]
     pub batch: usize,
     /// Print the summary as JSON.
     #[arg(long)]

@@ -104,7 +104,7 @@ impl Default for ReplayOptions {
             dry_run: false,
             diff: false,
             restart: false,
-            batch: 5000,
+            batch: 25_000,
         }
     }
 }

@@ -40,8 +40,9 @@ pub struct ReplayBench {
     /// Stock items they are spread over.
     #[arg(long, default_value_t = 10_000)]
     pub skus: u64,
-    /// Records per replay transaction (and per raw COPY batch).
-    #[arg(long, default_value_t = 5000)]
+    /// Records per replay transaction (and per raw COPY batch); the default is `platform
+    /// replay`'s.
+    #[arg(long, default_value_t = 25_000)]
     pub batch: usize,
 }
 

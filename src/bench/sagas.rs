@@ -9,9 +9,11 @@
 //! 1. **Commands**: `--clients` closed-loop HTTP clients receiving stock (`POST
 //!    /inventory/{sku}/receipts`): the command throughput C of this platform (decide, append,
 //!    read back as effective, answer), with no saga work behind it.
-//! 2. **Sagas at saturation**: `--clients` closed-loop clients, each placing a one-line order
-//!    and waiting for its saga to end before placing the next (so `--clients` sagas are in
-//!    flight), `--decline-share` of them with `tok_decline`, the rest `tok_approve`. A saga has
+//! 2. **Sagas at saturation**: `--sagas-in-flight` closed-loop clients, each placing a
+//!    one-line order and waiting for its saga to end before placing the next (so that many
+//!    sagas are in flight; a saga spends most of its life waiting for hops through the log,
+//!    so saturating the orchestrator takes many more of them than saturating the command
+//!    path takes clients), `--decline-share` of them with `tok_decline`, the rest `tok_approve`. A saga has
 //!    ended when its order is confirmed (happy path: place, reserve, authorise, confirm,
 //!    capture) or rejected (decline: place, reserve, authorise, release, reject): 5 commands
 //!    either way. Ends are seen on the order topic by a tailing reader (not polled over HTTP).
@@ -59,6 +61,11 @@ pub struct SagasBench {
     #[arg(long, default_value_t = 32)]
     pub clients: usize,
 
+    /// Sagas in flight in the saturation phase (closed-loop clients each awaiting its saga's
+    /// end). Completed sagas/s is in-flight ÷ saga latency until the platform saturates.
+    #[arg(long, default_value_t = 256)]
+    pub sagas_in_flight: usize,
+
     /// Measured seconds of each phase.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
@@ -102,6 +109,8 @@ struct Ended {
 struct Book {
     placed: HashMap<String, Placed>,
     ended: HashMap<String, Ended>,
+    /// Woken whenever the tracker has noted ends, so clients awaiting one need not poll.
+    ends_noted: Arc<tokio::sync::Notify>,
 }
 
 type Shared = Arc<Mutex<Book>>;
@@ -146,6 +155,7 @@ async fn track(log: SharedLog, topic: String, book: Shared, mut stop: watch::Rec
                 confirmed,
             });
         }
+        book.ends_noted.notify_waiters();
     }
 }
 
@@ -223,11 +233,18 @@ fn order_operation(
                 .insert(order_id.clone(), Placed { at, declined });
             if wait_for_end {
                 let deadline = Instant::now() + Duration::from_secs(60);
-                while !lock(&book).ended.contains_key(&order_id) {
-                    if Instant::now() > deadline {
+                let ends_noted = lock(&book).ends_noted.clone();
+                loop {
+                    let noted = ends_noted.notified();
+                    tokio::pin!(noted);
+                    // Registered before the check, so an end noted in between still wakes us.
+                    noted.as_mut().enable();
+                    if lock(&book).ended.contains_key(&order_id) {
+                        break;
+                    }
+                    if tokio::time::timeout_at(deadline, noted).await.is_err() {
                         return Err(Failure::new("saga unfinished after 60 s", order_id));
                     }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             }
             Ok(())
@@ -340,6 +357,10 @@ fn errors(stats: &Stats) -> String {
 
 pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result<()> {
     anyhow::ensure!(options.clients > 0, "--clients must be at least 1");
+    anyhow::ensure!(
+        options.sagas_in_flight > 0,
+        "--sagas-in-flight must be at least 1"
+    );
     anyhow::ensure!(options.duration > 0, "--duration must be at least 1");
     anyhow::ensure!(options.skus > 0, "--skus must be at least 1");
     anyhow::ensure!(
@@ -370,7 +391,7 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
     };
 
     let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(options.clients * 4)
+        .pool_max_idle_per_host(options.clients.max(options.sagas_in_flight) * 2)
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(30))
         .build()
@@ -459,12 +480,12 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
 
     eprintln!(
         "bench: sagas at saturation, {} clients each placing an order and awaiting its end",
-        options.clients
+        options.sagas_in_flight
     );
     let before = lock(&book).placed.clone();
     let start = Utc::now();
     let saturated = closed_loop(
-        options.clients,
+        options.sagas_in_flight,
         timing,
         order_operation(
             http.clone(),
@@ -522,8 +543,13 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
         settings.partitions
     );
     println!(
-        "run:      {} clients, {} s warm-up + {} s measured per phase, {} SKUs, decline share {}",
-        options.clients, options.warmup, options.duration, options.skus, options.decline_share
+        "run:      {} command clients, {} sagas in flight, {} s warm-up + {} s measured per phase, {} SKUs, decline share {}",
+        options.clients,
+        options.sagas_in_flight,
+        options.warmup,
+        options.duration,
+        options.skus,
+        options.decline_share
     );
     println!("load avg: {load_before} before, {} after", load_average());
     println!();
@@ -540,7 +566,7 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
          (saga ends in the window by the order events: {:.1}/s); placed->ended p50 {:.0} ms p99 {:.0} ms; \
          placed->confirmed p50 {:.0} ms p99 {:.0} ms; declined->rejected p99 {:.0} ms; \
          drained {} in {:.1} s{}; errors: {}; cpu {}",
-        options.clients,
+        options.sagas_in_flight,
         saga_rate,
         full.per_second,
         saturated.ms(0.5),
