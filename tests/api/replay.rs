@@ -105,6 +105,29 @@ async fn dump_all(app: &TestApp) -> Vec<Vec<Vec<String>>> {
     tables
 }
 
+/// The live read model's indexes (name and definition), primary keys' included.
+async fn indexes(app: &TestApp, projection: &str) -> Vec<(String, String)> {
+    let db = app
+        .read
+        .as_ref()
+        .expect("read side")
+        .db(projection)
+        .expect("live db");
+    let sql = if db.is_postgres() {
+        "SELECT indexname::text AS name, indexdef AS definition FROM pg_indexes
+         WHERE schemaname = current_schema() ORDER BY indexname"
+    } else {
+        "SELECT name, COALESCE(sql, '') AS definition FROM sqlite_master
+         WHERE type = 'index' ORDER BY name"
+    };
+    db.fetch_all(sql, &[])
+        .await
+        .expect("listing indexes")
+        .iter()
+        .map(|row| (row.text("name"), row.text("definition")))
+        .collect()
+}
+
 async fn run(app: &TestApp, projection: &str, options: &ReplayOptions) -> ReplayReport {
     let read = app.read.as_ref().expect("read side");
     let mut progress_calls = 0;
@@ -136,9 +159,16 @@ async fn a_replay_swapped_in_equals_the_live_read_models_row_for_row_and_the_liv
             .as_i64()
             .expect("on hand");
         for projection in ["orders", "inventory", "payments", "audit"] {
+            let indexes_before = indexes(&app, projection).await;
             let report = run(&app, projection, &ReplayOptions::default()).await;
             assert!(report.swapped, "{backend:?}: {projection} swapped in");
             assert!(report.read > 0, "{backend:?}: {projection} read the log");
+            // The shadow's secondary indexes are dropped while it loads: they are back.
+            assert_eq!(
+                indexes(&app, projection).await,
+                indexes_before,
+                "{backend:?}: {projection} has the same indexes after the swap"
+            );
         }
         let after = dump_all(&app).await;
         for ((_, table, _), (before, after)) in TABLES.iter().zip(before.iter().zip(&after)) {
