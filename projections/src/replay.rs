@@ -707,46 +707,52 @@ async fn apply_bulk(
     }
 
     let mut tx = begin_bulk(shadow).await?;
-    loop {
-        match projection.apply(&mut tx, &effective).await {
-            Ok(()) => break,
-            Err(ApplyError::Db(error)) => return Err(error),
-            Err(ApplyError::Poison { index, message }) => {
-                if index >= effective.len() {
-                    return Err(DbError(format!(
-                        "projection {name} reported poison at a bad index"
-                    )));
-                }
-                // The failed attempt may have written part of the batch: start it again.
-                drop(tx);
-                tx = begin_bulk(shadow).await?;
-                let poison = effective.remove(index);
-                let poison_at = at_of.remove(index);
-                let aggregate = (
-                    poison.envelope.aggregate_type.clone(),
-                    poison.envelope.aggregate_id.clone(),
-                );
-                blocked.insert(aggregate.clone());
-                parked.push((poison_at, Some(poison.envelope), message));
-                let mut kept = Vec::new();
-                let mut kept_at = Vec::new();
-                for (event, at) in effective.into_iter().zip(at_of) {
-                    if at > poison_at
-                        && event.envelope.aggregate_type == aggregate.0
-                        && event.envelope.aggregate_id == aggregate.1
-                    {
-                        parked.push((
-                            at,
-                            Some(event.envelope),
-                            "waiting behind a parked event of the same aggregate".into(),
-                        ));
-                    } else {
-                        kept.push(event);
-                        kept_at.push(at);
+    // A replay never applies an event twice, so an append-only model's rows cannot conflict:
+    // COPY them (Postgres) instead of upserting.
+    if let Some(rows) = projection.append_only_rows(&effective) {
+        tx.copy_rows(rows.table, &rows.columns, &rows.rows).await?;
+    } else {
+        loop {
+            match projection.apply(&mut tx, &effective).await {
+                Ok(()) => break,
+                Err(ApplyError::Db(error)) => return Err(error),
+                Err(ApplyError::Poison { index, message }) => {
+                    if index >= effective.len() {
+                        return Err(DbError(format!(
+                            "projection {name} reported poison at a bad index"
+                        )));
                     }
+                    // The failed attempt may have written part of the batch: start it again.
+                    drop(tx);
+                    tx = begin_bulk(shadow).await?;
+                    let poison = effective.remove(index);
+                    let poison_at = at_of.remove(index);
+                    let aggregate = (
+                        poison.envelope.aggregate_type.clone(),
+                        poison.envelope.aggregate_id.clone(),
+                    );
+                    blocked.insert(aggregate.clone());
+                    parked.push((poison_at, Some(poison.envelope), message));
+                    let mut kept = Vec::new();
+                    let mut kept_at = Vec::new();
+                    for (event, at) in effective.into_iter().zip(at_of) {
+                        if at > poison_at
+                            && event.envelope.aggregate_type == aggregate.0
+                            && event.envelope.aggregate_id == aggregate.1
+                        {
+                            parked.push((
+                                at,
+                                Some(event.envelope),
+                                "waiting behind a parked event of the same aggregate".into(),
+                            ));
+                        } else {
+                            kept.push(event);
+                            kept_at.push(at);
+                        }
+                    }
+                    effective = kept;
+                    at_of = kept_at;
                 }
-                effective = kept;
-                at_of = kept_at;
             }
         }
     }

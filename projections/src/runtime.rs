@@ -51,6 +51,20 @@ pub trait Projection: Send + Sync + 'static {
     fn migrations(&self) -> &'static [&'static str];
     /// Applies effective events, in log order per aggregate.
     async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError>;
+    /// For a model whose `apply` only inserts one row per event into one table, keyed so that
+    /// only a redelivered event could conflict (the audit): that table and the rows. A replay,
+    /// which never applies an event twice, then writes them by COPY instead of calling `apply`.
+    fn append_only_rows(&self, _events: &[Event]) -> Option<AppendOnlyRows> {
+        None
+    }
+}
+
+/// Rows a replay may COPY into `table` (see [`Projection::append_only_rows`]).
+#[derive(Debug, Clone)]
+pub struct AppendOnlyRows {
+    pub table: &'static str,
+    pub columns: Vec<&'static str>,
+    pub rows: Vec<Vec<crate::db::Value>>,
 }
 
 /// An effective event with where it was read.

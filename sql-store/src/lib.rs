@@ -397,6 +397,43 @@ impl Tx {
         Ok(self.fetch_all(sql, args).await?.into_iter().next())
     }
 
+    /// Inserts rows that cannot conflict (a fresh table, unique keys): `COPY … FROM STDIN` on
+    /// Postgres, multi-row inserts on SQLite. A conflict fails the statement.
+    pub async fn copy_rows(
+        &mut self,
+        table: &str,
+        columns: &[&str],
+        rows: &[Vec<Value>],
+    ) -> Result<(), DbError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let names = columns.join(", ");
+        match self {
+            Tx::Postgres(tx) => {
+                let mut copy = tx
+                    .copy_in_raw(&format!("COPY {table} ({names}) FROM STDIN"))
+                    .await
+                    .map_err(db_error)?;
+                copy.send(copy_text(rows).into_bytes())
+                    .await
+                    .map_err(db_error)?;
+                copy.finish().await.map_err(db_error)?;
+            }
+            Tx::Sqlite(_) => {
+                for chunk in rows.chunks((30_000 / columns.len().max(1)).max(1)) {
+                    let sql = format!(
+                        "INSERT INTO {table} ({names}) VALUES {}",
+                        value_rows(chunk.len(), columns.len(), 1)
+                    );
+                    let args: Vec<Value> = chunk.iter().flatten().cloned().collect();
+                    self.execute(&sql, &args).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs a statement given as plain SQL with no parameters (DDL, savepoints).
     pub async fn run(&mut self, sql: &str) -> Result<(), DbError> {
         match self {
@@ -420,6 +457,35 @@ impl Tx {
 
 /// `($1, $2), ($3, $4), ...`: placeholders for a multi-row statement of `rows` rows of `width`
 /// values, numbered from `first`.
+/// Rows in Postgres' COPY text format: tab-separated fields, `\N` for NULL, backslash escapes.
+pub fn copy_text(rows: &[Vec<Value>]) -> String {
+    let mut out = String::with_capacity(rows.len() * 128);
+    for row in rows {
+        for (index, value) in row.iter().enumerate() {
+            if index > 0 {
+                out.push('\t');
+            }
+            match value {
+                Value::Int(value) => out.push_str(&value.to_string()),
+                Value::Null => out.push_str("\\N"),
+                Value::Text(text) => {
+                    for c in text.chars() {
+                        match c {
+                            '\\' => out.push_str("\\\\"),
+                            '\t' => out.push_str("\\t"),
+                            '\n' => out.push_str("\\n"),
+                            '\r' => out.push_str("\\r"),
+                            c => out.push(c),
+                        }
+                    }
+                }
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
 pub fn value_rows(rows: usize, width: usize, first: usize) -> String {
     let mut out = String::new();
     for row in 0..rows {

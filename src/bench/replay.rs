@@ -25,7 +25,7 @@ use domain::Quantity;
 use domain::stock::{StockAggregate, StockEvent, StockReceived};
 use event_log::{SharedLog, partition_for, topics};
 use event_schema::{CommandMeta, Envelope, Record};
-use projections::db::{Db, Value, value_rows};
+use projections::db::{Db, Value, copy_text, value_rows};
 use projections::replay::{self, ReplayOptions};
 use projections::{ReadBackend, ReadSide};
 
@@ -136,45 +136,12 @@ fn audit_row(record: &event_log::LogRecord) -> anyhow::Result<Vec<Value>> {
 const AUDIT_COLUMNS: &str = "event_id, aggregate_type, aggregate_id, aggregate_version, event_type, schema_version, \
      occurred_at, correlation_id, causation_id, command_id, actor, topic, partition, \"offset\", envelope";
 
-fn copy_field(out: &mut String, value: &Value) {
-    match value {
-        Value::Int(value) => out.push_str(&value.to_string()),
-        Value::Null => out.push_str("\\N"),
-        Value::Text(text) => {
-            for c in text.chars() {
-                match c {
-                    '\\' => out.push_str("\\\\"),
-                    '\t' => out.push_str("\\t"),
-                    '\n' => out.push_str("\\n"),
-                    '\r' => out.push_str("\\r"),
-                    c => out.push(c),
-                }
-            }
-        }
-    }
-}
-
 /// Writes the rows into a fresh audit table: COPY on Postgres, multi-row inserts on SQLite.
 async fn raw_write(db: &Db, rows: &[Vec<Value>], batch: usize) -> anyhow::Result<Duration> {
     let batch = batch.max(1);
     match db {
         Db::Postgres(pool) => {
-            let texts: Vec<String> = rows
-                .chunks(batch)
-                .map(|chunk| {
-                    let mut text = String::new();
-                    for row in chunk {
-                        for (index, value) in row.iter().enumerate() {
-                            if index > 0 {
-                                text.push('\t');
-                            }
-                            copy_field(&mut text, value);
-                        }
-                        text.push('\n');
-                    }
-                    text
-                })
-                .collect();
+            let texts: Vec<String> = rows.chunks(batch).map(copy_text).collect();
             let statement = format!("COPY audit_events ({AUDIT_COLUMNS}) FROM STDIN");
             let start = Instant::now();
             for text in texts {

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 
 use super::{Kind, write_rows};
 use crate::db::{Tx, Value};
-use crate::runtime::{ApplyError, Event, Projection};
+use crate::runtime::{AppendOnlyRows, ApplyError, Event, Projection};
 
 #[derive(Debug, Default)]
 pub struct Audit;
@@ -51,55 +51,69 @@ CREATE INDEX audit_events_by_time ON audit_events (occurred_at)
 
     async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {
         // The event id is unique: a redelivered event (already applied) changes nothing.
-        let rows: Vec<Vec<Value>> = events
-            .iter()
-            .map(|event| {
-                let envelope = &event.envelope;
-                vec![
-                    Value::from(envelope.event_id.to_string()),
-                    envelope.aggregate_type.as_str().into(),
-                    envelope.aggregate_id.as_str().into(),
-                    envelope.aggregate_version.into(),
-                    envelope.event_type.as_str().into(),
-                    i64::from(envelope.schema_version).into(),
-                    envelope.occurred_at.timestamp_millis().into(),
-                    envelope.correlation_id.as_str().into(),
-                    envelope.causation_id.as_str().into(),
-                    envelope.command_id.to_string().into(),
-                    envelope.actor.as_str().into(),
-                    event.position.topic.as_str().into(),
-                    event.position.partition.into(),
-                    event.position.offset.into(),
-                    String::from_utf8_lossy(&envelope.to_json_bytes())
-                        .into_owned()
-                        .into(),
-                ]
-            })
-            .collect();
         write_rows(
             tx,
             "audit_events",
-            &[
-                ("event_id", Kind::Text),
-                ("aggregate_type", Kind::Text),
-                ("aggregate_id", Kind::Text),
-                ("aggregate_version", Kind::Int),
-                ("event_type", Kind::Text),
-                ("schema_version", Kind::Int),
-                ("occurred_at", Kind::Int),
-                ("correlation_id", Kind::Text),
-                ("causation_id", Kind::Text),
-                ("command_id", Kind::Text),
-                ("actor", Kind::Text),
-                ("topic", Kind::Text),
-                ("partition", Kind::Int),
-                ("\"offset\"", Kind::Int),
-                ("envelope", Kind::Text),
-            ],
-            &rows,
+            &COLUMNS,
+            &rows(events),
             "ON CONFLICT (event_id) DO NOTHING",
         )
         .await?;
         Ok(())
     }
+
+    fn append_only_rows(&self, events: &[Event]) -> Option<AppendOnlyRows> {
+        Some(AppendOnlyRows {
+            table: "audit_events",
+            columns: COLUMNS.iter().map(|(name, _)| *name).collect(),
+            rows: rows(events),
+        })
+    }
+}
+
+const COLUMNS: [(&str, Kind); 15] = [
+    ("event_id", Kind::Text),
+    ("aggregate_type", Kind::Text),
+    ("aggregate_id", Kind::Text),
+    ("aggregate_version", Kind::Int),
+    ("event_type", Kind::Text),
+    ("schema_version", Kind::Int),
+    ("occurred_at", Kind::Int),
+    ("correlation_id", Kind::Text),
+    ("causation_id", Kind::Text),
+    ("command_id", Kind::Text),
+    ("actor", Kind::Text),
+    ("topic", Kind::Text),
+    ("partition", Kind::Int),
+    ("\"offset\"", Kind::Int),
+    ("envelope", Kind::Text),
+];
+
+/// One row per event, in [`COLUMNS`] order.
+fn rows(events: &[Event]) -> Vec<Vec<Value>> {
+    events
+        .iter()
+        .map(|event| {
+            let envelope = &event.envelope;
+            vec![
+                Value::from(envelope.event_id.to_string()),
+                envelope.aggregate_type.as_str().into(),
+                envelope.aggregate_id.as_str().into(),
+                envelope.aggregate_version.into(),
+                envelope.event_type.as_str().into(),
+                i64::from(envelope.schema_version).into(),
+                envelope.occurred_at.timestamp_millis().into(),
+                envelope.correlation_id.as_str().into(),
+                envelope.causation_id.as_str().into(),
+                envelope.command_id.to_string().into(),
+                envelope.actor.as_str().into(),
+                event.position.topic.as_str().into(),
+                event.position.partition.into(),
+                event.position.offset.into(),
+                String::from_utf8_lossy(&envelope.to_json_bytes())
+                    .into_owned()
+                    .into(),
+            ]
+        })
+        .collect()
 }
