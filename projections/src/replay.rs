@@ -490,23 +490,26 @@ async fn read_into_shadow(
         batch,
         sender,
     )));
-    let mut pending: Vec<LogRecord> = Vec::with_capacity(batch * 2);
+    let mut pending: Vec<Read> = Vec::with_capacity(batch * 2);
     while let Some(records) = receiver.recv().await {
         pending.extend(records?);
         while pending.len() >= batch {
             let rest = pending.split_off(batch);
-            let records = std::mem::replace(&mut pending, rest);
-            apply_bulk(shadow, projection, &records, filter, history, report).await?;
+            let mut records = std::mem::replace(&mut pending, rest);
+            apply_bulk(shadow, projection, &mut records, filter, history, report).await?;
             on_batch(records.len() as u64);
         }
     }
     drop(feeder);
     if !pending.is_empty() {
-        apply_bulk(shadow, projection, &pending, filter, history, report).await?;
+        apply_bulk(shadow, projection, &mut pending, filter, history, report).await?;
         on_batch(pending.len() as u64);
     }
     Ok(())
 }
+
+/// A record read, with its envelope decoded (or why it did not decode) by the reading task.
+type Read = (LogRecord, Result<Envelope, String>);
 
 /// Aborts a task when dropped (a replay that fails while writing stops its reader).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -525,7 +528,7 @@ async fn feed(
     mut next: BTreeMap<u32, u64>,
     targets: BTreeMap<u32, u64>,
     batch: usize,
-    sender: tokio::sync::mpsc::Sender<Result<Vec<LogRecord>, DbError>>,
+    sender: tokio::sync::mpsc::Sender<Result<Vec<Read>, DbError>>,
 ) {
     let mut idle_since = Instant::now();
     while next
@@ -555,7 +558,16 @@ async fn feed(
             let offset = next.entry(record.position.partition).or_default();
             *offset = (*offset).max(record.position.offset + 1);
         }
-        if sender.send(Ok(records)).await.is_err() {
+        // Decoding here overlaps it with the writer's database work.
+        let decoded: Vec<Read> = records
+            .into_iter()
+            .map(|record| {
+                let envelope =
+                    Envelope::try_from(&record.record).map_err(|error| error.to_string());
+                (record, envelope)
+            })
+            .collect();
+        if sender.send(Ok(decoded)).await.is_err() {
             return;
         }
     }
@@ -652,7 +664,7 @@ async fn begin_bulk(shadow: &Db) -> Result<crate::db::Tx, DbError> {
 async fn apply_bulk(
     shadow: &Db,
     projection: &dyn Projection,
-    records: &[LogRecord],
+    records: &mut [Read],
     filter: &Filter,
     history: &mut History,
     report: &mut ReplayReport,
@@ -665,8 +677,8 @@ async fn apply_bulk(
     let mut conflicts = 0;
     let mut filtered_out = 0;
     let mut at_of: Vec<usize> = Vec::new();
-    for (index, record) in records.iter().enumerate() {
-        let envelope = match Envelope::try_from(&record.record) {
+    for (index, (record, decoded)) in records.iter_mut().enumerate() {
+        let envelope = match std::mem::replace(decoded, Err(String::new())) {
             Ok(envelope) => envelope,
             Err(error) => {
                 parked.push((index, None, format!("undecodable: {error}")));
@@ -763,7 +775,7 @@ async fn apply_bulk(
                 envelope.aggregate_id.clone(),
             ));
         }
-        park(&mut tx, name, &records[*index], envelope.as_ref(), error).await?;
+        park(&mut tx, name, &records[*index].0, envelope.as_ref(), error).await?;
     }
     let touched: Vec<(&(String, String), &u64)> = versions.iter().collect();
     for chunk in touched.chunks(500) {
@@ -788,7 +800,7 @@ async fn apply_bulk(
         .await?;
     }
     let mut reached: BTreeMap<(String, u32), u64> = BTreeMap::new();
-    for record in records {
+    for (record, _) in records.iter() {
         let next = reached
             .entry((record.position.topic.clone(), record.position.partition))
             .or_default();
