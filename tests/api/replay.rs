@@ -1,10 +1,14 @@
 //! `platform replay`: rebuilding read models into shadow tables and swapping them in under a
 //! live platform, the diff against the live models, dry runs.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use projections::ReadBackend;
+use projections::db::{DbError, Tx};
 use projections::replay::{self, Filter, ReplayOptions, ReplayReport};
+use projections::runtime::{ApplyError, Event, Projection};
 use serde_json::json;
 
 use crate::helpers::{Backend, TestApp, backends, platform_binary};
@@ -105,6 +109,36 @@ async fn dump_all(app: &TestApp) -> Vec<Vec<Vec<String>>> {
     tables
 }
 
+/// A projection that applies `batches_left` batches, then fails as a lost database would.
+struct BreaksOff {
+    inner: Arc<dyn Projection>,
+    batches_left: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Projection for BreaksOff {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn aggregate_types(&self) -> &'static [&'static str] {
+        self.inner.aggregate_types()
+    }
+
+    fn migrations(&self) -> &'static [&'static str] {
+        self.inner.migrations()
+    }
+
+    async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {
+        let left = self.batches_left.load(Ordering::SeqCst);
+        if left == 0 {
+            return Err(ApplyError::Db(DbError("the connection was lost".into())));
+        }
+        self.batches_left.store(left - 1, Ordering::SeqCst);
+        self.inner.apply(tx, events).await
+    }
+}
+
 /// The live read model's indexes (name and definition), primary keys' included.
 async fn indexes(app: &TestApp, projection: &str) -> Vec<(String, String)> {
     let db = app
@@ -201,6 +235,58 @@ async fn a_replay_swapped_in_equals_the_live_read_models_row_for_row_and_the_liv
             reply.expect(200)["on_hand"],
             stock["on_hand"],
             "{backend:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_replay_resumes_when_run_again_and_swaps_in_a_whole_read_model() {
+    for backend in backends() {
+        let app = TestApp::spawn(backend).await;
+        make_history(&app).await;
+        settle(&app).await;
+        let read = app.read.as_ref().expect("read side");
+        let before = dump_all(&app).await;
+        let indexes_before = indexes(&app, "audit").await;
+
+        // A replay of the audit model in batches of one record that breaks off at its third
+        // batch (a database gone, the operator's Ctrl-C): two batches are in the shadow.
+        let interrupted = replay::replay(
+            &read.log(),
+            &read_backend(&app),
+            &app.settings.topic_prefix,
+            read.db("audit").expect("live db"),
+            Arc::new(BreaksOff {
+                inner: read.projection("audit").expect("projection"),
+                batches_left: AtomicUsize::new(2),
+            }),
+            &ReplayOptions {
+                batch: 1,
+                ..ReplayOptions::default()
+            },
+            &mut |_| {},
+        )
+        .await;
+        assert!(
+            interrupted.is_err(),
+            "{backend:?}: the first run broke off: {interrupted:?}"
+        );
+
+        let report = run(&app, "audit", &ReplayOptions::default()).await;
+        assert!(
+            report.resumed,
+            "{backend:?}: the second run resumed the first"
+        );
+        assert!(report.swapped, "{backend:?}: and swapped the shadow in");
+        assert_eq!(
+            dump_all(&app).await,
+            before,
+            "{backend:?}: every read model row for row after the resumed replay"
+        );
+        assert_eq!(
+            indexes(&app, "audit").await,
+            indexes_before,
+            "{backend:?}: the audit model has every index after the resumed replay"
         );
     }
 }
