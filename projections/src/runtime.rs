@@ -23,7 +23,7 @@ use crate::db::{Db, DbError, Tx, Value};
 use crate::models::{Kind, fetch_for_keys, write_rows};
 
 /// The most records a worker applies in one transaction.
-pub const MAX_BATCH: usize = 2000;
+pub const MAX_BATCH: usize = 5000;
 
 /// Why a projection could not apply a batch.
 #[derive(Debug, Clone, thiserror::Error)]
