@@ -41,7 +41,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::projections::db::{Db, Value, value_rows};
+use ::projections::db::{Db, Value, copy_text, value_rows};
 use ::projections::models::{
     audit::Audit, inventory::Inventory, orders::Orders, payments::Payments,
 };
@@ -743,25 +743,6 @@ async fn raw_upsert(db: Db, work: &RawWork) -> anyhow::Result<Duration> {
     Ok(start.elapsed())
 }
 
-/// One value in COPY's text format.
-fn copy_field(out: &mut String, value: &Value) {
-    match value {
-        Value::Null => out.push_str("\\N"),
-        Value::Int(number) => out.push_str(&number.to_string()),
-        Value::Text(text) => {
-            for c in text.chars() {
-                match c {
-                    '\\' => out.push_str("\\\\"),
-                    '\t' => out.push_str("\\t"),
-                    '\n' => out.push_str("\\n"),
-                    '\r' => out.push_str("\\r"),
-                    c => out.push(c),
-                }
-            }
-        }
-    }
-}
-
 /// Copies every batch, one transaction and one `COPY` per table each; every row is its own
 /// (its key suffixed with its position in the batch list), so nothing conflicts.
 async fn raw_copy(db: Db, work: &RawWork) -> anyhow::Result<Duration> {
@@ -778,20 +759,12 @@ async fn raw_copy(db: Db, work: &RawWork) -> anyhow::Result<Duration> {
             let (_, text) = tables
                 .entry(row.table.name)
                 .or_insert_with(|| (row.table, String::new()));
-            for (index, value) in row.values.iter().enumerate() {
-                if index > 0 {
-                    text.push('\t');
-                }
-                // The first column is (part of) every table's key: make it unique.
-                if index == 0
-                    && let Value::Text(key) = value
-                {
-                    copy_field(text, &Value::Text(format!("{key}#{serial}")));
-                } else {
-                    copy_field(text, value);
-                }
+            // The first column is (part of) every table's key: make it unique.
+            let mut values = row.values.clone();
+            if let Some(Value::Text(key)) = values.first_mut() {
+                key.push_str(&format!("#{serial}"));
             }
-            text.push('\n');
+            text.push_str(&copy_text(std::slice::from_ref(&values)));
         }
         prepared.push(
             tables

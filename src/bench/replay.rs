@@ -26,7 +26,9 @@ use domain::stock::{StockAggregate, StockEvent, StockReceived};
 use event_log::{SharedLog, partition_for, topics};
 use event_schema::{CommandMeta, Envelope, Record};
 use projections::db::{Db, Value, copy_text, value_rows};
+use projections::models::audit::Audit;
 use projections::replay::{self, ReplayOptions};
+use projections::runtime::{Event, Projection};
 use projections::{ReadBackend, ReadSide};
 
 use crate::backend::Backend;
@@ -112,37 +114,18 @@ async fn raw_consume(
     Ok(records)
 }
 
-fn audit_row(record: &event_log::LogRecord) -> anyhow::Result<Vec<Value>> {
-    let envelope = Envelope::try_from(&record.record).map_err(anyhow::Error::msg)?;
-    Ok(vec![
-        Value::from(envelope.event_id.to_string()),
-        envelope.aggregate_type.as_str().into(),
-        envelope.aggregate_id.as_str().into(),
-        envelope.aggregate_version.into(),
-        envelope.event_type.as_str().into(),
-        i64::from(envelope.schema_version).into(),
-        envelope.occurred_at.timestamp_millis().into(),
-        envelope.correlation_id.as_str().into(),
-        envelope.causation_id.as_str().into(),
-        envelope.command_id.to_string().into(),
-        envelope.actor.as_str().into(),
-        record.position.topic.as_str().into(),
-        record.position.partition.into(),
-        record.position.offset.into(),
-        envelope.to_json().to_string().into(),
-    ])
-}
-
-const AUDIT_COLUMNS: &str = "event_id, aggregate_type, aggregate_id, aggregate_version, event_type, schema_version, \
-     occurred_at, correlation_id, causation_id, command_id, actor, topic, partition, \"offset\", envelope";
-
 /// Writes the rows into a fresh audit table: COPY on Postgres, multi-row inserts on SQLite.
-async fn raw_write(db: &Db, rows: &[Vec<Value>], batch: usize) -> anyhow::Result<Duration> {
+async fn raw_write(
+    db: &Db,
+    columns: &str,
+    rows: &[Vec<Value>],
+    batch: usize,
+) -> anyhow::Result<Duration> {
     let batch = batch.max(1);
     match db {
         Db::Postgres(pool) => {
             let texts: Vec<String> = rows.chunks(batch).map(copy_text).collect();
-            let statement = format!("COPY audit_events ({AUDIT_COLUMNS}) FROM STDIN");
+            let statement = format!("COPY audit_events ({columns}) FROM STDIN");
             let start = Instant::now();
             for text in texts {
                 let mut tx = pool.begin().await?;
@@ -161,7 +144,7 @@ async fn raw_write(db: &Db, rows: &[Vec<Value>], batch: usize) -> anyhow::Result
                     let args: Vec<Value> = rows.iter().flatten().cloned().collect();
                     tx.execute(
                         &format!(
-                            "INSERT INTO audit_events ({AUDIT_COLUMNS}) VALUES {}",
+                            "INSERT INTO audit_events ({columns}) VALUES {}",
                             value_rows(rows.len(), 15, 1)
                         ),
                         &args,
@@ -224,17 +207,28 @@ pub(super) async fn run(options: ReplayBench, base: Settings) -> anyhow::Result<
     let events = records.len() as u64;
 
     eprintln!("bench: raw write");
-    let rows: Vec<Vec<Value>> = records
-        .iter()
-        .map(audit_row)
+    // The rows the audit model itself writes for these events.
+    let decoded: Vec<Event> = records
+        .into_iter()
+        .map(|record| {
+            Ok(Event {
+                envelope: Envelope::try_from(&record.record).map_err(anyhow::Error::msg)?,
+                position: record.position,
+            })
+        })
         .collect::<anyhow::Result<_>>()?;
-    drop(records);
+    let audit_rows = Audit
+        .append_only_rows(&decoded)
+        .context("the audit model is append-only")?;
+    drop(decoded);
+    let columns = audit_rows.columns.join(", ");
+    let rows = audit_rows.rows;
     let raw_db = match &settings.database_url {
         Some(url) => Db::postgres(url, &format!("{}raw_audit", settings.schema_prefix), 2).await?,
         None => Db::sqlite(&scratch.join("raw-audit.db")).await?,
     };
-    projections::runtime::migrate(&raw_db, &projections::models::audit::Audit).await?;
-    let copy_time = raw_write(&raw_db, &rows, options.batch).await?;
+    projections::runtime::migrate(&raw_db, &Audit).await?;
+    let copy_time = raw_write(&raw_db, &columns, &rows, options.batch).await?;
     drop(rows);
 
     let read = ReadSide::open(log.clone(), &read_backend, &settings.topic_prefix)
