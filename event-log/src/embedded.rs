@@ -158,21 +158,37 @@ async fn read_partitions<'a>(
     max: usize,
     thorough: bool,
 ) -> Result<Vec<LogRecord>, LogError> {
+    let mut partitions: Vec<(&str, u32, &mut u64)> = partitions.collect();
     let mut records = Vec::new();
-    let per_partition = max.div_ceil(count.max(1)).max(1);
-    for (topic, partition, next) in partitions {
-        if records.len() >= max {
-            break;
+    // Each partition gets an equal share of `max`; what partitions near their end leave unused
+    // goes, in further rounds, to those that filled their share (so a reader catching up on a
+    // few long partitions still gets full batches).
+    let mut open: Vec<usize> = (0..partitions.len()).collect();
+    let mut share_of = count.max(1);
+    while !open.is_empty() && records.len() < max {
+        let per_partition = (max - records.len()).div_ceil(share_of).max(1);
+        let mut filled = Vec::new();
+        for index in open {
+            if records.len() >= max {
+                break;
+            }
+            let (topic, partition, next) = &mut partitions[index];
+            let (topic, partition) = (*topic, *partition);
+            let fetched = match heads.find(topic, partition, **next, per_partition) {
+                Found::Records(found) if !found.is_empty() => found,
+                Found::Nothing | Found::Records(_) if !thorough => continue,
+                _ => fetch_partition(pool, topic, partition, **next, per_partition).await?,
+            };
+            if let Some(last) = fetched.last() {
+                **next = last.position.offset + 1;
+            }
+            if fetched.len() >= per_partition {
+                filled.push(index);
+            }
+            records.extend(fetched);
         }
-        let fetched = match heads.find(topic, partition, *next, per_partition) {
-            Found::Records(found) if !found.is_empty() => found,
-            Found::Nothing | Found::Records(_) if !thorough => continue,
-            _ => fetch_partition(pool, topic, partition, *next, per_partition).await?,
-        };
-        if let Some(last) = fetched.last() {
-            *next = last.position.offset + 1;
-        }
-        records.extend(fetched);
+        share_of = filled.len();
+        open = filled;
     }
     Ok(records)
 }

@@ -8,13 +8,19 @@
 //! duplicate or conflicting record changes nothing); events of an aggregate that has a parked
 //! event wait behind it (parked too); the projection applies the rest. An event the projection
 //! cannot apply is parked with its error and the batch goes on without it.
+//!
+//! A worker remembers the versions it has committed ([`Known`]), so a batch reads from
+//! `applied_versions` only the aggregates the worker has not met. The memory is checked, not
+//! trusted: every version a batch writes must advance the stored one, and a batch where one does
+//! not (another member or a replay moved it on) is rolled back and judged again from the
+//! database.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use event_log::{GroupEvent, LogRecord, SharedLog};
+use event_log::{GroupEvent, LogRecord, Position, SharedLog};
 use event_schema::{Envelope, judge};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -24,6 +30,14 @@ use crate::models::{Kind, fetch_for_keys, write_rows};
 
 /// The most records a worker applies in one transaction.
 pub const MAX_BATCH: usize = 5000;
+
+/// The most aggregate versions a worker remembers; past it, it forgets them all and reads them
+/// again as it meets them.
+const KNOWN_LIMIT: usize = 250_000;
+
+/// Up to this many aggregates with a parked event, a worker reads them all before each batch
+/// (one short query on a partial index); with more, it looks up the batch's aggregates.
+const PARKED_LISTED: usize = 1000;
 
 /// Why a projection could not apply a batch.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -112,13 +126,19 @@ CREATE INDEX IF NOT EXISTS parked_events_by_aggregate
     ON parked_events (projection, aggregate_type, aggregate_id, status);
 "#;
 
+/// The events still parked, which a worker lists before each batch.
+const RUNTIME_MIGRATION_2: &str = r#"
+CREATE INDEX IF NOT EXISTS parked_events_waiting
+    ON parked_events (projection, aggregate_type, aggregate_id) WHERE status = 'parked'
+"#;
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
 /// Runs the runtime's and the projection's migrations that have not run yet.
 pub async fn migrate(db: &Db, projection: &dyn Projection) -> Result<(), DbError> {
-    crate::db::migrate(db, "runtime", &[RUNTIME_MIGRATION]).await?;
+    crate::db::migrate(db, "runtime", &[RUNTIME_MIGRATION, RUNTIME_MIGRATION_2]).await?;
     crate::db::migrate(db, projection.name(), projection.migrations()).await
 }
 
@@ -140,6 +160,66 @@ pub struct WorkerState {
     conflicts: std::sync::atomic::AtomicU64,
     parked: std::sync::atomic::AtomicU64,
     applied: std::sync::atomic::AtomicU64,
+    known: Mutex<Known>,
+}
+
+/// The last versions a worker has committed, per aggregate type and id, so that a batch reads
+/// only the aggregates the worker has not met. Forgotten on every assignment change, every
+/// failed batch, and past [`KNOWN_LIMIT`]. It cannot make a batch apply an event twice: each
+/// version a batch writes must advance the stored one (see [`Worker::apply_batch`]).
+#[derive(Debug, Default)]
+struct Known {
+    versions: HashMap<String, HashMap<String, u64>>,
+    len: usize,
+    /// Partitions this worker started at offset 0 (nothing of theirs applied) and has held since
+    /// without forgetting: an aggregate of theirs that is not in `versions` has no version yet.
+    fresh: HashSet<(String, u32)>,
+}
+
+impl Known {
+    fn forget(&mut self) {
+        *self = Known::default();
+    }
+
+    /// The aggregate's last applied version, when known without reading the database.
+    fn version(&self, aggregate_type: &str, aggregate_id: &str, read_at: &Position) -> Option<u64> {
+        self.versions
+            .get(aggregate_type)
+            .and_then(|ids| ids.get(aggregate_id))
+            .copied()
+            .or_else(|| {
+                self.fresh
+                    .contains(&(read_at.topic.clone(), read_at.partition))
+                    .then_some(0)
+            })
+    }
+
+    fn remember(&mut self, aggregate_type: &str, aggregate_id: &str, version: u64) {
+        let ids = match self.versions.get_mut(aggregate_type) {
+            Some(ids) => ids,
+            None => self.versions.entry(aggregate_type.to_owned()).or_default(),
+        };
+        if ids.insert(aggregate_id.to_owned(), version).is_none() {
+            self.len += 1;
+        }
+        if self.len > KNOWN_LIMIT {
+            self.forget();
+        }
+    }
+}
+
+/// Why a batch was not applied.
+#[derive(Debug)]
+enum BatchError {
+    Db(DbError),
+    /// A stored version did not advance: it moved on without this worker.
+    VersionsMoved,
+}
+
+impl From<DbError> for BatchError {
+    fn from(error: DbError) -> Self {
+        BatchError::Db(error)
+    }
 }
 
 impl WorkerState {
@@ -187,6 +267,12 @@ impl WorkerState {
 
     pub fn applied(&self) -> u64 {
         self.applied.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.known
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -264,6 +350,7 @@ impl Worker {
             };
             match event {
                 GroupEvent::Assigned(partitions) => {
+                    self.state.known().forget();
                     for (topic, partition) in partitions {
                         let next = loop {
                             match self.stored_position(&topic, partition).await {
@@ -277,6 +364,9 @@ impl Worker {
                         if let Err(error) = member.start(&topic, partition, next).await {
                             tracing::warn!(projection = name, %error, topic, partition, "cannot start the partition");
                             continue;
+                        }
+                        if next == 0 {
+                            self.state.known().fresh.insert((topic.clone(), partition));
                         }
                         if let Ok(mut positions) = self.state.positions.lock() {
                             positions.insert((topic.clone(), partition), next);
@@ -292,6 +382,7 @@ impl Worker {
                     self.state.notify();
                 }
                 GroupEvent::Revoked(partitions) => {
+                    self.state.known().forget();
                     if let Ok(mut positions) = self.state.positions.lock() {
                         for partition in &partitions {
                             positions.remove(partition);
@@ -351,8 +442,33 @@ impl Worker {
             .unwrap_or(0))
     }
 
-    /// Applies one batch in one transaction, with its positions.
+    /// Applies one batch in one transaction, with its positions. When a stored version has moved
+    /// on without this worker, the batch is rolled back and judged again from the database.
     pub async fn apply_batch(&self, records: &[LogRecord]) -> Result<(), DbError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let error = match self.try_apply_batch(records).await {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            self.state.known().forget();
+            match error {
+                BatchError::Db(error) => return Err(error),
+                BatchError::VersionsMoved if attempt < 3 => tracing::info!(
+                    projection = self.projection.name(),
+                    "applied versions moved on without this worker; judging the batch again from the database"
+                ),
+                BatchError::VersionsMoved => {
+                    return Err(DbError(
+                        "applied versions keep moving on without this worker (another member of its group applying the same partitions?)".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn try_apply_batch(&self, records: &[LogRecord]) -> Result<(), BatchError> {
         let name = self.projection.name();
         let mut tx = self.db.begin().await?;
         let mut decoded: Vec<Result<Envelope, String>> = records
@@ -360,39 +476,80 @@ impl Worker {
             .map(|record| Envelope::try_from(&record.record).map_err(|error| error.to_string()))
             .collect();
 
-        // Last applied versions and parked aggregates of the batch's aggregates: one query per
-        // aggregate type (so both lookups use their tables' keys in full).
-        let mut ids: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
-        for envelope in decoded.iter().flatten() {
-            ids.entry(envelope.aggregate_type.as_str())
-                .or_default()
-                .insert(envelope.aggregate_id.as_str());
-        }
+        // Last applied versions: remembered, or read per aggregate type for the aggregates this
+        // worker has not met (one query each, using the table's key in full).
         let mut versions: HashMap<(String, String), u64> = HashMap::new();
-        let mut blocked: HashSet<(String, String)> = HashSet::new();
-        for (aggregate_type, ids) in ids {
-            let ids: Vec<String> = ids.into_iter().map(str::to_owned).collect();
-            for row in fetch_for_keys(
-                &mut tx,
-                "SELECT aggregate_id, version, CAST(0 AS BIGINT) AS parked FROM applied_versions
-                 WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id {keys}
-                 UNION ALL
-                 SELECT DISTINCT aggregate_id, CAST(0 AS BIGINT) AS version, CAST(1 AS BIGINT) AS parked
-                 FROM parked_events
-                 WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id {keys} AND status = 'parked'",
-                &[name.into(), aggregate_type.into()],
-                &ids,
-            )
-            .await?
-            {
-                let aggregate = (aggregate_type.to_owned(), row.text("aggregate_id"));
-                if row.int("parked") == 1 {
-                    blocked.insert(aggregate);
-                } else {
-                    versions.insert(aggregate, row.int("version") as u64);
+        let mut ids: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
+        let mut unknown: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        {
+            let known = self.state.known();
+            for (record, envelope) in records.iter().zip(&decoded) {
+                let Ok(envelope) = envelope else { continue };
+                let (kind, id) = (
+                    envelope.aggregate_type.as_str(),
+                    envelope.aggregate_id.as_str(),
+                );
+                if !ids.entry(kind).or_default().insert(id) {
+                    continue;
+                }
+                match known.version(kind, id, &record.position) {
+                    Some(version) => {
+                        versions.insert((kind.to_owned(), id.to_owned()), version);
+                    }
+                    None => unknown.entry(kind).or_default().push(id.to_owned()),
                 }
             }
         }
+        for (aggregate_type, ids) in &unknown {
+            for row in fetch_for_keys(
+                &mut tx,
+                "SELECT aggregate_id, version FROM applied_versions
+                 WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id {keys}",
+                &[name.into(), (*aggregate_type).into()],
+                ids,
+            )
+            .await?
+            {
+                versions.insert(
+                    ((*aggregate_type).to_owned(), row.text("aggregate_id")),
+                    row.int("version") as u64,
+                );
+            }
+        }
+
+        // Aggregates with a parked event: all of the projection's while there are few (the usual
+        // case: none), else those of the batch.
+        let mut blocked: HashSet<(String, String)> = HashSet::new();
+        let waiting = tx
+            .fetch_all(
+                "SELECT DISTINCT aggregate_type, aggregate_id FROM parked_events
+                 WHERE projection = $1 AND status = 'parked' LIMIT $2",
+                &[name.into(), (PARKED_LISTED as u64 + 1).into()],
+            )
+            .await?;
+        if waiting.len() <= PARKED_LISTED {
+            blocked.extend(
+                waiting
+                    .iter()
+                    .map(|row| (row.text("aggregate_type"), row.text("aggregate_id"))),
+            );
+        } else {
+            for (aggregate_type, ids) in &ids {
+                let ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
+                for row in fetch_for_keys(
+                    &mut tx,
+                    "SELECT DISTINCT aggregate_id FROM parked_events
+                     WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id {keys} AND status = 'parked'",
+                    &[name.into(), (*aggregate_type).into()],
+                    &ids,
+                )
+                .await?
+                {
+                    blocked.insert(((*aggregate_type).to_owned(), row.text("aggregate_id")));
+                }
+            }
+        }
+        drop(ids);
 
         // The effective events, in log order; what is parked, with why.
         let mut effective: Vec<(usize, Event)> = Vec::with_capacity(records.len());
@@ -448,12 +605,13 @@ impl Worker {
         loop {
             match self.projection.apply(&mut tx, &events).await {
                 Ok(()) => break,
-                Err(ApplyError::Db(error)) => return Err(error),
+                Err(ApplyError::Db(error)) => return Err(error.into()),
                 Err(ApplyError::Poison { index, message }) => {
                     if index >= events.len() {
                         return Err(DbError(format!(
                             "projection {name} reported poison at a bad index"
-                        )));
+                        ))
+                        .into());
                     }
                     // Nothing of the failed attempt may stay: the projection checks before it
                     // writes, so its transaction is still clean.
@@ -489,19 +647,28 @@ impl Worker {
         for (index, error, envelope) in &parked {
             park(&mut tx, name, &records[*index], envelope.as_ref(), error).await?;
         }
-        let rows: Vec<Vec<Value>> = touched
+        let advanced: Vec<((String, String), u64)> = touched
             .into_iter()
             .map(|aggregate| {
                 let version = versions[&aggregate];
+                (aggregate, version)
+            })
+            .collect();
+        let rows: Vec<Vec<Value>> = advanced
+            .iter()
+            .map(|((aggregate_type, aggregate_id), version)| {
                 vec![
                     name.into(),
-                    aggregate.0.into(),
-                    aggregate.1.into(),
-                    version.into(),
+                    aggregate_type.as_str().into(),
+                    aggregate_id.as_str().into(),
+                    (*version).into(),
                 ]
             })
             .collect();
-        write_rows(
+        // Each must advance the stored version: one that does not moved on without this worker
+        // (its memory, or its read under another member's commit, is out of date), and this
+        // batch's judgement with it.
+        let written = write_rows(
             &mut tx,
             "applied_versions",
             &[
@@ -515,6 +682,9 @@ impl Worker {
              WHERE applied_versions.version < excluded.version",
         )
         .await?;
+        if written != rows.len() as u64 {
+            return Err(BatchError::VersionsMoved);
+        }
         let mut reached: BTreeMap<(String, u32), u64> = BTreeMap::new();
         for record in records {
             let next = reached
@@ -557,6 +727,12 @@ impl Worker {
         self.state.conflicts.fetch_add(conflicts, Relaxed);
         self.state.parked.fetch_add(parked.len() as u64, Relaxed);
         self.state.applied.fetch_add(events.len() as u64, Relaxed);
+        {
+            let mut known = self.state.known();
+            for ((aggregate_type, aggregate_id), version) in &advanced {
+                known.remember(aggregate_type, aggregate_id, *version);
+            }
+        }
         if let Ok(mut positions) = self.state.positions.lock() {
             for (key, next) in reached {
                 positions.insert(key, next);

@@ -118,16 +118,16 @@ pub(crate) enum Kind {
 /// Writes `rows` (each `columns.len()` values, in the order of `columns`) with
 /// `INSERT INTO {table} ({columns}) … {conflict}`. `conflict` is the `ON CONFLICT` clause, which
 /// may refer to `excluded`. The rows must not repeat a key an `ON CONFLICT DO UPDATE` acts on
-/// (fold them first).
+/// (fold them first). Returns how many rows were inserted or updated.
 pub(crate) async fn write_rows(
     tx: &mut Tx,
     table: &str,
     columns: &[(&str, Kind)],
     rows: &[Vec<Value>],
     conflict: &str,
-) -> Result<(), DbError> {
+) -> Result<u64, DbError> {
     if rows.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let names = columns
         .iter()
@@ -177,18 +177,23 @@ pub(crate) async fn write_rows(
                     ),
                 };
             }
-            query.execute(&mut **tx).await.map_err(db_error)?;
+            Ok(query
+                .execute(&mut **tx)
+                .await
+                .map_err(db_error)?
+                .rows_affected())
         }
         Tx::Sqlite(_) => {
+            let mut written = 0;
             for chunk in rows.chunks(SQLITE_CHUNK.min(30_000 / columns.len().max(1))) {
                 let sql = format!(
                     "INSERT INTO {table} ({names}) VALUES {} {conflict}",
                     value_rows(chunk.len(), columns.len(), 1)
                 );
                 let args: Vec<Value> = chunk.iter().flatten().cloned().collect();
-                tx.execute(&sql, &args).await?;
+                written += tx.execute(&sql, &args).await?;
             }
+            Ok(written)
         }
     }
-    Ok(())
 }
