@@ -29,7 +29,7 @@ use crate::db::{Db, DbError, Tx, Value};
 use crate::models::{Kind, fetch_for_keys, write_rows};
 
 /// The most records a worker applies in one transaction.
-pub const MAX_BATCH: usize = 5000;
+pub const MAX_BATCH: usize = 10_000;
 
 /// The most aggregate versions a worker remembers; past it, it forgets them all and reads them
 /// again as it meets them.
