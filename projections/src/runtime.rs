@@ -517,6 +517,13 @@ impl Worker {
             }
         }
 
+        // Which aggregates have a stored version (a row in `applied_versions`) before this batch.
+        let stored: HashSet<(String, String)> = versions
+            .iter()
+            .filter(|(_, version)| **version > 0)
+            .map(|(aggregate, _)| aggregate.clone())
+            .collect();
+
         // Aggregates with a parked event: all of the projection's while there are few (the usual
         // case: none), else those of the batch.
         let mut blocked: HashSet<(String, String)> = HashSet::new();
@@ -654,17 +661,39 @@ impl Worker {
                 (aggregate, version)
             })
             .collect();
-        let rows: Vec<Vec<Value>> = advanced
-            .iter()
-            .map(|((aggregate_type, aggregate_id), version)| {
-                vec![
-                    name.into(),
-                    aggregate_type.as_str().into(),
-                    aggregate_id.as_str().into(),
-                    (*version).into(),
-                ]
-            })
-            .collect();
+        let mut rows: Vec<Vec<Value>> = Vec::new();
+        let mut new_rows: Vec<Vec<Value>> = Vec::new();
+        for (aggregate, version) in &advanced {
+            let row = vec![
+                name.into(),
+                aggregate.0.as_str().into(),
+                aggregate.1.as_str().into(),
+                (*version).into(),
+            ];
+            if stored.contains(aggregate) {
+                rows.push(row);
+            } else {
+                new_rows.push(row);
+            }
+        }
+        // Aggregates with no stored version get their first row by COPY (cheaper than an upsert).
+        // Should one have a row after all, the savepoint undoes the COPY and they join the
+        // checked upsert below.
+        if !new_rows.is_empty() {
+            tx.run("SAVEPOINT new_versions").await?;
+            let copied = tx
+                .copy_rows(
+                    "applied_versions",
+                    &["projection", "aggregate_type", "aggregate_id", "version"],
+                    &new_rows,
+                )
+                .await;
+            if let Err(error) = copied {
+                tracing::info!(projection = name, %error, "a first applied version exists already; writing them with the checked upsert");
+                tx.run("ROLLBACK TO SAVEPOINT new_versions").await?;
+                rows.extend(new_rows);
+            }
+        }
         // Each must advance the stored version: one that does not moved on without this worker
         // (its memory, or its read under another member's commit, is out of date), and this
         // batch's judgement with it.

@@ -470,6 +470,40 @@ async fn a_redelivered_batch_changes_nothing() {
             stock, live,
             "{backend:?}: every stock event applied once, though one worker's memory was out of date"
         );
+
+        // A worker that starts a partition at offset 0 takes its aggregates to have no version
+        // and writes their first versions by COPY. Here the positions are gone but the versions
+        // are not: the COPY conflicts, and the checked upsert it falls back to finds the versions
+        // moved on, so the batch is judged again from the database: every event stale.
+        db.execute("DELETE FROM projection_positions", &[])
+            .await
+            .expect("forget the positions");
+        let third = projections::runtime::Worker {
+            group: format!("fresh-{}", uuid::Uuid::new_v4().simple()),
+            ..worker(&db)
+        };
+        let state = third.state.clone();
+        let (stop, stopped) = watch::channel(false);
+        let running = tokio::spawn(third.run(stopped));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while state.conflicts() < records.len() as u64 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{backend:?}: only {} of {} records judged stale",
+                state.conflicts(),
+                records.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = stop.send(true);
+        running.await.expect("worker stopped");
+        assert_eq!(state.applied(), 0, "{backend:?}: nothing applied twice");
+        let again = dump(
+            db.fetch_all("SELECT * FROM stock_levels ORDER BY sku", &[])
+                .await
+                .expect("stock"),
+        );
+        assert_eq!(again, stock, "{backend:?}: the stock levels did not move");
     }
 }
 
