@@ -1193,8 +1193,6 @@ async fn commands(
 
     let h = harmonic(raw.rate(), noop.rate());
     let throughput_target = 0.5 * h;
-    let latency_target = raw_half.ms(0.99) + 5.0;
-    let lenient_target = raw.ms(0.99) + 5.0;
     println!();
     println!(
         "  {:<58} {:>12} {:>34} {:>6}",
@@ -1213,35 +1211,28 @@ async fn commands(
         ),
         verdict(commands.rate() >= throughput_target)
     );
-    println!(
-        "  {:<58} {:>12} {:>34} {:>6}",
+    // The half-load p99 against a raw append p99 + 5 ms: the judged line, then two informative.
+    let p99_line = |name: &str, baseline: &Stats| {
+        let bound = baseline.ms(0.99) + 5.0;
+        println!(
+            "  {:<58} {:>12} {:>34} {:>6}",
+            name,
+            format!("{:.2} ms", commands_half.ms(0.99)),
+            format!("{:.2} ms + 5 → ≤ {:.2} ms", baseline.ms(0.99), bound),
+            verdict(commands_half.ms(0.99) <= bound)
+        );
+    };
+    p99_line(
         "p99 at half load ≤ raw append p99 (same rate) + 5 ms",
-        format!("{:.2} ms", commands_half.ms(0.99)),
-        format!(
-            "{:.2} ms + 5 → ≤ {:.2} ms",
-            raw_half.ms(0.99),
-            latency_target
-        ),
-        verdict(commands_half.ms(0.99) <= latency_target)
+        &raw_half,
     );
-    println!(
-        "  {:<58} {:>12} {:>34} {:>6}",
+    p99_line(
         "  (informative) … ≤ raw append p99 (closed loop) + 5 ms",
-        format!("{:.2} ms", commands_half.ms(0.99)),
-        format!("{:.2} ms + 5 → ≤ {:.2} ms", raw.ms(0.99), lenient_target),
-        verdict(commands_half.ms(0.99) <= lenient_target)
+        &raw,
     );
-    let tailed_target = raw_half_tailed.ms(0.99) + 5.0;
-    println!(
-        "  {:<58} {:>12} {:>34} {:>6}",
+    p99_line(
         "  (informative) … ≤ raw append + tail p99 (same rate) + 5 ms",
-        format!("{:.2} ms", commands_half.ms(0.99)),
-        format!(
-            "{:.2} ms + 5 → ≤ {:.2} ms",
-            raw_half_tailed.ms(0.99),
-            tailed_target
-        ),
-        verdict(commands_half.ms(0.99) <= tailed_target)
+        &raw_half_tailed,
     );
     println!(
         "  {:<58} {:>12} {:>34} {:>6}",

@@ -173,7 +173,7 @@ struct Known {
     len: usize,
     /// Partitions this worker started at offset 0 (nothing of theirs applied) and has held since
     /// without forgetting: an aggregate of theirs that is not in `versions` has no version yet.
-    fresh: HashSet<(String, u32)>,
+    fresh: HashMap<String, HashSet<u32>>,
 }
 
 impl Known {
@@ -189,7 +189,8 @@ impl Known {
             .copied()
             .or_else(|| {
                 self.fresh
-                    .contains(&(read_at.topic.clone(), read_at.partition))
+                    .get(&read_at.topic)
+                    .is_some_and(|partitions| partitions.contains(&read_at.partition))
                     .then_some(0)
             })
     }
@@ -366,7 +367,12 @@ impl Worker {
                             continue;
                         }
                         if next == 0 {
-                            self.state.known().fresh.insert((topic.clone(), partition));
+                            self.state
+                                .known()
+                                .fresh
+                                .entry(topic.clone())
+                                .or_default()
+                                .insert(partition);
                         }
                         if let Ok(mut positions) = self.state.positions.lock() {
                             positions.insert((topic.clone(), partition), next);
@@ -679,20 +685,16 @@ impl Worker {
         // Aggregates with no stored version get their first row by COPY (cheaper than an upsert).
         // Should one have a row after all, the savepoint undoes the COPY and they join the
         // checked upsert below.
-        if !new_rows.is_empty() {
-            tx.run("SAVEPOINT new_versions").await?;
-            let copied = tx
-                .copy_rows(
-                    "applied_versions",
-                    &["projection", "aggregate_type", "aggregate_id", "version"],
-                    &new_rows,
-                )
-                .await;
-            if let Err(error) = copied {
-                tracing::info!(projection = name, %error, "a first applied version exists already; writing them with the checked upsert");
-                tx.run("ROLLBACK TO SAVEPOINT new_versions").await?;
-                rows.extend(new_rows);
-            }
+        if let Some(refused) = tx
+            .copy_rows_or_undo(
+                "applied_versions",
+                &["projection", "aggregate_type", "aggregate_id", "version"],
+                &new_rows,
+            )
+            .await?
+        {
+            tracing::info!(projection = name, error = %refused, "a first applied version exists already; writing them with the checked upsert");
+            rows.extend(new_rows);
         }
         // Each must advance the stored version: one that does not moved on without this worker
         // (its memory, or its read under another member's commit, is out of date), and this

@@ -434,6 +434,30 @@ impl Tx {
         Ok(())
     }
 
+    /// [`Tx::copy_rows`] for rows that should not conflict, when a conflict is not fatal: the
+    /// COPY runs under a savepoint, and if it is refused the savepoint is rolled back, so the
+    /// transaction goes on as before it. Returns why it was refused (`None`: copied). Only
+    /// failing to roll back is an error.
+    pub async fn copy_rows_or_undo(
+        &mut self,
+        table: &str,
+        columns: &[&str],
+        rows: &[Vec<Value>],
+    ) -> Result<Option<DbError>, DbError> {
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        self.run("SAVEPOINT copy_rows").await?;
+        match self.copy_rows(table, columns, rows).await {
+            // Released by the commit.
+            Ok(()) => Ok(None),
+            Err(refused) => {
+                self.run("ROLLBACK TO SAVEPOINT copy_rows").await?;
+                Ok(Some(refused))
+            }
+        }
+    }
+
     /// Runs a statement given as plain SQL with no parameters (DDL, savepoints).
     pub async fn run(&mut self, sql: &str) -> Result<(), DbError> {
         match self {

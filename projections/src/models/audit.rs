@@ -57,22 +57,16 @@ CREATE INDEX audit_events_by_time ON audit_events (occurred_at)
         // the upsert writes them: the event id is unique, so an applied event changes nothing.
         let rows = rows(events);
         let names: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
-        tx.run("SAVEPOINT audit_copy").await?;
-        match tx.copy_rows("audit_events", &names, &rows).await {
-            // Released by the commit.
-            Ok(()) => {}
-            Err(error) => {
-                tracing::warn!(%error, "audit rows refused by COPY; writing them with an upsert");
-                tx.run("ROLLBACK TO SAVEPOINT audit_copy").await?;
-                write_rows(
-                    tx,
-                    "audit_events",
-                    &COLUMNS,
-                    &rows,
-                    "ON CONFLICT (event_id) DO NOTHING",
-                )
-                .await?;
-            }
+        if let Some(refused) = tx.copy_rows_or_undo("audit_events", &names, &rows).await? {
+            tracing::warn!(error = %refused, "audit rows refused by COPY; writing them with an upsert");
+            write_rows(
+                tx,
+                "audit_events",
+                &COLUMNS,
+                &rows,
+                "ON CONFLICT (event_id) DO NOTHING",
+            )
+            .await?;
         }
         Ok(())
     }
