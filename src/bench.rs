@@ -2,7 +2,7 @@
 //! measured in the same run.
 //!
 //! # `platform bench commands`
-//! Measures the HTTP command path (HTTP → owner → decide → append → read back as effective →
+//! Measures the HTTP command path (HTTP → owner → decide → append → judged effective →
 //! answer) against the two things it is built from, each measured in the same run, on the same
 //! machine, against the same broker or file:
 //!
@@ -12,9 +12,10 @@
 //!    (for Kafka, a `KafkaLog` built from the same settings as the platform's: idempotent,
 //!    acks=all, the same linger; for the embedded backend an `EmbeddedLog` on the same file),
 //!    writing real envelopes (an `OrderPlaced` or a `StockReceived`, decided by the domain, in
-//!    the same mix as the commands, keyed and partitioned as the platform does) to a fresh topic
-//!    with the same partition count, from `--clients` closed-loop tasks that each await their
-//!    own append.
+//!    the same mix as the commands, keyed and partitioned as the platform does) to fresh topics
+//!    laid out as the platform's (one per aggregate type, orders and stock, with the same
+//!    partition count, so the appends spread over as many partitions as the commands' do), from
+//!    `--clients` closed-loop tasks that each await their own append.
 //! 3. **Commands**: `--clients` closed-loop HTTP clients placing orders (`POST /orders`, 1-2
 //!    lines) and receiving stock (`POST /inventory/{sku}/receipts`) over `--skus` SKUs. Only
 //!    2xx answers count; anything else is reported as an error.
@@ -40,11 +41,6 @@
 //!
 //! Before the platform starts, the raw append loop also runs once on its own (informative:
 //! it shows what the log does without the platform's readers polling it).
-//!
-//! After the half-load raw append, it runs once more at the same rate with a reader tailing
-//! the raw topic the way an owner tails its partitions (`ReadMode::Background`, from the end):
-//! informative, it shows what the log's appends cost while something reads them back, as every
-//! command's record is read back by its owner.
 //!
 //! Every phase runs `--warmup` seconds unmeasured, then `--duration` seconds measured. A
 //! request counts in the closed loops when it completes inside the measured window, in the
@@ -687,8 +683,7 @@ fn noop_operation(
 
 fn append_operation(
     log: SharedLog,
-    topic: String,
-    partitions: u32,
+    topics: RawTopics,
     workload: Mix,
 ) -> impl Fn(usize, u64) -> std::pin::Pin<Box<dyn Future<Output = Result<(), Failure>> + Send>>
 + Send
@@ -696,8 +691,10 @@ fn append_operation(
 + 'static {
     move |client, sequence| {
         let log = log.clone();
-        let topic = topic.clone();
-        let record = record_for(&workload.pick(client, sequence));
+        let work = workload.pick(client, sequence);
+        let topic = topics.of(&work).to_owned();
+        let partitions = topics.partitions;
+        let record = record_for(&work);
         Box::pin(async move {
             let record = record.map_err(|error| Failure::new("record", error))?;
             let partition = partition_for(&record.key, partitions);
@@ -706,6 +703,42 @@ fn append_operation(
                 .map(|_| ())
                 .map_err(|error| Failure::new("append", error))
         })
+    }
+}
+
+/// The raw baseline's topics: one per aggregate type, as the platform's, so its records spread
+/// over as many partitions as the commands' records do.
+#[derive(Debug, Clone)]
+struct RawTopics {
+    order: String,
+    stock: String,
+    partitions: u32,
+}
+
+impl RawTopics {
+    /// Creates the topics (with the platform's partition count) when missing.
+    async fn create(log: &SharedLog, prefix: &str, partitions: u32) -> anyhow::Result<RawTopics> {
+        let order = format!("{prefix}.bench.raw.order");
+        let stock = format!("{prefix}.bench.raw.stock");
+        let mut created = partitions;
+        for topic in [&order, &stock] {
+            created = log
+                .ensure_topic(topic, partitions)
+                .await
+                .context("creating the raw baseline's topics")?;
+        }
+        Ok(RawTopics {
+            order,
+            stock,
+            partitions: created,
+        })
+    }
+
+    fn of(&self, work: &Work) -> &str {
+        match work {
+            Work::Order { .. } => &self.order,
+            Work::Receipt { .. } => &self.stock,
+        }
     }
 }
 
@@ -964,18 +997,15 @@ async fn commands(
     let drain_timeout = Duration::from_secs(options.drain_timeout);
 
     let (raw_log, backend) = open_raw_log(&settings).await?;
-    let raw_topic = format!("{}.bench.raw", settings.topic_prefix);
-    let raw_partitions = raw_log
-        .ensure_topic(&raw_topic, settings.partitions)
-        .await
-        .context("creating the raw baseline's topic")?;
+    let raw_topics =
+        RawTopics::create(&raw_log, &settings.topic_prefix, settings.partitions).await?;
 
     // Informative: the log on its own, before the platform's readers exist.
     eprintln!("bench: raw append before the platform starts, {clients} tasks");
     let raw_alone = closed_loop(
         clients,
         timing,
-        append_operation(raw_log.clone(), raw_topic.clone(), raw_partitions, workload),
+        append_operation(raw_log.clone(), raw_topics.clone(), workload),
     )
     .await;
 
@@ -994,7 +1024,7 @@ async fn commands(
     let raw = closed_loop(
         clients,
         timing,
-        append_operation(raw_log.clone(), raw_topic.clone(), raw_partitions, workload),
+        append_operation(raw_log.clone(), raw_topics.clone(), workload),
     )
     .await;
     eprintln!("bench: commands, {clients} clients");
@@ -1021,9 +1051,7 @@ async fn commands(
     } else {
         drop(raw_log);
         let (log, _) = open_raw_log(&fresh).await?;
-        log.ensure_topic(&raw_topic, settings.partitions)
-            .await
-            .context("creating the raw baseline's topic")?;
+        RawTopics::create(&log, &settings.topic_prefix, settings.partitions).await?;
         log
     };
     let (running, idle_half) = start_part(fresh, part, &http).await?;
@@ -1033,42 +1061,9 @@ async fn commands(
     let raw_half = open_loop(
         half,
         timing,
-        append_operation(raw_log.clone(), raw_topic.clone(), raw_partitions, workload),
+        append_operation(raw_log.clone(), raw_topics.clone(), workload),
     )
     .await;
-    eprintln!("bench: raw append with a tail reading it back, open loop at {half:.0}/s");
-    let raw_half_tailed = {
-        let mut start = Vec::new();
-        for partition in 0..raw_partitions {
-            start.push((partition, raw_log.end_offset(&raw_topic, partition).await?));
-        }
-        let mut reader = raw_log
-            .open_reader(&raw_topic, &start, event_log::ReadMode::Background)
-            .await
-            .context("opening the raw topic's tail")?;
-        let (stop_tail, mut tail_stopped) = tokio::sync::watch::channel(false);
-        let tail = tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tail_stopped.changed() => break,
-                    polled = reader.poll(1000, Duration::from_millis(100)) => {
-                        if polled.is_err() {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                    }
-                }
-            }
-        });
-        let stats = open_loop(
-            half,
-            timing,
-            append_operation(raw_log.clone(), raw_topic.clone(), raw_partitions, workload),
-        )
-        .await;
-        let _ = stop_tail.send(true);
-        let _ = tail.await;
-        stats
-    };
     eprintln!("bench: commands, open loop at {half:.0}/s");
     let commands_half = open_loop(
         half,
@@ -1127,10 +1122,6 @@ async fn commands(
         ("raw append, closed".to_owned(), &raw),
         ("commands, closed".to_owned(), &commands),
         (format!("raw append, open @ {half:.0}/s"), &raw_half),
-        (
-            format!("raw append + tail, open @ {half:.0}/s"),
-            &raw_half_tailed,
-        ),
         (format!("commands, open @ {half:.0}/s"), &commands_half),
     ];
     let cores_used = |value: Option<f64>| {
@@ -1172,7 +1163,7 @@ async fn commands(
             .unwrap_or_else(|| format!("not within {} s", drain_timeout.as_secs()))
     };
     println!(
-        "  idle platform: {} cores ({} for the fresh one of the half-load phases); back to idle (background work: tails, snapshots, saga, projections) after the closed-loop commands in {}, after the open-loop commands in {}",
+        "  idle platform: {} cores ({} for the fresh one of the half-load phases); back to idle (background work: snapshots, saga, projections) after the closed-loop commands in {}, after the open-loop commands in {}",
         cores_used(idle),
         cores_used(idle_half),
         drain(drained),
@@ -1211,7 +1202,7 @@ async fn commands(
         ),
         verdict(commands.rate() >= throughput_target)
     );
-    // The half-load p99 against a raw append p99 + 5 ms: the judged line, then two informative.
+    // The half-load p99 against a raw append p99 + 5 ms: the judged line, then an informative one.
     let p99_line = |name: &str, baseline: &Stats| {
         let bound = baseline.ms(0.99) + 5.0;
         println!(
@@ -1229,10 +1220,6 @@ async fn commands(
     p99_line(
         "  (informative) … ≤ raw append p99 (closed loop) + 5 ms",
         &raw,
-    );
-    p99_line(
-        "  (informative) … ≤ raw append + tail p99 (same rate) + 5 ms",
-        &raw_half_tailed,
     );
     println!(
         "  {:<58} {:>12} {:>34} {:>6}",

@@ -180,7 +180,7 @@ impl Platform {
         self.read.as_ref()
     }
 
-    /// Serves HTTP until `signal` completes, then stops the parts (tails save their snapshots).
+    /// Serves HTTP until `signal` completes, then stops the parts (the owners save their snapshots).
     pub async fn run_until_stopped(
         self,
         signal: impl Future<Output = ()> + Send + 'static,
@@ -197,7 +197,7 @@ impl Platform {
             .await
             .context("serving HTTP")?;
         let _ = shutdown.send(true);
-        // Give the tails a moment to write their final snapshots.
+        // Give the owners a moment to write their final snapshots.
         tokio::time::sleep(Duration::from_millis(200)).await;
         Ok(())
     }

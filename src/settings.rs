@@ -108,7 +108,7 @@ pub struct Settings {
     )]
     pub kafka_fetch_wait_ms: u32,
 
-    /// Kafka `fetch.wait.max.ms` of background readers: the owners' checking tails, replays
+    /// Kafka `fetch.wait.max.ms` of background readers: the command-topic consumers, replays
     /// and whatever else nobody waits on to the millisecond. Longer waits spare the broker
     /// fetches (a broker such as nisshi holds every fetch for its full wait).
     #[arg(

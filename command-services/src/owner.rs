@@ -4,30 +4,31 @@
 //!
 //! - **Start-up**: per owned partition, load the latest snapshot, then read the log tail up to
 //!   the end offsets seen at start; only then is the owner ready.
-//! - **Tail**: one task reads the owned partitions continuously and folds each record into the
-//!   state by the effective-history rule (`event_schema::history`), the same rule every other
-//!   reader uses.
 //! - **Commands** are decided under a per-aggregate lock against that state. The event is
 //!   appended, and the command is acknowledged only once its record has been folded into the
-//!   state in log order and judged effective. Commands on different aggregates run
+//!   state in log order and judged effective, by the effective-history rule
+//!   (`event_schema::history`) every other reader uses. Commands on different aggregates run
 //!   concurrently, so their appends share produce batches (group commit).
 //! - **Read-back from the acknowledgement.** The log's acknowledgement of an append says at
 //!   which offset our record sits, and what sits there is exactly what we sent. So once every
 //!   earlier offset of the partition is folded, our record is folded from the acknowledgement
-//!   itself, without waiting for the tail to fetch it: when the offsets between the tail and
-//!   our record are all our own acknowledged appends, nobody else wrote in between. Any offset
-//!   that is not ours (another writer, or an append of ours whose acknowledgement was lost)
-//!   leaves a gap, and what follows it waits for the tail to read the gap. The tail still reads
-//!   every record and checks that it is the one acknowledged there. This is the same decision
-//!   the tail would make, taken as soon as the log has answered; the tail can therefore read
-//!   lazily (`ReadMode::Background`), which spares the broker its polling.
+//!   itself: when the offsets between the last folded one and our record are all our own
+//!   acknowledged appends, nobody else wrote in between, and reading them back would only
+//!   return what we already hold.
+//! - **Gaps are read from the log.** An offset that is not ours (another writer's record, or an
+//!   append of ours whose acknowledgement was lost) leaves a gap, and what follows it waits.
+//!   The owner reads such a gap as soon as an acknowledged append has waited [`GAP_GRACE`]
+//!   for it, and it asks the log where its partitions end every [`WATCH_EVERY`], reading
+//!   whatever it has not folded, so a record it did not write is found even when it writes
+//!   nothing itself. There is no continuous tail: on a broker, a reader fetching back every
+//!   record just written slows the appends themselves (BENCHMARKS.md, "raw append + tail").
 //! - A record the owner did not write appearing after start-up means another writer is active
 //!   on the partition (a zombie, or a second owner): the owner steps down from that partition
 //!   and refuses its commands, so it never acknowledges a write that readers would skip.
-//! - **Snapshots** are incremental and taken by a task of their own, off the tail and off the
-//!   commands' path: each one stores only the aggregates and command outcomes changed since the
-//!   previous one, with the offset it covers, so its cost follows the write rate, not the
-//!   history, and start-up reads the stored aggregates plus the log after that offset.
+//! - **Snapshots** are incremental and taken by a task of their own, off the commands' path:
+//!   each one stores only the aggregates and command outcomes changed since the previous one,
+//!   with the offset it covers, so its cost follows the write rate, not the history, and
+//!   start-up reads the stored aggregates plus the log after that offset.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,7 +40,8 @@ use event_log::{LogRecord, Position, ReadMode, SharedLog, partition_for};
 use event_schema::{CommandMeta, Envelope, EventCodec, Record, Verdict, judge};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use domain::Decision;
@@ -52,6 +54,16 @@ const SNAPSHOT_FORMAT: u32 = 2;
 
 /// How often the snapshot task looks for partitions due a snapshot.
 const SNAPSHOT_CHECK: Duration = Duration::from_millis(500);
+
+/// How often a ready owner asks the log where its partitions end. A partition still not folded
+/// up to the end seen one check earlier holds records the owner did not get acknowledged (its
+/// own in-flight appends are acknowledged well within that time), which it then reads.
+pub const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// How long an acknowledged append waits for an earlier offset of its partition before the
+/// owner reads that gap from the log. Acknowledgements of one produce batch reach their
+/// commands in any order, so a gap shorter than this is usually not one.
+pub const GAP_GRACE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone)]
 pub struct OwnerConfig {
@@ -147,7 +159,8 @@ struct StoredOutcome {
 
 #[derive(Debug, Clone)]
 struct Slot<S> {
-    state: S,
+    /// Shared, so a snapshot takes it under the table's lock without copying it.
+    state: Arc<S>,
     version: u64,
     position: Option<Position>,
 }
@@ -155,26 +168,45 @@ struct Slot<S> {
 #[derive(Debug)]
 struct Table<S> {
     aggregates: HashMap<String, Slot<S>>,
-    commands: HashMap<Uuid, StoredOutcome>,
+    commands: HashMap<Uuid, Arc<StoredOutcome>>,
     next_offsets: BTreeMap<u32, u64>,
     since_snapshot: BTreeMap<u32, u64>,
     /// What changed since each partition's last snapshot.
-    dirty: BTreeMap<u32, Dirty>,
+    dirty: BTreeMap<u32, Dirty<S>>,
     /// Our own appends the log acknowledged that cannot be folded yet (an earlier offset of
-    /// their partition is not folded), by partition and offset.
-    acked: BTreeMap<u32, BTreeMap<u64, Envelope>>,
-    /// Offsets folded from an acknowledgement that the tail has not read yet, with the event
-    /// id acknowledged there; the tail checks the log holds that record.
-    unconfirmed: HashMap<(u32, u64), Uuid>,
+    /// their partition is not folded), by partition and offset, with when they were
+    /// acknowledged.
+    acked: BTreeMap<u32, BTreeMap<u64, (Envelope, Instant)>>,
 }
 
-/// What changed in a partition since its last snapshot.
-#[derive(Debug, Default)]
-struct Dirty {
-    aggregates: HashSet<String>,
-    commands: HashSet<Uuid>,
+/// What changed in a partition since its last snapshot, kept as it changes (the states are
+/// shared with the table), so a snapshot takes it whole without holding the table's lock for
+/// more than a swap.
+#[derive(Debug)]
+struct Dirty<S> {
+    aggregates: HashMap<String, Changed<S>>,
+    commands: HashMap<Uuid, Arc<StoredOutcome>>,
     /// No usable snapshot was loaded at start: the next one replaces whatever is stored.
     replace: bool,
+}
+
+impl<S> Default for Dirty<S> {
+    fn default() -> Self {
+        Dirty {
+            aggregates: HashMap::new(),
+            commands: HashMap::new(),
+            replace: false,
+        }
+    }
+}
+
+/// An aggregate as it was after its latest change.
+#[derive(Debug)]
+struct Changed<S> {
+    version: u64,
+    /// The offset of its latest event, in the snapshot's partition.
+    offset: Option<u64>,
+    state: Arc<S>,
 }
 
 /// One aggregate in a snapshot.
@@ -248,6 +280,8 @@ struct Inner<A: EventCodec> {
     /// and are not another writer's when they do.
     in_doubt: Mutex<HashSet<Uuid>>,
     stepped_down: Mutex<BTreeSet<u32>>,
+    /// Woken when an acknowledged append is left waiting for an earlier offset.
+    gap: Notify,
     ready: AtomicBool,
     conflicts: AtomicU64,
 }
@@ -268,8 +302,8 @@ where
     A::Event: Send,
     A::Error: Send,
 {
-    /// Loads the snapshots and starts the tail; the owner becomes ready once it has read its
-    /// partitions up to where they ended at start. Stops when `shutdown` turns true.
+    /// Loads the snapshots and starts reading the log; the owner becomes ready once it has read
+    /// its partitions up to where they ended at start. Stops when `shutdown` turns true.
     pub async fn start(
         log: SharedLog,
         store: Arc<dyn CommandStore>,
@@ -283,7 +317,6 @@ where
             since_snapshot: BTreeMap::new(),
             dirty: BTreeMap::new(),
             acked: BTreeMap::new(),
-            unconfirmed: HashMap::new(),
         };
         let mut targets = BTreeMap::new();
         for &partition in &config.owned {
@@ -310,10 +343,11 @@ where
             waiters: Mutex::new(HashMap::new()),
             in_doubt: Mutex::new(HashSet::new()),
             stepped_down: Mutex::new(BTreeSet::new()),
+            gap: Notify::new(),
             ready: AtomicBool::new(false),
             conflicts: AtomicU64::new(0),
         });
-        tokio::spawn(tail(inner.clone(), targets, shutdown.clone()));
+        tokio::spawn(follow(inner.clone(), targets, shutdown.clone()));
         tokio::spawn(take_snapshots(inner.clone(), shutdown));
         Ok(Owner { inner })
     }
@@ -347,7 +381,7 @@ where
         lock(&self.inner.table)
             .aggregates
             .get(aggregate_id)
-            .map(|slot| (slot.state.clone(), slot.version))
+            .map(|slot| (A::State::clone(&slot.state), slot.version))
             .unwrap_or_default()
     }
 
@@ -439,7 +473,7 @@ where
             let table = lock(&self.inner.table);
             match table.aggregates.get(&request.aggregate_id) {
                 Some(slot) => (slot.state.clone(), slot.version, slot.position.clone()),
-                None => (A::State::default(), 0, None),
+                None => (Arc::default(), 0, None),
             }
         };
         if let Some(expected) = request.expected_version
@@ -565,18 +599,23 @@ where
         table.aggregates.insert(
             aggregate_id,
             Slot {
-                state: slot.state,
+                state: Arc::new(slot.state),
                 version: slot.version,
                 position: slot.position.and_then(|position| position.parse().ok()),
             },
         );
     }
-    table.commands.extend(commands);
+    table.commands.extend(
+        commands
+            .into_iter()
+            .map(|(command_id, outcome)| (command_id, Arc::new(outcome))),
+    );
     Some(snapshot.next_offset)
 }
 
-/// Reads the owned partitions for ever, folding records into the table.
-async fn tail<A>(
+/// Catches up with the log, then watches it for records the owner did not get acknowledged,
+/// until shutdown.
+async fn follow<A>(
     inner: Arc<Inner<A>>,
     targets: BTreeMap<u32, u64>,
     mut shutdown: watch::Receiver<bool>,
@@ -584,77 +623,197 @@ async fn tail<A>(
     A: EventCodec + Send + Sync + 'static,
     A::State: Serialize + DeserializeOwned + Send + Sync,
 {
-    let start: Vec<(u32, u64)> = lock(&inner.table)
-        .next_offsets
-        .iter()
-        .map(|(partition, offset)| (*partition, *offset))
-        .collect();
-    // Commands are answered from the log's acknowledgements (see the module documentation), so
-    // nothing waits on this reader record by record.
+    if !read_until(&inner, &targets, None, &mut shutdown).await {
+        return;
+    }
+    inner.ready.store(true, Ordering::Release);
+    tracing::info!(topic = %inner.config.topic, "owner caught up with the log; ready");
+    watch_log(&inner, &mut shutdown).await;
+}
+
+/// The offset up to which each partition is folded.
+fn folded_until<S>(table: &Table<S>, partition: u32) -> u64 {
+    table.next_offsets.get(&partition).copied().unwrap_or(0)
+}
+
+/// Reads the given partitions from their first unfolded offset until each is folded up to its
+/// target, folding every record read. Gives up after `limit`, if one is given; returns false
+/// when it stopped for shutdown or gave up.
+async fn read_until<A>(
+    inner: &Inner<A>,
+    targets: &BTreeMap<u32, u64>,
+    limit: Option<Duration>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool
+where
+    A: EventCodec + Send + Sync + 'static,
+    A::State: Serialize + DeserializeOwned + Send + Sync,
+{
+    let topic = &inner.config.topic;
+    let behind = || -> Vec<(u32, u64)> {
+        let table = lock(&inner.table);
+        targets
+            .iter()
+            .map(|(partition, target)| (*partition, folded_until(&table, *partition), *target))
+            .filter(|(_, next, target)| next < target)
+            .map(|(partition, next, _)| (partition, next))
+            .collect()
+    };
+    let start = behind();
+    if start.is_empty() {
+        return true;
+    }
+    let deadline = limit.map(|limit| Instant::now() + limit);
+    let mode = if inner.ready.load(Ordering::Acquire) {
+        ReadMode::Latency
+    } else {
+        ReadMode::Bulk
+    };
     let mut reader = loop {
-        match inner
-            .log
-            .open_reader(&inner.config.topic, &start, ReadMode::Background)
-            .await
-        {
+        match inner.log.open_reader(topic, &start, mode).await {
             Ok(reader) => break reader,
             Err(error) => {
-                tracing::warn!(%error, topic = %inner.config.topic, "cannot open the log tail; retrying");
+                tracing::warn!(%error, %topic, "cannot open a reader of the log; retrying");
+                if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                    return false;
+                }
                 tokio::select! {
-                    _ = shutdown.changed() => return,
+                    _ = shutdown.changed() => return false,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
         }
     };
-    loop {
+    while !behind().is_empty() {
+        if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            tracing::warn!(%topic, ?targets, "the log was not read up to the targets in time; will try again");
+            return false;
+        }
         let batch = tokio::select! {
-            _ = shutdown.changed() => break,
+            _ = shutdown.changed() => return false,
             batch = reader.poll(1000, Duration::from_millis(100)) => batch,
         };
-        let records = match batch {
-            Ok(records) => records,
-            Err(error) => {
-                tracing::warn!(%error, topic = %inner.config.topic, "reading the log tail failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+        match batch {
+            Ok(records) => {
+                for record in &records {
+                    read_record(inner, record);
+                }
             }
-        };
-        for record in &records {
-            read_from_tail(&inner, record);
+            Err(error) => {
+                tracing::warn!(%error, %topic, "reading the log failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
-        if !inner.ready.load(Ordering::Acquire) {
-            let table = lock(&inner.table);
-            let caught_up = targets.iter().all(|(partition, end)| {
-                table.next_offsets.get(partition).copied().unwrap_or(0) >= *end
-            });
-            drop(table);
-            if caught_up {
-                inner.ready.store(true, Ordering::Release);
-                tracing::info!(topic = %inner.config.topic, "owner caught up with the log; ready");
+    }
+    true
+}
+
+/// Reads the gaps of a ready owner's partitions (see the module documentation) until shutdown.
+async fn watch_log<A>(inner: &Inner<A>, shutdown: &mut watch::Receiver<bool>)
+where
+    A: EventCodec + Send + Sync + 'static,
+    A::State: Serialize + DeserializeOwned + Send + Sync,
+{
+    let topic = &inner.config.topic;
+    // The ends seen at the previous check.
+    let mut seen: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut next_check = Instant::now() + WATCH_EVERY;
+    // When to look again at acknowledgements left waiting.
+    let mut recheck: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = inner.gap.notified(), if recheck.is_none() => {
+                recheck = Some(Instant::now() + GAP_GRACE);
+            }
+            _ = tokio::time::sleep_until(recheck.unwrap_or(next_check)), if recheck.is_some() => {
+                let (gaps, waiting_since) = stuck_gaps(inner);
+                recheck = waiting_since.map(|since| since + GAP_GRACE);
+                if !gaps.is_empty() {
+                    read_until(inner, &gaps, Some(inner.config.read_back_timeout), shutdown).await;
+                    // What the read unblocked is folded; look again at what is left.
+                    recheck = Some(Instant::now());
+                }
+            }
+            _ = tokio::time::sleep_until(next_check) => {
+                next_check = Instant::now() + WATCH_EVERY;
+                let mut ends = BTreeMap::new();
+                for &partition in &inner.config.owned {
+                    match inner.log.end_offset(topic, partition).await {
+                        Ok(end) => {
+                            ends.insert(partition, end);
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, %topic, partition, "cannot ask the log where a partition ends");
+                        }
+                    }
+                }
+                let behind: BTreeMap<u32, u64> = {
+                    let table = lock(&inner.table);
+                    seen.iter()
+                        .filter(|(partition, end)| folded_until(&table, **partition) < **end)
+                        .map(|(partition, end)| (*partition, *end))
+                        .collect()
+                };
+                seen = ends;
+                if !behind.is_empty() {
+                    read_until(inner, &behind, Some(inner.config.read_back_timeout), shutdown).await;
+                }
             }
         }
     }
 }
 
+/// The partitions whose oldest waiting acknowledgement has waited [`GAP_GRACE`] or longer, each
+/// with the offset up to which it must be read; and when the first of the others started
+/// waiting.
+fn stuck_gaps<A: EventCodec>(inner: &Inner<A>) -> (BTreeMap<u32, u64>, Option<Instant>) {
+    let table = lock(&inner.table);
+    let now = Instant::now();
+    let mut gaps = BTreeMap::new();
+    let mut waiting_since: Option<Instant> = None;
+    for (partition, acked) in &table.acked {
+        let Some(since) = acked.values().map(|(_, at)| *at).min() else {
+            continue;
+        };
+        let first = acked.keys().next().copied().unwrap_or(0);
+        if first <= folded_until(&table, *partition) {
+            continue;
+        }
+        if now.duration_since(since) >= GAP_GRACE {
+            gaps.insert(*partition, first);
+        } else {
+            waiting_since = Some(waiting_since.map_or(since, |earliest| earliest.min(since)));
+        }
+    }
+    (gaps, waiting_since)
+}
+
 /// The log acknowledged our append at `position`: fold it, and whatever it unblocks, as soon as
-/// every earlier offset of the partition is folded.
+/// every earlier offset of the partition is folded; otherwise leave it waiting for the gap.
 fn acknowledged<A: EventCodec>(inner: &Inner<A>, position: Position, envelope: Envelope) {
     let partition = position.partition;
-    let folded = {
+    let (folded, waiting) = {
         let mut table = lock(&inner.table);
-        let next = table.next_offsets.get(&partition).copied().unwrap_or(0);
-        if position.offset < next {
-            // The tail read it first and answered.
+        if position.offset < folded_until(&table, partition) {
+            // A read of the log got it first and answered.
             return;
         }
         table
             .acked
             .entry(partition)
             .or_default()
-            .insert(position.offset, envelope);
-        fold_acknowledged::<A>(&mut table, &inner.config.topic, partition)
+            .insert(position.offset, (envelope, Instant::now()));
+        let folded = fold_acknowledged::<A>(&mut table, &inner.config.topic, partition);
+        let waiting = table
+            .acked
+            .get(&partition)
+            .is_some_and(|acked| !acked.is_empty());
+        (folded, waiting)
     };
+    if waiting {
+        inner.gap.notify_one();
+    }
     settle(inner, folded);
 }
 
@@ -666,8 +825,8 @@ fn fold_acknowledged<A: EventCodec>(
 ) -> Vec<Folded> {
     let mut folded = Vec::new();
     loop {
-        let next = table.next_offsets.get(&partition).copied().unwrap_or(0);
-        let Some(envelope) = table
+        let next = folded_until(table, partition);
+        let Some((envelope, _)) = table
             .acked
             .get_mut(&partition)
             .and_then(|acked| acked.remove(&next))
@@ -679,45 +838,26 @@ fn fold_acknowledged<A: EventCodec>(
             partition,
             offset: next,
         };
-        table
-            .unconfirmed
-            .insert((partition, next), envelope.event_id);
         folded.push(fold::<A>(table, position, &envelope));
     }
     folded
 }
 
-/// One record read by the tail: folds it unless an acknowledgement already did, and checks that
-/// the log holds what it acknowledged.
-fn read_from_tail<A: EventCodec>(inner: &Inner<A>, record: &LogRecord) {
+/// One record read from the log: folds it unless an acknowledgement already did, and checks
+/// that it is the record acknowledged there, if one was.
+fn read_record<A: EventCodec>(inner: &Inner<A>, record: &LogRecord) {
     let partition = record.position.partition;
     let offset = record.position.offset;
-    let decoded = Envelope::try_from(&record.record);
     let mut table = lock(&inner.table);
-    let next = table.next_offsets.get(&partition).copied().unwrap_or(0);
-    if offset < next {
-        let acknowledged = table.unconfirmed.remove(&(partition, offset));
-        drop(table);
-        let held = decoded.as_ref().ok().map(|envelope| envelope.event_id);
-        if let Some(acknowledged) = acknowledged
-            && held != Some(acknowledged)
-        {
-            // The log acknowledged one record at this offset and holds another: what this owner
-            // folded may not be what readers see. Stop writing here.
-            tracing::error!(
-                position = %record.position,
-                %acknowledged,
-                ?held,
-                "the log holds another record than the one it acknowledged; stepping down"
-            );
-            lock(&inner.stepped_down).insert(partition);
-        }
+    if offset < folded_until(&table, partition) {
         return;
     }
+    let decoded = Envelope::try_from(&record.record);
     let acked = table
         .acked
         .get_mut(&partition)
-        .and_then(|acked| acked.remove(&offset));
+        .and_then(|acked| acked.remove(&offset))
+        .map(|(envelope, _)| envelope);
     let envelope = match decoded {
         Ok(envelope) => envelope,
         Err(error) => {
@@ -732,6 +872,8 @@ fn read_from_tail<A: EventCodec>(inner: &Inner<A>, record: &LogRecord) {
     if let Some(acked) = &acked
         && acked.event_id != envelope.event_id
     {
+        // The log acknowledged one record at this offset and holds another: what this owner
+        // would fold may not be what readers see. Stop writing here.
         tracing::error!(
             position = %record.position,
             acknowledged = %acked.event_id,
@@ -772,25 +914,31 @@ fn fold<A: EventCodec>(
                     .aggregates
                     .entry(envelope.aggregate_id.clone())
                     .or_insert_with(|| Slot {
-                        state: A::State::default(),
+                        state: Arc::default(),
                         version: 0,
                         position: None,
                     });
-                slot.state = A::evolve(std::mem::take(&mut slot.state), &event);
+                let state = Arc::unwrap_or_clone(std::mem::take(&mut slot.state));
+                slot.state = Arc::new(A::evolve(state, &event));
                 slot.version = envelope.aggregate_version;
                 slot.position = Some(position.clone());
-                table.commands.insert(
-                    envelope.command_id,
-                    StoredOutcome {
-                        aggregate_id: envelope.aggregate_id.clone(),
-                        version: envelope.aggregate_version,
-                        position: position.to_string(),
-                        request_hash: envelope.request_hash.clone(),
-                    },
-                );
+                let changed = Changed {
+                    version: slot.version,
+                    offset: Some(position.offset),
+                    state: slot.state.clone(),
+                };
+                let outcome = Arc::new(StoredOutcome {
+                    aggregate_id: envelope.aggregate_id.clone(),
+                    version: envelope.aggregate_version,
+                    position: position.to_string(),
+                    request_hash: envelope.request_hash.clone(),
+                });
+                table.commands.insert(envelope.command_id, outcome.clone());
                 let dirty = table.dirty.entry(partition).or_default();
-                dirty.aggregates.insert(envelope.aggregate_id.clone());
-                dirty.commands.insert(envelope.command_id);
+                dirty
+                    .aggregates
+                    .insert(envelope.aggregate_id.clone(), changed);
+                dirty.commands.insert(envelope.command_id, outcome);
             }
             Err(error) => {
                 // Every reader skips it alike, so agreement holds; but an event we cannot read
@@ -860,12 +1008,12 @@ fn settle<A: EventCodec>(inner: &Inner<A>, folded: Vec<Folded>) {
     }
 }
 
-/// Takes the snapshots that are due, off the tail and the commands' path, until shutdown; then
-/// one last time for every partition with changes.
+/// Takes the snapshots that are due, off the reads of the log and the commands' path, until
+/// shutdown; then one last time for every partition with changes.
 async fn take_snapshots<A>(inner: Arc<Inner<A>>, mut shutdown: watch::Receiver<bool>)
 where
     A: EventCodec,
-    A::State: Serialize,
+    A::State: Serialize + Send + Sync,
 {
     loop {
         tokio::select! {
@@ -885,53 +1033,33 @@ where
     A: EventCodec,
     A::State: Serialize,
 {
-    let due: Vec<u32> = lock(&inner.table)
+    let mut due: Vec<(u64, u32)> = lock(&inner.table)
         .since_snapshot
         .iter()
         .filter(|(_, count)| **count > 0 && (all || **count >= inner.config.snapshot_every))
-        .map(|(partition, _)| *partition)
+        .map(|(partition, count)| (*count, *partition))
         .collect();
+    if !all {
+        // One partition per round, the one furthest behind: partitions fill at about the
+        // same rate, and their snapshots taken back to back would load the database (and the
+        // machine) in one long burst.
+        due.sort_unstable();
+        due.drain(..due.len().saturating_sub(1));
+    }
+    let due = due.into_iter().map(|(_, partition)| partition);
     for partition in due {
-        // Only what changed is copied under the lock; it is serialised and stored outside it.
-        let (next_offset, dirty, aggregates, commands) = {
+        // The commands wait on the table's lock: it is held only to take what changed, which
+        // is serialised and stored outside it.
+        let (next_offset, dirty) = {
             let mut table = lock(&inner.table);
             table.since_snapshot.insert(partition, 0);
-            let next_offset = table.next_offsets.get(&partition).copied().unwrap_or(0);
-            let dirty = table.dirty.remove(&partition).unwrap_or_default();
-            let aggregates: Vec<(String, SnapshotSlot<A::State>)> = dirty
-                .aggregates
-                .iter()
-                .filter_map(|id| {
-                    let slot = table.aggregates.get(id)?;
-                    Some((
-                        id.clone(),
-                        SnapshotSlot {
-                            version: slot.version,
-                            position: slot.position.as_ref().map(Position::to_string),
-                            state: slot.state.clone(),
-                        },
-                    ))
-                })
-                .collect();
-            let commands: Vec<(Uuid, StoredOutcome)> = dirty
-                .commands
-                .iter()
-                .filter_map(|id| Some((*id, table.commands.get(id)?.clone())))
-                .collect();
-            (next_offset, dirty, aggregates, commands)
+            let next_offset = folded_until(&table, partition);
+            (
+                next_offset,
+                table.dirty.remove(&partition).unwrap_or_default(),
+            )
         };
-        let serialised = aggregates
-            .iter()
-            .map(|(id, slot)| Ok((id.clone(), serde_json::to_string(slot)?)))
-            .collect::<Result<Vec<_>, serde_json::Error>>()
-            .and_then(|aggregates| {
-                let outcomes = commands
-                    .iter()
-                    .map(|(id, outcome)| Ok((id.to_string(), serde_json::to_string(outcome)?)))
-                    .collect::<Result<Vec<_>, serde_json::Error>>()?;
-                Ok((aggregates, outcomes))
-            });
-        let saved = match serialised {
+        let saved = match serialise_snapshot(&inner.config.topic, partition, &dirty).await {
             Ok((aggregates, outcomes)) => inner
                 .store
                 .save_snapshot(
@@ -951,14 +1079,60 @@ where
         };
         if let Err(error) = saved {
             tracing::warn!(%error, partition, "cannot save snapshot; will retry later");
-            // Keep what changed for the next attempt.
+            // Keep what changed for the next attempt, unless it changed again since.
             let mut table = lock(&inner.table);
             let pending = table.dirty.entry(partition).or_default();
-            pending.aggregates.extend(dirty.aggregates);
-            pending.commands.extend(dirty.commands);
+            for (id, changed) in dirty.aggregates {
+                pending.aggregates.entry(id).or_insert(changed);
+            }
+            for (id, outcome) in dirty.commands {
+                pending.commands.entry(id).or_insert(outcome);
+            }
             pending.replace |= dirty.replace;
             let count = table.since_snapshot.entry(partition).or_default();
             *count = (*count).max(inner.config.snapshot_every);
         }
     }
+}
+
+type SnapshotRows = (Vec<(String, String)>, Vec<(String, String)>);
+
+/// Rows serialised between two yields to the other tasks.
+const SERIALISE_CHUNK: usize = 250;
+
+/// The rows of a snapshot: each changed aggregate and command outcome as JSON. Thousands of
+/// them are serialised a chunk at a time, yielding in between, so the commands on the same
+/// workers do not wait for the whole snapshot.
+async fn serialise_snapshot<S: Serialize>(
+    topic: &str,
+    partition: u32,
+    dirty: &Dirty<S>,
+) -> Result<SnapshotRows, serde_json::Error> {
+    let mut aggregates = Vec::with_capacity(dirty.aggregates.len());
+    for (index, (id, changed)) in dirty.aggregates.iter().enumerate() {
+        if index % SERIALISE_CHUNK == SERIALISE_CHUNK - 1 {
+            tokio::task::yield_now().await;
+        }
+        let slot = SnapshotSlot {
+            version: changed.version,
+            position: changed.offset.map(|offset| {
+                Position {
+                    topic: topic.to_owned(),
+                    partition,
+                    offset,
+                }
+                .to_string()
+            }),
+            state: &*changed.state,
+        };
+        aggregates.push((id.clone(), serde_json::to_string(&slot)?));
+    }
+    let mut outcomes = Vec::with_capacity(dirty.commands.len());
+    for (index, (id, outcome)) in dirty.commands.iter().enumerate() {
+        if index % SERIALISE_CHUNK == SERIALISE_CHUNK - 1 {
+            tokio::task::yield_now().await;
+        }
+        outcomes.push((id.to_string(), serde_json::to_string(&**outcome)?));
+    }
+    Ok((aggregates, outcomes))
 }

@@ -83,7 +83,7 @@ pub struct CommandState {
 
 impl CommandState {
     /// Starts the services in `settings.services`: creates their topics when missing, loads
-    /// snapshots, starts the tails and the command-topic consumers. The services become ready
+    /// snapshots, starts the owners and the command-topic consumers. The services become ready
     /// when caught up with the log (see [`CommandState::ready`]).
     pub async fn start(
         log: SharedLog,

@@ -3,6 +3,7 @@
 //! the shared SQL layer, `sql-store`).
 
 use std::path::Path;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sql_store::{Db, DbError, Value, value_rows};
@@ -118,7 +119,10 @@ CREATE TABLE command_snapshot_outcomes (
 ];
 
 /// Rows per multi-row upsert (4 values each; well under both databases' parameter limits).
-const CHUNK: usize = 500;
+const CHUNK: usize = 250;
+
+/// The pause between a snapshot's upserts on Postgres.
+const SNAPSHOT_PAUSE: Duration = Duration::from_millis(5);
 
 /// The store, in SQLite or Postgres.
 #[derive(Debug, Clone)]
@@ -200,6 +204,14 @@ impl CommandStore for SqlStore {
         replace: bool,
     ) -> Result<(), StoreError> {
         let mut tx = self.db.begin().await?;
+        if self.db.is_postgres() {
+            // A snapshot is a cache (see the migration): its commit need not wait for the WAL
+            // flush. A crash may lose the latest one, never part of one, and costs a longer
+            // start-up. Not waiting keeps the flush off the path of whatever else shares the
+            // disk, such as a broker's appends.
+            tx.execute("SET LOCAL synchronous_commit = off", &[])
+                .await?;
+        }
         if replace {
             for table in [
                 "command_snapshot_aggregates",
@@ -225,7 +237,14 @@ impl CommandStore for SqlStore {
                 &snapshot.outcomes,
             ),
         ] {
-            for chunk in rows.chunks(CHUNK) {
+            for (index, chunk) in rows.chunks(CHUNK).enumerate() {
+                if index > 0 && self.db.is_postgres() {
+                    // A snapshot is background work of thousands of rows: paced, it leaves
+                    // the CPU to the commands (and to a broker on the same machine) instead
+                    // of taking it in one burst. Not on SQLite, which would hold its single
+                    // writer's lock through the pauses.
+                    tokio::time::sleep(SNAPSHOT_PAUSE).await;
+                }
                 let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 4);
                 for (key, body) in chunk {
                     args.extend([

@@ -123,7 +123,7 @@ impl TestApp {
         }
     }
 
-    /// Stops the server gracefully (tails write their snapshots).
+    /// Stops the server gracefully (the owners write their snapshots).
     pub async fn stop(mut self) -> (Settings, Arc<tempfile::TempDir>) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

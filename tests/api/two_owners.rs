@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_log::Position;
 use event_schema::{EffectiveHistory, Envelope};
@@ -105,4 +105,144 @@ async fn two_owners_of_one_partition_never_acknowledge_a_write_readers_skip() {
             history.skipped()
         );
     }
+}
+
+/// The owner has no continuous tail: it folds its own records from the log's acknowledgements
+/// and reads only what it did not write. A record of another writer must still be found, both
+/// when the owner writes nothing itself (it asks the log where its partitions end) and when a
+/// command's record lands behind it (the command waits for that gap only, not for a time-out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_reads_another_writers_record_without_a_tail() {
+    for backend in backends() {
+        // The owner writes nothing: the other writer's record is found by the watch.
+        let app = TestApp::spawn(backend).await;
+        app.receive("SKU-WATCHED", 5).await.expect(200);
+        let partition = foreign_append(&app, "SKU-WATCHED").await;
+        let started = Instant::now();
+        loop {
+            let ready = app.get("/health/ready").await;
+            let stock = ready.body["services"]
+                .as_array()
+                .expect("services")
+                .iter()
+                .find(|service| {
+                    service["topic"]
+                        .as_str()
+                        .is_some_and(|topic| topic.ends_with(".stock.events"))
+                })
+                .expect("the stock owner")
+                .clone();
+            let stepped_down = stock["partitions"]
+                .as_array()
+                .expect("partitions")
+                .iter()
+                .any(|status| status["partition"] == partition && status["stepped_down"] == true);
+            if stepped_down {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{backend:?}: the owner did not find the other writer's record: {stock}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let refused = app.receive("SKU-WATCHED", 1).await;
+        refused.expect_problem(503);
+        drop(app);
+
+        // A command's record lands right behind another writer's: the owner reads the gap,
+        // folds the other record (and steps down), and answers the command from the log.
+        let app = TestApp::spawn(backend).await;
+        app.receive("SKU-GAP", 5).await.expect(200);
+        let partition = foreign_append(&app, "SKU-GAP").await;
+        let neighbour = (0..)
+            .map(|n| format!("SKU-NEIGHBOUR-{n}"))
+            .find(|sku| event_log::partition_for(sku, app.settings.partitions) == partition)
+            .expect("a SKU on the same partition");
+        let started = Instant::now();
+        let reply = app.receive(&neighbour, 1).await;
+        let elapsed = started.elapsed();
+        // The watch needs two looks at the log's end, a second apart, to call a partition
+        // behind: only the gap read can answer this command this soon.
+        assert_eq!(reply.status, 200, "{backend:?}: {}", reply.body);
+        assert!(
+            elapsed < Duration::from_secs(3),
+            "{backend:?}: the command waited {elapsed:?} for a gap of one record"
+        );
+        // Acknowledged: it must be effective for every reader, behind the other record.
+        let position: Position = reply.body["consistency_token"]
+            .as_str()
+            .expect("token")
+            .parse()
+            .expect("position");
+        assert_eq!(reply.version(), 1, "{backend:?}: {}", reply.body);
+        let log = app.log().await;
+        let mut reader = log
+            .reader(&position.topic, &[(partition, 0)])
+            .await
+            .expect("reader");
+        let mut history = EffectiveHistory::new();
+        let mut ours = None;
+        let mut foreign_before_ours = false;
+        while ours.is_none() {
+            for record in reader
+                .poll(1000, Duration::from_millis(300))
+                .await
+                .expect("poll")
+            {
+                let envelope = Envelope::try_from(&record.record).expect("decode");
+                let verdict = history.observe(&envelope.aggregate_id, envelope.aggregate_version);
+                if envelope.aggregate_id == "SKU-GAP" && envelope.aggregate_version == 2 {
+                    foreign_before_ours = ours.is_none();
+                }
+                if record.position == position {
+                    ours = Some(verdict.is_effective());
+                }
+            }
+        }
+        assert!(
+            foreign_before_ours,
+            "{backend:?}: the other writer's record lies before the command's"
+        );
+        assert_eq!(
+            ours,
+            Some(true),
+            "{backend:?}: the acknowledged record is effective"
+        );
+        // The owner has seen the other writer and stepped down from the partition.
+        app.receive("SKU-GAP", 1).await.expect_problem(503);
+    }
+}
+
+/// Appends, as another writer would, the next event of `sku`'s stock aggregate (a copy of its
+/// last one with a new event id and the next version); returns its partition.
+async fn foreign_append(app: &TestApp, sku: &str) -> u32 {
+    let log = app.log().await;
+    let topic = event_log::topics::events(&app.settings.topic_prefix, "stock");
+    let partition = event_log::partition_for(sku, app.settings.partitions);
+    let end = log.end_offset(&topic, partition).await.expect("end");
+    let mut reader = log.reader(&topic, &[(partition, 0)]).await.expect("reader");
+    let mut last = None;
+    let mut read = 0;
+    while read < end {
+        for record in reader
+            .poll(1000, Duration::from_millis(300))
+            .await
+            .expect("poll")
+        {
+            read = record.position.offset + 1;
+            let envelope = Envelope::try_from(&record.record).expect("decode");
+            if envelope.aggregate_id == sku {
+                last = Some(envelope);
+            }
+        }
+    }
+    let mut envelope = last.expect("the SKU has an event");
+    envelope.event_id = uuid::Uuid::now_v7();
+    envelope.command_id = uuid::Uuid::now_v7();
+    envelope.aggregate_version += 1;
+    log.append(&topic, partition, event_schema::Record::from(&envelope))
+        .await
+        .expect("append");
+    partition
 }
