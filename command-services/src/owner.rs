@@ -30,6 +30,7 @@
 //!   with the offset it covers, so its cost follows the write rate, not the history, and
 //!   start-up reads the stored aggregates plus the log after that offset.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -207,6 +208,8 @@ struct Changed<S> {
     /// The offset of its latest event, in the snapshot's partition.
     offset: Option<u64>,
     state: Arc<S>,
+    /// Created since the last snapshot: not stored yet.
+    new: bool,
 }
 
 /// One aggregate in a snapshot.
@@ -926,6 +929,9 @@ fn fold<A: EventCodec>(
                     version: slot.version,
                     offset: Some(position.offset),
                     state: slot.state.clone(),
+                    // Every stored aggregate is in the table from start-up on, so one that was
+                    // not (version 0) is not stored yet, unless changed again since.
+                    new: last == 0,
                 };
                 let outcome = Arc::new(StoredOutcome {
                     aggregate_id: envelope.aggregate_id.clone(),
@@ -935,9 +941,15 @@ fn fold<A: EventCodec>(
                 });
                 table.commands.insert(envelope.command_id, outcome.clone());
                 let dirty = table.dirty.entry(partition).or_default();
-                dirty
-                    .aggregates
-                    .insert(envelope.aggregate_id.clone(), changed);
+                match dirty.aggregates.entry(envelope.aggregate_id.clone()) {
+                    Entry::Occupied(mut entry) => {
+                        let new = entry.get().new;
+                        *entry.get_mut() = Changed { new, ..changed };
+                    }
+                    Entry::Vacant(entry) => {
+                        entry.insert(changed);
+                    }
+                }
                 dirty.commands.insert(envelope.command_id, outcome);
             }
             Err(error) => {
@@ -1060,7 +1072,11 @@ where
             )
         };
         let saved = match serialise_snapshot(&inner.config.topic, partition, &dirty).await {
-            Ok((aggregates, outcomes)) => inner
+            Ok(SnapshotRows {
+                aggregates,
+                new_aggregates,
+                outcomes,
+            }) => inner
                 .store
                 .save_snapshot(
                     &inner.config.topic,
@@ -1069,6 +1085,7 @@ where
                         format: SNAPSHOT_FORMAT,
                         next_offset,
                         aggregates,
+                        new_aggregates,
                         outcomes,
                     },
                     dirty.replace,
@@ -1095,7 +1112,12 @@ where
     }
 }
 
-type SnapshotRows = (Vec<(String, String)>, Vec<(String, String)>);
+/// A snapshot's rows as JSON: the aggregates stored before, those created since, the outcomes.
+struct SnapshotRows {
+    aggregates: Vec<(String, String)>,
+    new_aggregates: Vec<(String, String)>,
+    outcomes: Vec<(String, String)>,
+}
 
 /// Rows serialised between two yields to the other tasks.
 const SERIALISE_CHUNK: usize = 250;
@@ -1108,7 +1130,8 @@ async fn serialise_snapshot<S: Serialize>(
     partition: u32,
     dirty: &Dirty<S>,
 ) -> Result<SnapshotRows, serde_json::Error> {
-    let mut aggregates = Vec::with_capacity(dirty.aggregates.len());
+    let mut aggregates = Vec::new();
+    let mut new_aggregates = Vec::new();
     for (index, (id, changed)) in dirty.aggregates.iter().enumerate() {
         if index % SERIALISE_CHUNK == SERIALISE_CHUNK - 1 {
             tokio::task::yield_now().await;
@@ -1125,7 +1148,12 @@ async fn serialise_snapshot<S: Serialize>(
             }),
             state: &*changed.state,
         };
-        aggregates.push((id.clone(), serde_json::to_string(&slot)?));
+        let row = (id.clone(), serde_json::to_string(&slot)?);
+        if changed.new || dirty.replace {
+            new_aggregates.push(row);
+        } else {
+            aggregates.push(row);
+        }
     }
     let mut outcomes = Vec::with_capacity(dirty.commands.len());
     for (index, (id, outcome)) in dirty.commands.iter().enumerate() {
@@ -1134,5 +1162,9 @@ async fn serialise_snapshot<S: Serialize>(
         }
         outcomes.push((id.to_string(), serde_json::to_string(&**outcome)?));
     }
-    Ok((aggregates, outcomes))
+    Ok(SnapshotRows {
+        aggregates,
+        new_aggregates,
+        outcomes,
+    })
 }
