@@ -692,8 +692,8 @@ fn append_operation(
     move |client, sequence| {
         let log = log.clone();
         let work = workload.pick(client, sequence);
-        let topic = topics.of(&work).to_owned();
-        let partitions = topics.partitions;
+        let (topic, partitions) = topics.of(&work);
+        let topic = topic.to_owned();
         let record = record_for(&work);
         Box::pin(async move {
             let record = record.map_err(|error| Failure::new("record", error))?;
@@ -710,35 +710,34 @@ fn append_operation(
 /// over as many partitions as the commands' records do.
 #[derive(Debug, Clone)]
 struct RawTopics {
-    order: String,
-    stock: String,
-    partitions: u32,
+    /// Each topic with its partition count.
+    order: (String, u32),
+    stock: (String, u32),
 }
 
 impl RawTopics {
     /// Creates the topics (with the platform's partition count) when missing.
     async fn create(log: &SharedLog, prefix: &str, partitions: u32) -> anyhow::Result<RawTopics> {
-        let order = format!("{prefix}.bench.raw.order");
-        let stock = format!("{prefix}.bench.raw.stock");
-        let mut created = partitions;
-        for topic in [&order, &stock] {
-            created = log
-                .ensure_topic(topic, partitions)
+        let mut topics = Vec::new();
+        for kind in ["order", "stock"] {
+            let topic = format!("{prefix}.bench.raw.{kind}");
+            let count = log
+                .ensure_topic(&topic, partitions)
                 .await
                 .context("creating the raw baseline's topics")?;
+            topics.push((topic, count));
         }
-        Ok(RawTopics {
-            order,
-            stock,
-            partitions: created,
-        })
+        let stock = topics.pop().unwrap_or_default();
+        let order = topics.pop().unwrap_or_default();
+        Ok(RawTopics { order, stock })
     }
 
-    fn of(&self, work: &Work) -> &str {
-        match work {
+    fn of(&self, work: &Work) -> (&str, u32) {
+        let (topic, partitions) = match work {
             Work::Order { .. } => &self.order,
             Work::Receipt { .. } => &self.stock,
-        }
+        };
+        (topic, *partitions)
     }
 }
 

@@ -18,10 +18,15 @@
 //! - **Gaps are read from the log.** An offset that is not ours (another writer's record, or an
 //!   append of ours whose acknowledgement was lost) leaves a gap, and what follows it waits.
 //!   The owner reads such a gap as soon as an acknowledged append has waited [`GAP_GRACE`]
-//!   for it, and it asks the log where its partitions end every [`WATCH_EVERY`], reading
-//!   whatever it has not folded, so a record it did not write is found even when it writes
-//!   nothing itself. There is no continuous tail: on a broker, a reader fetching back every
-//!   record just written slows the appends themselves (BENCHMARKS.md, "raw append + tail").
+//!   for it (each such read opens a reader of its own: gaps are rare). It also asks the log
+//!   where its partitions end every [`WATCH_EVERY`], and reads what it has not folded up to
+//!   the end seen one check earlier, so a record it did not write is found within two checks
+//!   even when it writes nothing itself. There is no continuous tail: on a broker, a reader
+//!   fetching back every record just written slows the appends themselves (BENCHMARKS.md,
+//!   session 4, "raw append + tail").
+//! - **An assumption:** the log holds at an acknowledged offset the record it acknowledged
+//!   there (Kafka with an idempotent producer and acks=all). The owner checks it only where a
+//!   read of the log meets an acknowledged offset it has not folded yet.
 //! - A record the owner did not write appearing after start-up means another writer is active
 //!   on the partition (a zombie, or a second owner): the owner steps down from that partition
 //!   and refuses its commands, so it never acknowledges a write that readers would skip.
@@ -487,7 +492,11 @@ where
                 actual: version,
             });
         }
-        let event = match A::decide(&state, &request.command).map_err(CommandError::Domain)? {
+        let decision = A::decide(&state, &request.command).map_err(CommandError::Domain);
+        // Let go of the state before our record is folded, so it evolves in place (a shared
+        // state would be copied).
+        drop(state);
+        let event = match decision? {
             Decision::Append(event) => event,
             Decision::Unchanged => {
                 return Ok(Outcome::Unchanged {
@@ -734,6 +743,9 @@ where
                 recheck = waiting_since.map(|since| since + GAP_GRACE);
                 if !gaps.is_empty() {
                     read_until(inner, &gaps, Some(inner.config.read_back_timeout), shutdown).await;
+                    if *shutdown.borrow() {
+                        return;
+                    }
                     // What the read unblocked is folded; look again at what is left.
                     recheck = Some(Instant::now());
                 }
@@ -761,6 +773,9 @@ where
                 seen = ends;
                 if !behind.is_empty() {
                     read_until(inner, &behind, Some(inner.config.read_back_timeout), shutdown).await;
+                    if *shutdown.borrow() {
+                        return;
+                    }
                 }
             }
         }
@@ -913,6 +928,15 @@ fn fold<A: EventCodec>(
     if verdict.is_effective() {
         match envelope.event::<A>() {
             Ok(event) => {
+                // The snapshot's reference to the aggregate's previous state goes first, so the
+                // state evolves in place instead of being copied.
+                if let Some(changed) = table
+                    .dirty
+                    .get_mut(&partition)
+                    .and_then(|dirty| dirty.aggregates.get_mut(&envelope.aggregate_id))
+                {
+                    changed.state = Arc::default();
+                }
                 let slot = table
                     .aggregates
                     .entry(envelope.aggregate_id.clone())

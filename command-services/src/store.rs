@@ -21,7 +21,8 @@ pub struct Snapshot {
     /// On saving, aggregates created since the previous snapshot, so not stored yet (the store
     /// may write them faster); on loading, empty.
     pub new_aggregates: Vec<(String, String)>,
-    /// Command outcomes (command id, JSON): each is stored once.
+    /// Command outcomes (command id, JSON). Each is usually new, so the store may write them
+    /// as such, falling back to an update where one is there already.
     pub outcomes: Vec<(String, String)>,
 }
 
@@ -126,7 +127,7 @@ CREATE TABLE command_snapshot_outcomes (
 /// Rows per multi-row upsert (4 values each; well under both databases' parameter limits).
 const CHUNK: usize = 250;
 
-/// Rows per COPY of a snapshot's new rows.
+/// Rows per COPY of a snapshot's new rows, on SQLite (where a COPY is a multi-row insert).
 const COPY_CHUNK: usize = 250;
 
 /// The pause between a snapshot's writes.
@@ -256,7 +257,13 @@ impl CommandStore for SqlStore {
                 true,
             ),
         ] {
-            let chunk_rows = if new { COPY_CHUNK } else { CHUNK };
+            // On Postgres each COPY runs under a savepoint, a subtransaction: one per table,
+            // since past 64 subtransactions in a transaction every session slows down.
+            let chunk_rows = match (new, self.db.is_postgres()) {
+                (false, _) => CHUNK,
+                (true, true) => rows.len().max(1),
+                (true, false) => COPY_CHUNK,
+            };
             for (index, chunk) in rows.chunks(chunk_rows).enumerate() {
                 if index > 0 {
                     // A snapshot is background work of thousands of rows: paced, it leaves

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use event_log::Position;
 use event_schema::{EffectiveHistory, Envelope};
 
+use command_services::owner::WATCH_EVERY;
+
 use crate::helpers::{TestApp, backends, settings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,7 +64,12 @@ async fn two_owners_of_one_partition_never_acknowledge_a_write_readers_skip() {
         let mut history = EffectiveHistory::new();
         let mut effective = HashMap::new();
         let mut read = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
         while read < end {
+            assert!(
+                Instant::now() < deadline,
+                "{backend:?}: the log was not read to its end"
+            );
             for record in reader
                 .poll(1000, Duration::from_millis(300))
                 .await
@@ -154,20 +161,25 @@ async fn an_owner_reads_another_writers_record_without_a_tail() {
         // folds the other record (and steps down), and answers the command from the log.
         let app = TestApp::spawn(backend).await;
         app.receive("SKU-GAP", 5).await.expect(200);
-        let partition = foreign_append(&app, "SKU-GAP").await;
         let neighbour = (0..)
             .map(|n| format!("SKU-NEIGHBOUR-{n}"))
-            .find(|sku| event_log::partition_for(sku, app.settings.partitions) == partition)
+            .find(|sku| {
+                event_log::partition_for(sku, app.settings.partitions)
+                    == event_log::partition_for("SKU-GAP", app.settings.partitions)
+            })
             .expect("a SKU on the same partition");
-        let started = Instant::now();
+        let partition = foreign_append(&app, "SKU-GAP").await;
+        let appended = Instant::now();
         let reply = app.receive(&neighbour, 1).await;
-        let elapsed = started.elapsed();
-        // The watch needs two looks at the log's end, a second apart, to call a partition
-        // behind: only the gap read can answer this command this soon.
+        let elapsed = appended.elapsed();
+        // The watch reads only up to an end it saw one check earlier, so it cannot read the
+        // other record within a check interval of its append: an answer sooner comes from the
+        // gap read. (Were the watch to step down first, this would be a 503.)
         assert_eq!(reply.status, 200, "{backend:?}: {}", reply.body);
         assert!(
-            elapsed < Duration::from_secs(3),
-            "{backend:?}: the command waited {elapsed:?} for a gap of one record"
+            elapsed < WATCH_EVERY,
+            "{backend:?}: the command waited {elapsed:?} after the other record's append, which \
+             only the watch, not a read of the gap, would take"
         );
         // Acknowledged: it must be effective for every reader, behind the other record.
         let position: Position = reply.body["consistency_token"]
@@ -184,7 +196,12 @@ async fn an_owner_reads_another_writers_record_without_a_tail() {
         let mut history = EffectiveHistory::new();
         let mut ours = None;
         let mut foreign_before_ours = false;
+        let deadline = Instant::now() + Duration::from_secs(30);
         while ours.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{backend:?}: the command's record is not in the log"
+            );
             for record in reader
                 .poll(1000, Duration::from_millis(300))
                 .await
@@ -224,7 +241,9 @@ async fn foreign_append(app: &TestApp, sku: &str) -> u32 {
     let mut reader = log.reader(&topic, &[(partition, 0)]).await.expect("reader");
     let mut last = None;
     let mut read = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
     while read < end {
+        assert!(Instant::now() < deadline, "the log was not read to its end");
         for record in reader
             .poll(1000, Duration::from_millis(300))
             .await
