@@ -127,8 +127,12 @@ CREATE TABLE command_snapshot_outcomes (
 /// Rows per multi-row upsert (4 values each; well under both databases' parameter limits).
 const CHUNK: usize = 250;
 
-/// Rows per COPY of a snapshot's new rows, on SQLite (where a COPY is a multi-row insert).
+/// Rows per COPY of a snapshot's new rows (at least, on Postgres).
 const COPY_CHUNK: usize = 250;
+
+/// COPYs (savepoints) per table and snapshot on Postgres, at most: two tables take them, which
+/// stays under the 64 subtransactions Postgres caches per transaction.
+const MAX_COPIES_PER_TABLE: usize = 25;
 
 /// The pause between a snapshot's writes.
 const SNAPSHOT_PAUSE: Duration = Duration::from_millis(5);
@@ -257,11 +261,12 @@ impl CommandStore for SqlStore {
                 true,
             ),
         ] {
-            // On Postgres each COPY runs under a savepoint, a subtransaction: one per table,
-            // since past 64 subtransactions in a transaction every session slows down.
+            // On Postgres each COPY runs under a savepoint, a subtransaction, and past 64 of
+            // them in one transaction every session slows down: at most
+            // `MAX_COPIES_PER_TABLE` per table, larger chunks for larger snapshots.
             let chunk_rows = match (new, self.db.is_postgres()) {
                 (false, _) => CHUNK,
-                (true, true) => rows.len().max(1),
+                (true, true) => rows.len().div_ceil(MAX_COPIES_PER_TABLE).max(COPY_CHUNK),
                 (true, false) => COPY_CHUNK,
             };
             for (index, chunk) in rows.chunks(chunk_rows).enumerate() {
