@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use event_log::Position;
+use event_log::{Position, SharedLog};
 use event_schema::{EffectiveHistory, Envelope};
 
 use command_services::owner::WATCH_EVERY;
@@ -59,30 +59,14 @@ async fn two_owners_of_one_partition_never_acknowledge_a_write_readers_skip() {
         let log = a.log().await;
         let topic = event_log::topics::events(&settings.topic_prefix, "stock");
         let partition = event_log::partition_for("SKU-CONTESTED", settings.partitions);
-        let end = log.end_offset(&topic, partition).await.expect("end");
-        let mut reader = log.reader(&topic, &[(partition, 0)]).await.expect("reader");
         let mut history = EffectiveHistory::new();
         let mut effective = HashMap::new();
-        let mut read = 0;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while read < end {
-            assert!(
-                Instant::now() < deadline,
-                "{backend:?}: the log was not read to its end"
-            );
-            for record in reader
-                .poll(1000, Duration::from_millis(300))
-                .await
-                .expect("poll")
+        for (position, envelope) in read_partition(&log, &topic, partition).await {
+            if history
+                .observe(&envelope.aggregate_id, envelope.aggregate_version)
+                .is_effective()
             {
-                read = record.position.offset + 1;
-                let envelope = Envelope::try_from(&record.record).expect("decode");
-                if history
-                    .observe(&envelope.aggregate_id, envelope.aggregate_version)
-                    .is_effective()
-                {
-                    effective.insert(record.position.clone(), envelope.aggregate_version);
-                }
+                effective.insert(position, envelope.aggregate_version);
             }
         }
         for (version, position) in &acknowledged {
@@ -189,32 +173,17 @@ async fn an_owner_reads_another_writers_record_without_a_tail() {
             .expect("position");
         assert_eq!(reply.version(), 1, "{backend:?}: {}", reply.body);
         let log = app.log().await;
-        let mut reader = log
-            .reader(&position.topic, &[(partition, 0)])
-            .await
-            .expect("reader");
         let mut history = EffectiveHistory::new();
         let mut ours = None;
         let mut foreign_before_ours = false;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while ours.is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "{backend:?}: the command's record is not in the log"
-            );
-            for record in reader
-                .poll(1000, Duration::from_millis(300))
-                .await
-                .expect("poll")
-            {
-                let envelope = Envelope::try_from(&record.record).expect("decode");
-                let verdict = history.observe(&envelope.aggregate_id, envelope.aggregate_version);
-                if envelope.aggregate_id == "SKU-GAP" && envelope.aggregate_version == 2 {
-                    foreign_before_ours = ours.is_none();
-                }
-                if record.position == position {
-                    ours = Some(verdict.is_effective());
-                }
+        // The command was acknowledged, so its record lies before the partition's end.
+        for (at, envelope) in read_partition(&log, &position.topic, partition).await {
+            let verdict = history.observe(&envelope.aggregate_id, envelope.aggregate_version);
+            if envelope.aggregate_id == "SKU-GAP" && envelope.aggregate_version == 2 {
+                foreign_before_ours = ours.is_none();
+            }
+            if at == position {
+                ours = Some(verdict.is_effective());
             }
         }
         assert!(
@@ -237,25 +206,11 @@ async fn foreign_append(app: &TestApp, sku: &str) -> u32 {
     let log = app.log().await;
     let topic = event_log::topics::events(&app.settings.topic_prefix, "stock");
     let partition = event_log::partition_for(sku, app.settings.partitions);
-    let end = log.end_offset(&topic, partition).await.expect("end");
-    let mut reader = log.reader(&topic, &[(partition, 0)]).await.expect("reader");
-    let mut last = None;
-    let mut read = 0;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while read < end {
-        assert!(Instant::now() < deadline, "the log was not read to its end");
-        for record in reader
-            .poll(1000, Duration::from_millis(300))
-            .await
-            .expect("poll")
-        {
-            read = record.position.offset + 1;
-            let envelope = Envelope::try_from(&record.record).expect("decode");
-            if envelope.aggregate_id == sku {
-                last = Some(envelope);
-            }
-        }
-    }
+    let last = read_partition(&log, &topic, partition)
+        .await
+        .into_iter()
+        .map(|(_, envelope)| envelope)
+        .rfind(|envelope| envelope.aggregate_id == sku);
     let mut envelope = last.expect("the SKU has an event");
     envelope.event_id = uuid::Uuid::now_v7();
     envelope.command_id = uuid::Uuid::now_v7();
@@ -264,4 +219,29 @@ async fn foreign_append(app: &TestApp, sku: &str) -> u32 {
         .await
         .expect("append");
     partition
+}
+
+/// Every record of a partition, from its start to where it ended when asked.
+async fn read_partition(log: &SharedLog, topic: &str, partition: u32) -> Vec<(Position, Envelope)> {
+    let end = log.end_offset(topic, partition).await.expect("end");
+    let mut reader = log.reader(topic, &[(partition, 0)]).await.expect("reader");
+    let mut records = Vec::new();
+    let mut read = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read < end {
+        assert!(
+            Instant::now() < deadline,
+            "{topic}:{partition} was not read to its end"
+        );
+        for record in reader
+            .poll(1000, Duration::from_millis(300))
+            .await
+            .expect("poll")
+        {
+            read = record.position.offset + 1;
+            let envelope = Envelope::try_from(&record.record).expect("decode");
+            records.push((record.position, envelope));
+        }
+    }
+    records
 }
