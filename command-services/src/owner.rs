@@ -928,17 +928,25 @@ fn fold<A: EventCodec>(
     if verdict.is_effective() {
         match envelope.event::<A>() {
             Ok(event) => {
+                let Table {
+                    aggregates,
+                    commands,
+                    dirty,
+                    ..
+                } = &mut *table;
+                let pending = dirty.entry(partition).or_default();
+                let mut changed = pending.aggregates.entry(envelope.aggregate_id.clone());
                 // The snapshot's reference to the aggregate's previous state goes first, so the
-                // state evolves in place instead of being copied.
-                if let Some(changed) = table
-                    .dirty
-                    .get_mut(&partition)
-                    .and_then(|dirty| dirty.aggregates.get_mut(&envelope.aggregate_id))
-                {
-                    changed.state = Arc::default();
-                }
-                let slot = table
-                    .aggregates
+                // state evolves in place instead of being copied. Every stored aggregate is in
+                // the table from start-up on, so one that was not (version 0) is not stored yet.
+                let new = match &mut changed {
+                    Entry::Occupied(entry) => {
+                        entry.get_mut().state = Arc::default();
+                        entry.get().new
+                    }
+                    Entry::Vacant(_) => last == 0,
+                };
+                let slot = aggregates
                     .entry(envelope.aggregate_id.clone())
                     .or_insert_with(|| Slot {
                         state: Arc::default(),
@@ -949,32 +957,28 @@ fn fold<A: EventCodec>(
                 slot.state = Arc::new(A::evolve(state, &event));
                 slot.version = envelope.aggregate_version;
                 slot.position = Some(position.clone());
-                let changed = Changed {
+                let latest = Changed {
                     version: slot.version,
                     offset: Some(position.offset),
                     state: slot.state.clone(),
-                    // Every stored aggregate is in the table from start-up on, so one that was
-                    // not (version 0) is not stored yet, unless changed again since.
-                    new: last == 0,
+                    new,
                 };
+                match changed {
+                    Entry::Occupied(mut entry) => {
+                        *entry.get_mut() = latest;
+                    }
+                    Entry::Vacant(entry) => {
+                        entry.insert(latest);
+                    }
+                }
                 let outcome = Arc::new(StoredOutcome {
                     aggregate_id: envelope.aggregate_id.clone(),
                     version: envelope.aggregate_version,
                     position: position.to_string(),
                     request_hash: envelope.request_hash.clone(),
                 });
-                table.commands.insert(envelope.command_id, outcome.clone());
-                let dirty = table.dirty.entry(partition).or_default();
-                match dirty.aggregates.entry(envelope.aggregate_id.clone()) {
-                    Entry::Occupied(mut entry) => {
-                        let new = entry.get().new;
-                        *entry.get_mut() = Changed { new, ..changed };
-                    }
-                    Entry::Vacant(entry) => {
-                        entry.insert(changed);
-                    }
-                }
-                dirty.commands.insert(envelope.command_id, outcome);
+                commands.insert(envelope.command_id, outcome.clone());
+                pending.commands.insert(envelope.command_id, outcome);
             }
             Err(error) => {
                 // Every reader skips it alike, so agreement holds; but an event we cannot read

@@ -239,6 +239,14 @@ impl CommandStore for SqlStore {
                 .await?;
             }
         }
+        let values = |(key, body): &(String, String)| -> [Value; 4] {
+            [
+                topic.into(),
+                partition.into(),
+                key.as_str().into(),
+                body.as_str().into(),
+            ]
+        };
         // Rows never stored before go in by COPY, far cheaper than an upsert; the others, and
         // a COPY refused because a row was there after all, by upsert.
         for (table, id, rows, new) in [
@@ -279,17 +287,8 @@ impl CommandStore for SqlStore {
                     tokio::time::sleep(SNAPSHOT_PAUSE).await;
                 }
                 if new {
-                    let copied: Vec<Vec<Value>> = chunk
-                        .iter()
-                        .map(|(key, body)| {
-                            vec![
-                                topic.into(),
-                                partition.into(),
-                                key.as_str().into(),
-                                body.as_str().into(),
-                            ]
-                        })
-                        .collect();
+                    let copied: Vec<Vec<Value>> =
+                        chunk.iter().map(|row| values(row).to_vec()).collect();
                     let refused = tx
                         .copy_rows_or_undo(table, &["topic", "partition", id, "body"], &copied)
                         .await?;
@@ -298,15 +297,7 @@ impl CommandStore for SqlStore {
                     }
                 }
                 for rows in chunk.chunks(CHUNK) {
-                    let mut args: Vec<Value> = Vec::with_capacity(rows.len() * 4);
-                    for (key, body) in rows {
-                        args.extend([
-                            topic.into(),
-                            partition.into(),
-                            key.as_str().into(),
-                            body.as_str().into(),
-                        ]);
-                    }
+                    let args: Vec<Value> = rows.iter().flat_map(values).collect();
                     tx.execute(
                         &format!(
                             "INSERT INTO {table} (topic, partition, {id}, body) VALUES {}
