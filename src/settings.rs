@@ -128,6 +128,18 @@ pub struct Settings {
     )]
     pub snapshot_every: u64,
 
+    /// How long a command's outcome is remembered, in seconds of the partition's log time: a
+    /// request repeated with the same `Idempotency-Key` (or a command redelivered with the same
+    /// id) within it gets the original answer and appends nothing; after it, it is decided
+    /// anew. Bounds the memory and snapshots the command services keep for idempotency.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_IDEMPOTENCY_WINDOW_SECS",
+        default_value_t = 86_400
+    )]
+    pub idempotency_window_secs: u64,
+
     /// /health/ready answers 503 while a projection lags more than this many seconds.
     #[arg(
         long,
@@ -427,6 +439,7 @@ impl Settings {
             kafka_fetch_wait_ms: 50,
             kafka_background_fetch_wait_ms: 250,
             snapshot_every: 5000,
+            idempotency_window_secs: 86_400,
             max_lag_seconds: 30.0,
             saga_timeout_ms: 10_000,
             saga_compensation_timeout_ms: 5_000,

@@ -30,13 +30,23 @@
 //! - A record the owner did not write appearing after start-up means another writer is active
 //!   on the partition (a zombie, or a second owner): the owner steps down from that partition
 //!   and refuses its commands, so it never acknowledges a write that readers would skip.
+//! - **Command outcomes are remembered for a window.** A command its sender may send again
+//!   carries a request fingerprint (`request_hash`: an HTTP request with an `Idempotency-Key`,
+//!   a command from a command topic); the outcome of such a command is kept, so a repeat gets
+//!   it back and appends nothing. It is forgotten once the partition's log time (the latest
+//!   `occurred_at` folded there) has moved [`OwnerConfig::idempotency_window`] past it, so
+//!   memory, snapshots and start-up follow the rate of such commands over the window, not the
+//!   whole history. A command without a fingerprint (an HTTP request without a key) has an id
+//!   nobody else knows: its outcome is never asked for, and is not kept. Log time, not the
+//!   clock, so an owner that was down for a while forgets nothing it may still be asked.
 //! - **Snapshots** are incremental and taken by a task of their own, off the commands' path:
-//!   each one stores only the aggregates and command outcomes changed since the previous one,
-//!   with the offset it covers, so its cost follows the write rate, not the history, and
-//!   start-up reads the stored aggregates plus the log after that offset.
+//!   each one stores only the aggregates and command outcomes changed since the previous one
+//!   (and drops the outcomes forgotten since), with the offset it covers, so its cost follows
+//!   the write rate, not the history, and start-up reads the stored aggregates plus the log
+//!   after that offset.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -55,8 +65,9 @@ use domain::Decision;
 use crate::store::{CommandStore, Snapshot};
 
 /// Bumped whenever the snapshot rows change shape; older snapshots are then ignored and the
-/// partition is rebuilt from the log.
-const SNAPSHOT_FORMAT: u32 = 2;
+/// partition is rebuilt from the log. 3: outcomes carry when their event occurred, and only
+/// those of commands with a request fingerprint are kept.
+const SNAPSHOT_FORMAT: u32 = 3;
 
 /// How often the snapshot task looks for partitions due a snapshot.
 const SNAPSHOT_CHECK: Duration = Duration::from_millis(500);
@@ -82,6 +93,9 @@ pub struct OwnerConfig {
     pub snapshot_every: u64,
     /// How long a command waits to read its own record back before answering 503.
     pub read_back_timeout: Duration,
+    /// How long, in the partition's log time, the outcome of a command with a request
+    /// fingerprint is remembered: a repeat within it gets the original outcome back.
+    pub idempotency_window: Duration,
 }
 
 /// A command to decide, with who asked and what they expect.
@@ -161,6 +175,9 @@ struct StoredOutcome {
     version: u64,
     position: String,
     request_hash: Option<String>,
+    /// When the event occurred, in ms since the epoch: the outcome is forgotten once the
+    /// partition's log time is the idempotency window past it.
+    occurred_ms: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -183,6 +200,12 @@ struct Table<S> {
     /// their partition is not folded), by partition and offset, with when they were
     /// acknowledged.
     acked: BTreeMap<u32, BTreeMap<u64, (Envelope, Instant)>>,
+    /// Each partition's log time: the latest `occurred_at` folded there, in ms.
+    log_time: BTreeMap<u32, i64>,
+    /// The remembered outcomes of each partition, oldest first, to forget past the window.
+    remembered: BTreeMap<u32, VecDeque<(i64, Uuid)>>,
+    /// [`OwnerConfig::idempotency_window`] in ms.
+    window_ms: i64,
 }
 
 /// What changed in a partition since its last snapshot, kept as it changes (the states are
@@ -192,6 +215,8 @@ struct Table<S> {
 struct Dirty<S> {
     aggregates: HashMap<String, Changed<S>>,
     commands: HashMap<Uuid, Arc<StoredOutcome>>,
+    /// Outcomes forgotten since (past the idempotency window) that may be stored.
+    forgotten: Vec<Uuid>,
     /// No usable snapshot was loaded at start: the next one replaces whatever is stored.
     replace: bool,
 }
@@ -201,6 +226,7 @@ impl<S> Default for Dirty<S> {
         Dirty {
             aggregates: HashMap::new(),
             commands: HashMap::new(),
+            forgotten: Vec::new(),
             replace: false,
         }
     }
@@ -325,6 +351,9 @@ where
             since_snapshot: BTreeMap::new(),
             dirty: BTreeMap::new(),
             acked: BTreeMap::new(),
+            log_time: BTreeMap::new(),
+            remembered: BTreeMap::new(),
+            window_ms: i64::try_from(config.idempotency_window.as_millis()).unwrap_or(i64::MAX),
         };
         let mut targets = BTreeMap::new();
         for &partition in &config.owned {
@@ -617,11 +646,15 @@ where
             },
         );
     }
-    table.commands.extend(
-        commands
-            .into_iter()
-            .map(|(command_id, outcome)| (command_id, Arc::new(outcome))),
-    );
+    // Oldest first, as they are forgotten.
+    commands.sort_unstable_by_key(|(_, outcome)| outcome.occurred_ms);
+    let remembered = table.remembered.entry(partition).or_default();
+    for (command_id, outcome) in commands {
+        remembered.push_back((outcome.occurred_ms, command_id));
+        let log_time = table.log_time.entry(partition).or_insert(outcome.occurred_ms);
+        *log_time = (*log_time).max(outcome.occurred_ms);
+        table.commands.insert(command_id, Arc::new(outcome));
+    }
     Some(snapshot.next_offset)
 }
 
@@ -932,6 +965,8 @@ fn fold<A: EventCodec>(
                     aggregates,
                     commands,
                     dirty,
+                    log_time,
+                    remembered,
                     ..
                 } = &mut *table;
                 let pending = dirty.entry(partition).or_default();
@@ -971,14 +1006,27 @@ fn fold<A: EventCodec>(
                         entry.insert(latest);
                     }
                 }
-                let outcome = Arc::new(StoredOutcome {
-                    aggregate_id: envelope.aggregate_id.clone(),
-                    version: envelope.aggregate_version,
-                    position: position.to_string(),
-                    request_hash: envelope.request_hash.clone(),
-                });
-                commands.insert(envelope.command_id, outcome.clone());
-                pending.commands.insert(envelope.command_id, outcome);
+                let occurred_ms = envelope.occurred_at.timestamp_millis();
+                let log_time = log_time.entry(partition).or_insert(occurred_ms);
+                *log_time = (*log_time).max(occurred_ms);
+                // Only a command with a fingerprint can be sent again (see the module
+                // documentation); nobody asks for the others' outcomes.
+                if envelope.request_hash.is_some() {
+                    let outcome = Arc::new(StoredOutcome {
+                        aggregate_id: envelope.aggregate_id.clone(),
+                        version: envelope.aggregate_version,
+                        position: position.to_string(),
+                        request_hash: envelope.request_hash.clone(),
+                        occurred_ms,
+                    });
+                    commands.insert(envelope.command_id, outcome.clone());
+                    pending.commands.insert(envelope.command_id, outcome);
+                    remembered
+                        .entry(partition)
+                        .or_default()
+                        .push_back((occurred_ms, envelope.command_id));
+                }
+                forget_expired(table, partition);
             }
             Err(error) => {
                 // Every reader skips it alike, so agreement holds; but an event we cannot read
@@ -996,6 +1044,37 @@ fn fold<A: EventCodec>(
         aggregate_id: envelope.aggregate_id.clone(),
         claimed: envelope.aggregate_version,
         verdict,
+    }
+}
+
+/// Forgets the partition's outcomes that the idempotency window has left behind its log time;
+/// the next snapshot drops those it may have stored.
+fn forget_expired<S>(table: &mut Table<S>, partition: u32) {
+    let Some(now) = table.log_time.get(&partition).copied() else {
+        return;
+    };
+    let horizon = now.saturating_sub(table.window_ms);
+    let Table {
+        commands,
+        dirty,
+        remembered,
+        ..
+    } = table;
+    let Some(queue) = remembered.get_mut(&partition) else {
+        return;
+    };
+    while let Some(&(occurred_ms, command_id)) = queue.front() {
+        if occurred_ms >= horizon {
+            break;
+        }
+        queue.pop_front();
+        commands.remove(&command_id);
+        let pending = dirty.entry(partition).or_default();
+        // Not stored yet: it never will be. Otherwise (or when a snapshot now storing it
+        // fails and gives it back) the next snapshot deletes it, after its inserts.
+        if pending.commands.remove(&command_id).is_none() {
+            pending.forgotten.push(command_id);
+        }
     }
 }
 
@@ -1115,6 +1194,11 @@ where
                         aggregates,
                         new_aggregates,
                         outcomes,
+                        forgotten_outcomes: dirty
+                            .forgotten
+                            .iter()
+                            .map(Uuid::to_string)
+                            .collect(),
                     },
                     dirty.replace,
                 )
@@ -1133,6 +1217,7 @@ where
             for (id, outcome) in dirty.commands {
                 pending.commands.entry(id).or_insert(outcome);
             }
+            pending.forgotten.extend(dirty.forgotten);
             pending.replace |= dirty.replace;
             let count = table.since_snapshot.entry(partition).or_default();
             *count = (*count).max(inner.config.snapshot_every);

@@ -9,12 +9,13 @@ use domain::payment::{PaymentAggregate, PaymentCommand, PaymentState};
 use domain::stock::{StockAggregate, StockCommand};
 use domain::{Aggregate, Decision, OrderId};
 use event_log::{SharedLog, topics};
-use event_schema::EventCodec;
+use event_schema::{CommandMeta, EventCodec};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use crate::consumer;
+use crate::http::headers::digest;
 use crate::messages::{CommandMessage, ServiceCommand};
 use crate::owner::{CommandError, CommandRequest, Owner, OwnerConfig, OwnerStatus};
 use crate::provider::{
@@ -43,6 +44,9 @@ impl ServiceSet {
     };
 }
 
+/// The default idempotency window: a day, as payment APIs keep their idempotency keys.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// How the command side runs.
 #[derive(Debug, Clone)]
 pub struct CommandSettings {
@@ -55,6 +59,9 @@ pub struct CommandSettings {
     pub instances: u32,
     pub snapshot_every: u64,
     pub read_back_timeout: Duration,
+    /// How long (in log time) a repeated `Idempotency-Key` or command id gets its original
+    /// outcome back.
+    pub idempotency_window: Duration,
     pub provider_policy: ProviderPolicy,
 }
 
@@ -68,6 +75,7 @@ impl CommandSettings {
             instances: 1,
             snapshot_every: 5_000,
             read_back_timeout: Duration::from_secs(10),
+            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
             provider_policy: ProviderPolicy::default(),
         }
     }
@@ -234,6 +242,7 @@ where
         owned,
         snapshot_every: settings.snapshot_every,
         read_back_timeout: settings.read_back_timeout,
+        idempotency_window: settings.idempotency_window,
     };
     Owner::<A>::start(log.clone(), store.clone(), config, shutdown.clone())
         .await
@@ -305,7 +314,7 @@ where
         let request = CommandRequest {
             aggregate_id: message.aggregate_id.clone(),
             command: command.clone(),
-            meta: message.meta(),
+            meta: topic_command_meta(message),
             expected_version: None,
         };
         match owner.execute(request).await {
@@ -328,6 +337,17 @@ where
             }
         }
     }
+}
+
+/// A command from a topic may be delivered again (at least once, and senders resend): its
+/// fingerprint, of what it asks and not of when it was sent, gets its outcome remembered and
+/// tells a redelivery from another command sent under the same id.
+fn topic_command_meta(message: &CommandMessage) -> CommandMeta {
+    let mut meta = message.meta();
+    let asked = serde_json::to_string(&(&message.aggregate_id, &message.command))
+        .unwrap_or_else(|_| message.command.name().to_owned());
+    meta.request_hash = Some(digest(&asked));
+    meta
 }
 
 fn misrouted(service: &str, message: &CommandMessage) {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sql_store::{Db, DbError, Value, value_rows};
+use sql_store::{Db, DbError, Value, placeholders, value_rows};
 
 /// A partition's snapshot, or the change to it since the previous one: the aggregates and
 /// command outcomes (JSON, keyed by aggregate id and command id) as of `next_offset`, the offset
@@ -24,6 +24,9 @@ pub struct Snapshot {
     /// Command outcomes (command id, JSON). Each is usually new, so the store may write them
     /// as such, falling back to an update where one is there already.
     pub outcomes: Vec<(String, String)>,
+    /// On saving, the command ids of outcomes no longer remembered, to delete (after the
+    /// inserts: one may be in both); on loading, empty.
+    pub forgotten_outcomes: Vec<String>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -207,6 +210,7 @@ impl CommandStore for SqlStore {
             aggregates: pairs(aggregates, "aggregate_id"),
             new_aggregates: Vec::new(),
             outcomes: pairs(outcomes, "command_id"),
+            forgotten_outcomes: Vec::new(),
         }))
     }
 
@@ -309,6 +313,21 @@ impl CommandStore for SqlStore {
                     .await?;
                 }
             }
+        }
+        for (index, chunk) in snapshot.forgotten_outcomes.chunks(CHUNK).enumerate() {
+            if index > 0 {
+                tokio::time::sleep(SNAPSHOT_PAUSE).await;
+            }
+            let mut args: Vec<Value> = vec![topic.into(), partition.into()];
+            args.extend(chunk.iter().map(|id| Value::from(id.as_str())));
+            tx.execute(
+                &format!(
+                    "DELETE FROM command_snapshot_outcomes WHERE topic = $1 AND partition = $2 AND command_id IN ({})",
+                    placeholders(chunk.len(), 3)
+                ),
+                &args,
+            )
+            .await?;
         }
         tx.execute(
             "INSERT INTO command_snapshot_heads (topic, partition, format, next_offset, taken_at) VALUES ($1, $2, $3, $4, $5)

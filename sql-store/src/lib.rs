@@ -4,7 +4,7 @@
 //! # Layout
 //! Everything is in this file: [`Db`] (a pool, one Postgres schema or one SQLite file), [`Tx`]
 //! (a transaction on it), [`Value`] and [`Row`] (what goes in and comes out), and
-//! [`value_rows`] for multi-row statements.
+//! [`value_rows`] and [`placeholders`] for multi-row statements and `IN (...)` lists.
 //! Statements use Postgres placeholders (`$1`, `$2`, ...); on SQLite they become numbered
 //! parameters (`?1`, `?2`, ...), which bind the same way. Values are integers, text or null:
 //! timestamps are stored as Unix milliseconds and documents as JSON text, in both databases.
@@ -508,6 +508,14 @@ pub fn copy_text(rows: &[Vec<Value>]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// `$first, $first+1, ...`: `count` parameters, for an `IN (...)` list.
+pub fn placeholders(count: usize, first: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub fn value_rows(rows: usize, width: usize, first: usize) -> String {

@@ -131,7 +131,8 @@ pub fn id_for_key(purpose: &str, key: &str) -> Uuid {
     Uuid::new_v5(&COMMAND_NAMESPACE, format!("{purpose}:{key}").as_bytes())
 }
 
-fn digest(text: &str) -> String {
+/// The hex SHA-256 of `text`: a request's fingerprint.
+pub(crate) fn digest(text: &str) -> String {
     let hash = Sha256::digest(text.as_bytes());
     hash.iter().map(|byte| format!("{byte:02x}")).collect()
 }

@@ -15,19 +15,11 @@ pub mod payments;
 
 use sqlx::{Column as _, Row as _};
 
-use crate::db::{DbError, Row, Tx, Value, value_rows};
+use crate::db::{DbError, Row, Tx, Value, placeholders, value_rows};
 
 /// Keys per `IN (...)` list and rows per `VALUES` statement on SQLite (its limit is 32766
 /// parameters per statement).
 const SQLITE_CHUNK: usize = 500;
-
-/// `$first, $first+1, ...` for an `IN (...)` list of `count` values.
-fn in_list(count: usize, first: usize) -> String {
-    (first..first + count)
-        .map(|n| format!("${n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 fn db_error(error: impl std::fmt::Display) -> DbError {
     DbError(error.to_string())
@@ -97,7 +89,7 @@ pub(crate) async fn fetch_for_keys(
             for chunk in keys.chunks(SQLITE_CHUNK) {
                 let sql = sql.replace(
                     "{keys}",
-                    &format!("IN ({})", in_list(chunk.len(), args.len() + 1)),
+                    &format!("IN ({})", placeholders(chunk.len(), args.len() + 1)),
                 );
                 let mut all = args.to_vec();
                 all.extend(chunk.iter().map(|key| Value::from(key.as_str())));
