@@ -135,6 +135,12 @@ pub struct CommandsBench {
     #[arg(long, default_value_t = 0.5)]
     pub order_share: f64,
 
+    /// Share of commands sent with an `Idempotency-Key` (each its own), 0 to 1. Their outcomes
+    /// are remembered for the idempotency window and written to the snapshots; those of the
+    /// others are not. The raw baseline's records then carry a request fingerprint too.
+    #[arg(long, default_value_t = 0.0)]
+    pub keyed_share: f64,
+
     /// Longest wait, in seconds, for the platform's background work (saga, projections) to
     /// drain after a command phase before the next phase starts anyway.
     #[arg(long, default_value_t = 60)]
@@ -544,12 +550,38 @@ impl Mix {
 
 const UNIT_PRICE_MINOR: i64 = 1999;
 
+/// Which commands carry an `Idempotency-Key` (`--keyed-share`), each a key of its own.
+#[derive(Debug, Clone, Copy)]
+struct Keys {
+    share: f64,
+    /// Differs between phases, so no phase repeats another's keys.
+    nonce: u64,
+}
+
+impl Keys {
+    fn new(share: f64) -> Self {
+        Keys {
+            share,
+            nonce: uuid::Uuid::new_v4().as_u64_pair().0,
+        }
+    }
+
+    fn key(&self, client: usize, sequence: u64) -> Option<String> {
+        let roll = (mix(client, sequence, 9) >> 11) as f64 / (1u64 << 53) as f64;
+        (roll < self.share).then(|| format!("bench-{:016x}-{client}-{sequence}", self.nonce))
+    }
+}
+
 /// The envelope the platform would write for `work`, as a log record, decided by the domain
 /// itself so it has the real size and shape.
-fn record_for(work: &Work) -> anyhow::Result<Record> {
-    // What the HTTP layer puts in a client's command without an idempotency key.
+fn record_for(work: &Work, keyed: bool) -> anyhow::Result<Record> {
+    // What the HTTP layer puts in a client's command: with an idempotency key, the request's
+    // fingerprint (a hex SHA-256) too.
     let mut meta = CommandMeta::new("anonymous");
     meta.correlation_id = uuid::Uuid::now_v7().to_string();
+    if keyed {
+        meta.request_hash = Some(format!("{:064x}", u128::from(mix(0, 0, 10))));
+    }
     let envelope = match work {
         Work::Order { lines } => {
             let order_id = OrderId(uuid::Uuid::now_v7());
@@ -653,16 +685,20 @@ fn command_operation(
     http: reqwest::Client,
     base: String,
     workload: Mix,
+    keys: Keys,
 ) -> impl Fn(usize, u64) -> std::pin::Pin<Box<dyn Future<Output = Result<(), Failure>> + Send>>
 + Send
 + Sync
 + 'static {
     move |client, sequence| {
         let (path, body, expected) = request_for(&workload.pick(client, sequence));
-        let request = http
+        let mut request = http
             .post(format!("{base}{path}"))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
+        if let Some(key) = keys.key(client, sequence) {
+            request = request.header("idempotency-key", key);
+        }
         Box::pin(async move { finish(request.send().await, expected).await })
     }
 }
@@ -685,6 +721,7 @@ fn append_operation(
     log: SharedLog,
     topics: RawTopics,
     workload: Mix,
+    keys: Keys,
 ) -> impl Fn(usize, u64) -> std::pin::Pin<Box<dyn Future<Output = Result<(), Failure>> + Send>>
 + Send
 + Sync
@@ -694,7 +731,7 @@ fn append_operation(
         let work = workload.pick(client, sequence);
         let (topic, partitions) = topics.of(&work);
         let topic = topic.to_owned();
-        let record = record_for(&work);
+        let record = record_for(&work, keys.key(client, sequence).is_some());
         Box::pin(async move {
             let record = record.map_err(|error| Failure::new("record", error))?;
             let partition = partition_for(&record.key, partitions);
@@ -963,6 +1000,14 @@ async fn commands(
         (0.0..=1.0).contains(&options.order_share),
         "--order-share must be between 0 and 1"
     );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&options.keyed_share),
+        "--keyed-share must be between 0 and 1"
+    );
+    let keyed_share = options.keyed_share;
+    // The raw baseline writes no command's outcome: its keys only decide which records carry
+    // a fingerprint, as the commands' would.
+    let keys = Keys::new(keyed_share);
     let command = command_line();
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     // A fresh directory under --data-dir (so the disk is the user's choice), removed afterwards.
@@ -1004,7 +1049,7 @@ async fn commands(
     let raw_alone = closed_loop(
         clients,
         timing,
-        append_operation(raw_log.clone(), raw_topics.clone(), workload),
+        append_operation(raw_log.clone(), raw_topics.clone(), workload, keys),
     )
     .await;
 
@@ -1023,14 +1068,14 @@ async fn commands(
     let raw = closed_loop(
         clients,
         timing,
-        append_operation(raw_log.clone(), raw_topics.clone(), workload),
+        append_operation(raw_log.clone(), raw_topics.clone(), workload, keys),
     )
     .await;
     eprintln!("bench: commands, {clients} clients");
     let commands = closed_loop(
         clients,
         timing,
-        command_operation(http.clone(), base.clone(), workload),
+        command_operation(http.clone(), base.clone(), workload, Keys::new(keyed_share)),
     )
     .await;
     // Orders set the saga and the projections to work. See how long that backlog takes to
@@ -1060,14 +1105,14 @@ async fn commands(
     let raw_half = open_loop(
         half,
         timing,
-        append_operation(raw_log.clone(), raw_topics.clone(), workload),
+        append_operation(raw_log.clone(), raw_topics.clone(), workload, keys),
     )
     .await;
     eprintln!("bench: commands, open loop at {half:.0}/s");
     let commands_half = open_loop(
         half,
         timing,
-        command_operation(http.clone(), base.clone(), workload),
+        command_operation(http.clone(), base.clone(), workload, Keys::new(keyed_share)),
     )
     .await;
     eprintln!("bench: waiting for the platform to go quiet");
@@ -1090,10 +1135,11 @@ async fn commands(
     println!("  platform:  {}", part_description(part));
     println!("  backend:   {backend}");
     println!(
-        "  workload:  {clients} clients; {:.0}% orders (1-2 lines) / {:.0}% stock receipts over {} SKUs; {} partitions; snapshot every {} events",
+        "  workload:  {clients} clients; {:.0}% orders (1-2 lines) / {:.0}% stock receipts over {} SKUs; {:.0}% with an Idempotency-Key; {} partitions; snapshot every {} events",
         workload.order_share * 100.0,
         (1.0 - workload.order_share) * 100.0,
         workload.skus,
+        keyed_share * 100.0,
         settings.partitions,
         settings.snapshot_every
     );
@@ -1265,17 +1311,23 @@ mod tests {
 
     #[test]
     fn the_raw_records_are_real_envelopes_keyed_like_the_platforms() {
-        let order = record_for(&Work::Order {
-            lines: vec![("SKU-00001".into(), 2), ("SKU-00002".into(), 1)],
-        })
+        let order = record_for(
+            &Work::Order {
+                lines: vec![("SKU-00001".into(), 2), ("SKU-00002".into(), 1)],
+            },
+            false,
+        )
         .expect("an order record");
         let envelope = Envelope::try_from(&order).expect("a readable envelope");
         assert_eq!(envelope.aggregate_type, "order");
         assert_eq!(envelope.event_type, "order.placed");
-        let receipt = record_for(&Work::Receipt {
-            sku: "SKU-00007".into(),
-            quantity: 3,
-        })
+        let receipt = record_for(
+            &Work::Receipt {
+                sku: "SKU-00007".into(),
+                quantity: 3,
+            },
+            true,
+        )
         .expect("a receipt record");
         assert_eq!(receipt.key, "SKU-00007");
     }

@@ -91,8 +91,7 @@ impl Platform {
         command_settings.instance = settings.instance;
         command_settings.instances = settings.instances;
         command_settings.snapshot_every = settings.snapshot_every;
-        command_settings.idempotency_window =
-            Duration::from_secs(settings.idempotency_window_secs);
+        command_settings.idempotency_window = Duration::from_secs(settings.idempotency_window_secs);
         let commands = CommandState::start(
             backend.log.clone(),
             backend.command_store.clone(),

@@ -651,7 +651,10 @@ where
     let remembered = table.remembered.entry(partition).or_default();
     for (command_id, outcome) in commands {
         remembered.push_back((outcome.occurred_ms, command_id));
-        let log_time = table.log_time.entry(partition).or_insert(outcome.occurred_ms);
+        let log_time = table
+            .log_time
+            .entry(partition)
+            .or_insert(outcome.occurred_ms);
         *log_time = (*log_time).max(outcome.occurred_ms);
         table.commands.insert(command_id, Arc::new(outcome));
     }
@@ -1194,11 +1197,7 @@ where
                         aggregates,
                         new_aggregates,
                         outcomes,
-                        forgotten_outcomes: dirty
-                            .forgotten
-                            .iter()
-                            .map(Uuid::to_string)
-                            .collect(),
+                        forgotten_outcomes: dirty.forgotten.iter().map(Uuid::to_string).collect(),
                     },
                     dirty.replace,
                 )

@@ -59,7 +59,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::{
-    CpuSample, CpuUse, Mix, Timing, UNIT_PRICE_MINOR, Work, closed_loop, command_line,
+    CpuSample, CpuUse, Keys, Mix, Timing, UNIT_PRICE_MINOR, Work, closed_loop, command_line,
     command_operation, load_average, open_raw_log, start_platform, verdict,
 };
 use crate::Settings;
@@ -1052,6 +1052,7 @@ async fn command_phase(
                 skus: options.skus,
                 order_share: 0.5,
             },
+            Keys::new(0.0),
         ),
     )
     .await;

@@ -1,8 +1,12 @@
 //! The public command contract, on every backend.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use command_services::store::{CommandStore, SqlStore};
 use serde_json::json;
 
-use crate::helpers::{Backend, TestApp, backends};
+use crate::helpers::{Backend, TestApp, backends, settings};
 
 async fn total_records(app: &TestApp, aggregate: &str) -> u64 {
     let log = app.log().await;
@@ -135,6 +139,114 @@ async fn a_repeated_idempotency_key_returns_the_original_response_and_appends_no
                 .contains("idempotency key")
         );
         assert_eq!(total_records(&app, "order").await, before);
+    }
+}
+
+/// The command side's store of a stopped platform, as the platform opens it.
+async fn command_store(app_settings: &platform::Settings) -> SqlStore {
+    match &app_settings.database_url {
+        Some(url) => {
+            SqlStore::postgres(url, &format!("{}command_side", app_settings.schema_prefix))
+                .await
+                .expect("open the command side's Postgres schema")
+        }
+        None => SqlStore::sqlite(app_settings.data_dir.join("command-side.db"))
+            .await
+            .expect("open the command side's SQLite file"),
+    }
+}
+
+async fn receipt(app: &TestApp, sku: &str, key: Option<&str>) -> serde_json::Value {
+    let headers: Vec<(&str, &str)> = key
+        .map(|key| ("Idempotency-Key", key))
+        .into_iter()
+        .collect();
+    app.post_with(
+        &format!("/inventory/{sku}/receipts"),
+        json!({"quantity": 1}),
+        &headers,
+    )
+    .await
+    .expect(200)
+    .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_outcomes_a_client_can_ask_for_again_are_kept() {
+    for backend in backends() {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let mut settings = settings(backend, dir.path());
+        settings.snapshot_every = 1;
+        let app = TestApp::spawn_with(backend, settings, dir).await;
+        for _ in 0..3 {
+            receipt(&app, "SKU-K", None).await;
+        }
+        receipt(&app, "SKU-K", Some("receipt-k")).await;
+        // The graceful stop writes every partition's last snapshot.
+        let (settings, _dir) = app.stop().await;
+        let store = command_store(&settings).await;
+        let topic = event_log::topics::events(&settings.topic_prefix, "stock");
+        let partition = event_log::partition_for("SKU-K", settings.partitions);
+        let snapshot = store
+            .load_snapshot(&topic, partition)
+            .await
+            .expect("load")
+            .expect("a snapshot was written");
+        assert_eq!(
+            snapshot.outcomes.len(),
+            1,
+            "{backend:?}: the keyed receipt's outcome only, not the three without a key: {:?}",
+            snapshot.outcomes
+        );
+        assert!(
+            snapshot.outcomes[0].1.contains("\"version\":4"),
+            "{backend:?}: {:?}",
+            snapshot.outcomes
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_is_remembered_across_restarts_and_forgotten_past_its_window() {
+    for backend in backends() {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let mut settings = settings(backend, dir.path());
+        settings.snapshot_every = 1;
+        settings.idempotency_window_secs = 2;
+        let app = TestApp::spawn_with(backend, settings, dir).await;
+        let early = receipt(&app, "SKU-W", Some("early")).await;
+        assert_eq!(early["version"], 1);
+        let repeat = receipt(&app, "SKU-W", Some("early")).await;
+        assert_eq!(
+            repeat["outcome"], "repeated",
+            "{backend:?}: within the window"
+        );
+        assert_eq!(repeat["version"], 1);
+        // Snapshots (taken every 500 ms when due) store the early outcome.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let (settings, dir) = app.stop().await;
+        let app = TestApp::spawn_with(backend, settings, dir).await;
+        let repeat = receipt(&app, "SKU-W", Some("early")).await;
+        assert_eq!(
+            repeat["outcome"], "repeated",
+            "{backend:?}: remembered through a restart"
+        );
+
+        // The window passes in the partition's log time once a later event is folded there.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let late = receipt(&app, "SKU-W", Some("late")).await;
+        assert_eq!(late["version"], 2);
+        let (settings, dir) = app.stop().await;
+        let app = TestApp::spawn_with(backend, settings, dir).await;
+        let repeat = receipt(&app, "SKU-W", Some("late")).await;
+        assert_eq!(repeat["outcome"], "repeated", "{backend:?}");
+        assert_eq!(repeat["version"], 2);
+        let again = receipt(&app, "SKU-W", Some("early")).await;
+        assert_eq!(
+            (again["outcome"].as_str(), again["version"].as_u64()),
+            (Some("appended"), Some(3)),
+            "{backend:?}: forgotten past the window, in memory and in the snapshot, so decided anew"
+        );
     }
 }
 
