@@ -28,6 +28,9 @@ use crate::backend::Backend;
 use crate::security::{self, Security};
 use crate::settings::{Part, Settings};
 
+/// How long a graceful stop waits for the command services' last snapshots.
+const FINAL_SNAPSHOTS: Duration = Duration::from_secs(10);
+
 /// A built platform process: bound, parts started, not yet serving HTTP.
 pub struct Platform {
     listener: TcpListener,
@@ -190,6 +193,7 @@ impl Platform {
             listener,
             router,
             shutdown,
+            commands,
             ..
         } = self;
         tracing::info!(address = %listener.local_addr()?, "serving HTTP");
@@ -198,8 +202,16 @@ impl Platform {
             .await
             .context("serving HTTP")?;
         let _ = shutdown.send(true);
-        // Give the owners a moment to write their final snapshots.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The owners write their last snapshots, so the next start-up reads little of the log;
+        // a database that does not answer only makes that start-up longer.
+        if tokio::time::timeout(FINAL_SNAPSHOTS, commands.snapshots_written())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the last snapshots were not written within {FINAL_SNAPSHOTS:?}; the next start-up reads more of the log"
+            );
+        }
         Ok(())
     }
 }

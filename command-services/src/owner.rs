@@ -215,8 +215,9 @@ struct Table<S> {
 struct Dirty<S> {
     aggregates: HashMap<String, Changed<S>>,
     commands: HashMap<Uuid, Arc<StoredOutcome>>,
-    /// Outcomes forgotten since (past the idempotency window) that may be stored.
-    forgotten: Vec<Uuid>,
+    /// Outcomes forgotten since (past the idempotency window) that may be stored. A snapshot
+    /// deletes them after its inserts, so an id both here and in `commands` ends up deleted.
+    forgotten: HashSet<Uuid>,
     /// No usable snapshot was loaded at start: the next one replaces whatever is stored.
     replace: bool,
 }
@@ -226,7 +227,7 @@ impl<S> Default for Dirty<S> {
         Dirty {
             aggregates: HashMap::new(),
             commands: HashMap::new(),
-            forgotten: Vec::new(),
+            forgotten: HashSet::new(),
             replace: false,
         }
     }
@@ -318,6 +319,8 @@ struct Inner<A: EventCodec> {
     gap: Notify,
     ready: AtomicBool,
     conflicts: AtomicU64,
+    /// Turns true once the snapshot task has written its last snapshots after shutdown.
+    snapshots_done: watch::Sender<bool>,
 }
 
 /// A poisoned lock only means another thread panicked while holding it; the table itself is
@@ -383,6 +386,7 @@ where
             gap: Notify::new(),
             ready: AtomicBool::new(false),
             conflicts: AtomicU64::new(0),
+            snapshots_done: watch::Sender::new(false),
         });
         tokio::spawn(follow(inner.clone(), targets, shutdown.clone()));
         tokio::spawn(take_snapshots(inner.clone(), shutdown));
@@ -391,6 +395,13 @@ where
 
     pub fn is_ready(&self) -> bool {
         self.inner.ready.load(Ordering::Acquire)
+    }
+
+    /// After shutdown: waits until the last snapshots are written (or could not be), so a
+    /// graceful stop leaves them for the next start-up.
+    pub async fn snapshots_written(&self) {
+        let mut done = self.inner.snapshots_done.subscribe();
+        let _ = done.wait_for(|done| *done).await;
     }
 
     /// Waits until ready, at most `limit`; returns whether it is.
@@ -1023,6 +1034,9 @@ fn fold<A: EventCodec>(
                         occurred_ms,
                     });
                     commands.insert(envelope.command_id, outcome.clone());
+                    // A key used again after it was forgotten: its new outcome must be stored,
+                    // not deleted with the old one.
+                    pending.forgotten.remove(&envelope.command_id);
                     pending.commands.insert(envelope.command_id, outcome);
                     remembered
                         .entry(partition)
@@ -1076,7 +1090,7 @@ fn forget_expired<S>(table: &mut Table<S>, partition: u32) {
         // Not stored yet: it never will be. Otherwise (or when a snapshot now storing it
         // fails and gives it back) the next snapshot deletes it, after its inserts.
         if pending.commands.remove(&command_id).is_none() {
-            pending.forgotten.push(command_id);
+            pending.forgotten.insert(command_id);
         }
     }
 }
@@ -1148,6 +1162,7 @@ where
         save_due_snapshots(&inner, false).await;
     }
     save_due_snapshots(&inner, true).await;
+    inner.snapshots_done.send_replace(true);
 }
 
 async fn save_due_snapshots<A>(inner: &Inner<A>, all: bool)
@@ -1216,7 +1231,12 @@ where
             for (id, outcome) in dirty.commands {
                 pending.commands.entry(id).or_insert(outcome);
             }
-            pending.forgotten.extend(dirty.forgotten);
+            // Unless the id has a newer outcome since (a key used again), which must stay.
+            for id in dirty.forgotten {
+                if !pending.commands.contains_key(&id) {
+                    pending.forgotten.insert(id);
+                }
+            }
             pending.replace |= dirty.replace;
             let count = table.since_snapshot.entry(partition).or_default();
             *count = (*count).max(inner.config.snapshot_every);

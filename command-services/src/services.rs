@@ -170,6 +170,19 @@ impl CommandState {
             && self.payments.as_ref().is_none_or(Owner::is_ready)
     }
 
+    /// After shutdown: waits until every owner has written its last snapshots.
+    pub async fn snapshots_written(&self) {
+        if let Some(owner) = &self.orders {
+            owner.snapshots_written().await;
+        }
+        if let Some(owner) = &self.stock {
+            owner.snapshots_written().await;
+        }
+        if let Some(owner) = &self.payments {
+            owner.snapshots_written().await;
+        }
+    }
+
     pub fn statuses(&self) -> Vec<OwnerStatus> {
         let mut statuses = Vec::new();
         if let Some(owner) = &self.orders {

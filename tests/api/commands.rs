@@ -247,6 +247,24 @@ async fn an_idempotency_key_is_remembered_across_restarts_and_forgotten_past_its
             (Some("appended"), Some(3)),
             "{backend:?}: forgotten past the window, in memory and in the snapshot, so decided anew"
         );
+        // Forgotten again and used again before the next snapshot: that snapshot deletes the
+        // key's old outcome and stores its new one.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(receipt(&app, "SKU-W", None).await["version"], 4);
+        let again = receipt(&app, "SKU-W", Some("early")).await;
+        assert_eq!(
+            (again["outcome"].as_str(), again["version"].as_u64()),
+            (Some("appended"), Some(5)),
+            "{backend:?}"
+        );
+        let (settings, dir) = app.stop().await;
+        let app = TestApp::spawn_with(backend, settings, dir).await;
+        let repeat = receipt(&app, "SKU-W", Some("early")).await;
+        assert_eq!(
+            (repeat["outcome"].as_str(), repeat["version"].as_u64()),
+            (Some("repeated"), Some(5)),
+            "{backend:?}: the key's new outcome is remembered through a restart"
+        );
     }
 }
 
