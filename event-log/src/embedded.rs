@@ -307,19 +307,21 @@ async fn write_batch(
         .execute(&mut *connection)
         .await
         .map_err(unavailable)?;
-    match insert_batch(connection, batch).await {
-        Ok(positions) => {
-            sqlx::query("COMMIT")
-                .execute(&mut *connection)
-                .await
-                .map_err(unavailable)?;
-            Ok(positions)
-        }
-        Err(error) => {
-            let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
-            Err(error)
-        }
+    let written = match insert_batch(connection, batch).await {
+        Ok(positions) => sqlx::query("COMMIT")
+            .execute(&mut *connection)
+            .await
+            .map(|_| positions)
+            .map_err(unavailable),
+        Err(error) => Err(error),
+    };
+    if written.is_err() {
+        // A failed COMMIT (SQLITE_BUSY, SQLITE_FULL, an I/O error) may leave the transaction
+        // open; without the ROLLBACK every later BEGIN on this connection would fail. When
+        // SQLite has already rolled back, this one fails harmlessly.
+        let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
     }
+    written
 }
 
 async fn insert_batch(
