@@ -39,6 +39,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt as _;
 use command_services::http::{ApiError, MAX_BODY_BYTES};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -1022,7 +1023,7 @@ impl Gateway {
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(self.registry.clone().run_health_checks(stopped));
         tracing::info!(address = %self.listener.local_addr()?, "gateway serving HTTP");
-        let served = axum::serve(self.listener, self.router)
+        let served = axum::serve(self.listener.tap_io(crate::server::no_delay), self.router)
             .with_graceful_shutdown(signal)
             .await
             .context("serving HTTP");
