@@ -3,7 +3,10 @@
 //!
 //! One writer task owns the only write connection. Appends from any number of tasks queue up
 //! for it and it commits whatever has queued as one transaction (group commit), so a burst of
-//! commands costs one fsync, not one each. Readers share a pool of read connections and sleep
+//! commands costs one commit, not one each. A commit only writes to the WAL (no fsync, see
+//! [`options`]); SQLite's own checkpoint, in the commit that fills the WAL to 1000 pages, copies
+//! it into the database file and syncs that. A checkpointer task of its own beside the writer
+//! was tried (BENCHMARKS.md, session 6) and made the append p99 worse, not better. Readers share a pool of read connections and sleep
 //! on a watch channel that the writer bumps after each commit, so a tailing reader sees a new
 //! record within microseconds rather than after a poll interval.
 //!
