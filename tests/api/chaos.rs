@@ -155,7 +155,7 @@ async fn start(settings: &platform::Settings, name: &'static str, port: u16) -> 
         port,
         child: Some(child),
     };
-    let client = reqwest::Client::new();
+    let client = crate::helpers::http_client();
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         if let Ok(response) = client
@@ -289,7 +289,7 @@ async fn client_task(
     orders_url: String,
     query_url: String,
 ) -> Vec<String> {
-    let client = reqwest::Client::new();
+    let client = crate::helpers::http_client();
     let mut placed = Vec::new();
     let mut later = Vec::new();
     loop {
@@ -487,7 +487,7 @@ async fn sagas_until(
     states: &[&str],
     limit: Duration,
 ) -> HashMap<String, Value> {
-    let client = reqwest::Client::new();
+    let client = crate::helpers::http_client();
     let deadline = Instant::now() + limit;
     let mut done: HashMap<String, Value> = HashMap::new();
     loop {
@@ -616,7 +616,7 @@ async fn run(backend: Backend) {
         "chaos {backend:?}: started ({:.1} s)",
         started.elapsed().as_secs_f64()
     );
-    let client = reqwest::Client::new();
+    let client = crate::helpers::http_client();
     for n in 0..SKUS as u64 {
         let (status, reply) = send(
             &client,

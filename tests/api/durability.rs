@@ -146,7 +146,7 @@ pub async fn start_process(settings: &platform::Settings) -> Process {
     }
     let child = command.spawn().expect("start the platform binary");
     let address = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
+    let client = crate::helpers::http_client();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(response) = client.get(format!("{address}/health/ready")).send().await
@@ -176,7 +176,7 @@ async fn a_kill_during_load_loses_no_acknowledged_command_and_duplicates_none() 
         let dir = tempfile::tempdir().expect("temp dir");
         let settings = settings(backend, dir.path());
         let mut process = start_process(&settings).await;
-        let client = reqwest::Client::new();
+        let client = crate::helpers::http_client();
 
         let stop = Arc::new(AtomicBool::new(false));
         let mut clients = Vec::new();

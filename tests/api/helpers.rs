@@ -114,7 +114,7 @@ impl TestApp {
         TestApp {
             backend,
             address,
-            client: reqwest::Client::new(),
+            client: http_client(),
             settings,
             dir,
             read,
@@ -217,6 +217,18 @@ pub async fn open_log(backend: Backend, settings: &Settings) -> SharedLog {
             .expect("connect to Kafka"),
         ),
     }
+}
+
+/// How long a test waits for any one answer: a request the server never answers fails the test
+/// with the request named, instead of hanging the suite.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The tests' HTTP client.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .expect("build the HTTP client")
 }
 
 /// A response, read whole.

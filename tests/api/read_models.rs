@@ -751,7 +751,7 @@ async fn after_a_kill_the_read_models_equal_a_fresh_replay_row_for_row() {
         let dir = tempfile::tempdir().expect("temp dir");
         let settings = settings(backend, dir.path());
         let mut process = crate::durability::start_process(&settings).await;
-        let client = reqwest::Client::new();
+        let client = crate::helpers::http_client();
         let address = process.address.clone();
         let load = tokio::spawn(async move {
             let mut n = 0u64;

@@ -8,8 +8,11 @@ use serde_json::{Value, json};
 
 use crate::helpers::{Backend, TestApp, backends, platform_binary, settings};
 
-/// A platform whose saga gives up on a step after 1.5 s (for the timeout path).
-async fn spawn(backend: Backend) -> TestApp {
+/// A platform whose saga gives up on a step after 1.5 s, for the timeout path only. The other
+/// paths use the tests' settings (two minutes), so a busy machine cannot turn a path that
+/// should succeed into a timeout: with 1.5 s, a stock reservation timed out while the suite
+/// shared the machine with a build.
+async fn spawn_impatient(backend: Backend) -> TestApp {
     let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
     let mut settings = settings(backend, dir.path());
     settings.saga_timeout_ms = 1_500;
@@ -124,7 +127,7 @@ async fn place(app: &TestApp, token: &str, lines: &[(&str, i64, i64)]) -> String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approved_order_is_confirmed_captured_then_shipped_and_its_stock_committed() {
     for backend in backends() {
-        let app = spawn(backend).await;
+        let app = TestApp::spawn(backend).await;
         app.receive("SKU-A", 10).await.expect(200);
         app.receive("SKU-A2", 5).await.expect(200);
         let order_id = place(
@@ -185,7 +188,7 @@ async fn an_approved_order_is_confirmed_captured_then_shipped_and_its_stock_comm
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_without_enough_stock_is_rejected_and_what_was_reserved_released() {
     for backend in backends() {
-        let app = spawn(backend).await;
+        let app = TestApp::spawn(backend).await;
         app.receive("SKU-B", 10).await.expect(200);
         app.receive("SKU-SCARCE", 1).await.expect(200);
         let order_id = place(
@@ -214,7 +217,7 @@ async fn an_order_without_enough_stock_is_rejected_and_what_was_reserved_release
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_declined_payment_releases_the_stock_and_rejects_the_order() {
     for backend in backends() {
-        let app = spawn(backend).await;
+        let app = TestApp::spawn(backend).await;
         app.receive("SKU-C", 10).await.expect(200);
         let order_id = place(&app, "tok_decline", &[("SKU-C", 4, 100)]).await;
         order_with(
@@ -231,7 +234,7 @@ async fn a_declined_payment_releases_the_stock_and_rejects_the_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payment_that_never_answers_times_out_voids_and_releases() {
     for backend in backends() {
-        let app = spawn(backend).await;
+        let app = spawn_impatient(backend).await;
         app.receive("SKU-D", 10).await.expect(200);
         let order_id = place(&app, "tok_timeout", &[("SKU-D", 4, 100)]).await;
         let order = order_until(&app, &order_id, &["rejected"]).await;
@@ -251,7 +254,7 @@ async fn a_payment_that_never_answers_times_out_voids_and_releases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flaky_provider_is_retried_and_the_order_confirmed() {
     for backend in backends() {
-        let app = spawn(backend).await;
+        let app = TestApp::spawn(backend).await;
         app.receive("SKU-E", 10).await.expect(200);
         let order_id = place(&app, "tok_flaky", &[("SKU-E", 1, 700)]).await;
         order_with(
@@ -266,7 +269,7 @@ async fn a_flaky_provider_is_retried_and_the_order_confirmed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_confirmed_order_refunds_it_and_releases_its_stock() {
     for backend in backends() {
-        let app = spawn(backend).await;
+        let app = TestApp::spawn(backend).await;
         app.receive("SKU-F", 10).await.expect(200);
         let order_id = place(&app, "tok_approve", &[("SKU-F", 3, 1000)]).await;
         order_until(&app, &order_id, &["confirmed"]).await;
