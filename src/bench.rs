@@ -10,12 +10,13 @@
 //!    no IO), from the same `--clients` closed-loop clients (one shared keep-alive pool).
 //! 2. **Raw append**: the event log's own `append` with the platform's producer configuration
 //!    (for Kafka, a `KafkaLog` built from the same settings as the platform's: idempotent,
-//!    acks=all, the same linger; for the embedded backend an `EmbeddedLog` on a file of its own beside the platform's),
-//!    writing real envelopes (an `OrderPlaced` or a `StockReceived`, decided by the domain, in
-//!    the same mix as the commands, keyed and partitioned as the platform does) to fresh topics
-//!    laid out as the platform's (one per aggregate type, orders and stock, with the same
-//!    partition count, so the appends spread over as many partitions as the commands' do), from
-//!    `--clients` closed-loop tasks that each await their own append.
+//!    acks=all, the same linger; for the embedded backend an `EmbeddedLog` on a file of its
+//!    own beside the platform's), writing real envelopes (an `OrderPlaced` or a
+//!    `StockReceived`, decided by the domain, in the same mix as the commands, keyed and
+//!    partitioned as the platform does) to fresh topics laid out as the platform's (one per
+//!    aggregate type, orders and stock, with the same partition count, so the appends spread
+//!    over as many partitions as the commands' do), from `--clients` closed-loop tasks that
+//!    each await their own append.
 //! 3. **Commands**: `--clients` closed-loop HTTP clients placing orders (`POST /orders`, 1-2
 //!    lines) and receiving stock (`POST /inventory/{sku}/receipts`) over `--skus` SKUs. Only
 //!    2xx answers count; anything else is reported as an error.
@@ -30,8 +31,10 @@
 //!    commands, commands, raw, repeated, so neither runs on average earlier), until each has
 //!    been measured for `--duration`. One phase after the other cannot tell the command path
 //!    from the broker: a broker's latency drifts as its storage grows and stalls now and then
-//!    for 100-250 ms (nisshi on SQLite does, BENCHMARKS.md), and one phase may catch a stall
-//!    the other does not. Taking turns, both meet the same broker.
+//!    for 100 ms to over a second (nisshi on SQLite does, and so does SQLite itself on a busy
+//!    disk, BENCHMARKS.md), and one phase may catch a stall the other does not. Taking turns,
+//!    drift weighs on both alike; a single stall still lands in one turn, so a longer
+//!    `--duration` gives steadier figures.
 //!
 //! The whole sequence runs once per `--part`, by default twice, each with its own baselines:
 //!

@@ -6,9 +6,11 @@
 //! commands costs one commit, not one each. A commit only writes to the WAL (no fsync, see
 //! [`options`]); SQLite's own checkpoint, in the commit that fills the WAL to 1000 pages, copies
 //! it into the database file and syncs that. A checkpointer task of its own beside the writer
-//! was tried (BENCHMARKS.md, session 6) and made the append p99 worse, not better. Readers share a pool of read connections and sleep
-//! on a watch channel that the writer bumps after each commit, so a tailing reader sees a new
-//! record within microseconds rather than after a poll interval.
+//! was tried (BENCHMARKS.md, session 6) and made the append p99 worse, not better.
+//!
+//! Readers share a pool of read connections and sleep on a watch channel that the writer bumps
+//! after each commit, so a tailing reader sees a new record within microseconds rather than
+//! after a poll interval.
 //!
 //! After each commit the writer also keeps, per partition, the end offset and the most recent
 //! records it wrote ([`RECENT`] of them) in memory. A reader woken by a commit looks there
