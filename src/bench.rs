@@ -36,6 +36,13 @@
 //!    drift weighs on both alike; a single stall still lands in one turn, so a longer
 //!    `--duration` gives steadier figures.
 //!
+//!    Two more rows split off the log's part of each side's latency in the turns: every
+//!    append's own time, from the `append` call to the log's acknowledgement
+//!    ([`event_log::metrics::set_append_hook`]), the raw loop's and the platform's (inside the
+//!    commands). When the commands' p99 is over the raw one, they tell whether their appends
+//!    took longer (the broker or file answering slower while the platform runs) or the rest of
+//!    the command path did (HTTP, deciding, folding).
+//!
 //! The whole sequence runs once per `--part`, by default twice, each with its own baselines:
 //!
 //! - `commands` (the judged figure): the three command services alone (`Part::Commands`), as
@@ -898,6 +905,55 @@ fn append_operation(
     }
 }
 
+/// Each append's own latency while raw appends and commands take turns, by whose append it
+/// was: the raw loop's (its topics) or the platform's (topics under its prefix). Counted when
+/// the append started inside the turns' measured window; the rate is per second of that
+/// side's turns.
+struct AppendTimes {
+    /// Raw, then platform.
+    stats: Arc<Mutex<[Stats; 2]>>,
+}
+
+impl AppendTimes {
+    /// Starts recording, for a turns phase about to start with `timing`.
+    fn install(raw: &RawTopics, platform_prefix: &str, timing: Timing<'_>) -> Self {
+        let raw_topics = [raw.order.0.clone(), raw.stock.0.clone()];
+        let platform_prefix = platform_prefix.to_owned();
+        let from = std::time::Instant::now() + timing.warmup;
+        let to = from + timing.duration * 2;
+        let stats = Arc::new(Mutex::new([
+            Stats::new(timing.duration),
+            Stats::new(timing.duration),
+        ]));
+        let recorder = stats.clone();
+        event_log::metrics::set_append_hook(Some(Arc::new(move |topic: &str, took: Duration| {
+            let now = std::time::Instant::now();
+            let started = now.checked_sub(took).unwrap_or(now);
+            if started < from || started >= to {
+                return;
+            }
+            let side = if raw_topics.iter().any(|raw| raw == topic) {
+                0
+            } else if topic.starts_with(&platform_prefix) {
+                1
+            } else {
+                return;
+            };
+            lock(&recorder)[side].record(Ok(()), took);
+        })));
+        AppendTimes { stats }
+    }
+
+    /// Stops recording: the raw loop's appends, then the platform's.
+    fn finish(self) -> [Stats; 2] {
+        event_log::metrics::set_append_hook(None);
+        std::mem::replace(
+            &mut *lock(&self.stats),
+            [Stats::new(Duration::ZERO), Stats::new(Duration::ZERO)],
+        )
+    }
+}
+
 /// The raw baseline's topics: one per aggregate type, as the platform's, so its records spread
 /// over as many partitions as the commands' records do.
 #[derive(Debug, Clone)]
@@ -1259,6 +1315,8 @@ async fn commands(
         RawTopics::create(&log, &settings.topic_prefix, settings.partitions).await?;
         log
     };
+    // The platform's topics are `<prefix>.<aggregate type>.<kind>`.
+    let platform_topics = format!("{}.", fresh.topic_prefix);
     let (running, idle_half) = start_part(fresh, part, &http).await?;
     let base = running.base.clone();
     let half = commands.rate() / 2.0;
@@ -1282,6 +1340,7 @@ async fn commands(
         "bench: raw append and commands taking turns of {} s, open loop at {half:.0}/s",
         SLICE.as_secs()
     );
+    let append_times = AppendTimes::install(&raw_topics, &platform_topics, timing);
     let (raw_turns, commands_turns) = interleaved_open_loop(
         half,
         timing,
@@ -1289,6 +1348,7 @@ async fn commands(
         command_operation(http.clone(), base.clone(), workload, Keys::new(keyed_share)),
     )
     .await;
+    let [raw_turn_appends, command_turn_appends] = append_times.finish();
     eprintln!("bench: waiting for the platform to go quiet");
     let drained_half = wait_quiet(idle_half, drain_timeout).await;
     let load_after = load_average();
@@ -1348,6 +1408,14 @@ async fn commands(
             format!("commands, open @ {half:.0}/s, turns"),
             &commands_turns,
         ),
+        (
+            "… raw turns: log append alone".to_owned(),
+            &raw_turn_appends,
+        ),
+        (
+            "… command turns: log append alone".to_owned(),
+            &command_turn_appends,
+        ),
     ];
     let cores_used = |value: Option<f64>| {
         value
@@ -1381,6 +1449,9 @@ async fn commands(
     }
     println!(
         "  (CPU cores in use during each measured window: busy = the whole machine; bench = this process, platform and load generator; pid N = each --watch-pid process; other = the rest of the machine)"
+    );
+    println!(
+        "  (log append alone: each append's time from the call to the log's acknowledgement during the turns, the raw loop's and the platform's inside the commands)"
     );
     let drain = |drained: Option<Duration>| {
         drained
