@@ -51,7 +51,7 @@ impl KafkaSettings {
     pub fn new(brokers: impl Into<String>) -> Self {
         KafkaSettings {
             brokers: brokers.into(),
-            linger_ms: 2,
+            linger_ms: 10,
             fetch_wait_max_ms: 50,
             background_fetch_wait_ms: 250,
             delivery_timeout: Duration::from_secs(15),
