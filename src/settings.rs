@@ -95,7 +95,7 @@ pub struct Settings {
         long,
         global = true,
         env = "PLATFORM_KAFKA_LINGER_MS",
-        default_value_t = 10
+        default_value_t = event_log::kafka::DEFAULT_LINGER_MS
     )]
     pub kafka_linger_ms: u32,
 
@@ -107,7 +107,7 @@ pub struct Settings {
         long,
         global = true,
         env = "PLATFORM_KAFKA_FETCH_WAIT_MS",
-        default_value_t = 50
+        default_value_t = event_log::kafka::DEFAULT_FETCH_WAIT_MS
     )]
     pub kafka_fetch_wait_ms: u32,
 
@@ -118,7 +118,7 @@ pub struct Settings {
         long,
         global = true,
         env = "PLATFORM_KAFKA_BACKGROUND_FETCH_WAIT_MS",
-        default_value_t = 250
+        default_value_t = event_log::kafka::DEFAULT_BACKGROUND_FETCH_WAIT_MS
     )]
     pub kafka_background_fetch_wait_ms: u32,
 
@@ -438,9 +438,9 @@ impl Settings {
             partitions: 8,
             instance: 0,
             instances: 1,
-            kafka_linger_ms: 10,
-            kafka_fetch_wait_ms: 50,
-            kafka_background_fetch_wait_ms: 250,
+            kafka_linger_ms: event_log::kafka::DEFAULT_LINGER_MS,
+            kafka_fetch_wait_ms: event_log::kafka::DEFAULT_FETCH_WAIT_MS,
+            kafka_background_fetch_wait_ms: event_log::kafka::DEFAULT_BACKGROUND_FETCH_WAIT_MS,
             snapshot_every: 5000,
             idempotency_window_secs: 86_400,
             max_lag_seconds: 30.0,

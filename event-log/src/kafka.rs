@@ -47,13 +47,21 @@ pub struct KafkaSettings {
     pub delivery_timeout: Duration,
 }
 
+/// The default [`KafkaSettings::linger_ms`] (the platform's `--kafka-linger-ms`).
+pub const DEFAULT_LINGER_MS: u32 = 10;
+/// The default [`KafkaSettings::fetch_wait_max_ms`] (`--kafka-fetch-wait-ms`).
+pub const DEFAULT_FETCH_WAIT_MS: u32 = 50;
+/// The default [`KafkaSettings::background_fetch_wait_ms`]
+/// (`--kafka-background-fetch-wait-ms`).
+pub const DEFAULT_BACKGROUND_FETCH_WAIT_MS: u32 = 250;
+
 impl KafkaSettings {
     pub fn new(brokers: impl Into<String>) -> Self {
         KafkaSettings {
             brokers: brokers.into(),
-            linger_ms: 10,
-            fetch_wait_max_ms: 50,
-            background_fetch_wait_ms: 250,
+            linger_ms: DEFAULT_LINGER_MS,
+            fetch_wait_max_ms: DEFAULT_FETCH_WAIT_MS,
+            background_fetch_wait_ms: DEFAULT_BACKGROUND_FETCH_WAIT_MS,
             delivery_timeout: Duration::from_secs(15),
         }
     }
