@@ -1,9 +1,10 @@
 //! The embedded backend: the log in a local SQLite file (WAL mode), for `cargo run` without a
 //! broker and for single-node use.
 //!
-//! One writer task owns the only write connection. Appends from any number of tasks queue up
+//! One writer thread owns the only write connection. Appends from any number of tasks queue up
 //! for it and it commits whatever has queued as one transaction (group commit), so a burst of
-//! commands costs one commit, not one each. A commit only writes to the WAL (no fsync, see
+//! commands costs one commit, not one each. The writer is a thread, not a task, so commits go
+//! on while the runtime's workers are busy (see [`write_loop`]). A commit only writes to the WAL (no fsync, see
 //! [`options`]); SQLite's own checkpoint, in the commit that fills the WAL to 1000 pages, copies
 //! it into the database file and syncs that. A checkpointer task of its own beside the writer
 //! was tried (BENCHMARKS.md, session 6) and made the append p99 worse, not better.
@@ -29,7 +30,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use event_schema::{Header, Record};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection, QueryBuilder, Row, SqliteConnection, SqlitePool};
+use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
@@ -228,19 +229,23 @@ fn options(path: &Path) -> SqliteConnectOptions {
 }
 
 impl EmbeddedLog {
-    /// Opens (creating when missing) the log file at `path` and starts its writer task.
+    /// Opens (creating when missing) the log file at `path` and starts its writer thread.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, LogError> {
         let path = path.as_ref();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
-        let mut writer = SqliteConnection::connect_with(&options(path))
+        // Migrations run through sqlx (as for every other store); the writer then has a
+        // connection of its own on its thread.
+        let mut migrate = SqliteConnection::connect_with(&options(path))
             .await
             .map_err(unavailable)?;
         crate::migrations::embedded()
-            .run_direct(&mut writer)
+            .run_direct(&mut migrate)
             .await
             .map_err(unavailable)?;
+        migrate.close().await.map_err(unavailable)?;
+        let writer = open_writer(path)?;
         let admin = SqliteConnection::connect_with(&options(path))
             .await
             .map_err(unavailable)?;
@@ -252,7 +257,13 @@ impl EmbeddedLog {
         let (appends, queue) = mpsc::channel(MAX_BATCH * 4);
         let (bump, committed) = watch::channel(0);
         let heads = Arc::new(Heads::default());
-        tokio::spawn(write_loop(writer, queue, bump, heads.clone()));
+        {
+            let heads = heads.clone();
+            std::thread::Builder::new()
+                .name("embedded-log-writer".into())
+                .spawn(move || write_loop(writer, queue, bump, heads))
+                .map_err(unavailable)?;
+        }
         Ok(EmbeddedLog {
             inner: Arc::new(Inner {
                 reads,
@@ -268,17 +279,47 @@ impl EmbeddedLog {
     }
 }
 
-/// The single writer: drains the queue, commits each batch in one transaction, answers.
-async fn write_loop(
-    mut connection: SqliteConnection,
+/// Opens the writer's connection: the same file settings as [`options`], on rusqlite, so a
+/// batch's statements run on the writer thread itself.
+fn open_writer(path: &Path) -> Result<rusqlite::Connection, LogError> {
+    let connection = rusqlite::Connection::open(path).map_err(unavailable)?;
+    connection
+        .busy_timeout(Duration::from_secs(10))
+        .map_err(unavailable)?;
+    // WAL is a property of the file (set by [`options`] when it was opened first); NORMAL is
+    // per connection: see [`options`].
+    connection
+        .pragma_update(None, "journal_mode", "WAL")
+        .map_err(unavailable)?;
+    connection
+        .pragma_update(None, "synchronous", "NORMAL")
+        .map_err(unavailable)?;
+    Ok(connection)
+}
+
+/// The single writer, on a thread of its own: drains the queue, commits each batch in one
+/// transaction, answers.
+///
+/// Not a task: a commit is a few statements, each of which would be a round trip between a
+/// task and the driver's thread, and each wake-up of the task would wait its turn behind
+/// whatever the runtime's workers are busy with (under a burst of commands, the HTTP work). On
+/// its own thread the commit goes on whatever the runtime is doing, and costs no hand-offs.
+fn write_loop(
+    mut connection: rusqlite::Connection,
     mut queue: mpsc::Receiver<AppendRequest>,
     bump: watch::Sender<u64>,
     heads: Arc<Heads>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let result = write_batch(&mut connection, &batch).await;
-        match result {
+    while let Some(first) = queue.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        match write_batch(&mut connection, &batch) {
             Ok((positions, timestamp_ms)) => {
                 let mut committed = Vec::with_capacity(batch.len());
                 for (request, position) in batch.drain(..).zip(positions) {
@@ -302,85 +343,63 @@ async fn write_loop(
     }
 }
 
-async fn write_batch(
-    connection: &mut SqliteConnection,
+/// Writes one batch in one transaction; returns the positions written and their timestamp.
+fn write_batch(
+    connection: &mut rusqlite::Connection,
     batch: &[AppendRequest],
 ) -> Result<(Vec<Position>, i64), LogError> {
     // IMMEDIATE takes the write lock up front, so the offsets read below cannot be taken by
-    // another process writing the same file before this transaction commits.
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *connection)
-        .await
+    // another process writing the same file before this transaction commits. A transaction
+    // that fails (the insert, or the COMMIT itself: SQLITE_BUSY, SQLITE_FULL, an I/O error) is
+    // rolled back when dropped, so the next batch starts clean.
+    let transaction = connection
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(unavailable)?;
-    let written = match insert_batch(connection, batch).await {
-        Ok(positions) => sqlx::query("COMMIT")
-            .execute(&mut *connection)
-            .await
-            .map(|_| positions)
-            .map_err(unavailable),
-        Err(error) => Err(error),
-    };
-    if written.is_err() {
-        // A failed COMMIT (SQLITE_BUSY, SQLITE_FULL, an I/O error) may leave the transaction
-        // open; without the ROLLBACK every later BEGIN on this connection would fail. When
-        // SQLite has already rolled back, this one fails harmlessly.
-        let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
-    }
-    written
+    let now_ms = now_ms();
+    let positions = insert_batch(&transaction, batch, now_ms).map_err(unavailable)?;
+    transaction.commit().map_err(unavailable)?;
+    Ok((positions, now_ms))
 }
 
-async fn insert_batch(
-    tx: &mut SqliteConnection,
+fn insert_batch(
+    transaction: &rusqlite::Transaction<'_>,
     batch: &[AppendRequest],
-) -> Result<(Vec<Position>, i64), LogError> {
+    now_ms: i64,
+) -> rusqlite::Result<Vec<Position>> {
+    let mut end = transaction.prepare_cached(
+        r#"SELECT COALESCE(MAX("offset") + 1, 0) FROM records WHERE topic = ?1 AND partition = ?2"#,
+    )?;
+    let mut insert = transaction.prepare_cached(
+        r#"INSERT INTO records (topic, partition, "offset", key, headers, value, timestamp_ms)
+           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"#,
+    )?;
     let mut planned: HashMap<(&str, u32), u64> = HashMap::new();
     let mut positions = Vec::with_capacity(batch.len());
     for request in batch {
         let slot = (request.topic.as_str(), request.partition);
         let offset = match planned.get(&slot) {
             Some(next) => *next,
-            None => {
-                let row = sqlx::query(
-                    r#"SELECT COALESCE(MAX("offset") + 1, 0) FROM records WHERE topic = ? AND partition = ?"#,
-                )
-                .bind(&request.topic)
-                .bind(request.partition)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-                row.get::<i64, _>(0) as u64
-            }
+            None => end.query_row((&request.topic, request.partition), |row| {
+                row.get::<_, i64>(0)
+            })? as u64,
         };
         planned.insert(slot, offset + 1);
+        insert.execute((
+            &request.topic,
+            request.partition,
+            offset as i64,
+            &request.record.key,
+            headers_to_json(&request.record.headers),
+            &request.record.value,
+            now_ms,
+        ))?;
         positions.push(Position {
             topic: request.topic.clone(),
             partition: request.partition,
             offset,
         });
     }
-    let now_ms = now_ms();
-    // SQLite allows 32766 bound parameters; a batch of MAX_BATCH rows uses 7 each.
-    let mut insert = QueryBuilder::new(
-        r#"INSERT INTO records (topic, partition, "offset", key, headers, value, timestamp_ms) "#,
-    );
-    insert.push_values(
-        batch.iter().zip(&positions),
-        |mut row, (request, position)| {
-            row.push_bind(&request.topic)
-                .push_bind(request.partition)
-                .push_bind(position.offset as i64)
-                .push_bind(&request.record.key)
-                .push_bind(headers_to_json(&request.record.headers))
-                .push_bind(&request.record.value)
-                .push_bind(now_ms);
-        },
-    );
-    insert
-        .build()
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-    Ok((positions, now_ms))
+    Ok(positions)
 }
 
 fn now_ms() -> i64 {
