@@ -3,11 +3,12 @@
 //!
 //! One writer thread owns the only write connection. Appends from any number of tasks queue up
 //! for it and it commits whatever has queued as one transaction (group commit), so a burst of
-//! commands costs one commit, not one each. The writer is a thread, not a task, so commits go
-//! on while the runtime's workers are busy (see [`write_loop`]). A commit only writes to the WAL (no fsync, see
-//! [`options`]); SQLite's own checkpoint, in the commit that fills the WAL to 1000 pages, copies
-//! it into the database file and syncs that. A checkpointer task of its own beside the writer
-//! was tried (BENCHMARKS.md, session 6) and made the append p99 worse, not better.
+//! commands costs one commit, not one each. The writer is a thread with a rusqlite connection,
+//! not a task, so commits go on while the runtime's workers are busy (see [`write_loop`]). A
+//! commit only writes to the WAL (no fsync, see [`options`]); SQLite's own checkpoint, in the
+//! commit that fills the WAL to 1000 pages, copies it into the database file and syncs that.
+//! Checkpoints beside the writer were tried twice (BENCHMARKS.md, sessions 6 and 8) and made the
+//! p99 worse, not better.
 //!
 //! Readers share a pool of read connections and sleep on a watch channel that the writer bumps
 //! after each commit, so a tailing reader sees a new record within microseconds rather than
@@ -825,5 +826,81 @@ impl LogReader for EmbeddedReader {
             // Timed out: another process may have written to the same file without waking us.
             Err(_) => self.fetch(max, true).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::migrate::Migrator;
+
+    /// A log file written before the records moved to a rowid table (migration 2) keeps its
+    /// records, in order, and takes new appends after them.
+    #[tokio::test]
+    async fn a_log_from_before_the_rowid_table_keeps_its_records() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("log.db");
+        {
+            let mut old = SqliteConnection::connect_with(&options(&path))
+                .await
+                .expect("open");
+            let first = crate::migrations::embedded()
+                .migrations
+                .iter()
+                .take(1)
+                .cloned()
+                .collect::<Vec<_>>();
+            Migrator {
+                migrations: first.into(),
+                ..Migrator::DEFAULT
+            }
+            .run_direct(&mut old)
+            .await
+            .expect("first migration");
+            sqlx::query("INSERT INTO topics (name, partitions) VALUES ('t', 2)")
+                .execute(&mut old)
+                .await
+                .expect("topic");
+            for (partition, offset) in [(0, 0), (1, 0), (0, 1)] {
+                sqlx::query(
+                    r#"INSERT INTO records (topic, partition, "offset", key, headers, value, timestamp_ms)
+                       VALUES ('t', ?, ?, 'k', '[]', ?, 1)"#,
+                )
+                .bind(partition)
+                .bind(offset)
+                .bind(format!("{partition}-{offset}").into_bytes())
+                .execute(&mut old)
+                .await
+                .expect("record");
+            }
+            old.close().await.expect("close");
+        }
+        let log = EmbeddedLog::open(&path).await.expect("migrated");
+        let appended = log
+            .append(
+                "t",
+                0,
+                Record {
+                    key: "k".into(),
+                    headers: Vec::new(),
+                    value: b"0-2".to_vec(),
+                },
+            )
+            .await
+            .expect("append");
+        assert_eq!(appended.offset, 2);
+        let mut reader = log
+            .open_reader("t", &[(0, 0)], ReadMode::Latency)
+            .await
+            .expect("reader");
+        let values: Vec<Vec<u8>> = reader
+            .poll(10, Duration::ZERO)
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|record| record.record.value)
+            .collect();
+        assert_eq!(values, [b"0-0".to_vec(), b"0-1".to_vec(), b"0-2".to_vec()]);
+        assert_eq!(log.end_offset("t", 1).await.expect("end"), 1);
     }
 }

@@ -11,7 +11,7 @@
 //! - this file: the [`EventLog`] and [`LogReader`] traits, [`Position`], [`LogError`] and the
 //!   partitioner.
 //! - [`embedded`]: the default backend, a local SQLite file in WAL mode; appends from many
-//!   tasks are group-committed by one writer task, readers wake on new records and take the
+//!   tasks are group-committed by one writer thread, readers wake on new records and take the
 //!   most recent ones from memory.
 //! - [`kafka`]: rdkafka; an idempotent producer (acks=all, a few ms of linger) shared by all
 //!   appends, and readers that assign explicit partitions and seek to explicit offsets, with a
@@ -279,13 +279,24 @@ mod migrations {
 
     pub(crate) fn embedded() -> Migrator {
         Migrator {
-            migrations: Cow::Owned(vec![Migration::new(
-                1,
-                Cow::Borrowed("log"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../migrations/embedded/0001_log.sql")),
-                false,
-            )]),
+            migrations: Cow::Owned(vec![
+                Migration::new(
+                    1,
+                    Cow::Borrowed("log"),
+                    MigrationType::Simple,
+                    Cow::Borrowed(include_str!("../migrations/embedded/0001_log.sql")),
+                    false,
+                ),
+                Migration::new(
+                    2,
+                    Cow::Borrowed("records by rowid"),
+                    MigrationType::Simple,
+                    Cow::Borrowed(include_str!(
+                        "../migrations/embedded/0002_records_by_rowid.sql"
+                    )),
+                    false,
+                ),
+            ]),
             ..Migrator::DEFAULT
         }
     }
