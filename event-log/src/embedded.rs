@@ -42,6 +42,11 @@ use crate::{
 /// Most records one group commit writes.
 const MAX_BATCH: usize = 1000;
 
+/// Where a partition ends: the offset its next record takes. The writer asks it (once per
+/// partition and batch) and so does [`EventLog::end_offset`].
+const END_OFFSET: &str =
+    r#"SELECT COALESCE(MAX("offset") + 1, 0) FROM records WHERE topic = ?1 AND partition = ?2"#;
+
 /// How many of the latest records of each partition the writer keeps in memory for readers.
 const RECENT: usize = 256;
 
@@ -367,9 +372,7 @@ fn insert_batch(
     batch: &[AppendRequest],
     now_ms: i64,
 ) -> rusqlite::Result<Vec<Position>> {
-    let mut end = transaction.prepare_cached(
-        r#"SELECT COALESCE(MAX("offset") + 1, 0) FROM records WHERE topic = ?1 AND partition = ?2"#,
-    )?;
+    let mut end = transaction.prepare_cached(END_OFFSET)?;
     let mut insert = transaction.prepare_cached(
         r#"INSERT INTO records (topic, partition, "offset", key, headers, value, timestamp_ms)
            VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"#,
@@ -500,14 +503,12 @@ impl EventLog for EmbeddedLog {
     }
 
     async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
-        let row = sqlx::query(
-            r#"SELECT COALESCE(MAX("offset") + 1, 0) FROM records WHERE topic = ? AND partition = ?"#,
-        )
-        .bind(topic)
-        .bind(partition)
-        .fetch_one(&self.inner.reads)
-        .await
-        .map_err(unavailable)?;
+        let row = sqlx::query(END_OFFSET)
+            .bind(topic)
+            .bind(partition)
+            .fetch_one(&self.inner.reads)
+            .await
+            .map_err(unavailable)?;
         Ok(row.get::<i64, _>(0) as u64)
     }
 
