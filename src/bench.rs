@@ -211,6 +211,11 @@ struct Stats {
     /// One example message per error kind.
     samples: BTreeMap<String, String>,
     latency: Histogram<u64>,
+    /// Of the successes, the server's own time, where it told it (`Server-Timing: app`).
+    server: Histogram<u64>,
+    /// In the open loops: how late each request was sent after its scheduled start (the load
+    /// generator's own queueing, included in `latency`).
+    lag: Histogram<u64>,
     window: Duration,
     cpu: Option<CpuUse>,
 }
@@ -222,17 +227,21 @@ impl Stats {
             errors: BTreeMap::new(),
             samples: BTreeMap::new(),
             latency: histogram(),
+            server: histogram(),
+            lag: histogram(),
             window,
             cpu: None,
         }
     }
 
-    fn record(&mut self, result: Result<(), Failure>, latency: Duration) {
+    fn record(&mut self, result: Result<Answered, Failure>, latency: Duration) {
         match result {
-            Ok(()) => {
+            Ok(answered) => {
                 self.ok += 1;
-                let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-                self.latency.saturating_record(micros.max(1));
+                record_micros(&mut self.latency, latency);
+                if let Some(server) = answered.server {
+                    record_micros(&mut self.server, server);
+                }
             }
             Err(failure) => {
                 *self.errors.entry(failure.kind.clone()).or_default() += 1;
@@ -251,6 +260,16 @@ impl Stats {
         }
         // Same bounds on both sides: this cannot fail.
         let _ = self.latency.add(&other.latency);
+        let _ = self.server.add(&other.server);
+        let _ = self.lag.add(&other.lag);
+    }
+
+    /// One part of the latency (`server` or `lag`) as a row of its own.
+    fn part(&self, part: &Histogram<u64>) -> Stats {
+        let mut stats = Stats::new(self.window);
+        stats.ok = part.len();
+        stats.latency = part.clone();
+        stats
     }
 
     fn rate(&self) -> f64 {
@@ -269,6 +288,18 @@ impl Stats {
     fn max_ms(&self) -> f64 {
         self.latency.max() as f64 / 1000.0
     }
+}
+
+fn record_micros(histogram: &mut Histogram<u64>, took: Duration) {
+    let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+    histogram.saturating_record(micros.max(1));
+}
+
+/// What one successful request tells besides its latency.
+#[derive(Debug, Default, Clone, Copy)]
+struct Answered {
+    /// The server's own time (from its `Server-Timing` header), for HTTP requests.
+    server: Option<Duration>,
 }
 
 /// Why one request did not succeed: a short kind to count by, and a detail to show once.
@@ -342,7 +373,7 @@ struct Timing<'a> {
 async fn closed_loop<F, Fut>(clients: usize, timing: Timing<'_>, operation: F) -> Stats
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), Failure>> + Send + 'static,
+    Fut: Future<Output = Result<Answered, Failure>> + Send + 'static,
 {
     let operation = Arc::new(operation);
     let window = Window::after(timing.warmup, timing.duration);
@@ -380,7 +411,7 @@ where
 async fn open_loop<F, Fut>(rate: f64, timing: Timing<'_>, operation: F) -> Stats
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), Failure>> + Send + 'static,
+    Fut: Future<Output = Result<Answered, Failure>> + Send + 'static,
 {
     let rate = rate.max(1.0);
     let begin = Instant::now();
@@ -406,10 +437,13 @@ where
             let request = operation(issued as usize, issued);
             let stats = stats.clone();
             tasks.spawn(async move {
+                let sent = Instant::now();
                 let result = request.await;
                 let end = Instant::now();
                 if scheduled >= window.from && scheduled < window.to {
-                    lock(&stats).record(result, end - scheduled);
+                    let mut stats = lock(&stats);
+                    stats.record(result, end - scheduled);
+                    record_micros(&mut stats.lag, sent - scheduled);
                 }
             });
             issued += 1;
@@ -423,7 +457,7 @@ where
 }
 
 /// One operation of the load generator: a request, ready to be awaited.
-type Operation = std::pin::Pin<Box<dyn Future<Output = Result<(), Failure>> + Send>>;
+type Operation = std::pin::Pin<Box<dyn Future<Output = Result<Answered, Failure>> + Send>>;
 
 /// The length of one turn of an interleaved phase.
 const SLICE: Duration = Duration::from_secs(1);
@@ -506,10 +540,13 @@ where
             };
             let stats = stats.clone();
             tasks.spawn(async move {
+                let sent = Instant::now();
                 let result = request.await;
                 let end = Instant::now();
                 if scheduled >= from && scheduled < to {
-                    lock(&stats)[usize::from(is_b)].record(result, end - scheduled);
+                    let stats = &mut lock(&stats)[usize::from(is_b)];
+                    stats.record(result, end - scheduled);
+                    record_micros(&mut stats.lag, sent - scheduled);
                 }
             });
             issued += 1;
@@ -838,12 +875,17 @@ fn http_failure(error: reqwest::Error) -> Failure {
 async fn finish(
     response: Result<reqwest::Response, reqwest::Error>,
     expected: u16,
-) -> Result<(), Failure> {
+) -> Result<Answered, Failure> {
     let response = response.map_err(http_failure)?;
     let status = response.status().as_u16();
+    let server = response
+        .headers()
+        .get("server-timing")
+        .and_then(|value| value.to_str().ok())
+        .and_then(crate::telemetry::server_time);
     let body = response.bytes().await.map_err(http_failure)?;
     if status == expected {
-        Ok(())
+        Ok(Answered { server })
     } else {
         Err(Failure::new(
             format!("HTTP {status}"),
@@ -899,7 +941,7 @@ fn append_operation(
             let partition = partition_for(&record.key, partitions);
             log.append(&topic, partition, record)
                 .await
-                .map(|_| ())
+                .map(|_| Answered::default())
                 .map_err(|error| Failure::new("append", error))
         })
     }
@@ -939,7 +981,7 @@ impl AppendTimes {
             } else {
                 return;
             };
-            lock(&recorder)[side].record(Ok(()), took);
+            lock(&recorder)[side].record(Ok(Answered::default()), took);
         })));
         AppendTimes { stats }
     }
@@ -1392,6 +1434,9 @@ async fn commands(
     }
     header.push_str(&format!(" {:>6}", "other"));
     println!("{header}");
+    let command_turns_server = commands_turns.part(&commands_turns.server);
+    let command_turns_lag = commands_turns.part(&commands_turns.lag);
+    let raw_turns_lag = raw_turns.part(&raw_turns.lag);
     let rows = [
         (
             "(raw append, closed, platform not started)".to_owned(),
@@ -1416,6 +1461,15 @@ async fn commands(
             "… command turns: log append alone".to_owned(),
             &command_turn_appends,
         ),
+        (
+            "… command turns: server's own time".to_owned(),
+            &command_turns_server,
+        ),
+        (
+            "… command turns: sent late by".to_owned(),
+            &command_turns_lag,
+        ),
+        ("… raw turns: sent late by".to_owned(), &raw_turns_lag),
     ];
     let cores_used = |value: Option<f64>| {
         value
@@ -1452,6 +1506,9 @@ async fn commands(
     );
     println!(
         "  (log append alone: each append's time from the call to the log's acknowledgement during the turns, the raw loop's and the platform's inside the commands)"
+    );
+    println!(
+        "  (server's own time: from the server's Server-Timing header, the request's arrival at its middleware to its answer; sent late by: how long after its scheduled start the load generator sent each request, part of its latency)"
     );
     let drain = |drained: Option<Duration>| {
         drained

@@ -26,6 +26,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::security::{RouteClass, classify};
 
 const CORRELATION_ID: &str = "x-correlation-id";
+const SERVER_TIMING: &str = "server-timing";
 
 /// Upper bounds (seconds) of the command latency histogram's buckets.
 const BUCKETS: [f64; 12] = [
@@ -133,12 +134,37 @@ pub async fn track(mut request: Request, next: Next) -> Response {
             tracing::info!(status, millis, "answered");
         }
     });
+    // The server's own time, in the standard header browsers' developer tools and load
+    // generators read (`platform bench commands` splits its latency with it).
+    if let Ok(value) = HeaderValue::from_str(&format!(
+        "app;dur={:.3}",
+        started.elapsed().as_secs_f64() * 1e3
+    )) {
+        response.headers_mut().append(SERVER_TIMING, value);
+    }
     if !response.headers().contains_key(CORRELATION_ID)
         && let Ok(value) = HeaderValue::from_str(&correlation_id)
     {
         response.headers_mut().insert(CORRELATION_ID, value);
     }
     response
+}
+
+/// The `app` metric's duration in a `Server-Timing` header value (W3C Server Timing:
+/// `app;dur=1.234`, milliseconds, possibly among other metrics).
+pub fn server_time(header: &str) -> Option<std::time::Duration> {
+    header.split(',').find_map(|metric| {
+        let mut params = metric.split(';').map(str::trim);
+        if params.next()? != "app" {
+            return None;
+        }
+        let millis: f64 = params
+            .find_map(|param| param.strip_prefix("dur="))?
+            .parse()
+            .ok()?;
+        (millis.is_finite() && millis >= 0.0)
+            .then(|| std::time::Duration::from_secs_f64(millis / 1e3))
+    })
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), when it is one.

@@ -9,6 +9,7 @@
 //! # Layout
 //! - [`owner`]: the generic partition owner: state rebuild, per-aggregate locking, append and
 //!   read-back, idempotency, snapshots, stepping down.
+//! - [`sharded`]: the sharded hash map behind the owners' tables (growing without stalls).
 //! - [`store`]: snapshots and command-topic positions, in SQLite or Postgres.
 //! - [`messages`]: the commands that travel on command topics (from `event-schema`).
 //! - [`consumer`]: the command-topic consumer loop.
@@ -23,6 +24,7 @@ pub use event_schema::commands as messages;
 pub mod owner;
 pub mod provider;
 pub mod services;
+pub mod sharded;
 pub mod store;
 
 pub use services::{CommandSettings, CommandState, ServiceSet};

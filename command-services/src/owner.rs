@@ -62,6 +62,7 @@ use uuid::Uuid;
 
 use domain::Decision;
 
+use crate::sharded::ShardedMap;
 use crate::store::{CommandStore, Snapshot};
 
 /// Bumped whenever the snapshot rows change shape; older snapshots are then ignored and the
@@ -190,8 +191,10 @@ struct Slot<S> {
 
 #[derive(Debug)]
 struct Table<S> {
-    aggregates: HashMap<String, Slot<S>>,
-    commands: HashMap<Uuid, Arc<StoredOutcome>>,
+    /// Sharded: they grow with the history, and a `HashMap` growing in one piece would hold
+    /// the table's lock, and every command, for as long as it takes to move all of it.
+    aggregates: ShardedMap<String, Slot<S>>,
+    commands: ShardedMap<Uuid, Arc<StoredOutcome>>,
     next_offsets: BTreeMap<u32, u64>,
     since_snapshot: BTreeMap<u32, u64>,
     /// What changed since each partition's last snapshot.
@@ -348,8 +351,8 @@ where
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, CommandError<A::Error>> {
         let mut table = Table {
-            aggregates: HashMap::new(),
-            commands: HashMap::new(),
+            aggregates: ShardedMap::new(),
+            commands: ShardedMap::new(),
             next_offsets: BTreeMap::new(),
             since_snapshot: BTreeMap::new(),
             dirty: BTreeMap::new(),

@@ -24,8 +24,8 @@ use tokio::sync::oneshot;
 
 use super::projections::{append_preload, decide_lifecycles};
 use super::{
-    CpuSample, CpuUse, Failure, Running, Stats, Timing, closed_loop, command_line, finish,
-    harmonic, load_average, mix, noop_operation, open_raw_log, verdict, wait_ready,
+    Answered, CpuSample, CpuUse, Failure, Running, Stats, Timing, closed_loop, command_line,
+    finish, harmonic, load_average, mix, noop_operation, open_raw_log, verdict, wait_ready,
 };
 use crate::{Part, Platform, Settings};
 
@@ -130,7 +130,7 @@ fn query_operation(
 ) -> impl Fn(
     usize,
     u64,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Failure>> + Send>>
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answered, Failure>> + Send>>
 + Send
 + Sync
 + 'static {

@@ -43,8 +43,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{
-    Failure, Stats, Timing, closed_loop, command_line, finish, histogram, load_average, lock,
-    open_loop, verdict,
+    Answered, Failure, Stats, Timing, closed_loop, command_line, finish, histogram, load_average,
+    lock, open_loop, verdict,
 };
 use crate::backend::Backend;
 use crate::{Part, Platform, Settings};
@@ -172,8 +172,9 @@ fn pick(client: usize, sequence: u64, salt: u64) -> u64 {
     x
 }
 
-type Operation =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Failure>> + Send + 'static>>;
+type Operation = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Answered, Failure>> + Send + 'static>,
+>;
 
 fn receipt_operation(
     http: reqwest::Client,
@@ -247,7 +248,7 @@ fn order_operation(
                     }
                 }
             }
-            Ok(())
+            Ok(Answered::default())
         })
     }
 }

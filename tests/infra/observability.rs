@@ -205,6 +205,18 @@ async fn every_answer_carries_the_correlation_id() {
         Some("corr-456"),
         "the command's own correlation id is the client's"
     );
+    let timing = command
+        .headers()
+        .get("server-timing")
+        .and_then(|v| v.to_str().ok())
+        .expect("a Server-Timing header");
+    let took = platform::telemetry::server_time(timing).expect("an app;dur= metric");
+    assert!(took < Duration::from_secs(10), "{timing}");
+    assert_eq!(
+        platform::telemetry::server_time("db;dur=2, app;desc=\"x\";dur=1.5"),
+        Some(Duration::from_micros(1500))
+    );
+    assert_eq!(platform::telemetry::server_time("db;dur=2"), None);
     let generated = client
         .get(format!("{}/inventory/SKU-C", app.url()))
         .send()
