@@ -103,6 +103,7 @@ use tokio::time::Instant;
 use crate::backend::kafka_settings;
 use crate::{Part, Platform, Settings};
 
+mod client;
 mod projections;
 mod queries;
 mod sagas;
@@ -895,32 +896,36 @@ async fn finish(
 }
 
 fn command_operation(
-    http: reqwest::Client,
-    base: String,
+    http: client::Client,
     workload: Mix,
     keys: Keys,
 ) -> impl Fn(usize, u64) -> Operation + Send + Sync + 'static {
     move |client, sequence| {
         let (path, body, expected) = request_for(&workload.pick(client, sequence));
-        let mut request = http
-            .post(format!("{base}{path}"))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(key) = keys.key(client, sequence) {
-            request = request.header("idempotency-key", key);
-        }
-        Box::pin(async move { finish(request.send().await, expected).await })
+        let key = keys.key(client, sequence);
+        let http = http.clone();
+        Box::pin(async move {
+            http.send(
+                axum::http::Method::POST,
+                &path,
+                Some(body.into()),
+                key.as_deref(),
+                expected,
+            )
+            .await
+        })
     }
 }
 
 fn noop_operation(
-    http: reqwest::Client,
-    base: String,
+    http: client::Client,
 ) -> impl Fn(usize, u64) -> Operation + Send + Sync + 'static {
-    let url = format!("{base}/health/live");
     move |_, _| {
-        let request = http.get(&url);
-        Box::pin(async move { finish(request.send().await, 200).await })
+        let http = http.clone();
+        Box::pin(async move {
+            http.send(axum::http::Method::GET, "/health/live", None, None, 200)
+                .await
+        })
     }
 }
 
@@ -1077,6 +1082,7 @@ async fn open_raw_log(settings: &Settings) -> anyhow::Result<(SharedLog, String)
 struct Running {
     /// `http://127.0.0.1:<port>`
     base: String,
+    addr: SocketAddr,
     stop: oneshot::Sender<()>,
     served: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -1114,12 +1120,18 @@ async fn start_part(
     let platform = Platform::build(settings, part)
         .await
         .context("starting the platform under test")?;
-    let base = format!("http://{}", platform.local_addr());
+    let addr = platform.local_addr();
+    let base = format!("http://{addr}");
     let (stop, stopped) = oneshot::channel::<()>();
     let served = tokio::spawn(platform.run_until_stopped(async move {
         let _ = stopped.await;
     }));
-    let running = Running { base, stop, served };
+    let running = Running {
+        base,
+        addr,
+        stop,
+        served,
+    };
     wait_ready(http, &running.base).await?;
     let idle = own_cores(Duration::from_secs(2)).await;
     Ok((running, idle))
@@ -1318,10 +1330,11 @@ async fn commands(
         .build()
         .context("building the HTTP client")?;
     let (running, idle) = start_part(settings.clone(), part, &http).await?;
-    let base = running.base.clone();
+    // The load itself goes through the lean client (see `client`).
+    let lean = client::Client::new(running.addr, clients * 4);
 
     eprintln!("bench: HTTP no-op (GET /health/live), {clients} clients");
-    let noop = closed_loop(clients, timing, noop_operation(http.clone(), base.clone())).await;
+    let noop = closed_loop(clients, timing, noop_operation(lean.clone())).await;
     eprintln!("bench: raw append, {clients} tasks");
     let raw = closed_loop(
         clients,
@@ -1333,7 +1346,7 @@ async fn commands(
     let commands = closed_loop(
         clients,
         timing,
-        command_operation(http.clone(), base.clone(), workload, Keys::new(keyed_share)),
+        command_operation(lean.clone(), workload, Keys::new(keyed_share)),
     )
     .await;
     // Orders set the saga and the projections to work. See how long that backlog takes to
@@ -1360,7 +1373,7 @@ async fn commands(
     // The platform's topics are `<prefix>.<aggregate type>.<kind>`.
     let platform_topics = format!("{}.", fresh.topic_prefix);
     let (running, idle_half) = start_part(fresh, part, &http).await?;
-    let base = running.base.clone();
+    let lean = client::Client::new(running.addr, clients * 4);
     let half = commands.rate() / 2.0;
     eprintln!("bench: raw append, open loop at {half:.0}/s");
     let raw_half = open_loop(
@@ -1373,11 +1386,11 @@ async fn commands(
     let commands_half = open_loop(
         half,
         timing,
-        command_operation(http.clone(), base.clone(), workload, Keys::new(keyed_share)),
+        command_operation(lean.clone(), workload, Keys::new(keyed_share)),
     )
     .await;
     eprintln!("bench: HTTP no-op, open loop at {half:.0}/s");
-    let noop_half = open_loop(half, timing, noop_operation(http.clone(), base.clone())).await;
+    let noop_half = open_loop(half, timing, noop_operation(lean.clone())).await;
     eprintln!(
         "bench: raw append and commands taking turns of {} s, open loop at {half:.0}/s",
         SLICE.as_secs()
@@ -1387,7 +1400,7 @@ async fn commands(
         half,
         timing,
         append_operation(raw_log.clone(), raw_topics.clone(), workload, keys),
-        command_operation(http.clone(), base.clone(), workload, Keys::new(keyed_share)),
+        command_operation(lean.clone(), workload, Keys::new(keyed_share)),
     )
     .await;
     let [raw_turn_appends, command_turn_appends] = append_times.finish();

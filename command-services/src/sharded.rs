@@ -118,7 +118,10 @@ mod tests {
                 }
                 _ => assert_eq!(sharded.get(key.as_str()), plain.get(key.as_str())),
             }
-            assert_eq!(sharded.contains_key(key_of(x)), plain.contains_key(key_of(x)));
+            assert_eq!(
+                sharded.contains_key(key_of(x)),
+                plain.contains_key(key_of(x))
+            );
         }
         assert_eq!(sharded.len(), plain.len());
         assert_eq!(sharded.is_empty(), plain.is_empty());

@@ -1046,8 +1046,7 @@ async fn command_phase(
         options.clients,
         timing,
         command_operation(
-            http.clone(),
-            running.base.clone(),
+            super::client::Client::new(running.addr, options.clients * 4),
             Mix {
                 skus: options.skus,
                 order_share: 0.5,

@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use super::projections::{append_preload, decide_lifecycles};
 use super::{
     Answered, CpuSample, CpuUse, Failure, Running, Stats, Timing, closed_loop, command_line,
-    finish, harmonic, load_average, mix, noop_operation, open_raw_log, verdict, wait_ready,
+    finish, harmonic, load_average, mix, open_raw_log, verdict, wait_ready,
 };
 use crate::{Part, Platform, Settings};
 
@@ -123,6 +123,25 @@ async fn run_pgbench(
     Ok(stdout)
 }
 
+/// `GET /health/live` through the same client as the queries (reqwest), so the two differ
+/// only in what the server does.
+fn noop_operation(
+    http: reqwest::Client,
+    base: &str,
+) -> impl Fn(
+    usize,
+    u64,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answered, Failure>> + Send>>
++ Send
++ Sync
++ 'static {
+    let url = format!("{base}/health/live");
+    move |_, _| {
+        let request = http.get(&url);
+        Box::pin(async move { finish(request.send().await, 200).await })
+    }
+}
+
 fn query_operation(
     http: reqwest::Client,
     base: String,
@@ -146,12 +165,18 @@ async fn start_projections(settings: Settings, http: &reqwest::Client) -> anyhow
     let platform = Platform::build(settings, Part::Projections)
         .await
         .context("starting the projection part")?;
-    let base = format!("http://{}", platform.local_addr());
+    let addr = platform.local_addr();
+    let base = format!("http://{addr}");
     let (stop, stopped) = oneshot::channel::<()>();
     let served = tokio::spawn(platform.run_until_stopped(async move {
         let _ = stopped.await;
     }));
-    let running = Running { base, stop, served };
+    let running = Running {
+        base,
+        addr,
+        stop,
+        served,
+    };
     wait_ready(http, &running.base).await?;
     Ok(running)
 }
@@ -262,7 +287,7 @@ pub(super) async fn run(options: QueriesBench, base: Settings) -> anyhow::Result
     let noop = closed_loop(
         options.clients,
         timing,
-        noop_operation(http.clone(), running.base.clone()),
+        noop_operation(http.clone(), &running.base),
     )
     .await;
     eprintln!("bench: GET /orders/{{id}}, {} clients", options.clients);
