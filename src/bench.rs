@@ -7,7 +7,10 @@
 //! machine, against the same broker or file:
 //!
 //! 1. **HTTP no-op**: `GET /health/live` on the very server that takes the commands (it does
-//!    no IO), from the same `--clients` closed-loop clients (one shared keep-alive pool).
+//!    no IO), from the same `--clients` closed-loop clients (one shared keep-alive pool). The
+//!    load goes through a lean HTTP/1.1 client on hyper's connection API (`bench/client.rs`):
+//!    the generator shares the CPUs with the server it measures, and reqwest spent more of
+//!    them than the server's own HTTP layer.
 //! 2. **Raw append**: the event log's own `append` with the platform's producer configuration
 //!    (for Kafka, a `KafkaLog` built from the same settings as the platform's: idempotent,
 //!    acks=all, the same linger; for the embedded backend an `EmbeddedLog` on a file of its
@@ -41,7 +44,11 @@
 //!    ([`event_log::metrics::set_append_hook`]), the raw loop's and the platform's (inside the
 //!    commands). When the commands' p99 is over the raw one, they tell whether their appends
 //!    took longer (the broker or file answering slower while the platform runs) or the rest of
-//!    the command path did (HTTP, deciding, folding).
+//!    the command path did (HTTP, deciding, folding). Two more split the commands' latency
+//!    further: the server's own time, from the `Server-Timing: app;dur=` header every answer
+//!    carries (arrival at the middleware to the answer), and how late the generator sent each
+//!    request after its scheduled start (a stall of the whole process, or a backlog of ready
+//!    tasks on its runtime, shows there first).
 //!
 //! The whole sequence runs once per `--part`, by default twice, each with its own baselines:
 //!
@@ -1088,6 +1095,21 @@ struct Running {
 }
 
 impl Running {
+    /// Serves `platform` on a task of its own until [`Running::stop`].
+    fn serve(platform: Platform) -> Self {
+        let addr = platform.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = tokio::spawn(platform.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        Running {
+            base: format!("http://{addr}"),
+            addr,
+            stop,
+            served,
+        }
+    }
+
     async fn stop(self) {
         let _ = self.stop.send(());
         match self.served.await {
@@ -1120,18 +1142,7 @@ async fn start_part(
     let platform = Platform::build(settings, part)
         .await
         .context("starting the platform under test")?;
-    let addr = platform.local_addr();
-    let base = format!("http://{addr}");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let served = tokio::spawn(platform.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
-    let running = Running {
-        base,
-        addr,
-        stop,
-        served,
-    };
+    let running = Running::serve(platform);
     wait_ready(http, &running.base).await?;
     let idle = own_cores(Duration::from_secs(2)).await;
     Ok((running, idle))

@@ -133,7 +133,11 @@ mod tests {
     }
 
     fn key_of(x: u64) -> &'static str {
-        if x % 2 == 0 { "agg-1" } else { "agg-2" }
+        if x.is_multiple_of(2) {
+            "agg-1"
+        } else {
+            "agg-2"
+        }
     }
 
     #[test]

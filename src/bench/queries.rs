@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::oneshot;
 
 use super::projections::{append_preload, decide_lifecycles};
 use super::{
@@ -165,18 +164,7 @@ async fn start_projections(settings: Settings, http: &reqwest::Client) -> anyhow
     let platform = Platform::build(settings, Part::Projections)
         .await
         .context("starting the projection part")?;
-    let addr = platform.local_addr();
-    let base = format!("http://{addr}");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let served = tokio::spawn(platform.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
-    let running = Running {
-        base,
-        addr,
-        stop,
-        served,
-    };
+    let running = Running::serve(platform);
     wait_ready(http, &running.base).await?;
     Ok(running)
 }
