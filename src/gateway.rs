@@ -632,6 +632,8 @@ impl Registry {
 
         let attempts = 1 + self.inner.policy.retries;
         let mut last_error = None;
+        // The instances this request went to, by base URL.
+        let mut tried: Vec<String> = Vec::new();
         for attempt in 0..attempts {
             let candidates = match pool.candidates(
                 owner_of
@@ -650,11 +652,16 @@ impl Registry {
                     return Err(last_error.unwrap_or(error));
                 }
             };
-            // The first candidate, from this attempt's turn on, that takes the request.
-            let turn = attempt as usize % candidates.len();
-            let Some(instance) = candidates[turn..]
+            // The first candidate not tried yet for this request that takes it, else the first
+            // tried one that does. Each call of `candidates` moves the round robin on, so a
+            // turn counted from the attempt number could land on the same instance every time
+            // (with two instances it did: the rotation and the turn cancelled out).
+            let is_tried =
+                |instance: &Arc<Instance>| tried.iter().any(|base: &String| *base == instance.base);
+            let Some(instance) = candidates
                 .iter()
-                .chain(&candidates[..turn])
+                .filter(|instance| !is_tried(instance))
+                .chain(candidates.iter().filter(|instance| is_tried(instance)))
                 .find(|instance| instance.admit(&self.inner.policy))
                 .cloned()
             else {
@@ -669,6 +676,9 @@ impl Registry {
                     ))
                 }));
             };
+            if !tried.contains(&instance.base) {
+                tried.push(instance.base.clone());
+            }
             if attempt > 0 {
                 self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;

@@ -274,6 +274,42 @@ async fn only_idempotent_requests_are_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_goes_to_an_instance_not_tried_yet() {
+    // Two instances, both ready: one answers every request 503, the other 200. With the
+    // breaker out of the way, every GET must reach the good one within its retries, whichever
+    // instance the round robin offers first. (A retry used to follow the round robin, which
+    // with two instances sent every attempt of a request to the same one.)
+    let failing_hits = Arc::new(AtomicU32::new(0));
+    let good_hits = Arc::new(AtomicU32::new(0));
+    let failing = support::serve(counting(503, failing_hits.clone()), localhost()).await;
+    let good = support::serve(counting(200, good_hits.clone()), localhost()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut settings = gateway_settings(dir.path());
+    settings.http_addr = localhost();
+    settings.gateway.gateway_saga = vec![failing.url(), good.url()];
+    settings.gateway.gateway_retries = 2;
+    settings.gateway.gateway_breaker_failures = 1_000;
+    let gateway = support::gateway(settings).await;
+    let client = reqwest::Client::new();
+    for index in 0..20 {
+        let status = client
+            .get(format!("{}/sagas", gateway.url()))
+            .send()
+            .await
+            .expect("get")
+            .status()
+            .as_u16();
+        assert_eq!(status, 200, "request {index}");
+    }
+    assert_eq!(good_hits.load(Ordering::SeqCst), 20);
+    // The failing instance was offered first about half the time, and tried once each time.
+    assert!(failing_hits.load(Ordering::SeqCst) <= 20);
+    gateway.stop().await;
+    failing.stop().await;
+    good.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_opens_on_failures_answers_503_and_recovers() {
     let hits = Arc::new(AtomicU32::new(0));
     let upstream = support::serve(counting(200, hits.clone()), localhost()).await;
