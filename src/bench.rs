@@ -886,11 +886,7 @@ async fn finish(
 ) -> Result<Answered, Failure> {
     let response = response.map_err(http_failure)?;
     let status = response.status().as_u16();
-    let server = response
-        .headers()
-        .get("server-timing")
-        .and_then(|value| value.to_str().ok())
-        .and_then(crate::telemetry::server_time);
+    let server = crate::telemetry::server_time_of(response.headers());
     let body = response.bytes().await.map_err(http_failure)?;
     if status == expected {
         Ok(Answered { server })

@@ -123,11 +123,11 @@ pub async fn track(mut request: Request, next: Next) -> Response {
     );
     let started = Instant::now();
     let mut response = timed(request, next).instrument(span.clone()).await;
+    let millis = started.elapsed().as_secs_f64() * 1e3;
     // One line per request, inside its span: JSON logs carry its correlation and trace ids.
     // Probes answer every few seconds, so they log only at debug.
     span.in_scope(|| {
         let status = response.status().as_u16();
-        let millis = started.elapsed().as_secs_f64() * 1e3;
         if probe {
             tracing::debug!(status, millis, "answered");
         } else {
@@ -136,10 +136,7 @@ pub async fn track(mut request: Request, next: Next) -> Response {
     });
     // The server's own time, in the standard header browsers' developer tools and load
     // generators read (`platform bench commands` splits its latency with it).
-    if let Ok(value) = HeaderValue::from_str(&format!(
-        "app;dur={:.3}",
-        started.elapsed().as_secs_f64() * 1e3
-    )) {
+    if let Ok(value) = HeaderValue::from_str(&format!("app;dur={millis:.3}")) {
         response.headers_mut().append(SERVER_TIMING, value);
     }
     if !response.headers().contains_key(CORRELATION_ID)
@@ -165,6 +162,15 @@ pub fn server_time(header: &str) -> Option<std::time::Duration> {
         (millis.is_finite() && millis >= 0.0)
             .then(|| std::time::Duration::from_secs_f64(millis / 1e3))
     })
+}
+
+/// The server's own time an answer's `Server-Timing` headers give, if any.
+pub fn server_time_of(headers: &axum::http::HeaderMap) -> Option<std::time::Duration> {
+    headers
+        .get_all(SERVER_TIMING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .find_map(server_time)
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), when it is one.

@@ -23,8 +23,8 @@ use anyhow::Context;
 
 use super::projections::{append_preload, decide_lifecycles};
 use super::{
-    Answered, CpuSample, CpuUse, Failure, Running, Stats, Timing, closed_loop, command_line,
-    finish, harmonic, load_average, mix, open_raw_log, verdict, wait_ready,
+    CpuSample, CpuUse, Operation, Running, Stats, Timing, closed_loop, command_line, finish,
+    harmonic, load_average, mix, open_raw_log, verdict, wait_ready,
 };
 use crate::{Part, Platform, Settings};
 
@@ -127,13 +127,7 @@ async fn run_pgbench(
 fn noop_operation(
     http: reqwest::Client,
     base: &str,
-) -> impl Fn(
-    usize,
-    u64,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answered, Failure>> + Send>>
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(usize, u64) -> Operation + Send + Sync + 'static {
     let url = format!("{base}/health/live");
     move |_, _| {
         let request = http.get(&url);
@@ -145,13 +139,7 @@ fn query_operation(
     http: reqwest::Client,
     base: String,
     ids: std::sync::Arc<Vec<String>>,
-) -> impl Fn(
-    usize,
-    u64,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answered, Failure>> + Send>>
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(usize, u64) -> Operation + Send + Sync + 'static {
     move |client, sequence| {
         let id = &ids[(mix(client, sequence, 11) % ids.len() as u64) as usize];
         let request = http.get(format!("{base}/orders/{id}"));

@@ -43,8 +43,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{
-    Answered, Failure, Stats, Timing, closed_loop, command_line, finish, histogram, load_average,
-    lock, open_loop, verdict,
+    Answered, Failure, Operation, Stats, Timing, closed_loop, command_line, finish, histogram,
+    load_average, lock, open_loop, verdict,
 };
 use crate::backend::Backend;
 use crate::{Part, Platform, Settings};
@@ -171,10 +171,6 @@ fn pick(client: usize, sequence: u64, salt: u64) -> u64 {
     x ^= x >> 33;
     x
 }
-
-type Operation = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<Answered, Failure>> + Send + 'static>,
->;
 
 fn receipt_operation(
     http: reqwest::Client,

@@ -194,6 +194,11 @@ async fn the_gateway_keeps_serving_when_one_of_two_instances_is_killed() {
     second.stop().await;
 }
 
+/// Sends `request` and gives its status.
+async fn status_of(request: reqwest::RequestBuilder) -> u16 {
+    request.send().await.expect("request").status().as_u16()
+}
+
 /// A stand-in upstream that counts requests and answers `status` (and 200 on /health/ready).
 fn counting(status: u16, hits: Arc<AtomicU32>) -> axum::Router {
     let answer = move || {
@@ -232,38 +237,19 @@ async fn only_idempotent_requests_are_retried() {
         gateway.url()
     );
 
-    let status = client
-        .post(&retry)
-        .send()
-        .await
-        .expect("post")
-        .status()
-        .as_u16();
+    let status = status_of(client.post(&retry)).await;
     assert_eq!(
         (status, hits.swap(0, Ordering::SeqCst)),
         (503, 1),
         "a command without a key: once"
     );
-    let status = client
-        .get(format!("{}/sagas", gateway.url()))
-        .send()
-        .await
-        .expect("get")
-        .status()
-        .as_u16();
+    let status = status_of(client.get(format!("{}/sagas", gateway.url()))).await;
     assert_eq!(
         (status, hits.swap(0, Ordering::SeqCst)),
         (503, 3),
         "a GET: 1 + 2 retries"
     );
-    let status = client
-        .post(&retry)
-        .header("idempotency-key", "retry-1")
-        .send()
-        .await
-        .expect("post")
-        .status()
-        .as_u16();
+    let status = status_of(client.post(&retry).header("idempotency-key", "retry-1")).await;
     assert_eq!(
         (status, hits.swap(0, Ordering::SeqCst)),
         (503, 3),
@@ -292,13 +278,7 @@ async fn a_retry_goes_to_an_instance_not_tried_yet() {
     let gateway = support::gateway(settings).await;
     let client = reqwest::Client::new();
     for index in 0..20 {
-        let status = client
-            .get(format!("{}/sagas", gateway.url()))
-            .send()
-            .await
-            .expect("get")
-            .status()
-            .as_u16();
+        let status = status_of(client.get(format!("{}/sagas", gateway.url()))).await;
         assert_eq!(status, 200, "request {index}");
     }
     assert_eq!(good_hits.load(Ordering::SeqCst), 20);
@@ -327,25 +307,10 @@ async fn the_breaker_opens_on_failures_answers_503_and_recovers() {
     let client = reqwest::Client::new();
     let sagas = format!("{}/sagas", gateway.url());
 
-    assert_eq!(
-        client
-            .get(&sagas)
-            .send()
-            .await
-            .expect("get")
-            .status()
-            .as_u16(),
-        200
-    );
+    assert_eq!(status_of(client.get(&sagas)).await, 200);
     upstream.stop().await;
     for attempt in 0..3 {
-        let status = client
-            .get(&sagas)
-            .send()
-            .await
-            .expect("get")
-            .status()
-            .as_u16();
+        let status = status_of(client.get(&sagas)).await;
         assert_eq!(
             status, 502,
             "attempt {attempt} reaches for the dead upstream"
@@ -382,25 +347,10 @@ async fn the_breaker_opens_on_failures_answers_503_and_recovers() {
     // The upstream comes back on the same address: still refused until the open time is over,
     // then one probe closes the breaker.
     let upstream = support::serve(counting(200, hits.clone()), address).await;
-    assert_eq!(
-        client
-            .get(&sagas)
-            .send()
-            .await
-            .expect("get")
-            .status()
-            .as_u16(),
-        503
-    );
+    assert_eq!(status_of(client.get(&sagas)).await, 503);
     tokio::time::sleep(Duration::from_millis(800)).await;
     for attempt in 0..5 {
-        let status = client
-            .get(&sagas)
-            .send()
-            .await
-            .expect("get")
-            .status()
-            .as_u16();
+        let status = status_of(client.get(&sagas)).await;
         assert_eq!(status, 200, "attempt {attempt} after recovery");
     }
     let (_, _, ready) = read(
