@@ -199,6 +199,16 @@ impl Instance {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Forgets that this instance owns `partition` of `topic` (it said it does not), until its
+    /// next health check says otherwise.
+    fn disown(&self, topic: &str, partition: u32) {
+        if let Ok(mut owned) = self.owned.write()
+            && let Some(partitions) = owned.get_mut(topic)
+        {
+            partitions.retain(|owned| *owned != partition);
+        }
+    }
+
     fn owns(&self, topic: &str, partition: u32) -> bool {
         self.owned
             .read()
@@ -391,6 +401,23 @@ impl Pool {
     }
 }
 
+/// An upstream's answer, passed on as it is (less hop-by-hop headers).
+async fn forward(response: reqwest::Response, upstream: &str) -> Result<Response, ApiError> {
+    let mut out = Response::builder().status(response.status());
+    if let Some(out_headers) = out.headers_mut() {
+        for (name, value) in response.headers() {
+            if !is_hop_by_hop(name) {
+                out_headers.append(name.clone(), value.clone());
+            }
+        }
+    }
+    let bytes = response.bytes().await.map_err(|error| {
+        ApiError::BadGateway(format!("upstream {upstream} broke off its answer: {error}"))
+    })?;
+    out.body(Body::from(bytes))
+        .map_err(|error| ApiError::Internal(format!("building the gateway's answer: {error}")))
+}
+
 #[derive(Debug, Deserialize)]
 struct ReadyBody {
     #[serde(default)]
@@ -409,6 +436,10 @@ struct ReadyPartition {
     partition: u32,
     #[serde(default)]
     stepped_down: bool,
+    #[serde(default)]
+    fenced: bool,
+    #[serde(default)]
+    loading: bool,
 }
 
 /// Timeouts, retries and breaker settings.
@@ -543,7 +574,7 @@ impl Registry {
                                 let partitions = service
                                     .partitions
                                     .into_iter()
-                                    .filter(|p| !p.stepped_down)
+                                    .filter(|p| !p.stepped_down && !p.fenced && !p.loading)
                                     .map(|p| p.partition)
                                     .collect();
                                 (service.topic, partitions)
@@ -694,6 +725,29 @@ impl Registry {
                 .send()
                 .await;
             match sent {
+                Ok(response)
+                    if response
+                        .headers()
+                        .get(command_services::http::error::ROUTING)
+                        .is_some_and(|value| value == "elsewhere") =>
+                {
+                    // "Not decided here": routing information, not a failure of the instance (it
+                    // answered, which closes a half-open breaker). Nothing was done, so another
+                    // instance may always be asked.
+                    instance.record(true, &self.inner.policy);
+                    if let Some((topic, partition)) = &owner_of {
+                        instance.disown(topic, *partition);
+                    }
+                    if attempt + 1 < attempts {
+                        tracing::info!(instance = %instance.base, attempt, "not the owner; asking another instance");
+                        last_error = Some(ApiError::Unavailable(format!(
+                            "no instance of upstream {} decides for this aggregate right now",
+                            route.upstream.name()
+                        )));
+                        continue;
+                    }
+                    return forward(response, route.upstream.name()).await;
+                }
                 Ok(response) => {
                     let status = response.status();
                     let failed = matches!(
@@ -712,23 +766,7 @@ impl Registry {
                         )));
                         continue;
                     }
-                    let mut out = Response::builder().status(status);
-                    if let Some(out_headers) = out.headers_mut() {
-                        for (name, value) in response.headers() {
-                            if !is_hop_by_hop(name) {
-                                out_headers.append(name.clone(), value.clone());
-                            }
-                        }
-                    }
-                    let bytes = response.bytes().await.map_err(|error| {
-                        ApiError::BadGateway(format!(
-                            "upstream {} broke off its answer: {error}",
-                            route.upstream.name()
-                        ))
-                    })?;
-                    return out.body(Body::from(bytes)).map_err(|error| {
-                        ApiError::Internal(format!("building the gateway's answer: {error}"))
-                    });
+                    return forward(response, route.upstream.name()).await;
                 }
                 Err(error) => {
                     instance.record(false, &self.inner.policy);

@@ -63,6 +63,9 @@ enum Command {
         #[command(subcommand)]
         command: platform::ops::SagasCommand,
     },
+    /// List (and with --apply, reset) command-side snapshots and positions stored beyond the
+    /// log's end, which the services refuse to start on.
+    Recover(platform::ops::RecoverArgs),
 }
 
 /// `default` applies when `RUST_LOG` is not set. `to_stderr` keeps stdout for a command's own
@@ -138,7 +141,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench { .. }
         | Command::Projections { .. }
         | Command::Parked { .. }
-        | Command::Sagas { .. } => "warn",
+        | Command::Sagas { .. }
+        | Command::Recover(_) => "warn",
     };
     let service = match &command {
         Command::Serve { part } => Some(format!("platform-{part:?}").to_lowercase()),
@@ -193,5 +197,6 @@ async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
         Command::Projections { command } => platform::ops::projections(command, settings).await,
         Command::Parked { command } => platform::ops::parked(command, settings).await,
         Command::Sagas { command } => platform::ops::sagas(command, settings).await,
+        Command::Recover(args) => platform::ops::recover(args, settings).await,
     }
 }

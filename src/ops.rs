@@ -348,6 +348,9 @@ pub async fn projections(command: ProjectionsCommand, settings: Settings) -> any
             "{}: lag {} events, {:.1} s; {} parked",
             status.projection, status.lag_events, status.lag_seconds, status.parked
         );
+        for problem in &status.problems {
+            println!("  STOPPED: {problem}");
+        }
     }
     Ok(())
 }
@@ -433,6 +436,90 @@ async fn resolve(
     if let Some((offset, error)) = &resolved.still_parked {
         println!("the event at offset {offset} is still parked: {error}");
         anyhow::bail!("an event is still parked");
+    }
+    Ok(())
+}
+
+/// `platform recover`: what the command side has stored beyond the log's end.
+#[derive(Debug, clap::Args)]
+pub struct RecoverArgs {
+    /// Drop the snapshots ahead of the log (their owners rebuild those partitions from the log
+    /// at their next start) and move the command-topic positions ahead of the log back to the
+    /// topic's end. Without it, only list what is ahead.
+    #[arg(long)]
+    pub apply: bool,
+}
+
+/// Lists (and with `--apply`, resets) every command-side snapshot and command-topic position
+/// that covers more of the log than the log holds, for every service. The services refuse to
+/// start on such state; this is the documented way out, once an operator has checked that the
+/// log itself is the one to trust (a recreated topic, a broker restored from an older backup).
+/// Projections with a position ahead of the log stop that partition and are rebuilt with
+/// `platform replay --projection <name> --restart`.
+pub async fn recover(args: RecoverArgs, settings: Settings) -> anyhow::Result<()> {
+    use command_services::services::command_consumer;
+    use event_log::topics;
+
+    let backend = Backend::open(&settings).await?;
+    let log = &backend.log;
+    let store = &backend.command_store;
+    let mut ahead = 0;
+    for (service, aggregate) in [
+        ("order", "order"),
+        ("payment", "payment"),
+        ("inventory", "stock"),
+    ] {
+        for (topic, is_events) in [
+            (topics::events(&settings.topic_prefix, aggregate), true),
+            (topics::commands(&settings.topic_prefix, service), false),
+        ] {
+            let partitions = match log.partition_count(&topic).await {
+                Ok(count) => count,
+                Err(event_log::LogError::UnknownTopic(_)) => continue,
+                Err(error) => return Err(error).with_context(|| format!("reading {topic}")),
+            };
+            for partition in 0..partitions {
+                let end = log.end_offset(&topic, partition).await?;
+                let stored = if is_events {
+                    store
+                        .load_snapshot(&topic, partition)
+                        .await?
+                        .map(|snapshot| snapshot.next_offset)
+                } else {
+                    store
+                        .load_position(&command_consumer(service), &topic, partition)
+                        .await?
+                };
+                let Some(stored) = stored.filter(|stored| *stored > end) else {
+                    continue;
+                };
+                ahead += 1;
+                let what = if is_events { "snapshot" } else { "position" };
+                let done = match (args.apply, is_events) {
+                    (false, _) => "",
+                    (true, true) => {
+                        store.drop_snapshot(&topic, partition).await?;
+                        " -> dropped (rebuilt from the log at the next start)"
+                    }
+                    (true, false) => {
+                        store
+                            .reset_position(&command_consumer(service), &topic, partition, end)
+                            .await?;
+                        " -> moved back to the topic's end"
+                    }
+                };
+                println!(
+                    "{service}: {what} of {topic} partition {partition} at offset {stored}, log ends at {end}{done}"
+                );
+            }
+        }
+    }
+    match (ahead, args.apply) {
+        (0, _) => println!("nothing stored is ahead of the log"),
+        (_, false) => {
+            println!("{ahead} ahead of the log; run `platform recover --apply` to reset them")
+        }
+        (_, true) => println!("{ahead} reset; the services can start"),
     }
     Ok(())
 }

@@ -61,6 +61,28 @@ struct AppState {
     max_lag_seconds: f64,
 }
 
+/// Creates the platform's topics that do not exist yet, whichever part starts first: a consumer
+/// group subscribed to a topic that does not exist would only see it at its next metadata
+/// refresh (minutes), and a topic created by a first produce gets the broker's default partition
+/// count instead of `--partitions`.
+async fn ensure_topics(log: &event_log::SharedLog, settings: &Settings) -> anyhow::Result<()> {
+    for (service, aggregate) in [
+        ("order", "order"),
+        ("payment", "payment"),
+        ("inventory", "stock"),
+    ] {
+        for topic in [
+            event_log::topics::events(&settings.topic_prefix, aggregate),
+            event_log::topics::commands(&settings.topic_prefix, service),
+        ] {
+            log.ensure_topic(&topic, settings.partitions)
+                .await
+                .with_context(|| format!("creating topic {topic}"))?;
+        }
+    }
+    Ok(())
+}
+
 impl Platform {
     /// Opens the backend, starts the parts named by `part`, and binds the HTTP address.
     pub async fn build(settings: Settings, part: Part) -> anyhow::Result<Self> {
@@ -72,6 +94,7 @@ impl Platform {
             settings.distributed(),
         )?);
         let backend = Backend::open(&settings).await?;
+        ensure_topics(&backend.log, &settings).await?;
         let (shutdown, stopped) = watch::channel(false);
         let services = match part {
             Part::All | Part::Commands => ServiceSet::ALL,
@@ -92,8 +115,18 @@ impl Platform {
         let mut command_settings = CommandSettings::new(settings.topic_prefix.clone());
         command_settings.partitions = settings.partitions;
         command_settings.services = services;
+        command_settings.assignment = settings.assignment.into();
         command_settings.instance = settings.instance;
         command_settings.instances = settings.instances;
+        if settings.instances > 1
+            && command_settings.assignment == command_services::services::Assignment::Group
+        {
+            anyhow::bail!(
+                "--instances {} needs --assignment static; with --assignment group (the default) \
+                 the instances share the partitions by consumer group, no count to give",
+                settings.instances
+            );
+        }
         command_settings.snapshot_every = settings.snapshot_every;
         command_settings.idempotency_window = Duration::from_secs(settings.idempotency_window_secs);
         let commands = CommandState::start(
@@ -283,13 +316,26 @@ struct Readiness {
 async fn ready(State(state): State<AppState>) -> Response {
     let mut problems = Vec::new();
     if !state.commands.ready() {
-        problems.push("command services are still rebuilding their state".to_owned());
+        let named: Vec<String> = state
+            .commands
+            .statuses()
+            .into_iter()
+            .flat_map(|status| status.problems)
+            .collect();
+        if named.is_empty() {
+            problems.push("command services are still rebuilding their state".to_owned());
+        }
+        problems.extend(named);
+    }
+    if let Some(saga) = &state.saga {
+        problems.extend(saga.problems());
     }
     let projections = match &state.read {
         None => None,
         Some(read) => match read.status().await {
             Ok(statuses) => {
                 for status in &statuses {
+                    problems.extend(status.problems.iter().cloned());
                     if status.lag_seconds > state.max_lag_seconds {
                         problems.push(format!(
                             "projection {} lags {:.1} s (threshold {} s)",

@@ -78,12 +78,27 @@ pub struct Settings {
     #[arg(long, global = true, env = "PLATFORM_PARTITIONS", default_value_t = 8)]
     pub partitions: u32,
 
-    /// This instance's index (0-based) when a command service runs as several instances; it
-    /// owns the partitions p with p % instances == instance.
+    /// How a command service's instance learns which partitions it owns. `group`: the
+    /// service's instances form one consumer group on its command topic and each owns what the
+    /// group assigns it; scale by starting or stopping instances, and a partition whose
+    /// instance dies moves on after the group's session timeout (6 s). `static`: instance
+    /// `--instance` of `--instances` owns the partitions p with p % instances == instance;
+    /// nothing takes over the partitions of an instance that is gone.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_ASSIGNMENT",
+        value_enum,
+        default_value = "group"
+    )]
+    pub assignment: AssignmentMode,
+
+    /// With `--assignment static`: this instance's index (0-based); it owns the partitions p
+    /// with p % instances == instance.
     #[arg(long, global = true, env = "PLATFORM_INSTANCE", default_value_t = 0)]
     pub instance: u32,
 
-    /// How many instances of each command service run.
+    /// With `--assignment static`: how many instances of each command service run.
     #[arg(long, global = true, env = "PLATFORM_INSTANCES", default_value_t = 1)]
     pub instances: u32,
 
@@ -121,6 +136,22 @@ pub struct Settings {
         default_value_t = event_log::kafka::DEFAULT_BACKGROUND_FETCH_WAIT_MS
     )]
     pub kafka_background_fetch_wait_ms: u32,
+
+    /// Replication factor of the topics the platform creates: each partition is kept on this
+    /// many brokers, and its min.insync.replicas is set one lower (at least 1, at most 2), so
+    /// with acks=all and a factor of 3 an acknowledged event is on two brokers and writes go on
+    /// with one broker down. Capped at the number of brokers in the cluster, with a warning: a
+    /// capped topic has fewer copies than asked for (on a single broker, one: losing that
+    /// broker's disk loses the log). An existing topic is never changed; one with fewer
+    /// replicas is reported at start.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_REPLICATION_FACTOR",
+        default_value_t = event_log::kafka::DEFAULT_REPLICATION_FACTOR,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(i16::MAX))
+    )]
+    pub replication_factor: u32,
 
     /// Take a partition's snapshot after this many new events.
     #[arg(
@@ -436,11 +467,13 @@ impl Settings {
             topic_prefix: "fulfilment".into(),
             schema_prefix: String::new(),
             partitions: 8,
+            assignment: AssignmentMode::Group,
             instance: 0,
             instances: 1,
             kafka_linger_ms: event_log::kafka::DEFAULT_LINGER_MS,
             kafka_fetch_wait_ms: event_log::kafka::DEFAULT_FETCH_WAIT_MS,
             kafka_background_fetch_wait_ms: event_log::kafka::DEFAULT_BACKGROUND_FETCH_WAIT_MS,
+            replication_factor: event_log::kafka::DEFAULT_REPLICATION_FACTOR,
             snapshot_every: 5000,
             idempotency_window_secs: 86_400,
             max_lag_seconds: 30.0,
@@ -454,6 +487,22 @@ impl Settings {
                 ..SecuritySettings::default()
             },
             gateway: GatewaySettings::default(),
+        }
+    }
+}
+
+/// `--assignment`: see [`command_services::services::Assignment`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AssignmentMode {
+    Group,
+    Static,
+}
+
+impl From<AssignmentMode> for command_services::services::Assignment {
+    fn from(mode: AssignmentMode) -> Self {
+        match mode {
+            AssignmentMode::Group => command_services::services::Assignment::Group,
+            AssignmentMode::Static => command_services::services::Assignment::Static,
         }
     }
 }

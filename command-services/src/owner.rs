@@ -2,8 +2,12 @@
 //! state in memory and decides every command for them (see ARCHITECTURE.md, "one owner per
 //! partition makes it fast").
 //!
-//! - **Start-up**: per owned partition, load the latest snapshot, then read the log tail up to
-//!   the end offsets seen at start; only then is the owner ready.
+//! - **Taking a partition** ([`Owner::acquire`], as the service's consumer group assigns it;
+//!   or at start, for a static share): load its latest snapshot (refused when it covers more
+//!   than the log holds), read the log tail up to the end seen when it started, take the
+//!   partition's next epoch; only then are its commands decided. **Giving it up**
+//!   ([`Owner::release`]): decide nothing more for it, let its commands in flight settle, leave
+//!   a last snapshot, forget it.
 //! - **Commands** are decided under a per-aggregate lock against that state. The event is
 //!   appended, and the command is acknowledged only once its record has been folded into the
 //!   state in log order and judged effective, by the effective-history rule
@@ -27,9 +31,16 @@
 //! - **An assumption:** the log holds at an acknowledged offset the record it acknowledged
 //!   there (Kafka with an idempotent producer and acks=all). The owner checks it only where a
 //!   read of the log meets an acknowledged offset it has not folded yet.
-//! - A record the owner did not write appearing after start-up means another writer is active
-//!   on the partition (a zombie, or a second owner): the owner steps down from that partition
-//!   and refuses its commands, so it never acknowledges a write that readers would skip.
+//! - **Fenced writers.** Once caught up, an owner takes the partition's next epoch from the
+//!   store ([`CommandStore::acquire_epoch`], above every epoch its records show) and stamps it
+//!   on every record it appends (the `owner-epoch` header) and on every snapshot head. A record
+//!   of a later epoch means a newer owner took the partition (an instance started for it in a
+//!   rolling update, or after this one was frozen): this owner stops deciding for it, answers
+//!   "not the owner" (routing information for the gateway), and takes no more snapshots of
+//!   it. A record of an earlier epoch is a stale writer's (a zombie): it is judged by the
+//!   effective-history rule like any other, and the owner goes on serving. Either way a
+//!   command whose own record lost to another writer's is decided again against the new
+//!   state, so no client is told of a write that readers skip.
 //! - **Command outcomes are remembered for a window.** A command its sender may send again
 //!   carries a request fingerprint (`request_hash`: an HTTP request with an `Idempotency-Key`,
 //!   a command from a command topic); the outcome of such a command is kept, so a repeat gets
@@ -63,12 +74,18 @@ use uuid::Uuid;
 use domain::Decision;
 
 use crate::sharded::ShardedMap;
-use crate::store::{CommandStore, Snapshot};
+use crate::store::{CommandStore, SaveError, Snapshot};
+
+/// The record header carrying the appending owner's epoch.
+pub const EPOCH_HEADER: &str = "owner-epoch";
+
+/// How many times a command whose record lost to another writer's is decided again.
+const REDECIDE_LIMIT: u32 = 3;
 
 /// Bumped whenever the snapshot rows change shape; older snapshots are then ignored and the
 /// partition is rebuilt from the log. 3: outcomes carry when their event occurred, and only
 /// those of commands with a request fingerprint are kept.
-const SNAPSHOT_FORMAT: u32 = 3;
+pub const SNAPSHOT_FORMAT: u32 = 3;
 
 /// How often the snapshot task looks for partitions due a snapshot.
 const SNAPSHOT_CHECK: Duration = Duration::from_millis(500);
@@ -90,6 +107,11 @@ pub struct OwnerConfig {
     pub partitions: u32,
     /// The partitions this instance owns.
     pub owned: Vec<u32>,
+    /// The partitions come from a consumer group ([`Owner::acquire`], [`Owner::release`]):
+    /// `owned` is empty, and the owner is ready once told of its first assignment.
+    pub assigned_by_group: bool,
+    /// Who this owner is, in the store's epoch table (host and process).
+    pub holder: String,
     /// Take a partition's snapshot after this many new records.
     pub snapshot_every: u64,
     /// How long a command waits to read its own record back before answering 503.
@@ -161,9 +183,37 @@ pub enum CommandError<E> {
     /// The aggregate's partition belongs to another instance.
     #[error("partition {partition} is owned by another instance")]
     NotOwner { partition: u32 },
-    /// Another writer was seen on the partition; this instance no longer writes to it.
+    /// A newer owner took the partition: its records carry a later epoch than this owner's.
+    #[error(
+        "partition {partition} has a newer owner (epoch {newer}; this instance's: {ours}); this instance no longer decides for it"
+    )]
+    Fenced {
+        partition: u32,
+        ours: u64,
+        newer: u64,
+    },
+    /// A stored snapshot covers more of the log than the log holds: the log lost its tail, or
+    /// the topic was recreated. The owner refuses to start rather than decide on state the log
+    /// does not have.
+    #[error(
+        "the snapshot of {topic} partition {partition} covers offsets up to {stored}, but the log ends at {end}: the log lost records or the topic was recreated. The snapshot cannot be trusted; after checking the log, run `platform recover` to drop the snapshots ahead of the log (the owner then rebuilds the partition from the log)"
+    )]
+    AheadOfLog {
+        topic: String,
+        partition: u32,
+        stored: u64,
+        end: u64,
+    },
+    /// The log held another record than the one it acknowledged to this instance, which no
+    /// longer writes to the partition.
     #[error("partition {partition} has another writer; this instance stepped down from it")]
     SteppedDown { partition: u32 },
+    /// Another writer's record took the version this command's record claimed, each time the
+    /// command was decided again; nothing of it took effect.
+    #[error(
+        "another writer's records kept taking the aggregate's next version on partition {partition}; nothing was written, retry"
+    )]
+    Contended { partition: u32 },
     /// The log could not be written or read back in time.
     #[error("event log unavailable: {0}")]
     Unavailable(String),
@@ -209,6 +259,57 @@ struct Table<S> {
     remembered: BTreeMap<u32, VecDeque<(i64, Uuid)>>,
     /// [`OwnerConfig::idempotency_window`] in ms.
     window_ms: i64,
+    /// The partitions this owner holds (serving or catching up), each with the tenure it holds
+    /// it in: a number no earlier holding of the partition had. Whatever started in one
+    /// tenure (a read of the log, an append waiting for its acknowledgement, a command) changes
+    /// nothing in another, nor in a partition given up.
+    live: BTreeMap<u32, u64>,
+    tenures: u64,
+}
+
+impl<S> Table<S> {
+    fn empty(idempotency_window: Duration) -> Self {
+        Table {
+            aggregates: ShardedMap::new(),
+            commands: ShardedMap::new(),
+            next_offsets: BTreeMap::new(),
+            since_snapshot: BTreeMap::new(),
+            dirty: BTreeMap::new(),
+            acked: BTreeMap::new(),
+            log_time: BTreeMap::new(),
+            remembered: BTreeMap::new(),
+            window_ms: i64::try_from(idempotency_window.as_millis()).unwrap_or(i64::MAX),
+            live: BTreeMap::new(),
+            tenures: 0,
+        }
+    }
+
+    /// Starts a new tenure of `partition`; returns it.
+    fn hold(&mut self, partition: u32) -> u64 {
+        self.tenures += 1;
+        self.live.insert(partition, self.tenures);
+        self.tenures
+    }
+
+    fn tenure(&self, partition: u32) -> Option<u64> {
+        self.live.get(&partition).copied()
+    }
+
+    /// Takes in what `other` holds of partitions this table has nothing of.
+    fn absorb(&mut self, other: Table<S>) {
+        for (id, slot) in other.aggregates.into_entries() {
+            self.aggregates.insert(id, slot);
+        }
+        for (id, outcome) in other.commands.into_entries() {
+            self.commands.insert(id, outcome);
+        }
+        self.next_offsets.extend(other.next_offsets);
+        self.since_snapshot.extend(other.since_snapshot);
+        self.dirty.extend(other.dirty);
+        self.acked.extend(other.acked);
+        self.log_time.extend(other.log_time);
+        self.remembered.extend(other.remembered);
+    }
 }
 
 /// What changed in a partition since its last snapshot, kept as it changes (the states are
@@ -263,11 +364,16 @@ struct Folded {
     aggregate_id: String,
     claimed: u64,
     verdict: Verdict,
+    /// The writer's epoch, for a record read from the log (ours are folded from their
+    /// acknowledgement and carry none here).
+    epoch: Option<u64>,
 }
 
 enum ReadBack {
     Effective(Position),
     Skipped(Verdict),
+    /// The partition was given up before the record's verdict was known here.
+    Abandoned,
 }
 
 /// What an owner reports about itself (health, CLI).
@@ -279,13 +385,23 @@ pub struct OwnerStatus {
     /// Records skipped by the effective-history rule since start.
     pub conflicts: u64,
     pub partitions: Vec<PartitionStatus>,
+    /// Assigned partitions it cannot serve, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PartitionStatus {
     pub partition: u32,
     pub next_offset: u64,
+    /// This owner's epoch on the partition (0 until it has caught up and taken one).
+    pub epoch: u64,
+    /// The log held another record than it acknowledged: this owner stopped writing here.
     pub stepped_down: bool,
+    /// A newer owner's records were seen: this owner no longer decides for the partition.
+    pub fenced: bool,
+    /// Still catching up with the log: not deciding yet.
+    pub loading: bool,
 }
 
 /// See the module documentation.
@@ -307,6 +423,8 @@ impl<A: EventCodec> std::fmt::Debug for Owner<A> {
     }
 }
 
+/// Its std mutexes are never held across an `.await`, and never two at once except the table's
+/// with one of the others taken after it (`read_record`); everything else takes one at a time.
 struct Inner<A: EventCodec> {
     log: SharedLog,
     store: Arc<dyn CommandStore>,
@@ -318,6 +436,24 @@ struct Inner<A: EventCodec> {
     /// and are not another writer's when they do.
     in_doubt: Mutex<HashSet<Uuid>>,
     stepped_down: Mutex<BTreeSet<u32>>,
+    /// This owner's epoch per partition, taken once caught up.
+    epochs: Mutex<BTreeMap<u32, u64>>,
+    /// Partitions a newer owner took, with the newer epoch seen.
+    fenced: Mutex<BTreeMap<u32, u64>>,
+    /// The latest epoch seen on each partition's records while catching up.
+    seen_epochs: Mutex<BTreeMap<u32, u64>>,
+    /// The partitions this owner decides for: caught up, with an epoch.
+    serving: Mutex<BTreeSet<u32>>,
+    /// Partitions being caught up.
+    loading: Mutex<BTreeSet<u32>>,
+    /// Commands being decided, per partition; `settled` is woken as each ends.
+    in_flight: Mutex<BTreeMap<u32, usize>>,
+    settled: Notify,
+    /// Assigned partitions this owner cannot serve, and why (state ahead of the log).
+    problems: Mutex<BTreeMap<u32, String>>,
+    /// Held while a snapshot is taken and stored, so two of one partition (the snapshot task's
+    /// and a release's) never overlap: each must be stored before the next is taken.
+    snapshotting: tokio::sync::Mutex<()>,
     /// Woken when an acknowledged append is left waiting for an earlier offset.
     gap: Notify,
     ready: AtomicBool,
@@ -350,33 +486,22 @@ where
         config: OwnerConfig,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, CommandError<A::Error>> {
-        let mut table = Table {
-            aggregates: ShardedMap::new(),
-            commands: ShardedMap::new(),
-            next_offsets: BTreeMap::new(),
-            since_snapshot: BTreeMap::new(),
-            dirty: BTreeMap::new(),
-            acked: BTreeMap::new(),
-            log_time: BTreeMap::new(),
-            remembered: BTreeMap::new(),
-            window_ms: i64::try_from(config.idempotency_window.as_millis()).unwrap_or(i64::MAX),
-        };
+        let mut table = Table::empty(config.idempotency_window);
         let mut targets = BTreeMap::new();
+        let mut floors = BTreeMap::new();
         for &partition in &config.owned {
-            let loaded = load_snapshot::<A>(&*store, &config.topic, partition, &mut table).await;
-            table.dirty.entry(partition).or_default().replace = loaded.is_none();
-            table.next_offsets.insert(partition, loaded.unwrap_or(0));
-            let end = log
-                .end_offset(&config.topic, partition)
-                .await
-                .map_err(|error| CommandError::Unavailable(error.to_string()))?;
+            let (end, epoch) =
+                load_partition::<A>(&log, &*store, &config.topic, partition, &mut table).await?;
+            table.hold(partition);
             targets.insert(partition, end);
+            floors.insert(partition, epoch);
         }
         tracing::info!(
             topic = %config.topic,
             aggregates = table.aggregates.len(),
             "owner loaded snapshots; reading the log tail"
         );
+        let loading = config.owned.iter().copied().collect();
         let inner = Arc::new(Inner {
             log,
             store,
@@ -386,6 +511,15 @@ where
             waiters: Mutex::new(HashMap::new()),
             in_doubt: Mutex::new(HashSet::new()),
             stepped_down: Mutex::new(BTreeSet::new()),
+            epochs: Mutex::new(BTreeMap::new()),
+            fenced: Mutex::new(BTreeMap::new()),
+            seen_epochs: Mutex::new(floors),
+            serving: Mutex::new(BTreeSet::new()),
+            loading: Mutex::new(loading),
+            in_flight: Mutex::new(BTreeMap::new()),
+            settled: Notify::new(),
+            problems: Mutex::new(BTreeMap::new()),
+            snapshotting: tokio::sync::Mutex::new(()),
             gap: Notify::new(),
             ready: AtomicBool::new(false),
             conflicts: AtomicU64::new(0),
@@ -396,8 +530,115 @@ where
         Ok(Owner { inner })
     }
 
+    /// Caught up with every partition it owns, and none it was given is refused.
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(Ordering::Acquire)
+        self.inner.ready.load(Ordering::Acquire) && lock(&self.inner.problems).is_empty()
+    }
+
+    /// For an owner whose partitions come from a consumer group: its first assignment has been
+    /// taken up (it may be empty), so it is ready to answer (and to send elsewhere).
+    pub fn mark_ready(&self) {
+        if !self.inner.ready.swap(true, Ordering::AcqRel) {
+            tracing::info!(topic = %self.inner.config.topic, "owner ready");
+        }
+    }
+
+    /// Partitions this owner holds but a newer owner's records fenced it off.
+    pub fn fenced(&self) -> Vec<u32> {
+        lock(&self.inner.fenced).keys().copied().collect()
+    }
+
+    /// The partitions this owner decides for now.
+    pub fn serving(&self) -> Vec<u32> {
+        lock(&self.inner.serving).iter().copied().collect()
+    }
+
+    /// Starts owning `partition` (assigned by the group): loads its snapshot, reads its log to
+    /// the end, takes its next epoch, then decides its commands. Until then its commands are
+    /// answered "not ready". Fails when the snapshot is ahead of the log, or shutdown came.
+    pub async fn acquire(
+        &self,
+        partition: u32,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), CommandError<A::Error>> {
+        let inner = &self.inner;
+        let topic = &inner.config.topic;
+        lock(&inner.loading).insert(partition);
+        // Taken again (fenced while still assigned): nothing is decided until caught up anew.
+        lock(&inner.serving).remove(&partition);
+        let mut staged = Table::empty(inner.config.idempotency_window);
+        let loaded =
+            load_partition::<A>(&inner.log, &*inner.store, topic, partition, &mut staged).await;
+        let (end, head_epoch) = match loaded {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                lock(&inner.loading).remove(&partition);
+                let abandoned = {
+                    let mut table = lock(&inner.table);
+                    table.live.remove(&partition);
+                    clear_partition(&mut table, partition, inner.config.partitions)
+                };
+                abandon(inner, abandoned);
+                return Err(error);
+            }
+        };
+        let abandoned = {
+            let mut table = lock(&inner.table);
+            let abandoned = clear_partition(&mut table, partition, inner.config.partitions);
+            table.absorb(staged);
+            table.hold(partition);
+            abandoned
+        };
+        abandon(inner, abandoned);
+        // The epoch taken once caught up passes the snapshot's and every record's.
+        lock(&inner.seen_epochs).insert(partition, head_epoch);
+        lock(&inner.epochs).remove(&partition);
+        lock(&inner.fenced).remove(&partition);
+        lock(&inner.stepped_down).remove(&partition);
+        let targets = BTreeMap::from([(partition, end)]);
+        let caught_up = read_until(inner, &targets, None, shutdown).await
+            && acquire_epochs(inner, &[partition], shutdown).await;
+        lock(&inner.loading).remove(&partition);
+        if !caught_up {
+            return Err(CommandError::NotReady);
+        }
+        lock(&inner.serving).insert(partition);
+        tracing::info!(%topic, partition, "partition caught up; deciding its commands");
+        Ok(())
+    }
+
+    /// Stops owning `partition` (revoked by the group): decides nothing more for it, waits for
+    /// its commands in flight to settle (at most the read-back timeout), takes its last
+    /// snapshot for the next owner, and forgets it.
+    pub async fn release(&self, partition: u32) {
+        let inner = &self.inner;
+        let was_serving = lock(&inner.serving).remove(&partition);
+        lock(&inner.loading).remove(&partition);
+        let deadline = Instant::now() + inner.config.read_back_timeout;
+        loop {
+            let settled = inner.settled.notified();
+            if lock(&inner.in_flight).get(&partition).copied().unwrap_or(0) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                tracing::warn!(topic = %inner.config.topic, partition, "commands still in flight on a released partition");
+                break;
+            }
+        }
+        if was_serving {
+            save_snapshot_of(inner, partition).await;
+        }
+        let abandoned = {
+            let mut table = lock(&inner.table);
+            table.live.remove(&partition);
+            clear_partition(&mut table, partition, inner.config.partitions)
+        };
+        abandon(inner, abandoned);
+        lock(&inner.epochs).remove(&partition);
+        lock(&inner.fenced).remove(&partition);
+        lock(&inner.stepped_down).remove(&partition);
+        lock(&inner.seen_epochs).remove(&partition);
+        tracing::info!(topic = %inner.config.topic, partition, "partition released");
     }
 
     /// After shutdown: waits until the last snapshots are written (or could not be), so a
@@ -437,22 +678,34 @@ where
     }
 
     pub fn status(&self) -> OwnerStatus {
+        // Copies, one lock at a time, then the table's (see `Inner`).
+        let stepped_down = lock(&self.inner.stepped_down).clone();
+        let epochs = lock(&self.inner.epochs).clone();
+        let fenced = lock(&self.inner.fenced).clone();
+        let loading = lock(&self.inner.loading).clone();
+        let serving = lock(&self.inner.serving).clone();
+        let problems = lock(&self.inner.problems).values().cloned().collect();
+        let ready = self.is_ready();
         let table = lock(&self.inner.table);
-        let stepped_down = lock(&self.inner.stepped_down);
         OwnerStatus {
             topic: self.inner.config.topic.clone(),
-            ready: self.is_ready(),
+            ready,
             aggregates: table.aggregates.len(),
             conflicts: self.inner.conflicts.load(Ordering::Relaxed),
             partitions: table
                 .next_offsets
                 .iter()
+                .filter(|(partition, _)| serving.contains(partition) || loading.contains(partition))
                 .map(|(partition, next_offset)| PartitionStatus {
                     partition: *partition,
                     next_offset: *next_offset,
+                    epoch: epochs.get(partition).copied().unwrap_or(0),
                     stepped_down: stepped_down.contains(partition),
+                    fenced: fenced.contains_key(partition),
+                    loading: loading.contains(partition),
                 })
                 .collect(),
+            problems,
         }
     }
 
@@ -461,16 +714,35 @@ where
         &self,
         request: CommandRequest<A::Command>,
     ) -> Result<Outcome, CommandError<A::Error>> {
-        if !self.is_ready() {
+        // The partition decides, not the instance: a problem with one partition (reported in
+        // `is_ready`) leaves the others serving.
+        if !self.inner.ready.load(Ordering::Acquire) {
             return Err(CommandError::NotReady);
         }
         let partition = partition_for(&request.aggregate_id, self.inner.config.partitions);
-        if !self.inner.config.owned.contains(&partition) {
+        if !lock(&self.inner.serving).contains(&partition) {
+            return Err(if lock(&self.inner.loading).contains(&partition) {
+                CommandError::NotReady
+            } else {
+                CommandError::NotOwner { partition }
+            });
+        }
+        self.check_serving(partition)?;
+        let _in_flight = InFlight::enter(&self.inner, partition);
+        // The tenure and epoch this command is decided in: given up or taken again meanwhile,
+        // the partition refuses it (see `Table::live`).
+        let Some(tenure) = lock(&self.inner.table).tenure(partition) else {
             return Err(CommandError::NotOwner { partition });
-        }
-        if lock(&self.inner.stepped_down).contains(&partition) {
-            return Err(CommandError::SteppedDown { partition });
-        }
+        };
+        let epoch = lock(&self.inner.epochs)
+            .get(&partition)
+            .copied()
+            .unwrap_or(0);
+        let held = Held {
+            partition,
+            tenure,
+            epoch,
+        };
         if let Some(outcome) = self.repeated(&request.meta)? {
             return Ok(outcome);
         }
@@ -482,7 +754,17 @@ where
                 .clone()
         };
         let guard = aggregate_lock.lock().await;
-        let result = self.execute_locked(&request, partition).await;
+        let mut result = self.execute_locked(&request, &held).await;
+        let mut redecided = 0;
+        // Our record lost to another writer's (folded by now): decide again on the new state,
+        // unless a newer owner took the partition meanwhile.
+        while matches!(result, Err(CommandError::Contended { .. })) && redecided < REDECIDE_LIMIT {
+            redecided += 1;
+            result = match self.check_serving(partition) {
+                Ok(()) => self.execute_locked(&request, &held).await,
+                Err(error) => Err(error),
+            };
+        }
         drop(guard);
         let mut locks = lock(&self.inner.locks);
         // Only the map and this function hold it: nobody else waits, forget it.
@@ -490,6 +772,27 @@ where
             locks.remove(&request.aggregate_id);
         }
         result
+    }
+
+    /// Refuses a partition this owner no longer decides for.
+    fn check_serving(&self, partition: u32) -> Result<(), CommandError<A::Error>> {
+        if lock(&self.inner.stepped_down).contains(&partition) {
+            return Err(CommandError::SteppedDown { partition });
+        }
+        // One lock at a time (see `Inner`).
+        let newer = lock(&self.inner.fenced).get(&partition).copied();
+        if let Some(newer) = newer {
+            let ours = lock(&self.inner.epochs)
+                .get(&partition)
+                .copied()
+                .unwrap_or(0);
+            return Err(CommandError::Fenced {
+                partition,
+                ours,
+                newer,
+            });
+        }
+        Ok(())
     }
 
     /// The original outcome of a command id seen before.
@@ -514,14 +817,18 @@ where
     async fn execute_locked(
         &self,
         request: &CommandRequest<A::Command>,
-        partition: u32,
+        held: &Held,
     ) -> Result<Outcome, CommandError<A::Error>> {
+        let partition = held.partition;
         // A copy of this command may have finished while we waited for the lock.
         if let Some(outcome) = self.repeated(&request.meta)? {
             return Ok(outcome);
         }
         let (state, version, last_position) = {
             let table = lock(&self.inner.table);
+            if table.tenure(partition) != Some(held.tenure) {
+                return Err(CommandError::NotOwner { partition });
+            }
             match table.aggregates.get(&request.aggregate_id) {
                 Some(slot) => (slot.state.clone(), slot.version, slot.position.clone()),
                 None => (Arc::default(), 0, None),
@@ -556,15 +863,20 @@ where
             Utc::now(),
         );
         let event_id = envelope.event_id;
+        let mut record = Record::from(&envelope);
+        record.headers.push(event_schema::Header {
+            name: EPOCH_HEADER.to_owned(),
+            value: held.epoch.to_string(),
+        });
         let (sender, read_back) = oneshot::channel();
         lock(&self.inner.waiters).insert(event_id, sender);
         let appended = self
             .inner
             .log
-            .append(&self.inner.config.topic, partition, Record::from(&envelope))
+            .append(&self.inner.config.topic, partition, record)
             .await;
         match appended {
-            Ok(position) => acknowledged::<A>(&self.inner, position, envelope),
+            Ok(position) => acknowledged::<A>(&self.inner, position, envelope, held.tenure),
             Err(error) => {
                 self.forget_waiter(event_id);
                 return Err(CommandError::Unavailable(error.to_string()));
@@ -575,9 +887,14 @@ where
                 version: version + 1,
                 position,
             }),
+            Ok(Ok(ReadBack::Abandoned)) => Err(CommandError::Unavailable(
+                "this instance gave up the partition before its record's verdict was known; \
+                 retry (with the same Idempotency-Key, a retry is recognised)"
+                    .into(),
+            )),
             Ok(Ok(ReadBack::Skipped(verdict))) => {
-                tracing::warn!(aggregate_id = %request.aggregate_id, ?verdict, "own record skipped by the effective-history rule");
-                Err(CommandError::SteppedDown { partition })
+                tracing::warn!(aggregate_id = %request.aggregate_id, ?verdict, "own record skipped by the effective-history rule; deciding again");
+                Err(CommandError::Contended { partition })
             }
             Ok(Err(_)) | Err(_) => {
                 self.forget_waiter(event_id);
@@ -595,14 +912,22 @@ where
     }
 }
 
-/// Loads a partition's snapshot into the table; returns the offset it covers, or `None` when
-/// there is no usable one (the partition is then rebuilt from the log).
+/// A partition's snapshot, read and parsed, to install into the table.
+struct Loaded<S> {
+    next_offset: u64,
+    /// The epoch of the owner that took it.
+    epoch: u64,
+    aggregates: Vec<(String, SnapshotSlot<S>)>,
+    commands: Vec<(Uuid, StoredOutcome)>,
+}
+
+/// Reads a partition's snapshot; `None` when there is no usable one (the partition is then
+/// rebuilt from the log).
 async fn load_snapshot<A>(
     store: &dyn CommandStore,
     topic: &str,
     partition: u32,
-    table: &mut Table<A::State>,
-) -> Option<u64>
+) -> Option<Loaded<A::State>>
 where
     A: EventCodec,
     A::State: DeserializeOwned,
@@ -650,6 +975,22 @@ where
             }
         }
     }
+    Some(Loaded {
+        next_offset: snapshot.next_offset,
+        epoch: snapshot.epoch,
+        aggregates,
+        commands,
+    })
+}
+
+/// Puts a loaded snapshot into the table; returns the offset it covers.
+fn install_snapshot<S>(table: &mut Table<S>, partition: u32, loaded: Loaded<S>) -> u64 {
+    let Loaded {
+        next_offset,
+        aggregates,
+        mut commands,
+        ..
+    } = loaded;
     for (aggregate_id, slot) in aggregates {
         table.aggregates.insert(
             aggregate_id,
@@ -672,7 +1013,111 @@ where
         *log_time = (*log_time).max(outcome.occurred_ms);
         table.commands.insert(command_id, Arc::new(outcome));
     }
-    Some(snapshot.next_offset)
+    next_offset
+}
+
+/// The partition a command is decided in, with the tenure and epoch it held when the command
+/// arrived.
+struct Held {
+    partition: u32,
+    tenure: u64,
+    epoch: u64,
+}
+
+/// A command being decided on a partition, counted while it lives (see [`Owner::release`]).
+struct InFlight<'a, A: EventCodec> {
+    inner: &'a Inner<A>,
+    partition: u32,
+}
+
+impl<'a, A: EventCodec> InFlight<'a, A> {
+    fn enter(inner: &'a Inner<A>, partition: u32) -> Self {
+        *lock(&inner.in_flight).entry(partition).or_default() += 1;
+        InFlight { inner, partition }
+    }
+}
+
+impl<A: EventCodec> Drop for InFlight<'_, A> {
+    fn drop(&mut self) {
+        if let Some(count) = lock(&self.inner.in_flight).get_mut(&self.partition) {
+            *count = count.saturating_sub(1);
+        }
+        self.inner.settled.notify_waiters();
+    }
+}
+
+/// Loads a partition's snapshot into `table`; returns where the log ends and the snapshot's
+/// epoch (0 without one). Refuses a snapshot beyond that end.
+async fn load_partition<A>(
+    log: &SharedLog,
+    store: &dyn CommandStore,
+    topic: &str,
+    partition: u32,
+    table: &mut Table<A::State>,
+) -> Result<(u64, u64), CommandError<A::Error>>
+where
+    A: EventCodec,
+    A::State: DeserializeOwned,
+{
+    // The snapshot first: it covers only records already in the log, so an end read after it
+    // is at least as far, even while the previous owner is still writing (a hand-over).
+    let loaded = load_snapshot::<A>(store, topic, partition).await;
+    let end = log
+        .end_offset(topic, partition)
+        .await
+        .map_err(|error| CommandError::Unavailable(error.to_string()))?;
+    if let Some(loaded) = &loaded
+        && loaded.next_offset > end
+    {
+        return Err(CommandError::AheadOfLog {
+            topic: topic.to_owned(),
+            partition,
+            stored: loaded.next_offset,
+            end,
+        });
+    }
+    table.dirty.entry(partition).or_default().replace = loaded.is_none();
+    let epoch = loaded.as_ref().map_or(0, |loaded| loaded.epoch);
+    let next = loaded.map_or(0, |loaded| install_snapshot(table, partition, loaded));
+    table.next_offsets.insert(partition, next);
+    Ok((end, epoch))
+}
+
+/// Forgets everything the table holds of a partition; returns the event ids of our appends that
+/// were acknowledged but not folded yet, whose commands wait for an answer.
+fn clear_partition<S>(table: &mut Table<S>, partition: u32, partitions: u32) -> Vec<Uuid> {
+    table
+        .aggregates
+        .retain(|id, _| partition_for(id, partitions) != partition);
+    table
+        .commands
+        .retain(|_, outcome| partition_for(&outcome.aggregate_id, partitions) != partition);
+    table.next_offsets.remove(&partition);
+    table.since_snapshot.remove(&partition);
+    table.dirty.remove(&partition);
+    let abandoned = table
+        .acked
+        .remove(&partition)
+        .map(|acked| {
+            acked
+                .values()
+                .map(|(envelope, _)| envelope.event_id)
+                .collect()
+        })
+        .unwrap_or_default();
+    table.log_time.remove(&partition);
+    table.remembered.remove(&partition);
+    abandoned
+}
+
+/// Tells the commands waiting for these records that the partition was given up.
+fn abandon<A: EventCodec>(inner: &Inner<A>, event_ids: Vec<Uuid>) {
+    let mut waiters = lock(&inner.waiters);
+    for event_id in event_ids {
+        if let Some(waiter) = waiters.remove(&event_id) {
+            let _ = waiter.send(ReadBack::Abandoned);
+        }
+    }
 }
 
 /// Catches up with the log, then watches it for records the owner did not get acknowledged,
@@ -688,9 +1133,53 @@ async fn follow<A>(
     if !read_until(&inner, &targets, None, &mut shutdown).await {
         return;
     }
-    inner.ready.store(true, Ordering::Release);
+    if !acquire_epochs(&inner, &inner.config.owned, &mut shutdown).await {
+        return;
+    }
+    lock(&inner.serving).extend(inner.config.owned.iter().copied());
+    lock(&inner.loading).clear();
+    if !inner.config.assigned_by_group {
+        inner.ready.store(true, Ordering::Release);
+    }
     tracing::info!(topic = %inner.config.topic, "owner caught up with the log; ready");
     watch_log(&inner, &mut shutdown).await;
+}
+
+/// Takes this owner's epoch of every owned partition, above any epoch its records showed while
+/// catching up (the store's count may have been lost while the log kept its records), retrying
+/// while the store is unavailable; false when shutdown came first.
+async fn acquire_epochs<A: EventCodec>(
+    inner: &Inner<A>,
+    partitions: &[u32],
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    for &partition in partitions {
+        let seen = lock(&inner.seen_epochs)
+            .get(&partition)
+            .copied()
+            .unwrap_or(0);
+        loop {
+            let acquired = inner
+                .store
+                .acquire_epoch(&inner.config.topic, partition, &inner.config.holder, seen)
+                .await;
+            match acquired {
+                Ok(epoch) => {
+                    lock(&inner.epochs).insert(partition, epoch);
+                    tracing::info!(topic = %inner.config.topic, partition, epoch, "owning the partition");
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, topic = %inner.config.topic, partition, "cannot take an owner epoch; retrying");
+                    tokio::select! {
+                        _ = shutdown.changed() => return false,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+    true
 }
 
 /// The offset up to which each partition is folded.
@@ -712,21 +1201,40 @@ where
     A::State: Serialize + DeserializeOwned + Send + Sync,
 {
     let topic = &inner.config.topic;
-    let behind = || -> Vec<(u32, u64)> {
+    // Each target in the tenure it is held in now; a read that outlives it stops (false).
+    let tenures: BTreeMap<u32, u64> = {
         let table = lock(&inner.table);
         targets
-            .iter()
-            .map(|(partition, target)| (*partition, folded_until(&table, *partition), *target))
-            .filter(|(_, next, target)| next < target)
-            .map(|(partition, next, _)| (partition, next))
+            .keys()
+            .filter_map(|partition| table.tenure(*partition).map(|tenure| (*partition, tenure)))
             .collect()
     };
-    let start = behind();
+    let behind = || -> Option<Vec<(u32, u64)>> {
+        let table = lock(&inner.table);
+        let mut behind = Vec::new();
+        for (partition, target) in targets {
+            if tenures.get(partition).copied() != table.tenure(*partition) {
+                return None;
+            }
+            let next = folded_until(&table, *partition);
+            if next < *target {
+                behind.push((*partition, next));
+            }
+        }
+        Some(behind)
+    };
+    let Some(start) = behind() else {
+        return false;
+    };
     if start.is_empty() {
         return true;
     }
     let deadline = limit.map(|limit| Instant::now() + limit);
-    let mode = if inner.ready.load(Ordering::Acquire) {
+    let catching_up = {
+        let loading = lock(&inner.loading);
+        targets.keys().any(|partition| loading.contains(partition))
+    };
+    let mode = if inner.ready.load(Ordering::Acquire) && !catching_up {
         ReadMode::Latency
     } else {
         ReadMode::Bulk
@@ -746,7 +1254,12 @@ where
             }
         }
     };
-    while !behind().is_empty() {
+    loop {
+        match behind() {
+            None => return false,
+            Some(behind) if behind.is_empty() => return true,
+            Some(_) => {}
+        }
         if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
             tracing::warn!(%topic, ?targets, "the log was not read up to the targets in time; will try again");
             return false;
@@ -758,7 +1271,9 @@ where
         match batch {
             Ok(records) => {
                 for record in &records {
-                    read_record(inner, record);
+                    if !read_record(inner, record, &tenures) {
+                        return false;
+                    }
                 }
             }
             Err(error) => {
@@ -767,7 +1282,6 @@ where
             }
         }
     }
-    true
 }
 
 /// Reads the gaps of a ready owner's partitions (see the module documentation) until shutdown.
@@ -803,7 +1317,8 @@ where
             _ = tokio::time::sleep_until(next_check) => {
                 next_check = Instant::now() + WATCH_EVERY;
                 let mut ends = BTreeMap::new();
-                for &partition in &inner.config.owned {
+                let serving: Vec<u32> = lock(&inner.serving).iter().copied().collect();
+                for partition in serving {
                     match inner.log.end_offset(topic, partition).await {
                         Ok(end) => {
                             ends.insert(partition, end);
@@ -815,7 +1330,9 @@ where
                 }
                 let behind: BTreeMap<u32, u64> = {
                     let table = lock(&inner.table);
+                    // Only partitions still held: one given up since is nobody's to read here.
                     seen.iter()
+                        .filter(|(partition, _)| table.tenure(**partition).is_some())
                         .filter(|(partition, end)| folded_until(&table, **partition) < **end)
                         .map(|(partition, end)| (*partition, *end))
                         .collect()
@@ -859,10 +1376,21 @@ fn stuck_gaps<A: EventCodec>(inner: &Inner<A>) -> (BTreeMap<u32, u64>, Option<In
 
 /// The log acknowledged our append at `position`: fold it, and whatever it unblocks, as soon as
 /// every earlier offset of the partition is folded; otherwise leave it waiting for the gap.
-fn acknowledged<A: EventCodec>(inner: &Inner<A>, position: Position, envelope: Envelope) {
+fn acknowledged<A: EventCodec>(
+    inner: &Inner<A>,
+    position: Position,
+    envelope: Envelope,
+    tenure: u64,
+) {
     let partition = position.partition;
     let (folded, waiting) = {
         let mut table = lock(&inner.table);
+        if table.tenure(partition) != Some(tenure) {
+            // Given up (or taken again) since the append: nothing to fold it into.
+            drop(table);
+            abandon(inner, vec![envelope.event_id]);
+            return;
+        }
         if position.offset < folded_until(&table, partition) {
             // A read of the log got it first and answered.
             return;
@@ -913,12 +1441,26 @@ fn fold_acknowledged<A: EventCodec>(
 
 /// One record read from the log: folds it unless an acknowledgement already did, and checks
 /// that it is the record acknowledged there, if one was.
-fn read_record<A: EventCodec>(inner: &Inner<A>, record: &LogRecord) {
+/// Returns false when the read should stop: its partition's tenure has ended, or it is out of
+/// step with what is folded (a record beyond the next offset).
+fn read_record<A: EventCodec>(
+    inner: &Inner<A>,
+    record: &LogRecord,
+    tenures: &BTreeMap<u32, u64>,
+) -> bool {
     let partition = record.position.partition;
     let offset = record.position.offset;
     let mut table = lock(&inner.table);
-    if offset < folded_until(&table, partition) {
-        return;
+    if tenures.get(&partition).copied() != table.tenure(partition) {
+        return false;
+    }
+    let next = folded_until(&table, partition);
+    if offset < next {
+        return true;
+    }
+    if offset > next {
+        tracing::warn!(position = %record.position, next, "a read of the log skipped offsets; reading again");
+        return false;
     }
     let decoded = Envelope::try_from(&record.record);
     let acked = table
@@ -934,7 +1476,7 @@ fn read_record<A: EventCodec>(inner: &Inner<A>, record: &LogRecord) {
             let folded = fold_acknowledged::<A>(&mut table, &inner.config.topic, partition);
             drop(table);
             settle(inner, folded);
-            return;
+            return true;
         }
     };
     if let Some(acked) = &acked
@@ -950,7 +1492,12 @@ fn read_record<A: EventCodec>(inner: &Inner<A>, record: &LogRecord) {
         );
         lock(&inner.stepped_down).insert(partition);
     }
-    let mut folded = vec![fold::<A>(&mut table, record.position.clone(), &envelope)];
+    let mut first = fold::<A>(&mut table, record.position.clone(), &envelope);
+    first.epoch = record
+        .record
+        .header(EPOCH_HEADER)
+        .and_then(|epoch| epoch.parse().ok());
+    let mut folded = vec![first];
     folded.extend(fold_acknowledged::<A>(
         &mut table,
         &inner.config.topic,
@@ -958,6 +1505,7 @@ fn read_record<A: EventCodec>(inner: &Inner<A>, record: &LogRecord) {
     ));
     drop(table);
     settle(inner, folded);
+    true
 }
 
 /// Folds one record, the next of its partition, into the table by the effective-history rule.
@@ -1064,6 +1612,7 @@ fn fold<A: EventCodec>(
         aggregate_id: envelope.aggregate_id.clone(),
         claimed: envelope.aggregate_version,
         verdict,
+        epoch: None,
     }
 }
 
@@ -1098,8 +1647,8 @@ fn forget_expired<S>(table: &mut Table<S>, partition: u32) {
     }
 }
 
-/// Answers whoever waits for the folded records, and steps down from a partition where a
-/// record nobody here wrote appeared.
+/// Answers whoever waits for the folded records, and stops deciding for a partition where a
+/// newer owner's record appeared.
 fn settle<A: EventCodec>(inner: &Inner<A>, folded: Vec<Folded>) {
     for folded in folded {
         let Folded {
@@ -1108,6 +1657,7 @@ fn settle<A: EventCodec>(inner: &Inner<A>, folded: Vec<Folded>) {
             aggregate_id,
             claimed,
             verdict,
+            epoch,
         } = folded;
         if !verdict.is_effective() {
             inner.conflicts.fetch_add(1, Ordering::Relaxed);
@@ -1131,19 +1681,48 @@ fn settle<A: EventCodec>(inner: &Inner<A>, folded: Vec<Folded>) {
             }
             None => {
                 let ours = lock(&inner.in_doubt).remove(&event_id);
-                if !ours && inner.ready.load(Ordering::Acquire) {
-                    let newly = lock(&inner.stepped_down).insert(position.partition);
-                    if newly {
-                        tracing::error!(
-                            topic = %inner.config.topic,
-                            partition = position.partition,
-                            %position,
-                            "another writer appended to an owned partition; stepping down from it"
-                        );
-                    }
+                if !ours {
+                    foreign_record(inner, &position, epoch.unwrap_or(0));
                 }
             }
         }
+    }
+}
+
+/// A record this owner did not write: a newer owner's fences this one off the partition; an
+/// older one's (a zombie's) is only noted. Before this owner has its epoch (catching up), the
+/// latest epoch seen is kept, so the one it takes is above it.
+fn foreign_record<A: EventCodec>(inner: &Inner<A>, position: &Position, epoch: u64) {
+    let partition = position.partition;
+    let Some(ours) = lock(&inner.epochs).get(&partition).copied() else {
+        let mut seen = lock(&inner.seen_epochs);
+        let latest = seen.entry(partition).or_insert(epoch);
+        *latest = (*latest).max(epoch);
+        return;
+    };
+    if epoch > ours {
+        let mut fenced = lock(&inner.fenced);
+        if !fenced.contains_key(&partition) {
+            tracing::warn!(
+                topic = %inner.config.topic,
+                partition,
+                %position,
+                ours,
+                newer = epoch,
+                "a newer owner wrote to the partition; no longer deciding for it"
+            );
+        }
+        let newer = fenced.entry(partition).or_insert(epoch);
+        *newer = (*newer).max(epoch);
+    } else {
+        tracing::warn!(
+            topic = %inner.config.topic,
+            partition,
+            %position,
+            ours,
+            theirs = epoch,
+            "a writer of an earlier epoch (a zombie) appended to the partition; its record is judged by the effective-history rule"
+        );
     }
 }
 
@@ -1173,10 +1752,19 @@ where
     A: EventCodec,
     A::State: Serialize,
 {
+    // Only partitions this owner decides for: nobody snapshots a partition it does not own.
+    let epochs = lock(&inner.epochs).clone();
+    let fenced: BTreeSet<u32> = lock(&inner.fenced).keys().copied().collect();
+    let stepped_down = lock(&inner.stepped_down).clone();
     let mut due: Vec<(u64, u32)> = lock(&inner.table)
         .since_snapshot
         .iter()
         .filter(|(_, count)| **count > 0 && (all || **count >= inner.config.snapshot_every))
+        .filter(|(partition, _)| {
+            epochs.contains_key(partition)
+                && !fenced.contains(partition)
+                && !stepped_down.contains(partition)
+        })
         .map(|(partition, count)| (*count, *partition))
         .collect();
     if !all {
@@ -1186,15 +1774,39 @@ where
         due.sort_unstable();
         due.drain(..due.len().saturating_sub(1));
     }
-    let due = due.into_iter().map(|(_, partition)| partition);
-    for partition in due {
+    for (_, partition) in due {
+        save_snapshot_of(inner, partition).await;
+    }
+}
+
+/// Takes and stores the snapshot of one partition this owner decides for (with its epoch); on
+/// failure keeps its changes for the next one.
+async fn save_snapshot_of<A>(inner: &Inner<A>, partition: u32)
+where
+    A: EventCodec,
+    A::State: Serialize,
+{
+    let _one_at_a_time = inner.snapshotting.lock().await;
+    let Some(epoch) = lock(&inner.epochs).get(&partition).copied() else {
+        return;
+    };
+    if lock(&inner.fenced).contains_key(&partition)
+        || lock(&inner.stepped_down).contains(&partition)
+    {
+        return;
+    }
+    {
         // The commands wait on the table's lock: it is held only to take what changed, which
         // is serialised and stored outside it.
-        let (next_offset, dirty) = {
+        let (tenure, next_offset, dirty) = {
             let mut table = lock(&inner.table);
+            let Some(tenure) = table.tenure(partition) else {
+                return;
+            };
             table.since_snapshot.insert(partition, 0);
             let next_offset = folded_until(&table, partition);
             (
+                tenure,
                 next_offset,
                 table.dirty.remove(&partition).unwrap_or_default(),
             )
@@ -1212,6 +1824,7 @@ where
                     Snapshot {
                         format: SNAPSHOT_FORMAT,
                         next_offset,
+                        epoch,
                         aggregates,
                         new_aggregates,
                         outcomes,
@@ -1220,13 +1833,27 @@ where
                     dirty.replace,
                 )
                 .await
-                .map_err(|error| error.to_string()),
+                .map_err(|error| match error {
+                    SaveError::Superseded { stored_epoch, .. } if stored_epoch > epoch => {
+                        // A newer owner's snapshot: it owns the partition now (unless this
+                        // owner has taken the partition again since, with a newer epoch).
+                        if lock(&inner.epochs).get(&partition) == Some(&epoch) {
+                            lock(&inner.fenced).entry(partition).or_insert(stored_epoch);
+                        }
+                        error.to_string()
+                    }
+                    error => error.to_string(),
+                }),
             Err(error) => Err(format!("cannot serialise a snapshot: {error}")),
         };
         if let Err(error) = saved {
             tracing::warn!(%error, partition, "cannot save snapshot; will retry later");
-            // Keep what changed for the next attempt, unless it changed again since.
+            // Keep what changed for the next attempt, unless it changed again since; nothing
+            // of a tenure that has ended since (the next one loads its own snapshot).
             let mut table = lock(&inner.table);
+            if table.tenure(partition) != Some(tenure) {
+                return;
+            }
             let pending = table.dirty.entry(partition).or_default();
             for (id, changed) in dirty.aggregates {
                 pending.aggregates.entry(id).or_insert(changed);
@@ -1302,4 +1929,48 @@ async fn serialise_snapshot<S: Serialize>(
         new_aggregates,
         outcomes,
     })
+}
+
+#[async_trait::async_trait]
+impl<A> crate::consumer::Ownership for Owner<A>
+where
+    A: EventCodec + Send + Sync + 'static,
+    A::State: Serialize + DeserializeOwned + Send + Sync,
+    A::Command: Send + Sync,
+    A::Event: Send,
+    A::Error: Send + std::fmt::Display,
+{
+    async fn acquire(
+        &self,
+        partition: u32,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        Owner::acquire(self, partition, shutdown)
+            .await
+            .map_err(|error| error.to_string())
+    }
+
+    async fn release(&self, partition: u32) {
+        Owner::release(self, partition).await;
+    }
+
+    fn assigned(&self) {
+        self.mark_ready();
+    }
+
+    fn fenced(&self) -> Vec<u32> {
+        Owner::fenced(self)
+    }
+
+    fn report(&self, partition: u32, problem: Option<String>) {
+        let mut problems = lock(&self.inner.problems);
+        match problem {
+            Some(problem) => {
+                problems.insert(partition, problem);
+            }
+            None => {
+                problems.remove(&partition);
+            }
+        }
+    }
 }

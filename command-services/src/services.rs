@@ -44,6 +44,19 @@ impl ServiceSet {
     };
 }
 
+/// How an instance learns which partitions it owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Assignment {
+    /// The service's instances form one consumer group on its command topic; each owns what
+    /// the group assigns it (cooperative-sticky), so scaling is starting or stopping instances.
+    #[default]
+    Group,
+    /// Instance `instance` of `instances` owns the partitions `p % instances == instance`.
+    /// Every instance must be given the same count; fencing keeps two owners of a partition
+    /// safe, but nothing takes over a partition whose instance is gone.
+    Static,
+}
+
 /// The default idempotency window: a day, as payment APIs keep their idempotency keys.
 pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
 
@@ -54,7 +67,9 @@ pub struct CommandSettings {
     /// Partitions of each events and commands topic (used when creating them).
     pub partitions: u32,
     pub services: ServiceSet,
-    /// This instance's index among `instances`; it owns the partitions `p % instances == instance`.
+    pub assignment: Assignment,
+    /// With [`Assignment::Static`]: this instance's index among `instances`; it owns the
+    /// partitions `p % instances == instance`.
     pub instance: u32,
     pub instances: u32,
     pub snapshot_every: u64,
@@ -71,6 +86,7 @@ impl CommandSettings {
             topic_prefix: topic_prefix.into(),
             partitions: 8,
             services: ServiceSet::ALL,
+            assignment: Assignment::Group,
             instance: 0,
             instances: 1,
             snapshot_every: 5_000,
@@ -246,13 +262,20 @@ where
             settings.instance, settings.instances
         ));
     }
-    let owned = (0..event_partitions)
-        .filter(|partition| partition % settings.instances == settings.instance)
-        .collect();
+    let owned: Vec<u32> = match settings.assignment {
+        Assignment::Static => (0..event_partitions)
+            .filter(|partition| partition % settings.instances == settings.instance)
+            .collect(),
+        // The group assigns them as the instance joins.
+        Assignment::Group => Vec::new(),
+    };
+    check_command_positions(log, store, service, &commands, &owned).await?;
     let config = OwnerConfig {
         topic: events,
         partitions: event_partitions,
         owned,
+        assigned_by_group: settings.assignment == Assignment::Group,
+        holder: holder(),
         snapshot_every: settings.snapshot_every,
         read_back_timeout: settings.read_back_timeout,
         idempotency_window: settings.idempotency_window,
@@ -260,6 +283,57 @@ where
     Owner::<A>::start(log.clone(), store.clone(), config, shutdown.clone())
         .await
         .map_err(|error| error.to_string())
+}
+
+/// The consumer of a service's command topic, as its positions are stored.
+pub fn command_consumer(service: &str) -> String {
+    format!("{service}-commands")
+}
+
+/// Refuses to start on a command-topic position beyond the topic's end (the topic lost its
+/// tail, or was recreated under the same name): reading on from there would skip every
+/// command sent until the topic grows past it.
+async fn check_command_positions(
+    log: &SharedLog,
+    store: &Arc<dyn CommandStore>,
+    service: &str,
+    topic: &str,
+    partitions: &[u32],
+) -> Result<(), String> {
+    let consumer = command_consumer(service);
+    for &partition in partitions {
+        let stored = store
+            .load_position(&consumer, topic, partition)
+            .await
+            .map_err(|error| error.to_string())?;
+        let end = log
+            .end_offset(topic, partition)
+            .await
+            .map_err(|error| error.to_string())?;
+        if let Some(stored) = stored
+            && stored > end
+        {
+            return Err(format!(
+                "the {service} service's position in {topic} partition {partition} is offset {stored}, \
+                 but the topic ends at {end}: the topic lost records or was recreated. Reading on \
+                 from there would skip the commands sent until it grows past {stored}; after \
+                 checking the topic, run `platform recover` to see every stored position and \
+                 snapshot ahead of the log, and `platform recover --apply` to reset them"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// This process, as the store's epoch table names an owner: host name and process id.
+fn holder() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|host| host.trim().to_owned())
+        .filter(|host| !host.is_empty())
+        .unwrap_or_else(|| "unknown-host".to_owned());
+    format!("{host}:{}", std::process::id())
 }
 
 fn spawn_consumer<A, F, Fut>(
@@ -275,16 +349,30 @@ fn spawn_consumer<A, F, Fut>(
     A::State: Serialize + DeserializeOwned + Send + Sync,
     A::Command: Send + Sync,
     A::Event: Send,
-    A::Error: Send,
+    A::Error: Send + std::fmt::Display,
     F: Fn(CommandMessage) -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let log = log.clone();
     let store = store.clone();
     let topic = topics::commands(&settings.topic_prefix, service);
-    let consumer_name = format!("{service}-commands");
+    let consumer_name = command_consumer(service);
     let owner = owner.clone();
     let mut shutdown = shutdown.clone();
+    if settings.assignment == Assignment::Group {
+        let group = format!("{}.{service}.owners", settings.topic_prefix);
+        tokio::spawn(consumer::consume_group(
+            log,
+            store,
+            consumer_name,
+            group,
+            topic,
+            Arc::new(owner),
+            handle,
+            shutdown,
+        ));
+        return;
+    }
     tokio::spawn(async move {
         // Commands are decided against caught-up state only.
         while !owner.is_ready() {
@@ -339,7 +427,16 @@ where
                 tracing::info!(command = message.command.name(), aggregate_id = %message.aggregate_id, %error, "command refused");
                 return;
             }
-            Err(error @ (CommandError::Unavailable(_) | CommandError::NotReady)) => {
+            // A newer owner's records fenced this one off the partition (or it stopped writing
+            // there): the command waits here, and this consumer's position with it, while the
+            // partition's owner decides it.
+            Err(
+                error @ (CommandError::Unavailable(_)
+                | CommandError::NotReady
+                | CommandError::Contended { .. }
+                | CommandError::Fenced { .. }
+                | CommandError::SteppedDown { .. }),
+            ) => {
                 tracing::warn!(command = message.command.name(), %error, "cannot decide the command yet; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -91,6 +91,18 @@ impl<K: Hash + Eq, V> ShardedMap<K, V> {
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.shards.iter().flat_map(HashMap::iter)
     }
+
+    /// Every entry, taken out.
+    pub fn into_entries(self) -> impl Iterator<Item = (K, V)> {
+        self.shards.into_vec().into_iter().flatten()
+    }
+
+    /// Keeps the entries for which `keep` is true.
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
+        for shard in self.shards.iter_mut() {
+            shard.retain(|key, value| keep(key, value));
+        }
+    }
 }
 
 #[cfg(test)]

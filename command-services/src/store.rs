@@ -16,6 +16,8 @@ pub struct Snapshot {
     /// The owner's snapshot format; a snapshot of another format is not used.
     pub format: u32,
     pub next_offset: u64,
+    /// The epoch of the owner that took it (see [`CommandStore::acquire_epoch`]).
+    pub epoch: u64,
     /// Aggregates (id, JSON), changed since the previous snapshot; on loading, all of them.
     pub aggregates: Vec<(String, String)>,
     /// On saving, aggregates created since the previous snapshot, so not stored yet (the store
@@ -39,11 +41,50 @@ impl From<DbError> for StoreError {
     }
 }
 
-/// Snapshots and consumer positions. Implementations must never return a snapshot newer than
-/// the log they were taken from could contain (a position is only saved after what it covers
-/// is durable in the log).
+/// Why a snapshot was not stored.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SaveError {
+    /// The stored snapshot is newer: taken by an owner of a later epoch, or further along the
+    /// log. Nothing was written; the snapshot's changes stay the caller's to save later.
+    #[error(
+        "a newer snapshot is stored (epoch {stored_epoch}, offset {stored_offset}; this one: epoch {epoch}, offset {offset})"
+    )]
+    Superseded {
+        stored_epoch: u64,
+        stored_offset: u64,
+        epoch: u64,
+        offset: u64,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<DbError> for SaveError {
+    fn from(error: DbError) -> Self {
+        SaveError::Store(error.into())
+    }
+}
+
+/// Snapshots, owner epochs and consumer positions. Implementations must never return a snapshot
+/// newer than the log they were taken from could contain (a position is only saved after what
+/// it covers is durable in the log), and must never let a partition's snapshot head move back:
+/// neither to an earlier offset nor to an earlier owner epoch.
 #[async_trait]
 pub trait CommandStore: Send + Sync + 'static {
+    /// Takes the next owner epoch of a partition for `holder`, above `floor` (the latest epoch
+    /// its owner saw on the partition's records and snapshot): each call returns a number
+    /// larger than every one returned before, to anyone, and than `floor`. Records and
+    /// snapshots carry it, so a later owner's writes tell an earlier one that it was replaced.
+    async fn acquire_epoch(
+        &self,
+        topic: &str,
+        partition: u32,
+        holder: &str,
+        floor: u64,
+    ) -> Result<u64, StoreError>;
+    /// Deletes a partition's snapshot (the owner then rebuilds it from the log): the recovery
+    /// when a snapshot covers more of the log than the log holds.
+    async fn drop_snapshot(&self, topic: &str, partition: u32) -> Result<(), StoreError>;
     /// Everything stored for the partition: every aggregate and outcome ever saved, with the
     /// latest offset.
     async fn load_snapshot(
@@ -53,20 +94,32 @@ pub trait CommandStore: Send + Sync + 'static {
     ) -> Result<Option<Snapshot>, StoreError>;
     /// Stores the changes in `snapshot` over what is stored for the partition (or, with
     /// `replace`, instead of it), atomically: a crash leaves the previous snapshot or this one.
+    /// Refuses ([`SaveError::Superseded`]) when the stored head has a later epoch or offset, so
+    /// a replaced owner's snapshot never overwrites its successor's.
     async fn save_snapshot(
         &self,
         topic: &str,
         partition: u32,
         snapshot: Snapshot,
         replace: bool,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), SaveError>;
     async fn load_position(
         &self,
         consumer: &str,
         topic: &str,
         partition: u32,
     ) -> Result<Option<u64>, StoreError>;
+    /// Moves a consumer's position forward (never back: two consumers of one partition, an
+    /// old owner's and a new one's, may both save it).
     async fn save_position(
+        &self,
+        consumer: &str,
+        topic: &str,
+        partition: u32,
+        next_offset: u64,
+    ) -> Result<(), StoreError>;
+    /// Sets a consumer's position, back too: the recovery when it is beyond the log's end.
+    async fn reset_position(
         &self,
         consumer: &str,
         topic: &str,
@@ -125,6 +178,21 @@ CREATE TABLE command_snapshot_outcomes (
     PRIMARY KEY (topic, partition, command_id)
 )
 ",
+    "
+-- Fenced owners: every owner of a partition takes the next epoch here when it starts owning
+-- it, and its records and snapshot heads carry that epoch, so a later owner's writes tell an
+-- earlier one (a zombie, an instance replaced in a rolling update) to stop, and a snapshot
+-- head never goes back to an earlier owner's.
+CREATE TABLE command_owner_epochs (
+    topic TEXT NOT NULL,
+    partition BIGINT NOT NULL,
+    epoch BIGINT NOT NULL,
+    holder TEXT NOT NULL,
+    acquired_at BIGINT NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+ALTER TABLE command_snapshot_heads ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0
+",
 ];
 
 /// Rows per multi-row upsert (4 values each; well under both databases' parameter limits).
@@ -178,7 +246,7 @@ impl CommandStore for SqlStore {
         let Some(head) = self
             .db
             .fetch_optional(
-                "SELECT format, next_offset FROM command_snapshot_heads WHERE topic = $1 AND partition = $2",
+                "SELECT format, next_offset, epoch FROM command_snapshot_heads WHERE topic = $1 AND partition = $2",
                 &key,
             )
             .await?
@@ -207,6 +275,7 @@ impl CommandStore for SqlStore {
         Ok(Some(Snapshot {
             format: head.int("format") as u32,
             next_offset: head.int("next_offset") as u64,
+            epoch: head.int("epoch") as u64,
             aggregates: pairs(aggregates, "aggregate_id"),
             new_aggregates: Vec::new(),
             outcomes: pairs(outcomes, "command_id"),
@@ -220,7 +289,7 @@ impl CommandStore for SqlStore {
         partition: u32,
         snapshot: Snapshot,
         replace: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), SaveError> {
         let mut tx = self.db.begin().await?;
         if self.db.is_postgres() {
             // A snapshot is a cache (see the migration): its commit need not wait for the WAL
@@ -230,12 +299,48 @@ impl CommandStore for SqlStore {
             tx.execute("SET LOCAL synchronous_commit = off", &[])
                 .await?;
         }
+        // The head first, and only forward: the statement takes the head row's lock (or, for a
+        // first snapshot, waits on the key), so two owners' snapshots of one partition never
+        // interleave, and the one behind (an earlier epoch or offset) writes nothing. An
+        // owner's changes since its own last stored snapshot, over a head at or before its
+        // offset, leave every row at its aggregate's state as of the new head: rows written by
+        // others since were taken from the same log at offsets no later than this one.
+        let moved = tx
+            .execute(
+                "INSERT INTO command_snapshot_heads (topic, partition, format, next_offset, taken_at, epoch)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (topic, partition) DO UPDATE
+                 SET format = excluded.format, next_offset = excluded.next_offset,
+                     taken_at = excluded.taken_at, epoch = excluded.epoch
+                 WHERE command_snapshot_heads.epoch <= excluded.epoch
+                   AND command_snapshot_heads.next_offset <= excluded.next_offset",
+                &[
+                    topic.into(),
+                    partition.into(),
+                    snapshot.format.into(),
+                    snapshot.next_offset.into(),
+                    now_ms().into(),
+                    snapshot.epoch.into(),
+                ],
+            )
+            .await?;
+        if moved == 0 {
+            let stored = tx
+                .fetch_optional(
+                    "SELECT next_offset, epoch FROM command_snapshot_heads WHERE topic = $1 AND partition = $2",
+                    &[topic.into(), partition.into()],
+                )
+                .await?
+                .unwrap_or_default();
+            return Err(SaveError::Superseded {
+                stored_epoch: stored.int("epoch") as u64,
+                stored_offset: stored.int("next_offset") as u64,
+                epoch: snapshot.epoch,
+                offset: snapshot.next_offset,
+            });
+        }
         if replace {
-            for table in [
-                "command_snapshot_aggregates",
-                "command_snapshot_outcomes",
-                "command_snapshot_heads",
-            ] {
+            for table in ["command_snapshot_aggregates", "command_snapshot_outcomes"] {
                 tx.execute(
                     &format!("DELETE FROM {table} WHERE topic = $1 AND partition = $2"),
                     &[topic.into(), partition.into()],
@@ -329,19 +434,59 @@ impl CommandStore for SqlStore {
             )
             .await?;
         }
-        tx.execute(
-            "INSERT INTO command_snapshot_heads (topic, partition, format, next_offset, taken_at) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (topic, partition) DO UPDATE
-             SET format = excluded.format, next_offset = excluded.next_offset, taken_at = excluded.taken_at",
-            &[
-                topic.into(),
-                partition.into(),
-                snapshot.format.into(),
-                snapshot.next_offset.into(),
-                now_ms().into(),
-            ],
-        )
-        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn acquire_epoch(
+        &self,
+        topic: &str,
+        partition: u32,
+        holder: &str,
+        floor: u64,
+    ) -> Result<u64, StoreError> {
+        // Epochs are BIGINT: a floor beyond them (a garbage header) is refused, not wrapped.
+        let floor = i64::try_from(floor)
+            .ok()
+            .filter(|floor| *floor < i64::MAX)
+            .ok_or_else(|| StoreError(format!("epoch floor {floor} is out of range")))?;
+        let mut tx = self.db.begin().await?;
+        let row = tx
+            .fetch_optional(
+                "INSERT INTO command_owner_epochs (topic, partition, epoch, holder, acquired_at)
+                 VALUES ($1, $2, $5 + 1, $3, $4)
+                 ON CONFLICT (topic, partition) DO UPDATE
+                 SET epoch = CASE WHEN command_owner_epochs.epoch > $5
+                                  THEN command_owner_epochs.epoch + 1 ELSE $5 + 1 END,
+                     holder = excluded.holder, acquired_at = excluded.acquired_at
+                 RETURNING epoch",
+                &[
+                    topic.into(),
+                    partition.into(),
+                    holder.into(),
+                    now_ms().into(),
+                    floor.into(),
+                ],
+            )
+            .await?;
+        tx.commit().await?;
+        row.map(|row| row.int("epoch") as u64)
+            .ok_or_else(|| StoreError("taking an owner epoch returned no row".into()))
+    }
+
+    async fn drop_snapshot(&self, topic: &str, partition: u32) -> Result<(), StoreError> {
+        let mut tx = self.db.begin().await?;
+        for table in [
+            "command_snapshot_aggregates",
+            "command_snapshot_outcomes",
+            "command_snapshot_heads",
+        ] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE topic = $1 AND partition = $2"),
+                &[topic.into(), partition.into()],
+            )
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -363,6 +508,24 @@ impl CommandStore for SqlStore {
     }
 
     async fn save_position(
+        &self,
+        consumer: &str,
+        topic: &str,
+        partition: u32,
+        next_offset: u64,
+    ) -> Result<(), StoreError> {
+        self.db
+            .execute(
+                "INSERT INTO command_positions (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (consumer, topic, partition) DO UPDATE SET next_offset = excluded.next_offset
+                 WHERE command_positions.next_offset < excluded.next_offset",
+                &[consumer.into(), topic.into(), partition.into(), next_offset.into()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn reset_position(
         &self,
         consumer: &str,
         topic: &str,

@@ -7,6 +7,13 @@
 //! A reader's fetch wait depends on its [`ReadMode`]: a few ms for readers someone waits on, a
 //! longer one for background readers, since some brokers (nisshi) hold every fetch for its full
 //! wait and spend their CPU answering idle readers' fetches.
+//!
+//! Topics are created with the configured replication factor, capped at the cluster's broker
+//! count, and `min.insync.replicas` one less than it (between 1 and 2), so with acks=all an
+//! acknowledged record is on two brokers whenever the cluster has three; a cap, or an existing
+//! topic with fewer replicas, is logged as a warning and never fails a start
+//! ([`replication_for`]). Replica counts come from the cluster's metadata (each partition's
+//! replica list), which every Kafka-protocol broker serves.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -45,6 +52,10 @@ pub struct KafkaSettings {
     pub background_fetch_wait_ms: u32,
     /// How long an append may take before it fails (and the command answers 503).
     pub delivery_timeout: Duration,
+    /// How many brokers keep a copy of each partition of a topic [`EventLog::ensure_topic`]
+    /// creates: capped at the brokers the cluster has (see [`replication_for`]). An existing
+    /// topic with fewer copies is reported, never changed.
+    pub replication_factor: u32,
 }
 
 /// The default [`KafkaSettings::linger_ms`] (the platform's `--kafka-linger-ms`).
@@ -54,6 +65,49 @@ pub const DEFAULT_FETCH_WAIT_MS: u32 = 50;
 /// The default [`KafkaSettings::background_fetch_wait_ms`]
 /// (`--kafka-background-fetch-wait-ms`).
 pub const DEFAULT_BACKGROUND_FETCH_WAIT_MS: u32 = 250;
+/// The default [`KafkaSettings::replication_factor`] (`--replication-factor`): a topic survives
+/// the loss of a broker, and acknowledged writes are on two of them.
+pub const DEFAULT_REPLICATION_FACTOR: u32 = 3;
+
+/// How a new topic is replicated: see [`replication_for`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replication {
+    /// Brokers holding a copy of each partition.
+    pub factor: u32,
+    /// The topic's `min.insync.replicas`: with `acks=all`, a write is acknowledged only once
+    /// this many copies have it, and refused while fewer are in sync.
+    pub min_insync_replicas: u32,
+    /// The requested factor was more than the cluster's brokers.
+    pub capped: bool,
+}
+
+/// The replication of a topic created with `requested` copies on a cluster of `brokers`
+/// brokers: the factor is capped at the broker count (a cluster cannot hold more copies than
+/// it has brokers), and `min.insync.replicas` is one less than the factor, at least 1 and at
+/// most 2, so writes go on while one broker is down and are on two brokers whenever the
+/// factor allows it.
+pub fn replication_for(requested: u32, brokers: u32) -> Replication {
+    let requested = requested.max(1);
+    let factor = requested.min(brokers.max(1));
+    Replication {
+        factor,
+        min_insync_replicas: factor.saturating_sub(1).clamp(1, 2),
+        capped: factor < requested,
+    }
+}
+
+/// What the cluster's metadata says about one topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TopicMetadata {
+    /// Brokers in the cluster.
+    brokers: u32,
+    /// The topic's partitions; `None` when the topic does not exist (yet).
+    partitions: Option<u32>,
+    /// The fewest distinct brokers holding a replica of one of its partitions (the replica
+    /// list may name one broker several times: nisshi accepts a factor of 3 on its single
+    /// broker and lists it thrice).
+    replication_factor: Option<u32>,
+}
 
 impl KafkaSettings {
     pub fn new(brokers: impl Into<String>) -> Self {
@@ -63,6 +117,7 @@ impl KafkaSettings {
             fetch_wait_max_ms: DEFAULT_FETCH_WAIT_MS,
             background_fetch_wait_ms: DEFAULT_BACKGROUND_FETCH_WAIT_MS,
             delivery_timeout: Duration::from_secs(15),
+            replication_factor: DEFAULT_REPLICATION_FACTOR,
         }
     }
 
@@ -151,18 +206,38 @@ impl KafkaLog {
     }
 
     async fn fetch_partition_count(&self, topic: &str) -> Result<Option<u32>, LogError> {
+        Ok(self.fetch_topic(topic).await?.partitions)
+    }
+
+    /// The topic's metadata (a consumer's request: it never creates the topic).
+    async fn fetch_topic(&self, topic: &str) -> Result<TopicMetadata, LogError> {
         let metadata = self.inner.metadata.clone();
         let name = topic.to_owned();
         tokio::task::spawn_blocking(move || {
             let metadata = metadata
                 .fetch_metadata(Some(&name), Timeout::After(Duration::from_secs(10)))
                 .map_err(unavailable)?;
-            Ok(metadata
+            let found = metadata
                 .topics()
                 .iter()
                 .find(|found| found.name() == name && found.error().is_none())
-                .map(|found| found.partitions().len() as u32)
-                .filter(|count| *count > 0))
+                .filter(|found| !found.partitions().is_empty());
+            Ok(TopicMetadata {
+                brokers: metadata.brokers().len() as u32,
+                partitions: found.map(|found| found.partitions().len() as u32),
+                replication_factor: found.and_then(|found| {
+                    found
+                        .partitions()
+                        .iter()
+                        .map(|partition| {
+                            let mut brokers = partition.replicas().to_vec();
+                            brokers.sort_unstable();
+                            brokers.dedup();
+                            brokers.len() as u32
+                        })
+                        .min()
+                }),
+            })
         })
         .await
         .map_err(unavailable)?
@@ -171,33 +246,78 @@ impl KafkaLog {
 
 #[async_trait]
 impl EventLog for KafkaLog {
+    /// Creates the topic replicated as [`replication_for`] says, with a warning when the
+    /// cluster has fewer brokers than `--replication-factor`; an existing topic (or one another
+    /// process creates at the same moment) is left as it is, with a warning when it has fewer
+    /// replicas than requested.
     async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<u32, LogError> {
-        let new_topic = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1))
+        let requested = self.inner.settings.replication_factor.max(1);
+        let found = self.fetch_topic(topic).await?;
+        let mut created = false;
+        if found.partitions.is_none() {
+            let replication = replication_for(requested, found.brokers);
+            if replication.capped {
+                tracing::warn!(
+                    topic,
+                    requested,
+                    brokers = found.brokers,
+                    replication_factor = replication.factor,
+                    "creating topic {topic} with replication factor {} instead of the requested \
+                     {requested} (--replication-factor): the cluster has {} broker(s)",
+                    replication.factor,
+                    found.brokers,
+                );
+            }
+            let min_insync_replicas = replication.min_insync_replicas.to_string();
+            let new_topic = NewTopic::new(
+                topic,
+                partitions as i32,
+                TopicReplication::Fixed(replication.factor as i32),
+            )
             // Events are the source of truth: keep them for ever.
-            .set("retention.ms", "-1");
-        let options =
-            AdminOptions::new().operation_timeout(Some(Timeout::After(Duration::from_secs(10))));
-        let results = self
-            .inner
-            .admin
-            .create_topics(&[new_topic], &options)
-            .await
-            .map_err(unavailable)?;
-        for result in results {
-            match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((name, code)) => {
-                    return Err(LogError::Unavailable(format!(
-                        "cannot create topic {name}: {code}"
-                    )));
+            .set("retention.ms", "-1")
+            .set("min.insync.replicas", &min_insync_replicas);
+            let options = AdminOptions::new()
+                .operation_timeout(Some(Timeout::After(Duration::from_secs(10))));
+            let results = self
+                .inner
+                .admin
+                .create_topics(&[new_topic], &options)
+                .await
+                .map_err(unavailable)?;
+            for result in results {
+                match result {
+                    Ok(_) => created = true,
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((name, code)) => {
+                        return Err(LogError::Unavailable(format!(
+                            "cannot create topic {name}: {code}"
+                        )));
+                    }
                 }
             }
         }
         // Metadata can trail a fresh creation by a moment.
         for _ in 0..50 {
-            if let Some(count) = self.fetch_partition_count(topic).await? {
+            let found = self.fetch_topic(topic).await?;
+            if let Some(count) = found.partitions {
                 if let Ok(mut known) = self.inner.partitions.write() {
                     known.insert(topic.to_owned(), count);
+                }
+                if !created
+                    && let Some(factor) = found.replication_factor
+                    && factor < requested
+                {
+                    tracing::warn!(
+                        topic,
+                        replication_factor = factor,
+                        requested,
+                        brokers = found.brokers,
+                        "topic {topic} has replication factor {factor}, below the requested \
+                         {requested} (--replication-factor); an existing topic is left as it is \
+                         (the cluster has {} broker(s))",
+                        found.brokers,
+                    );
                 }
                 return Ok(count);
             }
@@ -322,7 +442,9 @@ impl EventLog for KafkaLog {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
-            .set("auto.offset.reset", "earliest")
+            // A reader starts at positions stored with their effects: one beyond the log's end
+            // is an error to report, never a reason to read from elsewhere.
+            .set("auto.offset.reset", "error")
             .set("fetch.wait.max.ms", fetch_wait.to_string())
             .set("fetch.min.bytes", min_bytes.to_string())
             .set("max.partition.fetch.bytes", partition_bytes.to_string())
@@ -346,6 +468,21 @@ impl EventLog for KafkaLog {
         group: &str,
         topics: &[String],
     ) -> Result<Box<dyn GroupMember>, LogError> {
+        self.join_group_as(group, topics, ReadMode::Latency).await
+    }
+
+    async fn join_group_as(
+        &self,
+        group: &str,
+        topics: &[String],
+        mode: ReadMode,
+    ) -> Result<Box<dyn GroupMember>, LogError> {
+        // As for readers: a background member's idle fetches come a few times a second, not
+        // every few ms (nisshi holds each fetch for its whole wait).
+        let fetch_wait = match mode {
+            ReadMode::Latency => self.inner.settings.fetch_wait_max_ms,
+            ReadMode::Background | ReadMode::Bulk => self.inner.settings.background_fetch_wait_ms,
+        };
         let consumer: StreamConsumer<GroupContext> = self
             .inner
             .settings
@@ -355,13 +492,13 @@ impl EventLog for KafkaLog {
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "earliest")
+            // A member joining or leaving moves only the partitions that change hands; the
+            // others keep being read (and owned) without a pause.
+            .set("partition.assignment.strategy", "cooperative-sticky")
             // A killed member's partitions move on after this long.
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
-            .set(
-                "fetch.wait.max.ms",
-                self.inner.settings.fetch_wait_max_ms.to_string(),
-            )
+            .set("fetch.wait.max.ms", fetch_wait.to_string())
             .create_with_context(GroupContext::default())
             .map_err(unavailable)?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -578,5 +715,55 @@ impl LogReader for KafkaReader {
             }
         }
         Ok(records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_replication_factor_is_capped_at_the_broker_count() {
+        assert_eq!(
+            replication_for(3, 1),
+            Replication {
+                factor: 1,
+                min_insync_replicas: 1,
+                capped: true
+            }
+        );
+        assert_eq!(
+            replication_for(3, 2),
+            Replication {
+                factor: 2,
+                min_insync_replicas: 1,
+                capped: true
+            }
+        );
+    }
+
+    #[test]
+    fn within_the_broker_count_the_requested_factor_is_kept() {
+        assert_eq!(
+            replication_for(3, 5),
+            Replication {
+                factor: 3,
+                min_insync_replicas: 2,
+                capped: false
+            }
+        );
+    }
+
+    #[test]
+    fn min_insync_replicas_is_one_less_than_the_factor_between_one_and_two() {
+        let min_insync = |factor| replication_for(factor, 5).min_insync_replicas;
+        assert_eq!([1, 2, 3, 4, 5].map(min_insync), [1, 1, 2, 2, 2]);
+    }
+
+    #[test]
+    fn a_factor_of_zero_or_an_empty_broker_list_still_means_one_copy() {
+        assert_eq!(replication_for(0, 3).factor, 1);
+        assert!(!replication_for(0, 3).capped);
+        assert_eq!(replication_for(3, 0).factor, 1);
     }
 }

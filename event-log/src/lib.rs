@@ -15,7 +15,8 @@
 //!   most recent ones from memory.
 //! - [`kafka`]: rdkafka; an idempotent producer (acks=all, a few ms of linger) shared by all
 //!   appends, and readers that assign explicit partitions and seek to explicit offsets, with a
-//!   short fetch wait or, for [`ReadMode::Background`] readers, a longer one.
+//!   short fetch wait or, for [`ReadMode::Background`] readers, a longer one; topics created
+//!   replicated (`--replication-factor`, capped at the broker count) with `min.insync.replicas`.
 //! - [`metrics`]: the append latency and projection batch size histograms behind `/metrics`.
 //! - [`topics`]: the topic naming scheme (`<prefix>.<aggregate>.events`, `.commands`).
 
@@ -143,6 +144,18 @@ pub trait EventLog: Send + Sync + 'static {
         group: &str,
         topics: &[String],
     ) -> Result<Box<dyn GroupMember>, LogError>;
+
+    /// Joins a group as [`EventLog::join_group`] does, its fetches tuned for `mode` (changes only
+    /// how soon new records arrive, as for readers).
+    async fn join_group_as(
+        &self,
+        group: &str,
+        topics: &[String],
+        mode: ReadMode,
+    ) -> Result<Box<dyn GroupMember>, LogError> {
+        let _ = mode;
+        self.join_group(group, topics).await
+    }
 
     /// A short name for logs and health output (`kafka`, `embedded`).
     fn backend(&self) -> &'static str;

@@ -10,9 +10,11 @@
 //! - [`db`]: the shared SQL layer (crate `sql-store`), so each read model's SQL is written once.
 //! - [`traced`]: a span per applied event with the trace id of the request behind it.
 //! - [`runtime`]: the projection runtime: consumer groups, batches applied in one transaction
-//!   with their positions, the effective-history rule, parking.
+//!   with their positions and fenced by a claim on them, the effective-history rule judged
+//!   against the database, parking, and the check of stored positions against the log's end.
 //! - [`models`]: the read models (orders, inventory, payments, audit).
-//! - [`read_side`]: opening the databases, starting the workers, read-your-writes, lag.
+//! - [`read_side`]: opening the databases, starting the workers, read-your-writes, lag and
+//!   readiness.
 //! - [`parked`]: listing, retrying and skipping parked events.
 //! - [`query`]: the HTTP query API.
 //! - [`replay`]: rebuilding a projection into shadow tables and swapping them in.

@@ -1,5 +1,7 @@
 //! Parked events: list them, retry them (apply again, e.g. after a fix), or skip them. Either
-//! way the events parked behind one of the same aggregate follow in order.
+//! way the events parked behind one of the same aggregate follow in order. A retry or skip holds
+//! the event's partition as a worker's batch does (see `runtime`), so it never runs beside a
+//! batch of that partition or another retry of the same event.
 
 use serde::Serialize;
 
@@ -99,6 +101,19 @@ pub async fn resolve(
 ) -> Result<Resolved, ResolveError> {
     let name = projection.name();
     let mut tx = db.begin().await?;
+    // Hold the partition as a worker's batch does (its claim takes the same row first), so
+    // neither a batch nor another retry of the same event runs meanwhile: what is read below is
+    // what stays stored until the commit, and each event is applied once.
+    tx.execute(
+        "UPDATE projection_positions SET updated_at = updated_at
+         WHERE projection = $1 AND topic = $2 AND partition = $3",
+        &[
+            name.into(),
+            position.topic.as_str().into(),
+            position.partition.into(),
+        ],
+    )
+    .await?;
     let target = tx
         .fetch_optional(
             r#"SELECT aggregate_type, aggregate_id FROM parked_events

@@ -1,5 +1,11 @@
 //! The read side of one process: the read-model databases, the workers, and what the query API
 //! and the health checks need from them (read-your-writes, lag).
+//!
+//! [`ReadSide::status`] is also the read side's readiness: each projection's `problems` name the
+//! topic and partition, both offsets and the way to recover, while a stored position is beyond
+//! its log's end (checked against the log on every call, and as this process's workers found
+//! it, which stays true after the log has grown past the position again), so `/health/ready`
+//! answers 503 until the projection is rebuilt.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::db::{Db, DbError};
 use crate::models::{audit::Audit, inventory::Inventory, orders::Orders, payments::Payments};
-use crate::runtime::{Projection, Worker, WorkerState, migrate, stored_positions};
+use crate::runtime::{BeyondLogEnd, Projection, Worker, WorkerState, migrate, stored_positions};
 use crate::traced::{SpanKind, Traced};
 
 /// Where the read models live.
@@ -74,6 +80,10 @@ pub struct ProjectionStatus {
     /// Since this process started: events applied, and records skipped by the rule.
     pub applied: u64,
     pub conflicts: u64,
+    /// What keeps the projection from going on (a stored position beyond its log's end), as
+    /// sentences naming the partition, both offsets and the way to recover.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 fn all_projections() -> Vec<Arc<dyn Projection>> {
@@ -275,9 +285,11 @@ impl ReadSide {
         }
     }
 
-    /// Lag of every projection on every partition it reads.
+    /// Lag of every projection on every partition it reads, with what keeps one from going on
+    /// (see the module documentation).
     pub async fn status(&self) -> Result<Vec<ProjectionStatus>, String> {
         let mut statuses = Vec::new();
+        let mut beyond: BTreeMap<(&str, String, u32), BeyondLogEnd> = BTreeMap::new();
         for running in self.running.iter() {
             let name = running.projection.name();
             let stored: BTreeMap<(String, u32), u64> = stored_positions(&running.db, name)
@@ -307,6 +319,19 @@ impl ReadSide {
                     if applied < end {
                         lagging.push((partition, applied));
                     }
+                    if applied > end {
+                        beyond.insert(
+                            (name, topic.clone(), partition),
+                            BeyondLogEnd {
+                                projection: name.to_owned(),
+                                topic: topic.clone(),
+                                partition,
+                                stored: applied,
+                                end,
+                                recovery: running.projection.recovery(),
+                            },
+                        );
+                    }
                     partitions.push(PartitionLag {
                         topic: topic.clone(),
                         partition,
@@ -326,6 +351,9 @@ impl ReadSide {
                         }
                     }
                 }
+            }
+            for problem in running.state.beyond_end() {
+                beyond.insert((name, problem.topic.clone(), problem.partition), problem);
             }
             let parked = running
                 .db
@@ -348,7 +376,13 @@ impl ReadSide {
                 parked,
                 applied: running.state.applied(),
                 conflicts: running.state.conflicts(),
+                problems: Vec::new(),
             });
+        }
+        for ((name, _, _), problem) in beyond {
+            if let Some(status) = statuses.iter_mut().find(|status| status.projection == name) {
+                status.problems.push(problem.to_string());
+            }
         }
         Ok(statuses)
     }

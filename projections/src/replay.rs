@@ -13,16 +13,21 @@
 //! 1. lock the live tables (Postgres: `LOCK TABLE ... ACCESS EXCLUSIVE` in the order the
 //!    worker takes them; SQLite: the database's write lock), so the live worker cannot commit;
 //! 2. read the live positions and catch the shadow up to them, so the shadow is at least as
-//!    far as the live read model on every partition;
+//!    far as the live read model on every partition (as far as the log goes);
 //! 3. replace the live tables with the shadow's (Postgres: drop, then `SET SCHEMA`, a catalog
 //!    change; SQLite: delete and copy from the attached shadow file, while readers keep
 //!    seeing the old rows under WAL until the commit).
 //!
-//! The live worker then finds positions and applied versions at or past what it holds in
-//! memory: whatever it re-reads below them is a duplicate under the effective-history rule
-//! and changes nothing, and its position writes only ever move forward. An interrupted replay
-//! leaves the shadow with its positions, so running it again resumes; the shadow is always a
-//! correct build up to its positions, so even swapping it twice is harmless.
+//! The live worker's next batch then judges against the swapped-in tables, not its memory: its
+//! claim on a partition (the runtime's fence, see `runtime`) checks the position and when it
+//! was written, and fails after a swap, so the worker forgets what it remembers; what it
+//! re-reads below the swapped-in positions is stale under the effective-history rule and
+//! changes nothing. Where a live position was beyond the log's end (the log lost its tail, or
+//! the topic was recreated), the shadow stands at the end instead, and the worker, which
+//! stopped applying that partition, starts it again from there. An interrupted replay leaves
+//! the shadow with its positions, so running it again resumes (unless the shadow is beyond the
+//! log's end: it then starts afresh); the shadow is always a correct build up to its positions,
+//! so even swapping it twice is harmless.
 //!
 //! A replay with filters (time range, event types, aggregate id) builds the shadow from the
 //! selected events only. Such a shadow is not a whole read model, so it is never swapped in:
@@ -236,14 +241,33 @@ pub async fn replay(
         ));
     }
     let location = Location::of(backend, name);
-    let shadow = open_shadow(&location, live, projection.as_ref(), options).await?;
+    let mut shadow = open_shadow(&location, live, projection.as_ref(), options).await?;
     let mut history = load_history(&shadow, name).await?;
+    let ends = end_offsets(log, &topics).await?;
+    if let Some(((topic, partition), next)) = history
+        .positions
+        .iter()
+        .find(|(key, next)| ends.get(*key).is_some_and(|end| **next > *end))
+    {
+        // An interrupted rebuild of records the log no longer has (it lost its tail, or the
+        // topic was recreated): start afresh.
+        tracing::warn!(
+            projection = name,
+            topic,
+            partition,
+            next_offset = next,
+            "the interrupted replay's shadow is beyond the log's end; starting afresh"
+        );
+        close(shadow).await;
+        drop_shadow(&location, live).await?;
+        shadow = open_shadow(&location, live, projection.as_ref(), options).await?;
+        history = load_history(&shadow, name).await?;
+    }
     report.resumed = !history.positions.is_empty();
     if !report.resumed {
         defer_indexes(&shadow, &location).await?;
     }
 
-    let ends = end_offsets(log, &topics).await?;
     let total: u64 = ends
         .iter()
         .map(|(key, end)| end.saturating_sub(history.positions.get(key).copied().unwrap_or(0)))
@@ -950,23 +974,29 @@ async fn shadow_tables(shadow: &Db, location: &Location) -> Result<Vec<String>, 
     Ok(names)
 }
 
-/// Lock order: applied_versions, parked_events (the worker reads them first), the model's
-/// tables, projection_positions (written last).
+/// Lock order, the worker's: projection_positions (a batch claims its partitions first), then
+/// applied_versions, parked_events, the model's tables.
 fn lock_order(tables: &[String]) -> Vec<String> {
-    let mut ordered = vec!["applied_versions".to_owned(), "parked_events".to_owned()];
+    let mut ordered = vec![
+        "projection_positions".to_owned(),
+        "applied_versions".to_owned(),
+        "parked_events".to_owned(),
+    ];
     ordered.extend(
         tables
             .iter()
             .filter(|name| !RUNTIME_TABLES.contains(&name.as_str()))
             .cloned(),
     );
-    ordered.push("projection_positions".to_owned());
     ordered
 }
 
 #[allow(clippy::too_many_arguments)]
 /// Catches the shadow up to `live` positions: reads each partition from the shadow's position
-/// up to the live one.
+/// up to the live one, or up to the log's end where the live position is beyond it (the log
+/// lost its tail, or the topic was recreated): the rebuild then replaces a read model built
+/// from records the log no longer has, and the live worker reads again from the rebuild's
+/// position.
 async fn catch_up(
     log: &SharedLog,
     shadow: &Db,
@@ -978,11 +1008,30 @@ async fn catch_up(
     report: &mut ReplayReport,
 ) -> Result<(), DbError> {
     let before = report.read;
+    let ends = end_offsets(log, topics).await?;
     for topic in topics {
         let targets: BTreeMap<u32, u64> = live
             .iter()
             .filter(|row| row.text("topic") == *topic)
-            .map(|row| (row.int("partition") as u32, row.int("next_offset") as u64))
+            .map(|row| {
+                let partition = row.int("partition") as u32;
+                let live = row.int("next_offset") as u64;
+                let end = ends
+                    .get(&(topic.clone(), partition))
+                    .copied()
+                    .unwrap_or(live);
+                if live > end {
+                    tracing::warn!(
+                        projection = projection.name(),
+                        topic,
+                        partition,
+                        live,
+                        end,
+                        "the live position is beyond the log's end; the rebuild replaces it"
+                    );
+                }
+                (partition, live.min(end))
+            })
             .collect();
         read_into_shadow(
             log,

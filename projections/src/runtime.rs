@@ -1,7 +1,26 @@
 //! The projection runtime: one consumer group per projection; each batch of records is applied
-//! in one database transaction that also writes the positions reached, so a crash or a
-//! redelivery can never apply an event twice or skip one. On every assignment the worker seeks
-//! to the positions stored with the rows, never to Kafka's committed offsets.
+//! in one database transaction that also writes the positions reached, so a crash, a
+//! redelivery or a worker that lost its partitions can never apply an event twice or skip one.
+//! On every assignment the worker seeks to the positions stored with the rows, never to Kafka's
+//! committed offsets.
+//!
+//! # The fence
+//! A batch's transaction opens by claiming each partition of the batch, in order: a conditional
+//! write of its position in `projection_positions` that succeeds only where the stored next
+//! offset is the batch's first offset of that partition (and, where the worker would judge by
+//! its memory, only where this worker's last commit wrote it: `updated_at` is checked too), and
+//! moves it past the batch. It is the batch's only write of its positions. The claim holds the
+//! row's lock (Postgres) or the database's write lock (SQLite) until the commit, so a concurrent
+//! batch of the same partition waits for it and then fails its own claim. A failed claim means
+//! the partition moved without this worker (another member applied it after a rebalance or a
+//! pause past the session timeout, a replay swapped a rebuild in). The worker forgets what it
+//! remembers and reads the stored position in the same transaction:
+//! - at or past the batch's first offset: it claims the partition from there and judges the
+//!   whole batch against the database, where everything below that position is applied, so
+//!   those records are stale and only the rest can count;
+//! - behind the batch (a rebuild that stands before it), or beyond the log's end: that
+//!   partition's records are left out ([`Applied::restart`]), and the worker starts it again as
+//!   on assignment, reading the log from the stored position after the check below.
 //!
 //! Within a batch: records are decoded; the effective-history rule is applied with the last
 //! applied version of each aggregate, stored in `applied_versions` in the same database (a
@@ -10,17 +29,26 @@
 //! cannot apply is parked with its error and the batch goes on without it.
 //!
 //! A worker remembers the versions it has committed ([`Known`]), so a batch reads from
-//! `applied_versions` only the aggregates the worker has not met. The memory is checked, not
-//! trusted: every version a batch writes must advance the stored one, and a batch where one does
-//! not (another member or a replay moved it on) is rolled back and judged again from the
-//! database.
+//! `applied_versions` only the aggregates the worker has not met. The fence is what makes the
+//! memory safe to use (see [`Known`]); as a second check, every version a batch writes must
+//! still advance the stored one (a database changed by hand), or the batch is rolled back and
+//! judged again from the database.
+//!
+//! # Start-up checks
+//! On assignment, a partition whose stored position is beyond the log's end (a log that lost its
+//! tail, a topic recreated under the same prefix) is not started: the records the log has there
+//! now are not the ones the read model was built from, so going on would skip or misjudge them.
+//! The worker logs a [`BeyondLogEnd`] error, which says how to recover, and reports it in
+//! [`WorkerState::problems`] (the read side turns it into a failed readiness check). It starts
+//! the partition once its stored position has changed to one within the log (a rebuild by
+//! `platform replay` swapped in).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use event_log::{GroupEvent, LogRecord, Position, SharedLog};
+use event_log::{GroupEvent, GroupMember, LogRecord, Position, SharedLog};
 use event_schema::{Envelope, judge};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -38,6 +66,10 @@ const KNOWN_LIMIT: usize = 250_000;
 /// Up to this many aggregates with a parked event, a worker reads them all before each batch
 /// (one short query on a partial index); with more, it looks up the batch's aggregates.
 const PARKED_LISTED: usize = 1000;
+
+/// How often a worker looks again at partitions it did not start because their stored
+/// position was beyond the log's end.
+const BEYOND_END_RECHECK: Duration = Duration::from_secs(2);
 
 /// Why a projection could not apply a batch.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -70,6 +102,15 @@ pub trait Projection: Send + Sync + 'static {
     /// which never applies an event twice, then writes them by COPY instead of calling `apply`.
     fn append_only_rows(&self, _events: &[Event]) -> Option<AppendOnlyRows> {
         None
+    }
+    /// How an operator brings the projection back when its stored state no longer matches the
+    /// log (a stored position beyond the log's end), completing "nothing of that partition is
+    /// applied until …".
+    fn recovery(&self) -> String {
+        format!(
+            "it is rebuilt from the log: `platform replay --projection {} --restart`",
+            self.name()
+        )
     }
 }
 
@@ -151,6 +192,24 @@ pub struct PartitionProgress {
     pub next_offset: u64,
 }
 
+/// A stored position beyond the end of its partition: the log no longer has what the read
+/// model was built from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "projection {projection}: the position stored for {topic} partition {partition} is offset \
+     {stored}, beyond the log's end at offset {end} (the log lost its tail, or the topic was \
+     recreated under the same prefix); nothing of that partition is applied until {recovery}"
+)]
+pub struct BeyondLogEnd {
+    pub projection: String,
+    pub topic: String,
+    pub partition: u32,
+    pub stored: u64,
+    pub end: u64,
+    /// What the operator does about it ([`Projection::recovery`]).
+    pub recovery: String,
+}
+
 /// What a worker shares with the query side and the health checks.
 #[derive(Debug, Default)]
 pub struct WorkerState {
@@ -161,12 +220,21 @@ pub struct WorkerState {
     parked: std::sync::atomic::AtomicU64,
     applied: std::sync::atomic::AtomicU64,
     known: Mutex<Known>,
+    /// Partitions held but not applied: their stored position is beyond the log's end.
+    beyond_end: Mutex<BTreeMap<(String, u32), BeyondLogEnd>>,
 }
 
 /// The last versions a worker has committed, per aggregate type and id, so that a batch reads
-/// only the aggregates the worker has not met. Forgotten on every assignment change, every
-/// failed batch, and past [`KNOWN_LIMIT`]. It cannot make a batch apply an event twice: each
-/// version a batch writes must advance the stored one (see [`Worker::apply_batch`]).
+/// only the aggregates the worker has not met.
+///
+/// Why the memory is safe to use: an aggregate's events all live in one partition, and only a
+/// batch holding that partition's claim (see the module documentation) writes its version. A
+/// batch uses the memory only where it continues a partition exactly where this worker's own
+/// last commit (or its start) left it ([`Mark`]), and its claim then checks that the stored
+/// position is still that one, written by that commit: had anyone else applied the partition
+/// since, or a replay swapped a rebuild in, the claim fails and the memory is forgotten before
+/// anything is judged. So a version taken from memory is the stored one. The memory is also
+/// forgotten on every assignment change, every failed batch, and past [`KNOWN_LIMIT`].
 #[derive(Debug, Default)]
 struct Known {
     versions: HashMap<String, HashMap<String, u64>>,
@@ -174,6 +242,16 @@ struct Known {
     /// Partitions this worker started at offset 0 (nothing of theirs applied) and has held since
     /// without forgetting: an aggregate of theirs that is not in `versions` has no version yet.
     fresh: HashMap<String, HashSet<u32>>,
+    /// Where the memory of each partition's aggregates holds.
+    marks: HashMap<String, HashMap<u32, Mark>>,
+}
+
+/// Where this worker last left a partition: the next offset, and the `updated_at` it wrote with
+/// it (or read at the start), which its next claim also checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mark {
+    next: u64,
+    written_at: Option<i64>,
 }
 
 impl Known {
@@ -207,6 +285,27 @@ impl Known {
             self.forget();
         }
     }
+
+    fn mark(&self, topic: &str, partition: u32) -> Option<Mark> {
+        self.marks
+            .get(topic)
+            .and_then(|partitions| partitions.get(&partition))
+            .copied()
+    }
+
+    fn set_mark(&mut self, topic: &str, partition: u32, mark: Mark) {
+        match self.marks.get_mut(topic) {
+            Some(partitions) => {
+                partitions.insert(partition, mark);
+            }
+            None => {
+                self.marks
+                    .entry(topic.to_owned())
+                    .or_default()
+                    .insert(partition, mark);
+            }
+        }
+    }
 }
 
 /// Why a batch was not applied.
@@ -221,6 +320,24 @@ impl From<DbError> for BatchError {
     fn from(error: DbError) -> Self {
         BatchError::Db(error)
     }
+}
+
+/// What applying a batch did besides applying it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Partitions whose records were left out because their stored position, given with them,
+    /// is not one the batch can go on from: behind the batch (a rebuild swapped in that stands
+    /// before it) or beyond the log's end. The worker starts them again as on assignment.
+    pub restart: Vec<(String, u32, u64)>,
+}
+
+/// Where a partition just assigned (or to be read again) stands.
+enum Checked {
+    /// Its stored position, within the log (`None`: no batch committed yet).
+    Start(Option<(u64, i64)>),
+    /// Beyond the log's end: left unstarted and reported.
+    Halted,
+    Shutdown,
 }
 
 impl WorkerState {
@@ -270,6 +387,26 @@ impl WorkerState {
         self.applied.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Partitions this worker holds but does not apply, each with why and how to recover.
+    pub fn beyond_end(&self) -> Vec<BeyondLogEnd> {
+        self.halted().values().cloned().collect()
+    }
+
+    /// What keeps this worker from applying everything it holds, as sentences for readiness
+    /// checks; empty when nothing does.
+    pub fn problems(&self) -> Vec<String> {
+        self.halted()
+            .values()
+            .map(|problem| problem.to_string())
+            .collect()
+    }
+
+    fn halted(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, u32), BeyondLogEnd>> {
+        self.beyond_end
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn known(&self) -> std::sync::MutexGuard<'_, Known> {
         self.known
             .lock()
@@ -295,6 +432,75 @@ pub async fn stored_positions(
             next_offset: row.int("next_offset") as u64,
         })
         .collect())
+}
+
+const STORED_POSITION: &str = "SELECT next_offset, updated_at FROM projection_positions
+     WHERE projection = $1 AND topic = $2 AND partition = $3";
+
+/// A partition's stored position as (next offset, updated_at); `None` before its first batch.
+async fn stored_position(
+    db: &Db,
+    projection: &str,
+    topic: &str,
+    partition: u32,
+) -> Result<Option<(u64, i64)>, DbError> {
+    Ok(db
+        .fetch_optional(
+            STORED_POSITION,
+            &[projection.into(), topic.into(), partition.into()],
+        )
+        .await?
+        .map(|row| (row.int("next_offset") as u64, row.int("updated_at"))))
+}
+
+/// Claims a partition for a batch (see the module documentation): moves its stored position
+/// from `expected` to `next`, provided it is at `expected` (and was written at `written_at`,
+/// when given). False when it is not, which changes nothing.
+async fn claim(
+    tx: &mut Tx,
+    projection: &str,
+    (topic, partition): (&str, u32),
+    expected: u64,
+    written_at: Option<i64>,
+    next: u64,
+    now: i64,
+) -> Result<bool, DbError> {
+    let claimed = if expected == 0 {
+        // No batch of the partition committed yet: no row, unless a concurrent first batch
+        // inserted one, which this insert then waits for and finds moved on.
+        tx.execute(
+            "INSERT INTO projection_positions (projection, topic, partition, next_offset, updated_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (projection, topic, partition) DO UPDATE
+             SET next_offset = excluded.next_offset, updated_at = excluded.updated_at
+             WHERE projection_positions.next_offset = 0",
+            &[
+                projection.into(),
+                topic.into(),
+                partition.into(),
+                next.into(),
+                now.into(),
+            ],
+        )
+        .await?
+    } else {
+        tx.execute(
+            "UPDATE projection_positions SET next_offset = $1, updated_at = $2
+             WHERE projection = $3 AND topic = $4 AND partition = $5 AND next_offset = $6
+               AND ($7 < 0 OR updated_at = $7)",
+            &[
+                next.into(),
+                now.into(),
+                projection.into(),
+                topic.into(),
+                partition.into(),
+                expected.into(),
+                written_at.unwrap_or(-1).into(),
+            ],
+        )
+        .await?
+    };
+    Ok(claimed == 1)
 }
 
 /// One projection's worker: a member of the projection's consumer group.
@@ -333,7 +539,12 @@ impl Worker {
         // What the member said while the previous batch was being applied (the next poll
         // overlaps the database work, so the log is read while Postgres writes).
         let mut ahead: Option<Result<GroupEvent, event_log::LogError>> = None;
+        let mut rechecked = tokio::time::Instant::now();
         loop {
+            if rechecked.elapsed() >= BEYOND_END_RECHECK {
+                rechecked = tokio::time::Instant::now();
+                self.recheck_beyond_end(member.as_mut()).await;
+            }
             let polled = match ahead.take() {
                 Some(polled) => polled,
                 None => tokio::select! {
@@ -353,37 +564,13 @@ impl Worker {
                 GroupEvent::Assigned(partitions) => {
                     self.state.known().forget();
                     for (topic, partition) in partitions {
-                        let next = loop {
-                            match self.stored_position(&topic, partition).await {
-                                Ok(next) => break next,
-                                Err(error) => {
-                                    tracing::warn!(projection = name, %error, "cannot read the stored position; retrying");
-                                    tokio::time::sleep(Duration::from_millis(500)).await;
-                                }
+                        match self.checked_start(&topic, partition, &mut shutdown).await {
+                            Checked::Start(stored) => {
+                                self.start(member.as_mut(), &topic, partition, stored).await;
                             }
-                        };
-                        if let Err(error) = member.start(&topic, partition, next).await {
-                            tracing::warn!(projection = name, %error, topic, partition, "cannot start the partition");
-                            continue;
+                            Checked::Halted => {}
+                            Checked::Shutdown => return,
                         }
-                        if next == 0 {
-                            self.state
-                                .known()
-                                .fresh
-                                .entry(topic.clone())
-                                .or_default()
-                                .insert(partition);
-                        }
-                        if let Ok(mut positions) = self.state.positions.lock() {
-                            positions.insert((topic.clone(), partition), next);
-                        }
-                        tracing::info!(
-                            projection = name,
-                            topic,
-                            partition,
-                            next_offset = next,
-                            "partition assigned"
-                        );
                     }
                     self.state.notify();
                 }
@@ -392,6 +579,12 @@ impl Worker {
                     if let Ok(mut positions) = self.state.positions.lock() {
                         for partition in &partitions {
                             positions.remove(partition);
+                        }
+                    }
+                    {
+                        let mut halted = self.state.halted();
+                        for partition in &partitions {
+                            halted.remove(partition);
                         }
                     }
                     tracing::info!(projection = name, ?partitions, "partitions revoked");
@@ -404,30 +597,207 @@ impl Worker {
                         self.apply_until_done(&records, &mut shutdown),
                         member.poll(MAX_BATCH, Duration::from_millis(100))
                     );
-                    if !applied {
+                    let Some(applied) = applied else {
                         return;
-                    }
+                    };
                     ahead = Some(next);
+                    for (topic, partition, stored) in applied.restart {
+                        // What was polled meanwhile of that partition comes after the batch:
+                        // it is read again from the stored position too.
+                        if let Some(Ok(GroupEvent::Records(records))) = ahead.as_mut() {
+                            records.retain(|record| {
+                                record.position.topic != topic
+                                    || record.position.partition != partition
+                            });
+                        }
+                        tracing::warn!(
+                            projection = name,
+                            topic,
+                            partition,
+                            next_offset = stored,
+                            "the stored position moved without this worker to where its batch cannot go on (a rebuild swapped in, or a log that lost its tail); starting the partition again"
+                        );
+                        match self.checked_start(&topic, partition, &mut shutdown).await {
+                            Checked::Start(stored) => {
+                                self.start(member.as_mut(), &topic, partition, stored).await;
+                            }
+                            Checked::Halted => {}
+                            Checked::Shutdown => return,
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// Applies a batch, retrying with backoff while the database fails; false when shutdown
+    /// Where a partition just assigned stands: its stored position once that is known to be
+    /// within the log, or halted when it is beyond the log's end. Database and log failures are
+    /// retried.
+    async fn checked_start(
+        &self,
+        topic: &str,
+        partition: u32,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Checked {
+        let name = self.projection.name();
+        let mut checks = 0;
+        loop {
+            let checked = async {
+                let stored = stored_position(&self.db, name, topic, partition).await?;
+                let end = self
+                    .log
+                    .end_offset(topic, partition)
+                    .await
+                    .map_err(|error| DbError(format!("reading the log's end: {error}")))?;
+                Ok::<_, DbError>((stored, end))
+            }
+            .await;
+            let wait = match checked {
+                Ok((stored, end)) => match stored {
+                    Some((next, _)) if next > end => {
+                        // A new partition leader's high watermark can lag for a moment: look
+                        // three times over two seconds before calling it lost.
+                        checks += 1;
+                        if checks == 3 {
+                            self.halt(topic, partition, next, end);
+                            return Checked::Halted;
+                        }
+                        Duration::from_secs(1)
+                    }
+                    _ => return Checked::Start(stored),
+                },
+                Err(error) => {
+                    tracing::warn!(projection = name, %error, topic, partition, "cannot check the stored position; retrying");
+                    Duration::from_millis(500)
+                }
+            };
+            tokio::select! {
+                _ = shutdown.changed() => return Checked::Shutdown,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Leaves a partition unstarted because its stored position is beyond the log's end.
+    fn halt(&self, topic: &str, partition: u32, stored: u64, end: u64) {
+        let problem = BeyondLogEnd {
+            projection: self.projection.name().to_owned(),
+            topic: topic.to_owned(),
+            partition,
+            stored,
+            end,
+            recovery: self.projection.recovery(),
+        };
+        tracing::error!(
+            projection = %problem.projection,
+            topic,
+            partition,
+            stored_offset = stored,
+            end_offset = end,
+            "{problem}"
+        );
+        if let Ok(mut positions) = self.state.positions.lock() {
+            positions.remove(&(topic.to_owned(), partition));
+        }
+        // Nothing remembered of the partition may outlive what recovers it (a rebuild).
+        self.state.known().forget();
+        self.state
+            .halted()
+            .insert((topic.to_owned(), partition), problem);
+        self.state.notify();
+    }
+
+    /// Starts delivering a partition from its stored position (`None`: no batch committed yet,
+    /// offset 0), which is where this worker's memory of it begins.
+    async fn start(
+        &self,
+        member: &mut dyn GroupMember,
+        topic: &str,
+        partition: u32,
+        stored: Option<(u64, i64)>,
+    ) {
+        let name = self.projection.name();
+        let next = stored.map_or(0, |(next, _)| next);
+        if let Err(error) = member.start(topic, partition, next).await {
+            tracing::warn!(projection = name, %error, topic, partition, "cannot start the partition");
+            return;
+        }
+        {
+            let mut known = self.state.known();
+            let written_at = stored.map(|(_, written_at)| written_at);
+            known.set_mark(topic, partition, Mark { next, written_at });
+            if stored.is_none() {
+                known
+                    .fresh
+                    .entry(topic.to_owned())
+                    .or_default()
+                    .insert(partition);
+            }
+        }
+        if let Ok(mut positions) = self.state.positions.lock() {
+            positions.insert((topic.to_owned(), partition), next);
+        }
+        tracing::info!(
+            projection = name,
+            topic,
+            partition,
+            next_offset = next,
+            "partition started"
+        );
+    }
+
+    /// Starts the partitions left unstarted for a position beyond the log's end whose stored
+    /// position has since changed to one within the log (a rebuild swapped in). One whose
+    /// position has not changed stays unstarted even once the log has grown past it: the records
+    /// up to it are not the ones the read model was built from.
+    async fn recheck_beyond_end(&self, member: &mut dyn GroupMember) {
+        let halted = self.state.beyond_end();
+        for problem in halted {
+            let (topic, partition) = (problem.topic.as_str(), problem.partition);
+            let stored =
+                match stored_position(&self.db, self.projection.name(), topic, partition).await {
+                    Ok(stored) => stored,
+                    Err(_) => continue,
+                };
+            let next = stored.map_or(0, |(next, _)| next);
+            if next == problem.stored {
+                continue;
+            }
+            let Ok(end) = self.log.end_offset(topic, partition).await else {
+                continue;
+            };
+            if next > end {
+                self.halt(topic, partition, next, end);
+                continue;
+            }
+            self.state.halted().remove(&(topic.to_owned(), partition));
+            tracing::info!(
+                projection = self.projection.name(),
+                topic,
+                partition,
+                next_offset = next,
+                "the stored position is within the log again"
+            );
+            self.start(member, topic, partition, stored).await;
+            self.state.notify();
+        }
+    }
+
+    /// Applies a batch, retrying with backoff while the database fails; `None` when shutdown
     /// came first.
     async fn apply_until_done(
         &self,
         records: &[LogRecord],
         shutdown: &mut watch::Receiver<bool>,
-    ) -> bool {
+    ) -> Option<Applied> {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.apply_batch(records).await {
-                Ok(()) => return true,
+                Ok(applied) => return Some(applied),
                 Err(error) => {
                     tracing::warn!(projection = self.projection.name(), %error, "applying a batch failed; retrying");
                     tokio::select! {
-                        _ = shutdown.changed() => return false,
+                        _ = shutdown.changed() => return None,
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -436,26 +806,16 @@ impl Worker {
         }
     }
 
-    async fn stored_position(&self, topic: &str, partition: u32) -> Result<u64, DbError> {
-        Ok(self
-            .db
-            .fetch_optional(
-                "SELECT next_offset FROM projection_positions WHERE projection = $1 AND topic = $2 AND partition = $3",
-                &[self.projection.name().into(), topic.into(), partition.into()],
-            )
-            .await?
-            .map(|row| row.int("next_offset") as u64)
-            .unwrap_or(0))
-    }
-
-    /// Applies one batch in one transaction, with its positions. When a stored version has moved
-    /// on without this worker, the batch is rolled back and judged again from the database.
-    pub async fn apply_batch(&self, records: &[LogRecord]) -> Result<(), DbError> {
+    /// Applies one batch in one transaction, with its positions, fenced by claims on its
+    /// partitions (see the module documentation). Records of partitions left unstarted for a
+    /// position beyond the log's end are left out, as are those of partitions whose stored
+    /// position the batch cannot go on from (returned in [`Applied::restart`]).
+    pub async fn apply_batch(&self, records: &[LogRecord]) -> Result<Applied, DbError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let error = match self.try_apply_batch(records).await {
-                Ok(()) => return Ok(()),
+                Ok(applied) => return Ok(applied),
                 Err(error) => error,
             };
             self.state.known().forget();
@@ -467,16 +827,146 @@ impl Worker {
                 ),
                 BatchError::VersionsMoved => {
                     return Err(DbError(
-                        "applied versions keep moving on without this worker (another member of its group applying the same partitions?)".into(),
+                        "applied versions keep moving on without this worker (changed by hand, or by a writer outside the projection runtime?)".into(),
                     ));
                 }
             }
         }
     }
 
-    async fn try_apply_batch(&self, records: &[LogRecord]) -> Result<(), BatchError> {
+    /// Claims every partition of the batch (see the module documentation), in one order for
+    /// every worker so that two batches never wait for each other's claims in a cycle. `spans`
+    /// holds each partition's first offset in the batch and the offset after its last. Returns
+    /// the partitions claimed, with where this batch leaves them.
+    async fn claim_partitions(
+        &self,
+        tx: &mut Tx,
+        spans: BTreeMap<(&str, u32), (u64, u64)>,
+        now: i64,
+    ) -> Result<(BTreeMap<(String, u32), u64>, Applied), BatchError> {
         let name = self.projection.name();
+        let mut claimed: BTreeMap<(String, u32), u64> = BTreeMap::new();
+        let mut applied = Applied::default();
+        let mut moved = false;
+        for ((topic, partition), (first, reached)) in spans {
+            // Memory of the partition counts only where this batch continues exactly where this
+            // worker's last commit left it; the claim then checks that commit is still the last.
+            let mark = self.state.known().mark(topic, partition);
+            let continues = mark.is_some_and(|mark| mark.next == first);
+            moved |= mark.is_some() && !continues;
+            let mut written_at = mark.filter(|_| continues).and_then(|mark| mark.written_at);
+            let mut expected = first;
+            let mut attempts = 0;
+            loop {
+                let next = reached.max(expected);
+                if claim(
+                    tx,
+                    name,
+                    (topic, partition),
+                    expected,
+                    written_at,
+                    next,
+                    now,
+                )
+                .await?
+                {
+                    claimed.insert((topic.to_owned(), partition), next);
+                    break;
+                }
+                // The partition moved without this worker (or, on a second attempt, moved
+                // again between reading it and claiming it: the claim waited for that commit).
+                moved = true;
+                attempts += 1;
+                if attempts == 5 {
+                    return Err(DbError(format!(
+                        "the position of {topic} partition {partition} keeps moving without this worker"
+                    ))
+                    .into());
+                }
+                let stored = tx
+                    .fetch_optional(
+                        STORED_POSITION,
+                        &[name.into(), topic.into(), partition.into()],
+                    )
+                    .await?
+                    .map_or(0, |row| row.int("next_offset") as u64);
+                if stored < first {
+                    applied.restart.push((topic.to_owned(), partition, stored));
+                    break;
+                }
+                if stored > first {
+                    let end = self
+                        .log
+                        .end_offset(topic, partition)
+                        .await
+                        .map_err(|error| {
+                            DbError(format!(
+                                "reading the end of {topic} partition {partition}: {error}"
+                            ))
+                        })?;
+                    if stored > end {
+                        applied.restart.push((topic.to_owned(), partition, stored));
+                        break;
+                    }
+                }
+                // Everything below `stored` is applied: the batch is judged against the
+                // database from there.
+                expected = stored;
+                written_at = None;
+            }
+        }
+        if moved {
+            // Judge the whole batch against the database.
+            self.state.known().forget();
+        }
+        Ok((claimed, applied))
+    }
+
+    async fn try_apply_batch(&self, records: &[LogRecord]) -> Result<Applied, BatchError> {
+        let name = self.projection.name();
+        let now = now_ms();
         let mut tx = self.db.begin().await?;
+        // Partitions left unstarted for a position beyond the log's end are not applied, even
+        // when their records still arrive (one found beyond the end while it was running).
+        let halted: HashSet<(String, u32)> = self.state.halted().keys().cloned().collect();
+        let mut spans: BTreeMap<(&str, u32), (u64, u64)> = BTreeMap::new();
+        let mut left_out = false;
+        for record in records {
+            let (topic, partition, offset) = (
+                record.position.topic.as_str(),
+                record.position.partition,
+                record.position.offset,
+            );
+            if !halted.is_empty() && halted.contains(&(topic.to_owned(), partition)) {
+                left_out = true;
+                continue;
+            }
+            let span = spans
+                .entry((topic, partition))
+                .or_insert((offset, offset + 1));
+            span.0 = span.0.min(offset);
+            span.1 = span.1.max(offset + 1);
+        }
+        let partitions = spans.len();
+        let (claimed, applied) = self.claim_partitions(&mut tx, spans, now).await?;
+        if claimed.is_empty() {
+            return Ok(applied);
+        }
+        // Only the records of claimed partitions (a copy only when some are left out).
+        let kept: Vec<LogRecord>;
+        let records = if left_out || claimed.len() < partitions {
+            kept = records
+                .iter()
+                .filter(|record| {
+                    claimed
+                        .contains_key(&(record.position.topic.clone(), record.position.partition))
+                })
+                .cloned()
+                .collect();
+            kept.as_slice()
+        } else {
+            records
+        };
         let mut decoded: Vec<Result<Envelope, String>> = records
             .iter()
             .map(|record| Envelope::try_from(&record.record).map_err(|error| error.to_string()))
@@ -716,42 +1206,6 @@ impl Worker {
         if written != rows.len() as u64 {
             return Err(BatchError::VersionsMoved);
         }
-        let mut reached: BTreeMap<(String, u32), u64> = BTreeMap::new();
-        for record in records {
-            let next = reached
-                .entry((record.position.topic.clone(), record.position.partition))
-                .or_default();
-            *next = (*next).max(record.position.offset + 1);
-        }
-        let now = now_ms();
-        let rows: Vec<Vec<Value>> = reached
-            .iter()
-            .map(|((topic, partition), next)| {
-                vec![
-                    name.into(),
-                    topic.as_str().into(),
-                    (*partition).into(),
-                    (*next).into(),
-                    now.into(),
-                ]
-            })
-            .collect();
-        write_rows(
-            &mut tx,
-            "projection_positions",
-            &[
-                ("projection", Kind::Text),
-                ("topic", Kind::Text),
-                ("partition", Kind::Int),
-                ("next_offset", Kind::Int),
-                ("updated_at", Kind::Int),
-            ],
-            &rows,
-            "ON CONFLICT (projection, topic, partition) DO UPDATE
-             SET next_offset = excluded.next_offset, updated_at = excluded.updated_at
-             WHERE projection_positions.next_offset < excluded.next_offset",
-        )
-        .await?;
         tx.commit().await?;
 
         use std::sync::atomic::Ordering::Relaxed;
@@ -763,18 +1217,24 @@ impl Worker {
             for ((aggregate_type, aggregate_id), version) in &advanced {
                 known.remember(aggregate_type, aggregate_id, *version);
             }
+            for ((topic, partition), next) in &claimed {
+                let mark = Mark {
+                    next: *next,
+                    written_at: Some(now),
+                };
+                known.set_mark(topic, *partition, mark);
+            }
         }
         if let Ok(mut positions) = self.state.positions.lock() {
-            for (key, next) in reached {
+            for (key, next) in claimed {
                 positions.insert(key, next);
             }
         }
         self.state.notify();
-        Ok(())
+        Ok(applied)
     }
 }
 
-/// `<prefix>.<aggregate>.events` → `<aggregate>`.
 /// Writes a record a projection could not apply into `parked_events` (once per position), with
 /// what the envelope says of it, or what the record itself says when it did not decode. Shared by
 /// the live worker and the replay's bulk path.
@@ -828,6 +1288,7 @@ pub(crate) async fn park(
     Ok(())
 }
 
+/// `<prefix>.<aggregate>.events` → `<aggregate>`.
 fn aggregate_type_of(topic: &str) -> String {
     topic
         .strip_suffix(".events")

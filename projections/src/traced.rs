@@ -88,6 +88,10 @@ impl Projection for Traced {
         self.inner.migrations()
     }
 
+    fn recovery(&self) -> String {
+        self.inner.recovery()
+    }
+
     async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {
         event_log::metrics::observe_batch(self.inner.name(), events.len());
         // Opened before and closed after the batch: each span covers its event's application.

@@ -9,8 +9,15 @@
 //! - A relay publishes the outbox to the command topics, in order per aggregate, and marks rows
 //!   sent. A crash between the publish and the mark sends a command twice; participants dedupe
 //!   it by its command id, which is derived from the saga, the step and the attempt.
-//! - Concurrent writers of one saga (a worker and the ticker; two instances during a rebalance)
-//!   are kept apart by a revision number: an update that lost the race is retried.
+//! - Two instances never apply the same events: the runtime fences each batch with a claim on
+//!   its partitions' stored positions, checked in the batch's transaction, and judges events
+//!   against the versions stored there, so an instance that lost its partitions (a rebalance,
+//!   a pause past the session timeout) and then commits applies nothing another applied.
+//! - The worker and the ticker (or an operator's retry) writing the same saga are kept apart by
+//!   a revision number: an update that lost the race is retried on what is stored.
+//! - A stored position beyond the log's end stops the saga's consumer on that partition (see
+//!   `projections::runtime`); the saga's `recovery` text says what an operator can do, as no
+//!   tool rebuilds a saga from the log.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -226,6 +233,14 @@ impl Projection for SagaProjection {
         MIGRATIONS
     }
 
+    /// The saga's state includes the commands it sent, so `platform replay` does not rebuild
+    /// it: the operator restores what was lost, or accepts the loss by hand.
+    fn recovery(&self) -> String {
+        "the log is restored, or an operator who has checked what the lost records were moves the \
+         saga's stored position to the log's end (no tool rebuilds a saga from the log)"
+            .into()
+    }
+
     async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {
         let mut inputs = Vec::new();
         for (index, event) in events.iter().enumerate() {
@@ -295,12 +310,12 @@ impl Projection for SagaProjection {
                     }
                     break;
                 }
-                // Somebody else (the ticker firing a deadline, or another instance during a
-                // rebalance) moved this saga on since it was loaded. Reload just this saga and
-                // decide its events again on what is stored now, as a retry of the whole batch
-                // would: under Postgres' read committed the reload sees the other writer's
-                // commit. Retrying the whole batch instead would lose the race again and again
-                // while the ticker fires a backlog of deadlines after a restart.
+                // Somebody else (the ticker firing a deadline, an operator's retry) moved this
+                // saga on since it was loaded. Reload just this saga and decide its events again
+                // on what is stored now, as a retry of the whole batch would: under Postgres'
+                // read committed the reload sees the other writer's commit. Retrying the whole
+                // batch instead would lose the race again and again while the ticker fires a
+                // backlog of deadlines after a restart.
                 if attempt == 3 {
                     return Err(ApplyError::Db(DbError(format!(
                         "saga {key} changed concurrently; the batch is retried"

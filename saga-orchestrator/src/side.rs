@@ -108,6 +108,13 @@ impl SagaSide {
         self.state.positions().len()
     }
 
+    /// What keeps this process's saga consumer from applying everything it holds (a stored
+    /// position beyond the log's end), as sentences for a readiness check; empty when nothing
+    /// does.
+    pub fn problems(&self) -> Vec<String> {
+        self.state.problems()
+    }
+
     /// Waits until `projection`-style positions cover everything in the log (tests, tools).
     pub async fn wait_idle(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;

@@ -4,10 +4,16 @@
 //! # Layout
 //! Everything is in this file: [`Db`] (a pool, one Postgres schema or one SQLite file), [`Tx`]
 //! (a transaction on it), [`Value`] and [`Row`] (what goes in and comes out), and
-//! [`value_rows`] and [`placeholders`] for multi-row statements and `IN (...)` lists.
+//! [`value_rows`] and [`placeholders`] for multi-row statements and `IN (...)` lists, and
+//! [`migrate`], which every owner of tables runs at start.
 //! Statements use Postgres placeholders (`$1`, `$2`, ...); on SQLite they become numbered
 //! parameters (`?1`, `?2`, ...), which bind the same way. Values are integers, text or null:
 //! timestamps are stored as Unix milliseconds and documents as JSON text, in both databases.
+//!
+//! Several processes may start at once on one database (all of a deployment's parts, or the
+//! replicas of one): on Postgres a schema's creation and its migrations run under one advisory
+//! lock per schema, so the first process to take it does the work and the others wait, then
+//! find it done; on SQLite a migration holds the file's write lock from its start.
 
 use std::path::Path;
 use std::time::Duration;
@@ -224,7 +230,9 @@ where
 }
 
 impl Db {
-    /// Connects to Postgres with `schema` (created when missing) as the search path.
+    /// Connects to Postgres with `schema` (created when missing) as the search path. The
+    /// schema is created under its advisory lock (see [`migrate`]), so processes that start at
+    /// once on a fresh database do not race on it.
     pub async fn postgres(url: &str, schema: &str, max_connections: u32) -> Result<Db, DbError> {
         if schema.is_empty()
             || !schema
@@ -239,10 +247,20 @@ impl Db {
             .connect(url)
             .await
             .map_err(db_error)?;
-        bootstrap
+        // Under the schema's lock: two `CREATE SCHEMA IF NOT EXISTS` at once both find it
+        // missing, and the second fails on the catalog's unique index.
+        let mut tx = bootstrap.begin().await.map_err(db_error)?;
+        sqlx::query(LOCK_SCHEMA)
+            .bind(SCHEMA_LOCK_CLASS)
+            .bind(Some(schema))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        (&mut *tx)
             .execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
             .await
             .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
         bootstrap.close().await;
         let set_path = format!("SET search_path TO \"{schema}\"");
         let pool = PgPoolOptions::new()
@@ -479,8 +497,6 @@ impl Tx {
     }
 }
 
-/// `($1, $2), ($3, $4), ...`: placeholders for a multi-row statement of `rows` rows of `width`
-/// values, numbered from `first`.
 /// Rows in Postgres' COPY text format: tab-separated fields, `\N` for NULL, backslash escapes.
 pub fn copy_text(rows: &[Vec<Value>]) -> String {
     let mut out = String::with_capacity(rows.len() * 128);
@@ -518,6 +534,8 @@ pub fn placeholders(count: usize, first: usize) -> String {
         .join(", ")
 }
 
+/// `($1, $2), ($3, $4), ...`: placeholders for a multi-row statement of `rows` rows of `width`
+/// values, numbered from `first`.
 pub fn value_rows(rows: usize, width: usize, first: usize) -> String {
     let mut out = String::new();
     for row in 0..rows {
@@ -537,11 +555,37 @@ pub fn value_rows(rows: usize, width: usize, first: usize) -> String {
     out
 }
 
+/// The first key of the Postgres advisory lock that serialises the creation and the
+/// migrations of one schema (the second key is the hash of the schema's name): the bytes
+/// `sqlm`, so the lock is told apart from any other two-key advisory lock in `pg_locks`.
+const SCHEMA_LOCK_CLASS: i32 = i32::from_be_bytes(*b"sqlm");
+
+/// Takes a schema's lock until the transaction ends: `$1` is [`SCHEMA_LOCK_CLASS`], `$2` the
+/// schema's name, or NULL for the transaction's current schema (its search path).
+const LOCK_SCHEMA: &str =
+    "SELECT pg_advisory_xact_lock($1, hashtext(coalesce($2::TEXT, current_schema()::TEXT, '')))";
+
 /// Runs the migrations of `owner` that have not run yet, in order, each once, in one
 /// transaction. Migrations are plain SQL common to both databases (statements separated by
 /// `;`, `--` comments); once released they are never edited: a change is a new migration.
+///
+/// Safe when several processes start at once on the same database: on Postgres the
+/// transaction first takes the schema's advisory lock (the one [`Db::postgres`] creates the
+/// schema under), so one process migrates while the others wait, and each of them then finds
+/// the migrations recorded and runs none; on SQLite the transaction holds the write lock from
+/// its start (`BEGIN IMMEDIATE`), which serialises them the same way.
 pub async fn migrate(db: &Db, owner: &str, migrations: &[&str]) -> Result<(), DbError> {
     let mut tx = db.begin().await?;
+    if let Tx::Postgres(pg) = &mut tx {
+        // Locked before anything is read: under READ COMMITTED each later statement sees what
+        // the previous holder committed.
+        sqlx::query(LOCK_SCHEMA)
+            .bind(SCHEMA_LOCK_CLASS)
+            .bind(None::<&str>)
+            .execute(&mut **pg)
+            .await
+            .map_err(db_error)?;
+    }
     tx.run(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
             projection TEXT NOT NULL, version BIGINT NOT NULL, applied_at BIGINT NOT NULL,

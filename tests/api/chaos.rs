@@ -62,15 +62,20 @@ impl Rng {
 }
 
 /// One platform process, restartable on the same port.
-struct Part {
+pub(crate) struct Part {
     name: &'static str,
     port: u16,
     child: Option<Child>,
 }
 
 impl Part {
-    fn address(&self) -> String {
+    pub(crate) fn address(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The process id, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn kill(&mut self) {
@@ -87,7 +92,7 @@ impl Drop for Part {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|address| address.port())
@@ -95,7 +100,7 @@ fn free_port() -> u16 {
 }
 
 /// Starts `serve <part>` on `port` and waits until it is ready.
-async fn start(settings: &platform::Settings, name: &'static str, port: u16) -> Part {
+pub(crate) async fn start(settings: &platform::Settings, name: &'static str, port: u16) -> Part {
     let mut command = Command::new(platform_binary());
     command
         .arg("serve")

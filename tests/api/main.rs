@@ -4,14 +4,19 @@
 //! provides them (`TEST_KAFKA_BROKERS`, `TEST_DATABASE_URL`; with `TEST_REQUIRE_BACKENDS=1`
 //! their absence fails instead of skipping). Logs stay quiet unless `TEST_LOG` is set.
 
+mod ahead_of_log;
 mod audit;
 mod chaos;
 mod command_topics;
 mod commands;
 mod concurrency;
+mod concurrent_starts;
 mod durability;
+mod durable_topics;
 mod helpers;
 mod openapi;
+mod ownership;
+mod projection_fence;
 mod read_models;
 mod replay;
 mod sagas;

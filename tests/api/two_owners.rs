@@ -1,6 +1,6 @@
 //! Two owners of the same partitions at once (a zombie, or a misconfigured second instance):
-//! neither may acknowledge a write that readers skip, and the one that sees the other's record
-//! steps down from the partition.
+//! neither may acknowledge a write that readers skip; the earlier owner stops deciding once it
+//! sees the later one's record (a later epoch), and the later one goes on serving.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +17,10 @@ use crate::helpers::{TestApp, backends, settings};
 async fn two_owners_of_one_partition_never_acknowledge_a_write_readers_skip() {
     for backend in backends() {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
-        let settings = settings(backend, dir.path());
+        let mut settings = settings(backend, dir.path());
+        // Both own every partition: what two instances given the same static identity, or a
+        // zombie and its replacement, amount to.
+        settings.assignment = platform::settings::AssignmentMode::Static;
         let a = Arc::new(TestApp::spawn_with(backend, settings.clone(), dir.clone()).await);
         let b = Arc::new(TestApp::spawn_with(backend, settings.clone(), dir.clone()).await);
 
@@ -84,11 +87,19 @@ async fn two_owners_of_one_partition_never_acknowledge_a_write_readers_skip() {
             acknowledged.len(),
             "{backend:?}: no version acknowledged twice"
         );
-        let total_refused: i32 = refused.values().sum();
         assert!(
-            total_refused > 0,
-            "{backend:?}: with two writers on one partition, one of them stepped down ({} acknowledged)",
+            refused.get("a").copied().unwrap_or(0) > 0,
+            "{backend:?}: the earlier owner stopped deciding once the later one wrote ({} acknowledged, refused {refused:?})",
             acknowledged.len()
+        );
+        // The later owner serves on; the earlier one sends its clients elsewhere.
+        b.receive("SKU-CONTESTED", 1).await.expect(200);
+        let moved = a.receive("SKU-CONTESTED", 1).await;
+        moved.expect_problem(503);
+        assert_eq!(
+            moved.body["type"], "/problems/not-owner",
+            "{backend:?}: {}",
+            moved.body
         );
         eprintln!(
             "{backend:?}: {} acknowledged, refused {refused:?}, {} skipped by readers",
@@ -105,10 +116,11 @@ async fn two_owners_of_one_partition_never_acknowledge_a_write_readers_skip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_reads_another_writers_record_without_a_tail() {
     for backend in backends() {
-        // The owner writes nothing: the other writer's record is found by the watch.
+        // The owner writes nothing: the other writer's record is found by the watch. It is a
+        // zombie's (no epoch, so an earlier one): folded, and the owner serves on.
         let app = TestApp::spawn(backend).await;
         app.receive("SKU-WATCHED", 5).await.expect(200);
-        let partition = foreign_append(&app, "SKU-WATCHED").await;
+        let partition = foreign_append(&app, "SKU-WATCHED", None).await;
         let started = Instant::now();
         loop {
             let ready = app.get("/health/ready").await;
@@ -123,12 +135,16 @@ async fn an_owner_reads_another_writers_record_without_a_tail() {
                 })
                 .expect("the stock owner")
                 .clone();
-            let stepped_down = stock["partitions"]
+            let status = stock["partitions"]
                 .as_array()
                 .expect("partitions")
                 .iter()
-                .any(|status| status["partition"] == partition && status["stepped_down"] == true);
-            if stepped_down {
+                .find(|status| status["partition"] == partition)
+                .expect("the partition's status")
+                .clone();
+            assert_eq!(status["stepped_down"], false, "{backend:?}: {status}");
+            assert_eq!(status["fenced"], false, "{backend:?}: {status}");
+            if status["next_offset"] == 2 {
                 break;
             }
             assert!(
@@ -137,12 +153,54 @@ async fn an_owner_reads_another_writers_record_without_a_tail() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let refused = app.receive("SKU-WATCHED", 1).await;
-        refused.expect_problem(503);
+        // Decided on the state the zombie's record made: version 3.
+        let reply = app.receive("SKU-WATCHED", 1).await;
+        reply.expect(200);
+        assert_eq!(reply.version(), 3, "{backend:?}: {}", reply.body);
+
+        // A record of a later epoch: a newer owner took the partition, this one stops deciding
+        // for it and says so as routing information.
+        let epoch = app.get("/health/ready").await.body["services"]
+            .as_array()
+            .expect("services")
+            .iter()
+            .flat_map(|service| {
+                service["partitions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter_map(|status| status["epoch"].as_u64())
+            .max()
+            .expect("an epoch");
+        foreign_append(&app, "SKU-WATCHED", Some(epoch + 1)).await;
+        let started = Instant::now();
+        loop {
+            let reply = app.receive("SKU-WATCHED", 1).await;
+            if reply.status == 503 {
+                assert_eq!(
+                    reply.body["type"], "/problems/not-owner",
+                    "{backend:?}: {}",
+                    reply.body
+                );
+                assert_eq!(
+                    reply.headers.get("platform-routing").map(|v| v.as_bytes()),
+                    Some(&b"elsewhere"[..]),
+                    "{backend:?}: the answer is routing information"
+                );
+                break;
+            }
+            assert_eq!(reply.status, 200, "{backend:?}: {}", reply.body);
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{backend:?}: the owner did not stop after a newer owner's record"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         drop(app);
 
         // A command's record lands right behind another writer's: the owner reads the gap,
-        // folds the other record (and steps down), and answers the command from the log.
+        // folds the other record, and answers the command from the log.
         let app = TestApp::spawn(backend).await;
         app.receive("SKU-GAP", 5).await.expect(200);
         let neighbour = (0..)
@@ -152,13 +210,13 @@ async fn an_owner_reads_another_writers_record_without_a_tail() {
                     == event_log::partition_for("SKU-GAP", app.settings.partitions)
             })
             .expect("a SKU on the same partition");
-        let partition = foreign_append(&app, "SKU-GAP").await;
+        let partition = foreign_append(&app, "SKU-GAP", None).await;
         let appended = Instant::now();
         let reply = app.receive(&neighbour, 1).await;
         let elapsed = appended.elapsed();
         // The watch reads only up to an end it saw one check earlier, so it cannot read the
         // other record within a check interval of its append: an answer sooner comes from the
-        // gap read. (Were the watch to step down first, this would be a 503.)
+        // gap read.
         assert_eq!(reply.status, 200, "{backend:?}: {}", reply.body);
         assert!(
             elapsed < WATCH_EVERY,
@@ -195,14 +253,17 @@ async fn an_owner_reads_another_writers_record_without_a_tail() {
             Some(true),
             "{backend:?}: the acknowledged record is effective"
         );
-        // The owner has seen the other writer and stepped down from the partition.
-        app.receive("SKU-GAP", 1).await.expect_problem(503);
+        // The other writer's record was a zombie's: the owner serves on, on the state it made.
+        let reply = app.receive("SKU-GAP", 1).await;
+        reply.expect(200);
+        assert_eq!(reply.version(), 3, "{backend:?}: {}", reply.body);
     }
 }
 
 /// Appends, as another writer would, the next event of `sku`'s stock aggregate (a copy of its
-/// last one with a new event id and the next version); returns its partition.
-async fn foreign_append(app: &TestApp, sku: &str) -> u32 {
+/// last one with a new event id and the next version), with `epoch` as its owner epoch or none;
+/// returns its partition.
+async fn foreign_append(app: &TestApp, sku: &str, epoch: Option<u64>) -> u32 {
     let log = app.log().await;
     let topic = event_log::topics::events(&app.settings.topic_prefix, "stock");
     let partition = event_log::partition_for(sku, app.settings.partitions);
@@ -215,9 +276,14 @@ async fn foreign_append(app: &TestApp, sku: &str) -> u32 {
     envelope.event_id = uuid::Uuid::now_v7();
     envelope.command_id = uuid::Uuid::now_v7();
     envelope.aggregate_version += 1;
-    log.append(&topic, partition, event_schema::Record::from(&envelope))
-        .await
-        .expect("append");
+    let mut record = event_schema::Record::from(&envelope);
+    if let Some(epoch) = epoch {
+        record.headers.push(event_schema::Header {
+            name: command_services::owner::EPOCH_HEADER.to_owned(),
+            value: epoch.to_string(),
+        });
+    }
+    log.append(&topic, partition, record).await.expect("append");
     partition
 }
 

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use clap::{Args, FromArgMatches, ValueEnum};
+use platform::settings::AssignmentMode;
 use platform::{Part, Settings};
 use serde_yaml::Value;
 
@@ -127,6 +128,31 @@ fn merge_all(value: &mut Value) {
     }
 }
 
+/// The host of a gateway upstream: `http://host:port` (one instance) or `dns://host:port` (every
+/// address the name resolves to).
+fn upstream_host(url: &str) -> &str {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("dns://"))
+        .unwrap_or_else(|| panic!("gateway upstream {url}: neither http:// nor dns://"));
+    rest.split([':', '/']).next().expect("host")
+}
+
+/// A command service shares its partitions through its consumer group, with no fixed identity
+/// per instance (`--assignment group`, and no `--instances`, which group assignment refuses).
+fn assert_no_static_identity(context: &str, settings: &Settings) {
+    assert_eq!(
+        settings.assignment,
+        AssignmentMode::Group,
+        "{context}: instances share the partitions through the consumer group"
+    );
+    assert_eq!(
+        settings.instances, 1,
+        "{context}: no PLATFORM_INSTANCES with group assignment"
+    );
+    assert_eq!(settings.instance, 0, "{context}: no PLATFORM_INSTANCE");
+}
+
 /// The parts a deployment runs, each in its own container: every part but the ones that
 /// bundle several into one process (`all`, and any other bundle such as `commands`).
 fn deployed_parts() -> Vec<Part> {
@@ -192,7 +218,7 @@ fn docker_compose_runs_every_part_on_kafka_in_kraft_mode_and_postgres() {
     );
 
     let mut seen_parts = BTreeSet::new();
-    let mut order_instances = Vec::new();
+    let mut order_services = Vec::new();
     let mut images = BTreeSet::new();
     for (name, service) in services {
         let name = name.as_str().expect("name");
@@ -266,12 +292,14 @@ fn docker_compose_runs_every_part_on_kafka_in_kraft_mode_and_postgres() {
                         !urls.is_empty(),
                         "the gateway knows the {upstream} upstream"
                     );
+                    if upstream == "order" {
+                        assert!(
+                            urls.iter().all(|url| url.starts_with("dns://")),
+                            "the gateway finds every order replica by DNS: {urls:?}"
+                        );
+                    }
                     for url in urls {
-                        let host = url
-                            .trim_start_matches("http://")
-                            .split(':')
-                            .next()
-                            .expect("host");
+                        let host = upstream_host(url);
                         assert!(
                             names.contains(host),
                             "gateway upstream {url}: no service {host}"
@@ -300,22 +328,32 @@ fn docker_compose_runs_every_part_on_kafka_in_kraft_mode_and_postgres() {
                 }
             }
         }
+        if matches!(part, Part::Order | Part::Payment | Part::Inventory) {
+            assert_no_static_identity(&context, &settings);
+            assert!(
+                service.get("container_name").is_none(),
+                "{context}: no fixed container name, so it can have replicas"
+            );
+        }
         if part == Part::Order {
-            order_instances.push((settings.instance, settings.instances, name.to_owned()));
+            let replicas = service["deploy"]["replicas"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{context}: deploy.replicas"));
+            assert!(
+                replicas >= 2,
+                "{context}: the order service runs as replicas sharing the partitions"
+            );
+            order_services.push(name.to_owned());
         }
     }
     let expected: BTreeSet<String> = deployed_parts().iter().map(|p| format!("{p:?}")).collect();
     assert_eq!(seen_parts, expected, "every part runs in its own container");
     assert_eq!(images.len(), 1, "one image for every part: {images:?}");
-    order_instances.sort();
-    let count = order_instances.len() as u32;
-    for (index, (instance, instances, name)) in order_instances.iter().enumerate() {
-        assert_eq!(*instance, index as u32, "{name}: instances 0..{count}");
-        assert_eq!(
-            *instances, count,
-            "{name}: PLATFORM_INSTANCES is the instance count"
-        );
-    }
+    assert_eq!(
+        order_services,
+        ["order"],
+        "one order service, scaled by its replicas"
+    );
 }
 
 fn k8s_documents() -> Vec<(String, Value)> {
@@ -454,19 +492,10 @@ fn kubernetes_manifests_run_every_part_with_probes_and_real_settings() {
                     "PLATFORM_JWT_SECRET" => "0123456789abcdef0123456789abcdef".to_owned(),
                     other => panic!("{context}: unexpected secret {other}"),
                 }
+            } else if let Some(field) = entry["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                panic!("{context}: {key} comes from {field}; no part needs a pod's identity");
             } else {
-                let field = entry["valueFrom"]["fieldRef"]["fieldPath"]
-                    .as_str()
-                    .unwrap_or_else(|| panic!("{context}: {key} has no value"));
-                assert_eq!(
-                    (key.as_str(), field),
-                    (
-                        "PLATFORM_INSTANCE",
-                        "metadata.labels['apps.kubernetes.io/pod-index']"
-                    ),
-                    "{context}"
-                );
-                "0".to_owned()
+                panic!("{context}: {key} has no value");
             };
             env.insert(key, value);
         }
@@ -484,14 +513,32 @@ fn kubernetes_manifests_run_every_part_with_probes_and_real_settings() {
         let replicas = workload["spec"]["replicas"].as_u64().expect("replicas") as u32;
         match part {
             Part::Order | Part::Payment | Part::Inventory => {
-                assert_eq!(kind, "StatefulSet", "{context}: instance N is pod N");
-                assert_eq!(
-                    settings.instances, replicas,
-                    "{context}: PLATFORM_INSTANCES equals the replicas"
-                );
+                assert_eq!(kind, "Deployment", "{context}: pods need no fixed identity");
+                assert_no_static_identity(&context, &settings);
                 assert!(
                     replicas >= 2,
-                    "{context}: command services split the partitions"
+                    "{context}: command services share the partitions"
+                );
+                let max_unavailable =
+                    &workload["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"];
+                assert!(
+                    max_unavailable.as_u64() == Some(0)
+                        || matches!(max_unavailable.as_str(), Some("0" | "0%")),
+                    "{context}: a rolling update never takes an owner down before its successor is up"
+                );
+                let grace = template["spec"]["terminationGracePeriodSeconds"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{context}: terminationGracePeriodSeconds"));
+                assert!(
+                    grace >= 20,
+                    "{context}: {grace} s leaves no time for in-flight commands to settle \
+                     (10 s read-back timeout) and the last snapshots (10 s)"
+                );
+                assert!(
+                    services.iter().any(|service| service["metadata"]["name"]
+                        == workload["metadata"]["name"]
+                        && service["spec"]["clusterIP"].as_str() == Some("None")),
+                    "{context}: a headless Service of the same name, for the gateway's dns:// source"
                 );
             }
             Part::Projections | Part::Gateway => {
@@ -514,6 +561,23 @@ fn kubernetes_manifests_run_every_part_with_probes_and_real_settings() {
                     !upstream.is_empty(),
                     "{context}: every upstream is configured"
                 );
+            }
+            for upstream in [
+                &settings.gateway.gateway_order,
+                &settings.gateway.gateway_inventory,
+            ] {
+                for url in upstream {
+                    assert!(
+                        url.starts_with("dns://"),
+                        "{context}: {url}: command services are found by DNS"
+                    );
+                    let service = upstream_host(url).split('.').next().expect("name");
+                    assert!(
+                        services.iter().any(|s| s["metadata"]["name"] == service
+                            && s["spec"]["clusterIP"].as_str() == Some("None")),
+                        "{context}: {url} names the headless Service {service}"
+                    );
+                }
             }
         }
     }

@@ -35,6 +35,7 @@ async fn commands_reach_the_instance_owning_their_partition() {
     let base = support::settings(dir.path());
     // Two order instances splitting the partitions, and the query API, on one log.
     let mut first = base.clone();
+    first.assignment = platform::settings::AssignmentMode::Static;
     first.instances = 2;
     first.instance = 0;
     let mut second = first.clone();
@@ -218,6 +219,76 @@ fn counting(status: u16, hits: Arc<AtomicU32>) -> axum::Router {
         )
         .route("/sagas", get(answer.clone()))
         .route("/sagas/{id}/retry", axum::routing::post(answer))
+}
+
+/// An instance that says "not decided here" (503 with `Platform-Routing: elsewhere`) for every
+/// request, as one that lost its partitions does.
+fn not_the_owner(hits: Arc<AtomicU32>) -> axum::Router {
+    let answer = move || {
+        let hits = hits.clone();
+        async move {
+            hits.fetch_add(1, Ordering::SeqCst);
+            (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                [("platform-routing", "elsewhere")],
+                axum::Json(json!({"type": "/problems/not-owner", "status": 503})),
+            )
+        }
+    };
+    axum::Router::new()
+        .route(
+            "/health/ready",
+            get(|| async { axum::Json(json!({"status": "ready"})) }),
+        )
+        .route("/sagas/{id}/retry", axum::routing::post(answer))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_the_owner_is_routing_information_not_a_failure() {
+    // One instance never owns anything, the other answers. A command without an
+    // Idempotency-Key goes on to the other instance (nothing was done by the first), and the
+    // first one's breaker stays closed however often it says so.
+    let elsewhere_hits = Arc::new(AtomicU32::new(0));
+    let good_hits = Arc::new(AtomicU32::new(0));
+    let elsewhere = support::serve(not_the_owner(elsewhere_hits.clone()), localhost()).await;
+    let good = support::serve(counting(200, good_hits.clone()), localhost()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut settings = gateway_settings(dir.path());
+    settings.http_addr = localhost();
+    settings.gateway.gateway_saga = vec![elsewhere.url(), good.url()];
+    settings.gateway.gateway_retries = 2;
+    settings.gateway.gateway_breaker_failures = 2;
+    settings.gateway.gateway_health_interval_ms = 60_000;
+    let gateway = support::gateway(settings).await;
+    let client = reqwest::Client::new();
+    for index in 0..20 {
+        let status =
+            status_of(client.post(format!("{}/sagas/s-{index}/retry", gateway.url()))).await;
+        assert_eq!(status, 200, "command {index}");
+    }
+    assert_eq!(good_hits.load(Ordering::SeqCst), 20);
+    assert!(
+        elsewhere_hits.load(Ordering::SeqCst) >= 2,
+        "the round robin offered the other instance first at times"
+    );
+    let (_, _, ready) = read(
+        client
+            .get(format!("{}/health/ready", gateway.url()))
+            .send()
+            .await
+            .expect("ready"),
+    )
+    .await;
+    let breakers: Vec<&str> = ready["upstreams"]["saga"]["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .filter_map(|instance| instance["breaker"].as_str())
+        .collect();
+    assert_eq!(breakers, ["closed", "closed"], "{ready}");
+    gateway.stop().await;
+    elsewhere.stop().await;
+    good.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

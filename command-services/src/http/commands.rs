@@ -228,10 +228,14 @@ pub fn command_error<E: std::fmt::Display>(
             ApiError::VersionConflict { expected, actual }
         }
         CommandError::IdempotencyMismatch => ApiError::IdempotencyMismatch,
+        // Routing information: another instance (or this one, once ready) decides it.
         other @ (CommandError::NotReady
         | CommandError::NotOwner { .. }
-        | CommandError::SteppedDown { .. }
-        | CommandError::Unavailable(_)) => ApiError::Unavailable(other.to_string()),
+        | CommandError::Fenced { .. }
+        | CommandError::SteppedDown { .. }) => ApiError::Misrouted(other.to_string()),
+        other @ (CommandError::Contended { .. }
+        | CommandError::Unavailable(_)
+        | CommandError::AheadOfLog { .. }) => ApiError::Unavailable(other.to_string()),
     }
 }
 

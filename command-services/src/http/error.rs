@@ -11,6 +11,10 @@ use utoipa::ToSchema;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
+/// Set to `elsewhere` on an answer that means "not decided here, ask another instance"
+/// ([`ApiError::Misrouted`]).
+pub const ROUTING: &str = "platform-routing";
+
 /// A field that failed validation, by name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct FieldError {
@@ -100,6 +104,12 @@ pub enum ApiError {
     /// 503: a dependency (broker, database) is down or the service is not ready; retry later.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 with `Platform-Routing: elsewhere`: this instance does not decide for the
+    /// aggregate's partition now (another instance owns it, a newer owner took it, or it is
+    /// still catching up). Nothing was done; another instance, or this one later, will. A
+    /// gateway takes it as routing information, not as a failure of the instance.
+    #[error("{0}")]
+    Misrouted(String),
     /// 503 (gateway): every instance of an upstream has its circuit breaker open; retry later.
     #[error("{0}")]
     CircuitOpen(String),
@@ -131,7 +141,9 @@ impl ApiError {
             ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ApiError::Unavailable(_) | ApiError::CircuitOpen(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Misrouted(_) | ApiError::CircuitOpen(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -156,6 +168,7 @@ impl ApiError {
             ApiError::TooManyRequests { .. } => "rate-limited",
             ApiError::HeadersTooLarge(_) => "headers-too-large",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Misrouted(_) => "not-owner",
             ApiError::CircuitOpen(_) => "circuit-open",
             ApiError::BadGateway(_) => "bad-gateway",
             ApiError::GatewayTimeout(_) => "gateway-timeout",
@@ -188,6 +201,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
             ApiError::Internal(cause) => tracing::error!(%cause, "internal error"),
+            ApiError::Misrouted(cause) => tracing::info!(%cause, "not decided here"),
             ApiError::Unavailable(cause)
             | ApiError::CircuitOpen(cause)
             | ApiError::BadGateway(cause)
@@ -202,6 +216,10 @@ impl IntoResponse for ApiError {
         match &self {
             ApiError::Unavailable(_) | ApiError::CircuitOpen(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Misrouted(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                headers.insert(ROUTING, HeaderValue::from_static("elsewhere"));
             }
             ApiError::TooManyRequests { retry_after_secs } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
