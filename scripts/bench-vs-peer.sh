@@ -10,6 +10,7 @@
 # Prints the peer's JSON line, wrk's summary and the diff's verdict.
 #
 #   scripts/bench-vs-peer.sh [DURATION]      # default 30
+#   PLATFORM_BIN=/path/to/platform scripts/bench-vs-peer.sh   # another build of the platform
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -18,6 +19,7 @@ duration="${1:-30}"
 peer_dir="${PEER_DIR:-$root/../shared/peers/cqrs-es-bench}"
 peer_target="${PEER_TARGET_DIR:-${TMPDIR:-/tmp}/cqrs-es-bench-target}"
 port="${BENCH_PORT:-18600}"
+bin="${PLATFORM_BIN:-$root/target/release/platform}"
 pg="postgres://postgres@127.0.0.1:5432"
 
 log() { printf 'bench-vs-peer.sh: %s\n' "$*" >&2; }
@@ -31,7 +33,9 @@ fi
 
 log "building the peer (target dir $peer_target) and the platform (release)"
 (cd "$peer_dir" && CARGO_TARGET_DIR="$peer_target" cargo build --release --locked >&2)
-(cd "$root" && cargo build --release --bin platform >&2)
+if [[ -z "${PLATFORM_BIN:-}" ]]; then
+    (cd "$root" && cargo build --release --bin platform >&2)
+fi
 
 psql "$pg/postgres" -qtAc "SELECT 1 FROM pg_database WHERE datname = 'cqrs_bench'" | grep -q 1 \
     || psql "$pg/postgres" -qc "CREATE DATABASE cqrs_bench" >&2
@@ -42,7 +46,7 @@ dir="$(mktemp -d "${TMPDIR:-/tmp}/bench-vs-peer.XXXXXX")"
 brokers="$("$here/kafka.sh" start "$dir")"
 prefix="peer$RANDOM$RANDOM"
 settings=(--kafka "$brokers" --database-url "$pg/test" --topic-prefix "$prefix" --schema-prefix "${prefix}_")
-PLATFORM_AUTH=off RUST_LOG=warn "$root/target/release/platform" serve "${settings[@]}" \
+PLATFORM_AUTH=off RUST_LOG=warn "$bin" serve "${settings[@]}" \
     --http-addr "127.0.0.1:$port" >"$dir/platform.log" 2>&1 &
 platform_pid=$!
 cleanup() {
@@ -67,7 +71,7 @@ sleep 2
 kill "$platform_pid" 2>/dev/null || true
 wait "$platform_pid" 2>/dev/null || true
 log "inventory read model against a replay of the log"
-if "$root/target/release/platform" replay "${settings[@]}" --projection inventory --diff >"$dir/diff.txt" 2>&1; then
+if "$bin" replay "${settings[@]}" --projection inventory --diff >"$dir/diff.txt" 2>&1; then
     echo "read model vs replay: 0 rows differ"
 else
     echo "read model vs replay: rows differ (or the diff failed):"
