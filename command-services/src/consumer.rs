@@ -364,6 +364,46 @@ pub async fn consume_group<F, Fut>(
                 fenced_since.remove(partition);
             }
         }
+        let event = tokio::select! {
+            _ = shutdown.changed() => return,
+            event = member.poll(500, Duration::from_millis(50)) => event,
+        };
+        let mut newly_assigned = false;
+        match event {
+            Ok(GroupEvent::Assigned(partitions)) => {
+                for (listed, partition) in partitions {
+                    if listed != topic {
+                        continue;
+                    }
+                    tracing::info!(%topic, partition, "partition assigned");
+                    assigned.insert(partition);
+                    retry.insert(partition, tokio::time::Instant::now());
+                }
+                // An empty assignment too: the member is ready to send commands elsewhere.
+                newly_assigned = true;
+            }
+            Ok(GroupEvent::Revoked(partitions)) => {
+                for (listed, partition) in partitions {
+                    if listed != topic {
+                        continue;
+                    }
+                    tracing::info!(%topic, partition, "partition revoked");
+                    assigned.remove(&partition);
+                    retry.remove(&partition);
+                    dispatcher.stop(partition);
+                    owner.report(partition, None);
+                    owner.release(partition).await;
+                }
+            }
+            Ok(GroupEvent::Records(records)) => dispatcher.dispatch(records),
+            Err(error) => {
+                tracing::warn!(%error, %topic, "reading the command topic failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        // Assigned partitions are taken here, after the event that assigned them, and so are
+        // those due again (after a failed attempt, or fenced while still assigned).
+        let now = tokio::time::Instant::now();
         let due: Vec<u32> = retry
             .iter()
             .filter(|(_, at)| **at <= now)
@@ -393,58 +433,9 @@ pub async fn consume_group<F, Fut>(
                 retry.insert(partition, tokio::time::Instant::now() + RETAKE_AFTER);
             }
         }
-        let event = tokio::select! {
-            _ = shutdown.changed() => return,
-            event = member.poll(500, Duration::from_millis(50)) => event,
-        };
-        match event {
-            Ok(GroupEvent::Assigned(partitions)) => {
-                for (listed, partition) in partitions {
-                    if listed != topic {
-                        continue;
-                    }
-                    tracing::info!(%topic, partition, "partition assigned");
-                    assigned.insert(partition);
-                    let taken = take(
-                        &log,
-                        &*store,
-                        &consumer,
-                        &topic,
-                        &*owner,
-                        &mut *member,
-                        &mut dispatcher,
-                        partition,
-                        &mut shutdown,
-                    )
-                    .await;
-                    if *shutdown.borrow() {
-                        return;
-                    }
-                    if !taken {
-                        retry.insert(partition, tokio::time::Instant::now() + RETAKE_AFTER);
-                    }
-                }
-                owner.assigned();
-                told = true;
-            }
-            Ok(GroupEvent::Revoked(partitions)) => {
-                for (listed, partition) in partitions {
-                    if listed != topic {
-                        continue;
-                    }
-                    tracing::info!(%topic, partition, "partition revoked");
-                    assigned.remove(&partition);
-                    retry.remove(&partition);
-                    dispatcher.stop(partition);
-                    owner.report(partition, None);
-                    owner.release(partition).await;
-                }
-            }
-            Ok(GroupEvent::Records(records)) => dispatcher.dispatch(records),
-            Err(error) => {
-                tracing::warn!(%error, %topic, "reading the command topic failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+        if newly_assigned {
+            owner.assigned();
+            told = true;
         }
         dispatcher.save(&*store, &consumer, &topic).await;
     }

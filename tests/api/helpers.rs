@@ -2,11 +2,12 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Once};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use event_log::SharedLog;
 use event_log::embedded::EmbeddedLog;
 use event_log::kafka::{KafkaLog, KafkaSettings};
+use event_log::{Position, SharedLog};
+use event_schema::Envelope;
 use platform::{Part, Platform, Settings};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -295,4 +296,33 @@ impl Reply {
 /// The path of the platform binary, for tests that run it as a process.
 pub fn platform_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_platform"))
+}
+
+/// Every record of a partition, from its start to where it ended when asked.
+pub async fn read_partition(
+    log: &SharedLog,
+    topic: &str,
+    partition: u32,
+) -> Vec<(Position, Envelope)> {
+    let end = log.end_offset(topic, partition).await.expect("end");
+    let mut reader = log.reader(topic, &[(partition, 0)]).await.expect("reader");
+    let mut records = Vec::new();
+    let mut read = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while read < end {
+        assert!(
+            Instant::now() < deadline,
+            "{topic}:{partition} was not read to its end"
+        );
+        for record in reader
+            .poll(1000, Duration::from_millis(300))
+            .await
+            .expect("poll")
+        {
+            read = record.position.offset + 1;
+            let envelope = Envelope::try_from(&record.record).expect("decode");
+            records.push((record.position, envelope));
+        }
+    }
+    records
 }

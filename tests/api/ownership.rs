@@ -10,13 +10,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use event_log::{Position, SharedLog};
-use event_schema::{EffectiveHistory, Envelope};
+use event_log::Position;
+use event_schema::EffectiveHistory;
 use platform::{Part, Platform, Settings};
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use crate::helpers::{Backend, backends, http_client, open_log, settings};
+use crate::helpers::{Backend, backends, http_client, open_log, read_partition, settings};
 
 /// One part of the platform running in this process.
 struct Running {
@@ -345,29 +345,4 @@ async fn check_read_model(query: &str, on_hand: &BTreeMap<String, i64>) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-}
-
-/// Every record of a partition, from its start to where it ended when asked.
-async fn read_partition(log: &SharedLog, topic: &str, partition: u32) -> Vec<(Position, Envelope)> {
-    let end = log.end_offset(topic, partition).await.expect("end");
-    let mut reader = log.reader(topic, &[(partition, 0)]).await.expect("reader");
-    let mut records = Vec::new();
-    let mut read = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while read < end {
-        assert!(
-            Instant::now() < deadline,
-            "{topic}:{partition} was not read to its end"
-        );
-        for record in reader
-            .poll(1000, Duration::from_millis(300))
-            .await
-            .expect("poll")
-        {
-            read = record.position.offset + 1;
-            let envelope = Envelope::try_from(&record.record).expect("decode");
-            records.push((record.position, envelope));
-        }
-    }
-    records
 }

@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use event_log::{Position, SharedLog};
-use event_schema::{EffectiveHistory, Envelope};
+use event_log::Position;
+use event_schema::EffectiveHistory;
 
 use command_services::owner::WATCH_EVERY;
 
-use crate::helpers::{TestApp, backends, settings};
+use crate::helpers::{TestApp, backends, read_partition, settings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_owners_of_one_partition_never_acknowledge_a_write_readers_skip() {
@@ -285,29 +285,4 @@ async fn foreign_append(app: &TestApp, sku: &str, epoch: Option<u64>) -> u32 {
     }
     log.append(&topic, partition, record).await.expect("append");
     partition
-}
-
-/// Every record of a partition, from its start to where it ended when asked.
-async fn read_partition(log: &SharedLog, topic: &str, partition: u32) -> Vec<(Position, Envelope)> {
-    let end = log.end_offset(topic, partition).await.expect("end");
-    let mut reader = log.reader(topic, &[(partition, 0)]).await.expect("reader");
-    let mut records = Vec::new();
-    let mut read = 0;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while read < end {
-        assert!(
-            Instant::now() < deadline,
-            "{topic}:{partition} was not read to its end"
-        );
-        for record in reader
-            .poll(1000, Duration::from_millis(300))
-            .await
-            .expect("poll")
-        {
-            read = record.position.offset + 1;
-            let envelope = Envelope::try_from(&record.record).expect("decode");
-            records.push((record.position, envelope));
-        }
-    }
-    records
 }
