@@ -32,6 +32,7 @@ pub fn kafka_settings(brokers: &str, settings: &Settings) -> KafkaSettings {
     kafka.linger_ms = settings.kafka_linger_ms;
     kafka.fetch_wait_max_ms = settings.kafka_fetch_wait_ms;
     kafka.background_fetch_wait_ms = settings.kafka_background_fetch_wait_ms;
+    kafka.idle_check_ms = settings.kafka_idle_check_ms;
     kafka.replication_factor = settings.replication_factor;
     kafka.delivery_timeout = Duration::from_secs(15);
     kafka

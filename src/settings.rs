@@ -137,6 +137,20 @@ pub struct Settings {
     )]
     pub kafka_background_fetch_wait_ms: u32,
 
+    /// A consumer that received nothing for a second stops fetching and waits on its
+    /// partitions' ends instead (one request per process per check: the first 100 ms after it
+    /// went idle, then less and less often, up to every this many ms), so the first record
+    /// another process writes after a long quiet spell arrives up to this much later (a record
+    /// this process wrote: at once). 0: consumers never stop fetching, for brokers that hold an
+    /// idle fetch until data arrives (Apache Kafka).
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_KAFKA_IDLE_CHECK_MS",
+        default_value_t = event_log::kafka::DEFAULT_IDLE_CHECK_MS
+    )]
+    pub kafka_idle_check_ms: u32,
+
     /// Replication factor of the topics the platform creates: each partition is kept on this
     /// many brokers, and its min.insync.replicas is set one lower (at least 1, at most 2), so
     /// with acks=all and a factor of 3 an acknowledged event is on two brokers and writes go on
@@ -473,6 +487,7 @@ impl Settings {
             kafka_linger_ms: event_log::kafka::DEFAULT_LINGER_MS,
             kafka_fetch_wait_ms: event_log::kafka::DEFAULT_FETCH_WAIT_MS,
             kafka_background_fetch_wait_ms: event_log::kafka::DEFAULT_BACKGROUND_FETCH_WAIT_MS,
+            kafka_idle_check_ms: event_log::kafka::DEFAULT_IDLE_CHECK_MS,
             replication_factor: event_log::kafka::DEFAULT_REPLICATION_FACTOR,
             snapshot_every: 5000,
             idempotency_window_secs: 86_400,

@@ -1316,18 +1316,15 @@ where
             }
             _ = tokio::time::sleep_until(next_check) => {
                 next_check = Instant::now() + WATCH_EVERY;
-                let mut ends = BTreeMap::new();
                 let serving: Vec<u32> = lock(&inner.serving).iter().copied().collect();
-                for partition in serving {
-                    match inner.log.end_offset(topic, partition).await {
-                        Ok(end) => {
-                            ends.insert(partition, end);
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, %topic, partition, "cannot ask the log where a partition ends");
-                        }
+                // One request for all of them (Kafka: one ListOffsets).
+                let ends: BTreeMap<u32, u64> = match inner.log.end_offsets(topic, &serving).await {
+                    Ok(ends) => ends.into_iter().collect(),
+                    Err(error) => {
+                        tracing::warn!(%error, %topic, "cannot ask the log where the partitions end");
+                        BTreeMap::new()
                     }
-                }
+                };
                 let behind: BTreeMap<u32, u64> = {
                     let table = lock(&inner.table);
                     // Only partitions still held: one given up since is nobody's to read here.

@@ -8,6 +8,22 @@
 //! longer one for background readers, since some brokers (nisshi) hold every fetch for its full
 //! wait and spend their CPU answering idle readers' fetches.
 //!
+//! # Idle group members
+//! A group member (a projection worker, the saga, an owner's command consumer) that has received
+//! nothing for [`IDLE_AFTER`] pauses its partitions, so its consumer stops fetching, and waits on
+//! the partitions' ends instead: one task per process ([`EndWatch`]) asks the broker where every
+//! paused partition of the process ends, in one ListOffsets request, [`IDLE_CHECK_FIRST`] after
+//! a member paused and then less and less often, up to every `--kafka-idle-check-ms`; this
+//! process's own appends move the ends at once. A member resumes as soon as one of its
+//! partitions ends past what it has delivered; librdkafka fetches a resumed partition from the
+//! last record delivered (a seek in between resets that to the seek's offset). So an idle
+//! platform costs the broker about one request a second, whatever its number of partitions and
+//! members, and the first record another process writes after a quiet spell arrives at most one
+//! check later (at once when this process wrote it). On nisshi a ListOffsets request costs
+//! about as much as a fetch (in proportion to its partitions), which is why the checks slow
+//! down; `--kafka-idle-check-ms 0` turns pausing off, for brokers that hold an idle fetch until
+//! data arrives (Apache Kafka).
+//!
 //! Topics are created with the configured replication factor, capped at the cluster's broker
 //! count, and `min.insync.replicas` one less than it (between 1 and 2), so with acks=all an
 //! acknowledged record is on two brokers whenever the cluster has three; a cap, or an existing
@@ -16,7 +32,8 @@
 //! replica list), which every Kafka-protocol broker serves.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -50,6 +67,12 @@ pub struct KafkaSettings {
     /// The fetch wait of [`ReadMode::Background`] readers: long, so an idle reader costs the
     /// broker a few fetches a second rather than hundreds.
     pub background_fetch_wait_ms: u32,
+    /// The longest interval between two checks of the ends of idle group members' paused
+    /// partitions (see the module documentation): the most a record written by another process
+    /// after a long quiet spell waits before an idle member fetches it. 0: members never pause
+    /// (for brokers that hold an idle fetch until data arrives, such as Apache Kafka, where an
+    /// idle fetch costs next to nothing).
+    pub idle_check_ms: u32,
     /// How long an append may take before it fails (and the command answers 503).
     pub delivery_timeout: Duration,
     /// How many brokers keep a copy of each partition of a topic [`EventLog::ensure_topic`]
@@ -65,6 +88,14 @@ pub const DEFAULT_FETCH_WAIT_MS: u32 = 50;
 /// The default [`KafkaSettings::background_fetch_wait_ms`]
 /// (`--kafka-background-fetch-wait-ms`).
 pub const DEFAULT_BACKGROUND_FETCH_WAIT_MS: u32 = 250;
+/// The default [`KafkaSettings::idle_check_ms`] (`--kafka-idle-check-ms`).
+pub const DEFAULT_IDLE_CHECK_MS: u32 = 1000;
+/// The first check after a member pauses comes this soon; each check that finds nothing
+/// doubles the interval, up to [`KafkaSettings::idle_check_ms`].
+pub const IDLE_CHECK_FIRST: Duration = Duration::from_millis(100);
+/// A group member that received nothing for this long pauses its partitions and waits on their
+/// ends (see the module documentation).
+pub const IDLE_AFTER: Duration = Duration::from_secs(1);
 /// The default [`KafkaSettings::replication_factor`] (`--replication-factor`): a topic survives
 /// the loss of a broker, and acknowledged writes are on two of them.
 pub const DEFAULT_REPLICATION_FACTOR: u32 = 3;
@@ -116,6 +147,7 @@ impl KafkaSettings {
             linger_ms: DEFAULT_LINGER_MS,
             fetch_wait_max_ms: DEFAULT_FETCH_WAIT_MS,
             background_fetch_wait_ms: DEFAULT_BACKGROUND_FETCH_WAIT_MS,
+            idle_check_ms: DEFAULT_IDLE_CHECK_MS,
             delivery_timeout: Duration::from_secs(15),
             replication_factor: DEFAULT_REPLICATION_FACTOR,
         }
@@ -148,6 +180,142 @@ struct Inner {
     /// For metadata and watermarks; never subscribes.
     metadata: Arc<BaseConsumer>,
     partitions: RwLock<HashMap<String, u32>>,
+    ends: Arc<EndWatch>,
+}
+
+/// The ends of the partitions paused by idle group members (see the module documentation).
+#[derive(Default)]
+struct EndWatch {
+    /// The partitions each paused member waits on, by member.
+    watched: Mutex<HashMap<u64, Vec<TopicPartition>>>,
+    /// The highest end seen of each partition (asked for, or one past an append of this
+    /// process). Members waiting on it are woken whenever one moves.
+    ends: tokio::sync::watch::Sender<HashMap<TopicPartition, u64>>,
+    members: AtomicU64,
+    /// A member paused.
+    paused: tokio::sync::Notify,
+}
+
+impl EndWatch {
+    fn watch(&self, member: u64, partitions: Vec<TopicPartition>) {
+        if let Ok(mut watched) = self.watched.lock() {
+            watched.insert(member, partitions);
+        }
+        self.paused.notify_one();
+    }
+
+    fn unwatch(&self, member: u64) {
+        if let Ok(mut watched) = self.watched.lock() {
+            watched.remove(&member);
+        }
+    }
+
+    /// Every partition some member waits on, once.
+    fn watched(&self) -> Vec<TopicPartition> {
+        let mut partitions: Vec<TopicPartition> = self
+            .watched
+            .lock()
+            .map(|watched| watched.values().flatten().cloned().collect())
+            .unwrap_or_default();
+        partitions.sort_unstable();
+        partitions.dedup();
+        partitions
+    }
+
+    /// Records ends seen; wakes the waiting members when one moved (and says so).
+    fn raise(&self, seen: impl IntoIterator<Item = (TopicPartition, u64)>) -> bool {
+        let seen: Vec<_> = seen.into_iter().collect();
+        self.ends.send_if_modified(|ends| {
+            let mut moved = false;
+            for (partition, end) in seen {
+                let known = ends.entry(partition).or_insert(0);
+                if end > *known {
+                    *known = end;
+                    moved = true;
+                }
+            }
+            moved
+        })
+    }
+}
+
+/// Asks where the paused partitions of this process end (one ListOffsets request for all of
+/// them): [`IDLE_CHECK_FIRST`] after a member paused or something moved, then twice as long
+/// after each check that found nothing new, up to `slowest`. Stops when the log is dropped.
+async fn watch_ends(log: Weak<Inner>, watch: Arc<EndWatch>, slowest: Duration) {
+    let fastest = IDLE_CHECK_FIRST.min(slowest);
+    let mut every = fastest;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            // A member just went idle: look soon, then less and less often.
+            _ = watch.paused.notified() => {
+                every = fastest;
+                continue;
+            }
+        }
+        let Some(inner) = log.upgrade() else {
+            return;
+        };
+        let watched = watch.watched();
+        if watched.is_empty() {
+            every = slowest;
+            continue;
+        }
+        let moved = match list_ends(inner.metadata.clone(), watched).await {
+            Ok(found) => watch.raise(found),
+            Err(error) => {
+                tracing::debug!(%error, "cannot ask where idle partitions end");
+                false
+            }
+        };
+        every = if moved {
+            fastest
+        } else {
+            (every * 2).min(slowest)
+        };
+    }
+}
+
+/// Where the given partitions end, in one ListOffsets request (the offset of the latest record
+/// + 1, as for a timestamp of -1).
+async fn list_ends(
+    metadata: Arc<BaseConsumer>,
+    partitions: Vec<TopicPartition>,
+) -> Result<Vec<(TopicPartition, u64)>, LogError> {
+    let mut request = TopicPartitionList::new();
+    for (topic, partition) in &partitions {
+        request
+            // The "timestamp" -1 (`Offset::End`): the latest offset.
+            .add_partition_offset(topic, *partition as i32, Offset::End)
+            .map_err(unavailable)?;
+    }
+    tokio::task::spawn_blocking(move || {
+        let found = metadata
+            .offsets_for_times(request, Timeout::After(Duration::from_secs(10)))
+            .map_err(unavailable)?;
+        found
+            .elements()
+            .iter()
+            .map(|element| {
+                let key = (element.topic().to_owned(), element.partition() as u32);
+                if let Some(error) = element.error().err() {
+                    return Err(unavailable(format!("{}/{}: {error}", key.0, key.1)));
+                }
+                match element.offset() {
+                    Offset::Offset(end) if end >= 0 => Ok((key, end as u64)),
+                    // An empty partition.
+                    Offset::End | Offset::Beginning => Ok((key, 0)),
+                    other => Err(unavailable(format!(
+                        "{}/{}: no end offset ({other:?})",
+                        key.0, key.1
+                    ))),
+                }
+            })
+            .collect()
+    })
+    .await
+    .map_err(unavailable)?
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -189,8 +357,16 @@ impl KafkaLog {
                 admin,
                 metadata: Arc::new(metadata),
                 partitions: RwLock::new(HashMap::new()),
+                ends: Arc::default(),
             }),
         };
+        if log.inner.settings.idle_check_ms > 0 {
+            tokio::spawn(watch_ends(
+                Arc::downgrade(&log.inner),
+                log.inner.ends.clone(),
+                Duration::from_millis(u64::from(log.inner.settings.idle_check_ms)),
+            ));
+        }
         // Fail fast with a clear message when the brokers do not answer.
         let producer = log.inner.producer.clone();
         tokio::task::spawn_blocking(move || {
@@ -375,11 +551,19 @@ impl EventLog for KafkaLog {
             )
             .await;
         match delivery {
-            Ok(delivery) => Ok(Position {
-                topic: topic.to_owned(),
-                partition: delivery.partition as u32,
-                offset: delivery.offset as u64,
-            }),
+            Ok(delivery) => {
+                let position = Position {
+                    topic: topic.to_owned(),
+                    partition: delivery.partition as u32,
+                    offset: delivery.offset as u64,
+                };
+                // Idle members of this process waiting on the partition fetch it now.
+                let _ = self.inner.ends.raise([(
+                    (position.topic.clone(), position.partition),
+                    position.offset + 1,
+                )]);
+                Ok(position)
+            }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::UnknownPartition), _)) => {
                 Err(LogError::UnknownPartition {
                     topic: topic.to_owned(),
@@ -405,6 +589,25 @@ impl EventLog for KafkaLog {
         })
         .await
         .map_err(unavailable)?
+    }
+
+    async fn end_offsets(
+        &self,
+        topic: &str,
+        partitions: &[u32],
+    ) -> Result<Vec<(u32, u64)>, LogError> {
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let asked = partitions
+            .iter()
+            .map(|partition| (topic.to_owned(), *partition))
+            .collect();
+        Ok(list_ends(self.inner.metadata.clone(), asked)
+            .await?
+            .into_iter()
+            .map(|((_, partition), end)| (partition, end))
+            .collect())
     }
 
     async fn open_reader(
@@ -503,9 +706,16 @@ impl EventLog for KafkaLog {
             .map_err(unavailable)?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names).map_err(unavailable)?;
+        let ends = self.inner.ends.ends.subscribe();
         Ok(Box::new(KafkaMember {
             consumer,
             started: HashMap::new(),
+            id: self.inner.ends.members.fetch_add(1, Ordering::Relaxed),
+            watch: self.inner.ends.clone(),
+            ends,
+            pauses: self.inner.settings.idle_check_ms > 0,
+            paused: false,
+            quiet_since: tokio::time::Instant::now(),
         }))
     }
 
@@ -552,9 +762,88 @@ struct KafkaMember {
     consumer: StreamConsumer<GroupContext>,
     /// The next offset to deliver, per started partition.
     started: HashMap<TopicPartition, u64>,
+    /// This member in [`EndWatch`].
+    id: u64,
+    watch: Arc<EndWatch>,
+    ends: tokio::sync::watch::Receiver<HashMap<TopicPartition, u64>>,
+    /// It pauses when idle (`--kafka-idle-check-ms` is not 0).
+    pauses: bool,
+    /// Its partitions are paused: it waits on their ends, not on fetches.
+    paused: bool,
+    /// Since when it has received nothing.
+    quiet_since: tokio::time::Instant,
+}
+
+impl Drop for KafkaMember {
+    fn drop(&mut self) {
+        self.watch.unwatch(self.id);
+    }
 }
 
 impl KafkaMember {
+    /// Idle: stop fetching and wait on the ends of the started partitions instead.
+    fn pause(&mut self) -> Result<(), LogError> {
+        let assignment = self.consumer.assignment().map_err(unavailable)?;
+        if assignment.count() == 0 {
+            return Ok(());
+        }
+        self.consumer.pause(&assignment).map_err(unavailable)?;
+        self.paused = true;
+        self.watch
+            .watch(self.id, self.started.keys().cloned().collect());
+        // Look at the ends known now at the next poll: a record may have landed meanwhile.
+        self.ends.mark_changed();
+        Ok(())
+    }
+
+    /// Fetch again: something arrived, or the assignment changed.
+    fn resume(&mut self) -> Result<(), LogError> {
+        self.quiet_since = tokio::time::Instant::now();
+        if !self.paused {
+            return Ok(());
+        }
+        self.watch.unwatch(self.id);
+        let assignment = self.consumer.assignment().map_err(unavailable)?;
+        self.consumer.resume(&assignment).map_err(unavailable)?;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// A started partition ends past what was delivered of it.
+    fn moved(&mut self) -> bool {
+        let ends = self.ends.borrow_and_update();
+        self.started
+            .iter()
+            .any(|(partition, next)| ends.get(partition).is_some_and(|end| end > next))
+    }
+
+    /// A paused member's poll: the next assignment change, or a record, or a move of one of its
+    /// partitions' ends, whichever comes first within `wait`. The consumer is polled all the
+    /// same, since rebalances are served from its poll.
+    async fn poll_paused(&mut self, wait: Duration) -> Result<GroupEvent, LogError> {
+        let mut records = Vec::new();
+        tokio::select! {
+            changed = self.ends.changed() => {
+                if changed.is_ok() && self.moved() {
+                    self.resume()?;
+                }
+            }
+            received = tokio::time::timeout(wait, self.consumer.recv()) => match received {
+                Err(_) => {}
+                Ok(Err(error)) => return Err(unavailable(error)),
+                Ok(Ok(message)) => records.extend(accept(&mut self.started, &message)),
+            },
+        }
+        if let Some(event) = self.next_event() {
+            self.resume()?;
+            return Ok(event);
+        }
+        if !records.is_empty() {
+            self.resume()?;
+        }
+        Ok(GroupEvent::Records(records))
+    }
+
     fn next_event(&mut self) -> Option<GroupEvent> {
         let event = self.consumer.context().events.lock().ok()?.pop_front()?;
         if let GroupEvent::Revoked(partitions) = &event {
@@ -593,7 +882,11 @@ fn accept(
 impl GroupMember for KafkaMember {
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<GroupEvent, LogError> {
         if let Some(event) = self.next_event() {
+            self.resume()?;
             return Ok(event);
+        }
+        if self.paused {
+            return self.poll_paused(wait).await;
         }
         let mut records = Vec::new();
         match tokio::time::timeout(wait, self.consumer.recv()).await {
@@ -611,12 +904,20 @@ impl GroupMember for KafkaMember {
         if records.is_empty()
             && let Some(event) = self.next_event()
         {
+            self.resume()?;
             return Ok(event);
+        }
+        if !records.is_empty() {
+            self.quiet_since = tokio::time::Instant::now();
+        } else if self.pauses && self.quiet_since.elapsed() >= IDLE_AFTER {
+            self.pause()?;
         }
         Ok(GroupEvent::Records(records))
     }
 
     async fn start(&mut self, topic: &str, partition: u32, offset: u64) -> Result<(), LogError> {
+        // librdkafka refuses a seek on a paused partition.
+        self.resume()?;
         // A partition just assigned may not accept a seek until its fetcher is set up; one
         // revoked meanwhile (a newer rebalance) never will: say so at once.
         let mut attempts = 0;

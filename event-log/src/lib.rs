@@ -17,12 +17,15 @@
 //!   appends, and readers that assign explicit partitions and seek to explicit offsets, with a
 //!   short fetch wait or, for [`ReadMode::Background`] readers, a longer one; topics created
 //!   replicated (`--replication-factor`, capped at the broker count) with `min.insync.replicas`.
+//! - [`shared`]: one consumer-group member shared by the consumers of one process that always
+//!   run together (the projections), each seeing only its topics and its own positions.
 //! - [`metrics`]: the append latency and projection batch size histograms behind `/metrics`.
 //! - [`topics`]: the topic naming scheme (`<prefix>.<aggregate>.events`, `.commands`).
 
 pub mod embedded;
 pub mod kafka;
 pub mod metrics;
+pub mod shared;
 pub mod topics;
 
 use std::fmt;
@@ -117,6 +120,20 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// The offset the next record of the partition will get (the high watermark).
     async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError>;
+
+    /// [`EventLog::end_offset`] of several partitions of a topic, in one request where the
+    /// backend allows it (Kafka: one ListOffsets for all of them).
+    async fn end_offsets(
+        &self,
+        topic: &str,
+        partitions: &[u32],
+    ) -> Result<Vec<(u32, u64)>, LogError> {
+        let mut ends = Vec::with_capacity(partitions.len());
+        for partition in partitions {
+            ends.push((*partition, self.end_offset(topic, *partition).await?));
+        }
+        Ok(ends)
+    }
 
     /// Opens a reader of `topic` positioned at explicit offsets, one per partition to read,
     /// for someone who waits on what it reads ([`ReadMode::Latency`]).

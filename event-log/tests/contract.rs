@@ -609,3 +609,195 @@ async fn group_members_split_the_partitions_and_take_over_when_one_leaves() {
         );
     }
 }
+
+/// A member that has been idle for a while (on Kafka: its partitions paused, their ends
+/// watched) still gets every record written meanwhile, by another client of the log too, in
+/// order, none skipped, none twice; and promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_member_gets_every_record_written_by_anyone_promptly_and_once() {
+    for backend in backends().await {
+        let log = &backend.log;
+        let other = (backend.reopen)().await;
+        let topic = unique_topic("idle");
+        log.ensure_topic(&topic, 2).await.expect("create topic");
+        let group = format!("group-{}", uuid::Uuid::new_v4().simple());
+        let mut member = Member::join(log, &group, &topic).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while member.owned.len() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: never assigned",
+                backend.name
+            );
+            member.step(0).await;
+        }
+        let mut expected: HashMap<u32, u64> = HashMap::new();
+        for round in 0..3u64 {
+            // Quiet for longer than a member stays fetching without records.
+            let quiet_until = tokio::time::Instant::now() + Duration::from_millis(1500);
+            while tokio::time::Instant::now() < quiet_until {
+                member.step(0).await;
+            }
+            // Written by another client (another process): nothing in this one says so.
+            let writer = if round % 2 == 0 { &other } else { log };
+            let written = tokio::time::Instant::now();
+            for version in 1..=5 {
+                let (_, record) = stock_record(&format!("SKU-{round}"), round * 10 + version);
+                let position = writer.append(&topic, 1, record).await.expect("append");
+                assert_eq!(position.offset, expected.get(&1).copied().unwrap_or(0));
+                *expected.entry(1).or_default() += 1;
+            }
+            let want = expected[&1] as usize;
+            while member.records.len() < want {
+                assert!(
+                    written.elapsed() < Duration::from_secs(5),
+                    "{}: round {round}: {} of {want} records arrived after a quiet spell",
+                    backend.name,
+                    member.records.len()
+                );
+                member.step(0).await;
+            }
+        }
+        let offsets: Vec<u64> = member
+            .records
+            .iter()
+            .map(|record| record.position.offset)
+            .collect();
+        assert_eq!(
+            offsets,
+            (0..15).collect::<Vec<u64>>(),
+            "{}: every record once, in order",
+            backend.name
+        );
+    }
+}
+
+/// Polls a shared member until `count` records arrived, starting partitions at `start` as they
+/// are assigned.
+async fn collect_shared(
+    member: &mut dyn event_log::GroupMember,
+    start: u64,
+    count: usize,
+    name: &str,
+) -> Vec<LogRecord> {
+    let mut records = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while records.len() < count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}: {} of {count} records",
+            records.len()
+        );
+        match member
+            .poll(3, Duration::from_millis(100))
+            .await
+            .expect("poll")
+        {
+            event_log::GroupEvent::Assigned(partitions) => {
+                for (topic, partition) in partitions {
+                    member.start(&topic, partition, start).await.expect("start");
+                }
+            }
+            event_log::GroupEvent::Revoked(_) => {}
+            event_log::GroupEvent::Records(batch) => records.extend(batch),
+        }
+    }
+    records
+}
+
+/// Consumers sharing one group member (the projections of a process) each get their own
+/// topics' records from their own positions, in order, once; one starting again lower than
+/// the shared member reads gets its records again without the others seeing any twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_sharing_a_group_member_each_read_their_topics_from_their_own_positions() {
+    for backend in backends().await {
+        let log = &backend.log;
+        let (first, second) = (unique_topic("a"), unique_topic("b"));
+        for topic in [&first, &second] {
+            log.ensure_topic(topic, 1).await.expect("create topic");
+            for version in 1..=6 {
+                let (_, record) = stock_record("SKU-1", version);
+                log.append(topic, 0, record).await.expect("append");
+            }
+        }
+        let group = event_log::shared::SharedGroup::new(
+            log.clone(),
+            format!("group-{}", uuid::Uuid::new_v4().simple()),
+            vec![first.clone(), second.clone()],
+        );
+        // Reads both topics from 2; the other reads only the second, from 4.
+        let mut both = group
+            .join(&[first.clone(), second.clone()])
+            .await
+            .expect("join");
+        let mut late = group
+            .join(std::slice::from_ref(&second))
+            .await
+            .expect("join");
+        assert!(
+            group.join(&["elsewhere".to_owned()]).await.is_err(),
+            "{}: a topic outside the group is refused",
+            backend.name
+        );
+        let (got_both, got_late) = tokio::join!(
+            collect_shared(both.as_mut(), 2, 8, backend.name),
+            collect_shared(late.as_mut(), 4, 2, backend.name),
+        );
+        let offsets = |records: &[LogRecord], topic: &str| -> Vec<u64> {
+            records
+                .iter()
+                .filter(|record| record.position.topic == topic)
+                .map(|record| record.position.offset)
+                .collect()
+        };
+        assert_eq!(
+            offsets(&got_both, &first),
+            vec![2, 3, 4, 5],
+            "{}",
+            backend.name
+        );
+        assert_eq!(
+            offsets(&got_both, &second),
+            vec![2, 3, 4, 5],
+            "{}",
+            backend.name
+        );
+        assert_eq!(offsets(&got_late, &second), vec![4, 5], "{}", backend.name);
+        assert_eq!(
+            offsets(&got_late, &first),
+            Vec::<u64>::new(),
+            "{}",
+            backend.name
+        );
+
+        // The late one starts again from 0 (a rebuild swapped in): it reads 0.. again, and
+        // the other gets only what is new.
+        late.start(&second, 0, 0).await.expect("start again");
+        let (_, record) = stock_record("SKU-1", 7);
+        log.append(&second, 0, record).await.expect("append");
+        let (again_late, again_both) = tokio::join!(
+            collect_shared(late.as_mut(), 0, 7, backend.name),
+            collect_shared(both.as_mut(), 0, 1, backend.name),
+        );
+        assert_eq!(
+            offsets(&again_late, &second),
+            (0..7).collect::<Vec<u64>>(),
+            "{}",
+            backend.name
+        );
+        assert_eq!(offsets(&again_both, &second), vec![6], "{}", backend.name);
+        // Nothing more for the one that has everything.
+        let extra = collect_shared(both.as_mut(), 0, 0, backend.name).await;
+        assert!(extra.is_empty());
+        match both
+            .poll(10, Duration::from_millis(300))
+            .await
+            .expect("poll")
+        {
+            event_log::GroupEvent::Records(records) => {
+                assert!(records.is_empty(), "{}: {records:?} twice", backend.name)
+            }
+            other => panic!("{}: {other:?}", backend.name),
+        }
+    }
+}

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use event_log::shared::SharedGroup;
 use event_log::{Position, SharedLog, topics};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -149,20 +150,26 @@ impl ReadSide {
         })
     }
 
-    /// Starts one worker per projection (members of the projection's consumer group). The
-    /// topics must exist (the command services create them).
+    /// Starts one worker per projection. They share one member of the projections' consumer
+    /// group (`<prefix>.projections`), so the process reads each topic once, and every
+    /// projection applies what it reads in transactions of its own. The topics must exist (the
+    /// command services create them).
     pub fn start_workers(&self, shutdown: watch::Receiver<bool>) {
+        let group = Arc::new(SharedGroup::new(
+            self.log.clone(),
+            format!("{}.projections", self.group_prefix),
+            self.running
+                .iter()
+                .flat_map(|running| running.topics.iter().cloned())
+                .collect(),
+        ));
         for running in self.running.iter() {
             let worker = Worker {
                 log: self.log.clone(),
                 db: running.db.clone(),
                 projection: running.projection.clone(),
                 topics: running.topics.clone(),
-                group: format!(
-                    "{}.projection.{}",
-                    self.group_prefix,
-                    running.projection.name()
-                ),
+                group: group.clone(),
                 state: running.state.clone(),
             };
             tokio::spawn(worker.run(shutdown.clone()));

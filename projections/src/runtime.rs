@@ -48,6 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use event_log::shared::SharedGroup;
 use event_log::{GroupEvent, GroupMember, LogRecord, Position, SharedLog};
 use event_schema::{Envelope, judge};
 use serde::Serialize;
@@ -503,13 +504,14 @@ async fn claim(
     Ok(claimed == 1)
 }
 
-/// One projection's worker: a member of the projection's consumer group.
+/// One projection's worker: a member of the projection's consumer group (shared with the other
+/// projections of the process that are in the same group).
 pub struct Worker {
     pub log: SharedLog,
     pub db: Db,
     pub projection: Arc<dyn Projection>,
     pub topics: Vec<String>,
-    pub group: String,
+    pub group: Arc<SharedGroup>,
     pub state: Arc<WorkerState>,
 }
 
@@ -525,7 +527,7 @@ impl Worker {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let name = self.projection.name();
         let mut member = loop {
-            match self.log.join_group(&self.group, &self.topics).await {
+            match self.group.join(&self.topics).await {
                 Ok(member) => break member,
                 Err(error) => {
                     tracing::warn!(projection = name, %error, "cannot join the consumer group; retrying");

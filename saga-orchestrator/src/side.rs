@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use event_log::shared::SharedGroup;
 use event_log::{SharedLog, topics};
 use projections::ReadBackend;
 use projections::runtime::{Projection, Worker, WorkerState, migrate};
@@ -62,17 +63,22 @@ impl SagaSide {
     /// Starts the event consumer (a member of the saga's consumer group), the deadline ticker
     /// and the outbox relay.
     pub fn start(&self, shutdown: watch::Receiver<bool>) {
+        let topics: Vec<String> = self
+            .projection
+            .aggregate_types()
+            .iter()
+            .map(|aggregate| topics::events(&self.topic_prefix, aggregate))
+            .collect();
         let worker = Worker {
             log: self.log.clone(),
             db: self.db.clone(),
             projection: Traced::wrap(self.projection.clone(), SpanKind::Saga),
-            topics: self
-                .projection
-                .aggregate_types()
-                .iter()
-                .map(|aggregate| topics::events(&self.topic_prefix, aggregate))
-                .collect(),
-            group: format!("{}.saga", self.topic_prefix),
+            group: Arc::new(SharedGroup::new(
+                self.log.clone(),
+                format!("{}.saga", self.topic_prefix),
+                topics.clone(),
+            )),
+            topics,
             state: self.state.clone(),
         };
         tokio::spawn(worker.run(shutdown.clone()));

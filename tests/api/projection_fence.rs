@@ -78,7 +78,11 @@ impl Fixture {
             db: db.clone(),
             projection: Arc::new(Inventory),
             topics: vec![self.topic.clone()],
-            group: group.to_owned(),
+            group: Arc::new(event_log::shared::SharedGroup::new(
+                self.log.clone(),
+                group,
+                vec![self.topic.clone()],
+            )),
             state: Arc::new(WorkerState::default()),
         }
     }

@@ -343,7 +343,11 @@ async fn a_redelivered_batch_changes_nothing() {
             db: read.db("inventory").expect("db").clone(),
             projection: Arc::new(projections::models::inventory::Inventory),
             topics: vec![topic.clone()],
-            group: "unused".into(),
+            group: Arc::new(event_log::shared::SharedGroup::new(
+                log.clone(),
+                "unused",
+                vec![topic.clone()],
+            )),
             state: Default::default(),
         };
         worker.apply_batch(&records).await.expect("apply again");
@@ -422,7 +426,11 @@ async fn a_redelivered_batch_changes_nothing() {
             db: db.clone(),
             projection: inventory.clone(),
             topics: vec![topic.clone()],
-            group: "unused".into(),
+            group: Arc::new(event_log::shared::SharedGroup::new(
+                log.clone(),
+                "unused",
+                vec![topic.clone()],
+            )),
             state: Default::default(),
         };
         let (first, second) = (worker(&db), worker(&db));
@@ -479,7 +487,11 @@ async fn a_redelivered_batch_changes_nothing() {
             .await
             .expect("forget the positions");
         let third = projections::runtime::Worker {
-            group: format!("fresh-{}", uuid::Uuid::new_v4().simple()),
+            group: Arc::new(event_log::shared::SharedGroup::new(
+                log.clone(),
+                format!("fresh-{}", uuid::Uuid::new_v4().simple()),
+                vec![topic.clone()],
+            )),
             ..worker(&db)
         };
         let state = third.state.clone();
@@ -685,20 +697,42 @@ async fn two_workers_in_one_group_split_the_partitions_and_take_over_on_stop() {
         .expect("open");
         let (stop_second, stopped) = watch::channel(false);
         second.start_workers(stopped);
-        let total = app.settings.partitions as usize;
+        // The projections of a process share one member of the group, so the group splits the
+        // union of their topics (the audit reads all three): balanced in number, not per topic.
+        let total = 3 * app.settings.partitions as usize;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let (a, b) = (
-                live.held_partitions("inventory"),
-                second.held_partitions("inventory"),
+                live.held_partitions("audit"),
+                second.held_partitions("audit"),
             );
             if a.len() + b.len() == total && !a.is_empty() && !b.is_empty() {
                 assert!(
-                    a.iter()
-                        .all(|p| !b.iter().any(|q| q.partition == p.partition)),
+                    a.iter().all(|p| !b
+                        .iter()
+                        .any(|q| q.topic == p.topic && q.partition == p.partition)),
                     "{backend:?}: disjoint"
                 );
-                break;
+                // Every projection of a process holds the partitions of its topics the
+                // process holds (once its worker has started them).
+                let agree = [(&live, &a), (&second, &b)].iter().all(|(side, held)| {
+                    let mut stock: Vec<u32> = held
+                        .iter()
+                        .filter(|p| p.topic.ends_with(".stock.events"))
+                        .map(|p| p.partition)
+                        .collect();
+                    let mut inventory: Vec<u32> = side
+                        .held_partitions("inventory")
+                        .iter()
+                        .map(|p| p.partition)
+                        .collect();
+                    stock.sort_unstable();
+                    inventory.sort_unstable();
+                    stock == inventory
+                });
+                if agree {
+                    break;
+                }
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -717,7 +751,7 @@ async fn two_workers_in_one_group_split_the_partitions_and_take_over_on_stop() {
 
         let _ = stop_second.send(true);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while live.held_partitions("inventory").len() < total {
+        while live.held_partitions("audit").len() < total {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "{backend:?}: no takeover"
