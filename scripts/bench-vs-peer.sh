@@ -61,7 +61,14 @@ for _ in $(seq 1 240); do
     sleep 0.5
 done
 log "platform: wrk, 2 threads, 32 connections, ${duration} s"
+broker_pid="$(cat "$dir/broker.pid" 2>/dev/null || pgrep -f "listener-url tcp://$brokers" | head -n 1)"
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+cpu_total() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+b0="$(ticks "$broker_pid")"; p0="$(ticks "$platform_pid")"; m0="$(cpu_total)"; t0="$(date +%s.%N)"
 wrk -t2 -c32 -d"${duration}s" -s "$here/wrk/inventory.lua" "http://127.0.0.1:$port" | tail -n 2
+b1="$(ticks "$broker_pid")"; p1="$(ticks "$platform_pid")"; m1="$(cpu_total)"; t1="$(date +%s.%N)"
+awk -v b="$((b1 - b0))" -v p="$((p1 - p0))" -v m="$((m1 - m0))" -v hz="$(getconf CLK_TCK)" -v t0="$t0" -v t1="$t1" \
+    'BEGIN { s = t1 - t0; printf "cpu during the load: broker %.2f cores, platform %.2f cores, machine %.2f cores busy\n", b / hz / s, p / hz / s, m / hz / s }'
 log "waiting for the read models to catch up"
 for _ in $(seq 1 600); do
     curl -sf "127.0.0.1:$port/health/ready" >/dev/null && break

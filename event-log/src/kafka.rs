@@ -245,12 +245,15 @@ impl EndWatch {
 async fn watch_ends(log: Weak<Inner>, watch: Arc<EndWatch>, slowest: Duration) {
     let fastest = IDLE_CHECK_FIRST.min(slowest);
     let mut every = fastest;
+    let mut next_check = tokio::time::Instant::now() + every;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            // A member just went idle: look soon, then less and less often.
+            _ = tokio::time::sleep_until(next_check) => {}
+            // A member just went idle: look soon (never later than already planned), then
+            // less and less often.
             _ = watch.paused.notified() => {
                 every = fastest;
+                next_check = next_check.min(tokio::time::Instant::now() + fastest);
                 continue;
             }
         }
@@ -260,6 +263,7 @@ async fn watch_ends(log: Weak<Inner>, watch: Arc<EndWatch>, slowest: Duration) {
         let watched = watch.watched();
         if watched.is_empty() {
             every = slowest;
+            next_check = tokio::time::Instant::now() + every;
             continue;
         }
         let moved = match list_ends(inner.metadata.clone(), watched).await {
@@ -274,6 +278,7 @@ async fn watch_ends(log: Weak<Inner>, watch: Arc<EndWatch>, slowest: Duration) {
         } else {
             (every * 2).min(slowest)
         };
+        next_check = tokio::time::Instant::now() + every;
     }
 }
 
@@ -312,7 +317,7 @@ async fn list_ends(
                     ))),
                 }
             })
-            .collect()
+            .collect::<Result<Vec<_>, LogError>>()
     })
     .await
     .map_err(unavailable)?
@@ -702,6 +707,15 @@ impl EventLog for KafkaLog {
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
             .set("fetch.wait.max.ms", fetch_wait.to_string())
+            // Under a steady flow a partition is fetched again only once what was fetched of
+            // it has been taken and `fetch_wait` has passed: each fetch brings what arrived
+            // meanwhile, instead of one fetch per few records (librdkafka's prefetching). On
+            // nisshi, which answers a fetch at once when it has data and spends its CPU per
+            // partition fetched, that is the difference between the broker serving appends
+            // and serving fetches (BENCHMARKS.md); the cost is up to `fetch_wait` of latency,
+            // what an idle fetch costs anyway.
+            .set("queued.min.messages", "1")
+            .set("fetch.queue.backoff.ms", fetch_wait.to_string())
             .create_with_context(GroupContext::default())
             .map_err(unavailable)?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -802,9 +816,9 @@ impl KafkaMember {
         if !self.paused {
             return Ok(());
         }
-        self.watch.unwatch(self.id);
         let assignment = self.consumer.assignment().map_err(unavailable)?;
         self.consumer.resume(&assignment).map_err(unavailable)?;
+        self.watch.unwatch(self.id);
         self.paused = false;
         Ok(())
     }
@@ -834,14 +848,24 @@ impl KafkaMember {
                 Ok(Ok(message)) => records.extend(accept(&mut self.started, &message)),
             },
         }
-        if let Some(event) = self.next_event() {
+        if !records.is_empty() {
+            // Records first: an assignment change stays queued for the next poll.
             self.resume()?;
+            return Ok(GroupEvent::Records(records));
+        }
+        if let Some(event) = self.next_event() {
+            self.resume_after_event();
             return Ok(event);
         }
-        if !records.is_empty() {
-            self.resume()?;
-        }
         Ok(GroupEvent::Records(records))
+    }
+
+    /// Resumes after an assignment change was taken: the change is the caller's now, so a
+    /// failure is logged, and the member stays paused to be resumed by the next move.
+    fn resume_after_event(&mut self) {
+        if let Err(error) = self.resume() {
+            tracing::warn!(%error, "cannot resume the consumer's partitions");
+        }
     }
 
     fn next_event(&mut self) -> Option<GroupEvent> {
@@ -854,6 +878,18 @@ impl KafkaMember {
         if let GroupEvent::Assigned(partitions) = &event {
             for partition in partitions {
                 self.started.remove(partition);
+            }
+            // librdkafka keeps an application's pause of a partition across its revocation
+            // and a later re-assignment: one revoked while this member was paused would come
+            // back paused, and never be fetched while the member stays busy.
+            let mut list = TopicPartitionList::new();
+            for (topic, partition) in partitions {
+                list.add_partition(topic, *partition as i32);
+            }
+            if list.count() > 0
+                && let Err(error) = self.consumer.resume(&list)
+            {
+                tracing::warn!(%error, "cannot resume newly assigned partitions");
             }
         }
         Some(event)
@@ -882,7 +918,7 @@ fn accept(
 impl GroupMember for KafkaMember {
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<GroupEvent, LogError> {
         if let Some(event) = self.next_event() {
-            self.resume()?;
+            self.resume_after_event();
             return Ok(event);
         }
         if self.paused {
@@ -904,7 +940,7 @@ impl GroupMember for KafkaMember {
         if records.is_empty()
             && let Some(event) = self.next_event()
         {
-            self.resume()?;
+            self.resume_after_event();
             return Ok(event);
         }
         if !records.is_empty() {

@@ -13,9 +13,12 @@
 //!   starts below what was read), and each consumer gets only the records at or past its own
 //!   position, in log order, once;
 //! - whichever consumer polls while its queue is empty polls the shared member for everyone.
-//!   A consumer whose queue holds [`QUEUE_LIMIT`] records or more holds everyone back (nobody
-//!   polls the shared member until it drains), so a slow consumer costs memory only up to that
-//!   limit.
+//!   A consumer whose queue holds [`QUEUE_LIMIT`] records gets no more until it has taken them:
+//!   it overflows, and when it next polls with its queue empty, the shared member reads its
+//!   partitions again from where it stands (the others skip what they already have). So a slow
+//!   or stuck consumer (its database down) costs memory only up to that limit and never holds
+//!   the others back, and the shared member keeps being polled (a consumer that stops polling
+//!   is dropped from the group).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,8 +37,10 @@ pub struct SharedGroup {
     log: SharedLog,
     group: String,
     topics: Vec<String>,
-    /// The members' common state, while one of them lives.
-    hub: Mutex<std::sync::Weak<Hub>>,
+    queue_limit: usize,
+    /// The members' common state, while one of them lives. Held while the group is joined,
+    /// so consumers joining at once join it once.
+    hub: tokio::sync::Mutex<std::sync::Weak<Hub>>,
 }
 
 impl std::fmt::Debug for SharedGroup {
@@ -60,8 +65,15 @@ impl SharedGroup {
             log,
             group: group.into(),
             topics: unique,
-            hub: Mutex::new(std::sync::Weak::new()),
+            queue_limit: QUEUE_LIMIT,
+            hub: tokio::sync::Mutex::new(std::sync::Weak::new()),
         }
+    }
+
+    /// The same group with another limit to a consumer's queue than [`QUEUE_LIMIT`].
+    pub fn with_queue_limit(mut self, limit: usize) -> Self {
+        self.queue_limit = limit.max(1);
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -77,27 +89,23 @@ impl SharedGroup {
                 self.group
             )));
         }
-        let existing = lock(&self.hub).upgrade();
-        let hub = match existing {
+        let mut slot = self.hub.lock().await;
+        let hub = match slot.upgrade() {
             Some(hub) => hub,
             None => {
                 let member = self.log.join_group(&self.group, &self.topics).await?;
-                let mut slot = lock(&self.hub);
-                // Another consumer may have joined meanwhile: use its member, drop ours.
-                match slot.upgrade() {
-                    Some(hub) => hub,
-                    None => {
-                        let hub = Arc::new(Hub {
-                            member: tokio::sync::Mutex::new(member),
-                            state: Mutex::new(State::default()),
-                            drained: tokio::sync::Notify::new(),
-                        });
-                        *slot = Arc::downgrade(&hub);
-                        hub
-                    }
-                }
+                let hub = Arc::new(Hub {
+                    member: tokio::sync::Mutex::new(member),
+                    state: Mutex::new(State {
+                        queue_limit: self.queue_limit,
+                        ..State::default()
+                    }),
+                });
+                *slot = Arc::downgrade(&hub);
+                hub
             }
         };
+        drop(slot);
         let id = {
             let mut state = lock(&hub.state);
             let id = state.next_id;
@@ -119,6 +127,7 @@ impl SharedGroup {
                     next: HashMap::new(),
                     queue,
                     queued_records: 0,
+                    overflowed: false,
                 },
             );
             id
@@ -137,12 +146,11 @@ struct Hub {
     /// The one real member; held by whoever polls it.
     member: tokio::sync::Mutex<Box<dyn GroupMember>>,
     state: Mutex<State>,
-    /// A queue that was full drained.
-    drained: tokio::sync::Notify,
 }
 
 #[derive(Default)]
 struct State {
+    queue_limit: usize,
     next_id: u64,
     consumers: HashMap<u64, Consumer>,
     /// The partitions assigned to the shared member.
@@ -157,6 +165,9 @@ struct Consumer {
     next: HashMap<TopicPartition, u64>,
     queue: VecDeque<Entry>,
     queued_records: usize,
+    /// Records were withheld from it (its queue was full): the shared member must read its
+    /// partitions again from `next` before it gets any more.
+    overflowed: bool,
 }
 
 enum Entry {
@@ -165,12 +176,6 @@ enum Entry {
 }
 
 impl State {
-    fn full(&self) -> bool {
-        self.consumers
-            .values()
-            .any(|consumer| consumer.queued_records >= QUEUE_LIMIT)
-    }
-
     /// Hands what the shared member said to every consumer it concerns.
     fn distribute(&mut self, event: GroupEvent) {
         match event {
@@ -226,7 +231,11 @@ impl State {
                         let Some(next) = consumer.next.get_mut(&partition) else {
                             continue;
                         };
-                        if record.position.offset < *next {
+                        if record.position.offset < *next || consumer.overflowed {
+                            continue;
+                        }
+                        if consumer.queued_records >= self.queue_limit {
+                            consumer.overflowed = true;
                             continue;
                         }
                         *next = record.position.offset + 1;
@@ -247,10 +256,7 @@ struct Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        let mut state = lock(&self.hub.state);
-        state.consumers.remove(&self.id);
-        drop(state);
-        self.hub.drained.notify_waiters();
+        lock(&self.hub.state).consumers.remove(&self.id);
     }
 }
 
@@ -260,7 +266,6 @@ impl Shared {
     fn take(&self, max: usize) -> Option<GroupEvent> {
         let mut state = lock(&self.hub.state);
         let consumer = state.consumers.get_mut(&self.id)?;
-        let was_full = consumer.queued_records >= QUEUE_LIMIT;
         let event = match consumer.queue.front()? {
             Entry::Event(_) => match consumer.queue.pop_front() {
                 Some(Entry::Event(event)) => event,
@@ -281,12 +286,29 @@ impl Shared {
                 GroupEvent::Records(records)
             }
         };
-        let drained = was_full && consumer.queued_records < QUEUE_LIMIT;
-        drop(state);
-        if drained {
-            self.hub.drained.notify_waiters();
-        }
         Some(event)
+    }
+
+    /// After an overflow, with the queue taken: the partitions whose records were withheld,
+    /// each from where this consumer stands, if the shared member reads past it.
+    fn rewind(&self) -> Vec<(TopicPartition, u64)> {
+        let mut state = lock(&self.hub.state);
+        let State {
+            consumers, reading, ..
+        } = &mut *state;
+        let Some(consumer) = consumers.get_mut(&self.id) else {
+            return Vec::new();
+        };
+        if !consumer.overflowed || !consumer.queue.is_empty() {
+            return Vec::new();
+        }
+        consumer.overflowed = false;
+        consumer
+            .next
+            .iter()
+            .filter(|(partition, next)| reading.get(*partition).is_some_and(|read| read > *next))
+            .map(|(partition, next)| (partition.clone(), *next))
+            .collect()
     }
 }
 
@@ -308,18 +330,23 @@ impl GroupMember for Shared {
         if let Some(event) = self.take(max) {
             return Ok(event);
         }
-        let full = {
-            let state = lock(&self.hub.state);
-            state.full()
-        };
-        if full {
-            // Another consumer is behind: let it drain before reading more.
-            drop(member);
-            tokio::select! {
-                _ = self.hub.drained.notified() => {}
-                _ = tokio::time::sleep_until(deadline) => {}
+        for ((topic, partition), next) in self.rewind() {
+            // Read again what was withheld from this consumer; a partition revoked meanwhile
+            // is not read at all (its Revoked event is queued).
+            match member.start(&topic, partition, next).await {
+                Ok(()) => {
+                    lock(&self.hub.state)
+                        .reading
+                        .insert((topic, partition), next);
+                }
+                Err(LogError::UnknownPartition { .. }) => {}
+                Err(error) => {
+                    if let Some(consumer) = lock(&self.hub.state).consumers.get_mut(&self.id) {
+                        consumer.overflowed = true;
+                    }
+                    return Err(error);
+                }
             }
-            return Ok(self.take(max).unwrap_or(GroupEvent::Records(Vec::new())));
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let event = member.poll(max, left).await?;

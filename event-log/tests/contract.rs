@@ -801,3 +801,143 @@ async fn consumers_sharing_a_group_member_each_read_their_topics_from_their_own_
         }
     }
 }
+
+/// A partition taken from a member while it was idle (on Kafka: its partitions paused) and
+/// given back while the member is busy with another partition is read again: librdkafka keeps
+/// an application's pause of a partition across its revocation and a later re-assignment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_taken_while_idle_and_given_back_while_busy_is_read_again() {
+    for backend in backends().await {
+        let log = &backend.log;
+        let topic = unique_topic("back");
+        log.ensure_topic(&topic, 2).await.expect("create topic");
+        let group = format!("group-{}", uuid::Uuid::new_v4().simple());
+        let mut a = Member::join(log, &group, &topic).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while a.owned.len() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: never assigned",
+                backend.name
+            );
+            a.step(0).await;
+        }
+        // Idle for longer than a member keeps fetching without records.
+        let quiet_until = tokio::time::Instant::now() + Duration::from_millis(1500);
+        while tokio::time::Instant::now() < quiet_until {
+            a.step(0).await;
+        }
+        // A second member takes one of the partitions while the first is idle.
+        let mut b = Member::join(log, &group, &topic).await;
+        while !(a.owned.len() == 1 && b.owned.len() == 1) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: never split",
+                backend.name
+            );
+            a.step(0).await;
+            b.step(0).await;
+        }
+        let kept = a.owned.iter().next().expect("kept").1;
+        let moved = 1 - kept;
+        // From now on the first member is busy: a record of its partition every 200 ms.
+        let mut version = 0u64;
+        let mut next_write = tokio::time::Instant::now();
+        macro_rules! busy_step {
+            () => {
+                if tokio::time::Instant::now() >= next_write {
+                    version += 1;
+                    let (_, record) = stock_record("SKU-busy", version);
+                    log.append(&topic, kept, record).await.expect("append");
+                    next_write += Duration::from_millis(200);
+                }
+                a.step(0).await;
+            };
+        }
+        busy_step!();
+        // The second member leaves: the partition comes back to the busy first one.
+        drop(b);
+        while a.owned.len() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: never given back",
+                backend.name
+            );
+            busy_step!();
+        }
+        let (_, record) = stock_record("SKU-moved", 1);
+        let position = log.append(&topic, moved, record).await.expect("append");
+        let written = tokio::time::Instant::now();
+        while !a.records.iter().any(|record| record.position == position) {
+            assert!(
+                written.elapsed() < Duration::from_secs(10),
+                "{}: the record of the partition given back never arrived",
+                backend.name
+            );
+            busy_step!();
+        }
+    }
+}
+
+/// A consumer of a shared member that stops taking its records (its database is down) gets no
+/// more than its queue holds and holds nobody back; once it polls again it gets everything, in
+/// order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_consumer_of_a_shared_member_holds_nobody_back_and_misses_nothing() {
+    for backend in backends().await {
+        let log = &backend.log;
+        let topic = unique_topic("stuck");
+        log.ensure_topic(&topic, 1).await.expect("create topic");
+        let group = event_log::shared::SharedGroup::new(
+            log.clone(),
+            format!("group-{}", uuid::Uuid::new_v4().simple()),
+            vec![topic.clone()],
+        )
+        .with_queue_limit(10);
+        let mut stuck = group
+            .join(std::slice::from_ref(&topic))
+            .await
+            .expect("join");
+        let mut busy = group
+            .join(std::slice::from_ref(&topic))
+            .await
+            .expect("join");
+        // Both start the partition; then the stuck one stops polling.
+        let mut started = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while started < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: never assigned",
+                backend.name
+            );
+            for member in [&mut stuck, &mut busy] {
+                if let event_log::GroupEvent::Assigned(partitions) = member
+                    .poll(10, Duration::from_millis(100))
+                    .await
+                    .expect("poll")
+                {
+                    for (topic, partition) in partitions {
+                        member.start(&topic, partition, 0).await.expect("start");
+                        started += 1;
+                    }
+                }
+            }
+        }
+        for version in 1..=50 {
+            let (_, record) = stock_record("SKU-1", version);
+            log.append(&topic, 0, record).await.expect("append");
+        }
+        let got_busy = collect_shared(busy.as_mut(), 0, 50, backend.name).await;
+        let got_stuck = collect_shared(stuck.as_mut(), 0, 50, backend.name).await;
+        for (name, got) in [("busy", &got_busy), ("stuck", &got_stuck)] {
+            let offsets: Vec<u64> = got.iter().map(|record| record.position.offset).collect();
+            assert_eq!(
+                offsets,
+                (0..50).collect::<Vec<u64>>(),
+                "{}: {name}: every record once, in order",
+                backend.name
+            );
+        }
+    }
+}

@@ -720,9 +720,16 @@ impl Worker {
     ) {
         let name = self.projection.name();
         let next = stored.map_or(0, |(next, _)| next);
-        if let Err(error) = member.start(topic, partition, next).await {
-            tracing::warn!(projection = name, %error, topic, partition, "cannot start the partition");
-            return;
+        let mut attempts = 0;
+        while let Err(error) = member.start(topic, partition, next).await {
+            attempts += 1;
+            // Revoked meanwhile: its Revoked event follows. Otherwise the log failed: try
+            // again a while (the partition would deliver nothing until its next assignment).
+            if matches!(error, event_log::LogError::UnknownPartition { .. }) || attempts >= 10 {
+                tracing::warn!(projection = name, %error, topic, partition, "cannot start the partition");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         {
             let mut known = self.state.known();

@@ -706,13 +706,13 @@ async fn two_workers_in_one_group_split_the_partitions_and_take_over_on_stop() {
                 live.held_partitions("audit"),
                 second.held_partitions("audit"),
             );
-            if a.len() + b.len() == total && !a.is_empty() && !b.is_empty() {
-                assert!(
-                    a.iter().all(|p| !b
-                        .iter()
-                        .any(|q| q.topic == p.topic && q.partition == p.partition)),
-                    "{backend:?}: disjoint"
-                );
+            // A worker hears of a revocation when it next polls, so for a moment both may
+            // list a partition (the stored positions keep them from both applying it).
+            let disjoint = a.iter().all(|p| {
+                !b.iter()
+                    .any(|q| q.topic == p.topic && q.partition == p.partition)
+            });
+            if a.len() + b.len() == total && !a.is_empty() && !b.is_empty() && disjoint {
                 // Every projection of a process holds the partitions of its topics the
                 // process holds (once its worker has started them).
                 let agree = [(&live, &a), (&second, &b)].iter().all(|(side, held)| {
