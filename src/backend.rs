@@ -80,3 +80,58 @@ impl Backend {
         Ok(Backend { log, command_store })
     }
 }
+
+/// The exclusive lock a serving process holds on an embedded data directory: two processes
+/// serving one directory would each apply every partition (each owning all of them). The lock
+/// is an advisory `flock` on `<dir>/platform.lock`, which also holds the holder's pid; the
+/// operating system releases it when the process ends, however it ends (kill -9 included), so
+/// a stale file never blocks a restart. Operator tools (`replay`, `audit`, `sagas`, ...) do not
+/// take it: they run beside a serving process.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    /// Takes the lock of `dir` (created when missing), or fails naming the directory and the
+    /// pid of the process that holds it, having changed nothing.
+    pub fn acquire(dir: &std::path::Path) -> anyhow::Result<Self> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("platform.lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if holder.is_empty() {
+                    "another process".to_owned()
+                } else {
+                    format!("another process (pid {holder})")
+                };
+                anyhow::bail!(
+                    "the data directory {} is in use by {holder}: one process serves a data \
+                     directory at a time; stop it, or give this one another --data-dir",
+                    dir.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(error).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .and_then(|()| file.flush())
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(DataDirLock { _file: file })
+    }
+}

@@ -41,6 +41,8 @@ pub struct Platform {
     read: Option<ReadSide>,
     saga: Option<SagaSide>,
     backend: Backend,
+    /// Held while the process serves an embedded data directory.
+    _data_dir: Option<crate::backend::DataDirLock>,
 }
 
 impl std::fmt::Debug for Platform {
@@ -93,6 +95,12 @@ impl Platform {
             &settings.security,
             settings.distributed(),
         )?);
+        // Before anything is opened: a second process on the directory changes nothing.
+        let data_dir = if settings.kafka.is_none() {
+            Some(crate::backend::DataDirLock::acquire(&settings.data_dir)?)
+        } else {
+            None
+        };
         let backend = Backend::open(&settings).await?;
         ensure_topics(&backend.log, &settings).await?;
         let (shutdown, stopped) = watch::channel(false);
@@ -194,6 +202,7 @@ impl Platform {
             read,
             saga,
             backend,
+            _data_dir: data_dir,
         })
     }
 

@@ -337,3 +337,110 @@ async fn the_binary_refuses_kafka_without_a_database() {
     assert!(!output.status.success());
     let _ = Backend::Embedded;
 }
+
+/// Two processes serving one embedded data directory would each own every partition: the
+/// second is refused with an error naming the directory and the first one's pid, and changes
+/// nothing; after a kill -9 of the first, the directory serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_a_data_directory_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let settings = settings(Backend::Embedded, dir.path());
+    let mut first = start_process(&settings).await;
+    let client = crate::helpers::http_client();
+    let received = client
+        .post(format!("{}/inventory/SKU-LOCK/receipts", first.address))
+        .json(&json!({"quantity": 5}))
+        .send()
+        .await
+        .expect("receipt");
+    assert_eq!(received.status(), 200);
+    let files_before = directory_listing(&settings.data_dir);
+    let log_before = std::fs::read(settings.data_dir.join("log.db")).expect("read log.db");
+
+    let mut second = Command::new(platform_binary())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&settings.data_dir)
+        .arg("--http-addr")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .args(["--topic-prefix", &settings.topic_prefix])
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run a second platform");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait") {
+            break status;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second process started serving the same data directory");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(second.stderr.as_mut().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(!status.success(), "the second process must not start");
+    assert!(
+        stderr.contains(&settings.data_dir.display().to_string())
+            && stderr.contains(&format!("pid {}", first.child.id())),
+        "the error names the directory and the holder: {stderr}"
+    );
+    assert_eq!(directory_listing(&settings.data_dir), files_before);
+    assert_eq!(
+        std::fs::read(settings.data_dir.join("log.db")).expect("read log.db"),
+        log_before,
+        "the second process changed the log"
+    );
+    // The first one still serves.
+    let received = client
+        .post(format!("{}/inventory/SKU-LOCK/receipts", first.address))
+        .json(&json!({"quantity": 5}))
+        .send()
+        .await
+        .expect("receipt");
+    assert_eq!(received.status(), 200);
+
+    // A killed holder leaves no lock behind: the directory serves again, with both receipts.
+    first.kill();
+    let again = start_process(&settings).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stock = client
+            .get(format!("{}/inventory/SKU-LOCK", again.address))
+            .send()
+            .await
+            .expect("query");
+        if stock.status() == 200 {
+            let body: serde_json::Value = stock.json().await.expect("json");
+            if body["on_hand"] == 10 {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restarted process never showed both receipts"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn directory_listing(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("list the data directory")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
