@@ -50,14 +50,17 @@ impl Backend {
                 )
             }
             None => Arc::new(
-                EmbeddedLog::open(settings.data_dir.join("log.db"))
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "opening the embedded log in {}",
-                            settings.data_dir.display()
-                        )
-                    })?,
+                EmbeddedLog::open_with(
+                    settings.data_dir.join("log.db"),
+                    settings.durability.into(),
+                )
+                .await
+                .with_context(|| {
+                    format!(
+                        "opening the embedded log in {}",
+                        settings.data_dir.display()
+                    )
+                })?,
             ),
         };
         let command_store: Arc<dyn CommandStore> = match (&settings.database_url, &settings.kafka) {

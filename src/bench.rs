@@ -1071,7 +1071,7 @@ async fn open_raw_log(settings: &Settings) -> anyhow::Result<(SharedLog, String)
             let path = settings.data_dir.join("raw-log.db");
             (
                 Arc::new(
-                    EmbeddedLog::open(&path)
+                    EmbeddedLog::open_with(&path, settings.durability.into())
                         .await
                         .context("opening the raw embedded log")?,
                 ),

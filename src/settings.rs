@@ -93,6 +93,21 @@ pub struct Settings {
     )]
     pub assignment: AssignmentMode,
 
+    /// When the embedded log acknowledges an append: `fsync` once its group commit is synced
+    /// to disk (an acknowledged command survives a power loss, and no read model, saga or
+    /// snapshot ever gets ahead of the log); `os` once the operating system has it, which
+    /// survives a crash of the process but not of the machine: a power loss, kernel crash or
+    /// VM reset loses what was acknowledged since the last checkpoint (up to 1000 pages of
+    /// log). For tests and throwaway data only.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_DURABILITY",
+        value_enum,
+        default_value = "fsync"
+    )]
+    pub durability: DurabilityMode,
+
     /// With `--assignment static`: this instance's index (0-based); it owns the partitions p
     /// with p % instances == instance.
     #[arg(long, global = true, env = "PLATFORM_INSTANCE", default_value_t = 0)]
@@ -482,6 +497,7 @@ impl Settings {
             schema_prefix: String::new(),
             partitions: 8,
             assignment: AssignmentMode::Group,
+            durability: DurabilityMode::Fsync,
             instance: 0,
             instances: 1,
             kafka_linger_ms: event_log::kafka::DEFAULT_LINGER_MS,
@@ -502,6 +518,22 @@ impl Settings {
                 ..SecuritySettings::default()
             },
             gateway: GatewaySettings::default(),
+        }
+    }
+}
+
+/// `--durability`: see [`event_log::embedded::Durability`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DurabilityMode {
+    Fsync,
+    Os,
+}
+
+impl From<DurabilityMode> for event_log::embedded::Durability {
+    fn from(mode: DurabilityMode) -> Self {
+        match mode {
+            DurabilityMode::Fsync => event_log::embedded::Durability::Fsync,
+            DurabilityMode::Os => event_log::embedded::Durability::Os,
         }
     }
 }

@@ -4,9 +4,14 @@
 //! One writer thread owns the only write connection. Appends from any number of tasks queue up
 //! for it and it commits whatever has queued as one transaction (group commit), so a burst of
 //! commands costs one commit, not one each. The writer is a thread with a rusqlite connection,
-//! not a task, so commits go on while the runtime's workers are busy (see [`write_loop`]). A
-//! commit only writes to the WAL (no fsync, see [`options`]); SQLite's own checkpoint, in the
-//! commit that fills the WAL to 1000 pages, copies it into the database file and syncs that.
+//! not a task, so commits go on while the runtime's workers are busy (see [`write_loop`]). With
+//! [`Durability::Fsync`] (the default) a commit returns only once the WAL is synced to disk
+//! (`synchronous=FULL`: one fsync per group commit), so an acknowledged append survives a
+//! power loss, and no reader (a projection, the saga, a snapshot) sees a record before it is on
+//! disk: no store derived from the log can get ahead of it. [`Durability::Os`] leaves the WAL to
+//! the operating system (`synchronous=NORMAL`): it survives a crash of the process, not of the
+//! machine. SQLite's own checkpoint, in the commit that fills the WAL to 1000 pages, copies it
+//! into the database file and syncs that.
 //! Checkpoints beside the writer were tried twice (BENCHMARKS.md, sessions 6 and 8) and made the
 //! p99 worse, not better.
 //!
@@ -61,6 +66,17 @@ struct AppendRequest {
     done: oneshot::Sender<Result<Position, LogError>>,
 }
 
+/// When an append counts as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// On disk: each group commit is synced before it is acknowledged or read.
+    #[default]
+    Fsync,
+    /// Handed to the operating system: survives the process, not a power loss, kernel crash
+    /// or VM reset (which lose what was acknowledged since the last checkpoint).
+    Os,
+}
+
 /// The log in a SQLite file.
 #[derive(Debug, Clone)]
 pub struct EmbeddedLog {
@@ -82,6 +98,8 @@ struct Inner {
     groups: std::sync::Mutex<HashMap<String, GroupState>>,
     /// Bumped whenever a group's membership changes.
     group_changes: watch::Sender<u64>,
+    /// `PRAGMA synchronous` of the writer's connection (2: FULL, 1: NORMAL).
+    writer_synchronous: i64,
 }
 
 /// Per topic and partition, what this process's writer committed last.
@@ -235,8 +253,17 @@ fn options(path: &Path) -> SqliteConnectOptions {
 }
 
 impl EmbeddedLog {
-    /// Opens (creating when missing) the log file at `path` and starts its writer thread.
+    /// Opens (creating when missing) the log file at `path` and starts its writer thread, with
+    /// fsync-durable appends.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, LogError> {
+        Self::open_with(path, Durability::Fsync).await
+    }
+
+    /// Opens the log as [`EmbeddedLog::open`] does, its appends as durable as `durability`.
+    pub async fn open_with(
+        path: impl AsRef<Path>,
+        durability: Durability,
+    ) -> Result<Self, LogError> {
         let path = path.as_ref();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
@@ -251,7 +278,7 @@ impl EmbeddedLog {
             .await
             .map_err(unavailable)?;
         migrate.close().await.map_err(unavailable)?;
-        let writer = open_writer(path)?;
+        let (writer, writer_synchronous) = open_writer(path, durability)?;
         let admin = SqliteConnection::connect_with(&options(path))
             .await
             .map_err(unavailable)?;
@@ -280,27 +307,46 @@ impl EmbeddedLog {
                 partitions: RwLock::new(HashMap::new()),
                 groups: std::sync::Mutex::new(HashMap::new()),
                 group_changes: watch::channel(0).0,
+                writer_synchronous,
             }),
         })
+    }
+
+    /// Whether the writer syncs each commit to disk before it returns, as its connection
+    /// reports it (`PRAGMA synchronous` is FULL or EXTRA).
+    pub fn syncs_each_commit(&self) -> bool {
+        self.inner.writer_synchronous >= 2
     }
 }
 
 /// Opens the writer's connection: the same file settings as [`options`], on rusqlite, so a
-/// batch's statements run on the writer thread itself.
-fn open_writer(path: &Path) -> Result<rusqlite::Connection, LogError> {
+/// batch's statements run on the writer thread itself; `synchronous` as `durability` says.
+/// Returns the `synchronous` level the connection reports.
+fn open_writer(
+    path: &Path,
+    durability: Durability,
+) -> Result<(rusqlite::Connection, i64), LogError> {
     let connection = rusqlite::Connection::open(path).map_err(unavailable)?;
     connection
         .busy_timeout(Duration::from_secs(10))
         .map_err(unavailable)?;
-    // WAL is a property of the file (set by [`options`] when it was opened first); NORMAL is
-    // per connection: see [`options`].
+    // WAL is a property of the file (set by [`options`] when it was opened first);
+    // `synchronous` is per connection, and only the writer's matters: it alone commits
+    // records. FULL syncs the WAL in every commit, before the write lock is released.
     connection
         .pragma_update(None, "journal_mode", "WAL")
         .map_err(unavailable)?;
+    let synchronous = match durability {
+        Durability::Fsync => "FULL",
+        Durability::Os => "NORMAL",
+    };
     connection
-        .pragma_update(None, "synchronous", "NORMAL")
+        .pragma_update(None, "synchronous", synchronous)
         .map_err(unavailable)?;
-    Ok(connection)
+    let level: i64 = connection
+        .pragma_query_value(None, "synchronous", |row| row.get(0))
+        .map_err(unavailable)?;
+    Ok((connection, level))
 }
 
 /// The single writer, on a thread of its own: drains the queue, commits each batch in one
@@ -834,6 +880,27 @@ impl LogReader for EmbeddedReader {
 mod tests {
     use super::*;
     use sqlx::migrate::Migrator;
+
+    /// By default the writer's connection syncs every commit (an acknowledgement means on
+    /// disk); `Durability::Os` is the one way to have it not do so.
+    #[tokio::test]
+    async fn the_writer_syncs_every_commit_unless_told_otherwise() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let durable = EmbeddedLog::open(dir.path().join("durable.db"))
+            .await
+            .expect("open");
+        assert!(durable.syncs_each_commit());
+        let fast = EmbeddedLog::open_with(dir.path().join("fast.db"), Durability::Os)
+            .await
+            .expect("open");
+        assert!(!fast.syncs_each_commit());
+        // Reopened, the same file follows what it is opened with, not how it was written.
+        drop(fast);
+        let reopened = EmbeddedLog::open(dir.path().join("fast.db"))
+            .await
+            .expect("reopen");
+        assert!(reopened.syncs_each_commit());
+    }
 
     /// A log file written before the records moved to a rowid table (migration 2) keeps its
     /// records, in order, and takes new appends after them.
