@@ -90,17 +90,37 @@ impl Backend {
 /// operating system releases it when the process ends, however it ends (kill -9 included), so
 /// a stale file never blocks a restart. Operator tools (`replay`, `audit`, `sagas`, ...) do not
 /// take it: they run beside a serving process.
-#[derive(Debug)]
+/// Parts built in one process (tests build several) share the process's lock.
+#[derive(Debug, Clone)]
 pub struct DataDirLock {
-    _file: std::fs::File,
+    _file: Arc<std::fs::File>,
 }
+
+/// The locks this process holds, by canonical directory.
+static HELD: std::sync::Mutex<
+    std::collections::BTreeMap<std::path::PathBuf, std::sync::Weak<std::fs::File>>,
+> = std::sync::Mutex::new(std::collections::BTreeMap::new());
 
 impl DataDirLock {
     /// Takes the lock of `dir` (created when missing), or fails naming the directory and the
-    /// pid of the process that holds it, having changed nothing.
+    /// pid of the process that holds it, having changed nothing. Within one process the lock
+    /// is shared.
     pub fn acquire(dir: &std::path::Path) -> anyhow::Result<Self> {
-        use std::io::{Read, Seek, Write};
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let key = dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", dir.display()))?;
+        let mut held = HELD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(file) = held.get(&key).and_then(std::sync::Weak::upgrade) {
+            return Ok(DataDirLock { _file: file });
+        }
+        let file = Arc::new(Self::lock_file(dir)?);
+        held.insert(key, Arc::downgrade(&file));
+        Ok(DataDirLock { _file: file })
+    }
+
+    fn lock_file(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+        use std::io::{Read, Seek, Write};
         let path = dir.join("platform.lock");
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -135,6 +155,6 @@ impl DataDirLock {
             .and_then(|()| writeln!(file, "{}", std::process::id()))
             .and_then(|()| file.flush())
             .with_context(|| format!("writing {}", path.display()))?;
-        Ok(DataDirLock { _file: file })
+        Ok(file)
     }
 }
