@@ -222,16 +222,23 @@ impl EndWatch {
         partitions
     }
 
-    /// Records ends seen; wakes the waiting members when one moved (and says so).
+    /// Records ends seen; wakes the waiting members when a partition one of them waits on
+    /// moved (and says so). Only those: this process's appends raise ends all the time, and a
+    /// paused member woken for nothing at each of them would spin.
     fn raise(&self, seen: impl IntoIterator<Item = (TopicPartition, u64)>) -> bool {
         let seen: Vec<_> = seen.into_iter().collect();
+        let watched: std::collections::HashSet<TopicPartition> = self
+            .watched
+            .lock()
+            .map(|watched| watched.values().flatten().cloned().collect())
+            .unwrap_or_default();
         self.ends.send_if_modified(|ends| {
             let mut moved = false;
             for (partition, end) in seen {
-                let known = ends.entry(partition).or_insert(0);
+                let known = ends.entry(partition.clone()).or_insert(0);
                 if end > *known {
                     *known = end;
-                    moved = true;
+                    moved |= watched.contains(&partition);
                 }
             }
             moved
@@ -837,16 +844,18 @@ impl KafkaMember {
     async fn poll_paused(&mut self, wait: Duration) -> Result<GroupEvent, LogError> {
         let mut records = Vec::new();
         tokio::select! {
-            changed = self.ends.changed() => {
-                if changed.is_ok() && self.moved() {
-                    self.resume()?;
-                }
-            }
+            // The consumer first, every time: rebalances are served from its poll.
+            biased;
             received = tokio::time::timeout(wait, self.consumer.recv()) => match received {
                 Err(_) => {}
                 Ok(Err(error)) => return Err(unavailable(error)),
                 Ok(Ok(message)) => records.extend(accept(&mut self.started, &message)),
             },
+            changed = self.ends.changed() => {
+                if changed.is_ok() && self.moved() {
+                    self.resume()?;
+                }
+            }
         }
         if !records.is_empty() {
             // Records first: an assignment change stays queued for the next poll.
