@@ -176,50 +176,45 @@ enum Entry {
 }
 
 impl State {
+    /// An assignment change: every position of the partitions is forgotten (each consumer
+    /// starts them again), and each consumer hears of the partitions of its topics.
+    fn hand_over(
+        &mut self,
+        partitions: &[TopicPartition],
+        event: fn(Vec<TopicPartition>) -> GroupEvent,
+    ) {
+        for partition in partitions {
+            self.reading.remove(partition);
+        }
+        for consumer in self.consumers.values_mut() {
+            let mine: Vec<TopicPartition> = partitions
+                .iter()
+                .filter(|(topic, _)| consumer.topics.contains(topic))
+                .cloned()
+                .collect();
+            for partition in &mine {
+                consumer.next.remove(partition);
+            }
+            if !mine.is_empty() {
+                consumer.queue.push_back(Entry::Event(event(mine)));
+            }
+        }
+    }
+
     /// Hands what the shared member said to every consumer it concerns.
     fn distribute(&mut self, event: GroupEvent) {
         match event {
             GroupEvent::Assigned(partitions) => {
                 for partition in &partitions {
                     self.assigned.insert(partition.clone());
-                    self.reading.remove(partition);
                 }
-                for consumer in self.consumers.values_mut() {
-                    let mine: Vec<TopicPartition> = partitions
-                        .iter()
-                        .filter(|(topic, _)| consumer.topics.contains(topic))
-                        .cloned()
-                        .collect();
-                    for partition in &mine {
-                        consumer.next.remove(partition);
-                    }
-                    if !mine.is_empty() {
-                        consumer
-                            .queue
-                            .push_back(Entry::Event(GroupEvent::Assigned(mine)));
-                    }
-                }
+                self.hand_over(&partitions, GroupEvent::Assigned);
             }
             GroupEvent::Revoked(partitions) => {
                 for partition in &partitions {
                     self.assigned.remove(partition);
-                    self.reading.remove(partition);
                 }
-                for consumer in self.consumers.values_mut() {
-                    let mine: Vec<TopicPartition> = partitions
-                        .iter()
-                        .filter(|(topic, _)| consumer.topics.contains(topic))
-                        .cloned()
-                        .collect();
-                    for partition in &mine {
-                        consumer.next.remove(partition);
-                    }
-                    if !mine.is_empty() {
-                        consumer
-                            .queue
-                            .push_back(Entry::Event(GroupEvent::Revoked(mine)));
-                    }
-                }
+                self.hand_over(&partitions, GroupEvent::Revoked);
             }
             GroupEvent::Records(records) => {
                 for record in records {
