@@ -278,7 +278,7 @@ pub async fn sagas(command: SagasCommand, settings: Settings) -> anyhow::Result<
                 side.config(),
                 &order_id,
                 Input::OperatorRetry,
-                side.outbox(),
+                side.wakes(),
             )
             .await
             .map_err(anyhow::Error::msg)?

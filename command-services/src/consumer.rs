@@ -255,8 +255,9 @@ pub async fn consume<F, Fut>(
         start.push((partition, offset));
     }
     let mut reader = loop {
-        // Commands come from the saga, which does not wait on their arrival to the millisecond.
-        match log.open_reader(&topic, &start, ReadMode::Background).await {
+        // Commands come from the saga, and an order's confirmation waits on three of them in a
+        // row: each is read as soon as the log gives it.
+        match log.open_reader(&topic, &start, ReadMode::Latency).await {
             Ok(reader) => break reader,
             Err(error) => {
                 tracing::warn!(%error, %topic, "cannot read the command topic; retrying");
@@ -319,9 +320,11 @@ pub async fn consume_group<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut member = loop {
-        // Commands come from the saga, which does not wait on their arrival to the millisecond.
+        // Commands come from the saga, and an order's confirmation waits on three of them in a
+        // row: each is read as soon as the log gives it (an idle member pauses, see
+        // `event_log::kafka`, so this costs an idle broker nothing).
         match log
-            .join_group_as(&group, std::slice::from_ref(&topic), ReadMode::Background)
+            .join_group_as(&group, std::slice::from_ref(&topic), ReadMode::Latency)
             .await
         {
             Ok(member) => break member,

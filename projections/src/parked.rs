@@ -216,5 +216,6 @@ pub async fn resolve(
         }
     }
     tx.commit().await?;
+    projection.committed();
     Ok(resolved)
 }

@@ -98,6 +98,10 @@ pub trait Projection: Send + Sync + 'static {
     fn migrations(&self) -> &'static [&'static str];
     /// Applies effective events, in log order per aggregate.
     async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError>;
+    /// Called after a transaction in which `apply` ran has committed: for work the projection
+    /// hands on only once it is durable (the saga wakes its outbox relay here). A transaction
+    /// that rolls back is followed by another `apply` before the next call.
+    fn committed(&self) {}
     /// For a model whose `apply` only inserts one row per event into one table, keyed so that
     /// only a redelivered event could conflict (the audit): that table and the rows. A replay,
     /// which never applies an event twice, then writes them by COPY instead of calling `apply`.
@@ -1216,6 +1220,7 @@ impl Worker {
             return Err(BatchError::VersionsMoved);
         }
         tx.commit().await?;
+        self.projection.committed();
 
         use std::sync::atomic::Ordering::Relaxed;
         self.state.conflicts.fetch_add(conflicts, Relaxed);

@@ -92,6 +92,10 @@ impl Projection for Traced {
         self.inner.recovery()
     }
 
+    fn committed(&self) {
+        self.inner.committed()
+    }
+
     async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {
         event_log::metrics::observe_batch(self.inner.name(), events.len());
         // Opened before and closed after the batch: each span covers its event's application.

@@ -7,7 +7,12 @@
 //!   transaction stores the new state and puts the commands it decided in the outbox.
 //! - A ticker fires due deadlines the same way (load, react, store + outbox, one transaction).
 //! - A relay publishes the outbox to the command topics, in order per aggregate, and marks rows
-//!   sent. A crash between the publish and the mark sends a command twice; participants dedupe
+//!   sent.
+//! - The relay and the ticker are woken by this process's commits ([`Wakes`]): the relay when
+//!   commands were committed to the outbox, the ticker when a deadline earlier than the one it
+//!   sleeps until was committed; otherwise the ticker sleeps until its next deadline. Each also
+//!   looks on its own every [`RESCAN`], for what no commit of this process announces (see
+//!   there). A crash between the publish and the mark sends a command twice; participants dedupe
 //!   it by its command id, which is derived from the saga, the step and the attempt.
 //! - Two instances never apply the same events: the runtime fences each batch with a claim on
 //!   its partitions' stored positions, checked in the batch's transaction, and judges events
@@ -21,6 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -65,6 +71,77 @@ CREATE INDEX saga_outbox_unsent ON saga_outbox (sent_at, seq)
 
 /// How a missing deadline is bound (see [`save`]).
 const NO_DEADLINE: i64 = -1;
+
+/// How often the relay and the ticker look for work no commit of this process announced:
+/// outbox rows and deadlines written by another process on the same saga database (an
+/// operator's `platform sagas retry`; on Postgres, the other instances of the saga, whose
+/// deadlines this ticker fires too if it is first), and publishes to retry after the log
+/// refused them. Everything this process commits wakes them at once ([`Wakes`]).
+pub const RESCAN: Duration = Duration::from_secs(1);
+
+/// The longest a failing publish waits before the relay tries again (doubling from 50 ms).
+const RELAY_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// What wakes the relay and the ticker of this process. The saga's batches and pokes announce
+/// their commits here; nothing is announced before its transaction commits, so a woken task
+/// always finds what woke it.
+#[derive(Debug)]
+pub struct Wakes {
+    outbox: Notify,
+    deadline: Notify,
+    /// The deadline the ticker sleeps until (ms since the epoch); `i64::MIN` while it reads the
+    /// next one, so that any deadline committed meanwhile wakes it again.
+    ticker_until: AtomicI64,
+    /// What the current batch of [`SagaProjection::apply`] put in the outbox and the earliest
+    /// deadline it set, announced by [`Projection::committed`].
+    batch_sent: AtomicBool,
+    batch_deadline: AtomicI64,
+}
+
+impl Default for Wakes {
+    fn default() -> Self {
+        Wakes {
+            outbox: Notify::new(),
+            deadline: Notify::new(),
+            ticker_until: AtomicI64::new(i64::MIN),
+            batch_sent: AtomicBool::new(false),
+            batch_deadline: AtomicI64::new(i64::MAX),
+        }
+    }
+}
+
+impl Wakes {
+    /// Commands were committed to the outbox.
+    pub fn outbox_committed(&self) {
+        self.outbox.notify_one();
+    }
+
+    /// A saga with this deadline (ms since the epoch) was committed.
+    pub fn deadline_committed(&self, deadline_ms: i64) {
+        if deadline_ms < self.ticker_until.load(Ordering::SeqCst) {
+            self.deadline.notify_one();
+        }
+    }
+
+    fn note_batch(&self, sent: bool, deadline_ms: Option<i64>) {
+        if sent {
+            self.batch_sent.store(true, Ordering::SeqCst);
+        }
+        if let Some(deadline_ms) = deadline_ms {
+            self.batch_deadline.fetch_min(deadline_ms, Ordering::SeqCst);
+        }
+    }
+
+    fn batch_committed(&self) {
+        if self.batch_sent.swap(false, Ordering::SeqCst) {
+            self.outbox_committed();
+        }
+        let deadline = self.batch_deadline.swap(i64::MAX, Ordering::SeqCst);
+        if deadline != i64::MAX {
+            self.deadline_committed(deadline);
+        }
+    }
+}
 
 fn now_ms(now: DateTime<Utc>) -> i64 {
     now.timestamp_millis()
@@ -215,8 +292,7 @@ async fn enqueue(
 #[derive(Debug, Clone)]
 pub struct SagaProjection {
     pub config: SagaConfig,
-    /// Woken after commands were put in the outbox.
-    pub outbox: Arc<Notify>,
+    pub wakes: Arc<Wakes>,
 }
 
 #[async_trait]
@@ -271,6 +347,7 @@ impl Projection for SagaProjection {
         let mut sagas = load(tx, &ids).await?;
         let now = Utc::now();
         let mut sent = false;
+        let mut earliest_deadline: Option<i64> = None;
         for (key, events) in by_saga {
             let mut loaded = sagas.remove(&key);
             let mut attempt = 1;
@@ -293,6 +370,11 @@ impl Projection for SagaProjection {
                     decided.push((actions, *envelope));
                 }
                 if save(tx, &stored, now).await? {
+                    if let Some(deadline) = stored.saga.deadline {
+                        let deadline = deadline.timestamp_millis();
+                        earliest_deadline =
+                            Some(earliest_deadline.map_or(deadline, |d| d.min(deadline)));
+                    }
                     for (actions, envelope) in decided {
                         enqueue(
                             tx,
@@ -325,10 +407,14 @@ impl Projection for SagaProjection {
                 loaded = load(tx, std::slice::from_ref(&key)).await?.remove(&key);
             }
         }
-        if sent {
-            self.outbox.notify_one();
-        }
+        // Announced once the runtime has committed the batch (`committed`), never before: a
+        // relay woken earlier would find nothing and sleep until its next look.
+        self.wakes.note_batch(sent, earliest_deadline);
         Ok(())
+    }
+
+    fn committed(&self) {
+        self.wakes.batch_committed();
     }
 }
 
@@ -338,7 +424,7 @@ pub async fn poke(
     config: &SagaConfig,
     order_id: &str,
     input: Input,
-    outbox: &Notify,
+    wakes: &Wakes,
 ) -> Result<Option<Saga>, DbError> {
     let mut tx = db.begin().await?;
     let mut sagas = load(&mut tx, &[order_id.to_owned()]).await?;
@@ -346,6 +432,7 @@ pub async fn poke(
         return Ok(None);
     };
     let now = Utc::now();
+    let deadline_before = stored.saga.deadline;
     let (saga, actions) = react(&stored.saga, &input, now, config);
     stored.saga = saga;
     let causation = match input {
@@ -372,54 +459,97 @@ pub async fn poke(
         .iter()
         .any(|action| matches!(action, Action::Send { .. }))
     {
-        outbox.notify_one();
+        wakes.outbox_committed();
+    }
+    if let Some(deadline) = stored.saga.deadline
+        && deadline_before != stored.saga.deadline
+    {
+        wakes.deadline_committed(deadline.timestamp_millis());
     }
     Ok(Some(stored.saga.clone()))
 }
 
-/// Fires due deadlines until `shutdown`.
+/// Fires due deadlines until `shutdown`: sleeps until the earliest stored deadline, woken
+/// earlier by a commit of this process that sets a sooner one, and looks again every `rescan`
+/// at most (deadlines another process stored; [`RESCAN`]).
 pub async fn run_ticker(
     db: Db,
     config: SagaConfig,
-    outbox: Arc<Notify>,
+    wakes: Arc<Wakes>,
+    rescan: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
+        // From here until it sleeps again, any deadline committed wakes the ticker once more.
+        wakes.ticker_until.store(i64::MIN, Ordering::SeqCst);
+        let mut next = None;
+        loop {
+            let now = Utc::now().timestamp_millis();
+            let due = db
+                .fetch_all(
+                    "SELECT order_id, deadline FROM sagas WHERE deadline IS NOT NULL ORDER BY deadline LIMIT 200",
+                    &[],
+                )
+                .await;
+            let due = match due {
+                Ok(due) => due,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read due saga deadlines; retrying");
+                    break;
+                }
+            };
+            // Deadlines fired that moved on (a saga whose deadline stays where it was, or that
+            // could not be written, is looked at again at the next wake, not in a loop).
+            let (mut fired, mut moved) = (0, 0);
+            for row in &due {
+                let deadline = row.int("deadline");
+                if deadline > now {
+                    next = Some(deadline);
+                    break;
+                }
+                let order_id = row.text("order_id");
+                fired += 1;
+                match poke(&db, &config, &order_id, Input::DeadlinePassed, &wakes).await {
+                    Ok(Some(saga))
+                        if saga.deadline.map(|d| d.timestamp_millis()) != Some(deadline) =>
+                    {
+                        moved += 1
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, order_id, "firing a saga deadline failed; retrying");
+                    }
+                }
+            }
+            // A full page of due deadlines, all moved on: there may be more.
+            if fired < 200 || moved < fired {
+                break;
+            }
+        }
+        let now = Utc::now().timestamp_millis();
+        let rescan_at = now.saturating_add(rescan.as_millis().min(i64::MAX as u128) as i64);
+        let until = next.map_or(rescan_at, |next| next.min(rescan_at));
+        wakes.ticker_until.store(until, Ordering::SeqCst);
+        let wait = Duration::from_millis(until.saturating_sub(now).max(0) as u64);
         tokio::select! {
             _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-        let due = db
-            .fetch_all(
-                "SELECT order_id FROM sagas WHERE deadline IS NOT NULL AND deadline <= $1 ORDER BY deadline LIMIT 200",
-                &[Utc::now().timestamp_millis().into()],
-            )
-            .await;
-        let due = match due {
-            Ok(due) => due,
-            Err(error) => {
-                tracing::warn!(%error, "cannot read due saga deadlines; retrying");
-                continue;
-            }
-        };
-        for row in due {
-            let order_id = row.text("order_id");
-            if let Err(error) = poke(&db, &config, &order_id, Input::DeadlinePassed, &outbox).await
-            {
-                tracing::warn!(%error, order_id, "firing a saga deadline failed; retrying");
-            }
+            _ = wakes.deadline.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
 
-/// Publishes the outbox until `shutdown`: in order per aggregate, then marks rows sent.
+/// Publishes the outbox until `shutdown`: in order per aggregate, then marks rows sent. Woken
+/// by this process's commits to the outbox, and looks on its own every `rescan` ([`RESCAN`]).
 pub async fn run_relay(
     db: Db,
     log: SharedLog,
     topic_prefix: String,
-    outbox: Arc<Notify>,
+    wakes: Arc<Wakes>,
+    rescan: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut backoff = Duration::ZERO;
     loop {
         let rows = match db
             .fetch_all(
@@ -435,13 +565,16 @@ pub async fn run_relay(
                 Vec::new()
             }
         };
-        if rows.is_empty() {
+        if rows.is_empty() || !backoff.is_zero() {
+            let wait = if rows.is_empty() { rescan } else { backoff };
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = outbox.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = wakes.outbox.notified(), if rows.is_empty() => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-            continue;
+            if rows.is_empty() {
+                continue;
+            }
         }
         let mut by_aggregate: BTreeMap<(String, String), Vec<(String, String)>> = BTreeMap::new();
         for row in rows {
@@ -460,32 +593,44 @@ pub async fn run_relay(
                     Ok(partitions) => partitions,
                     Err(error) => {
                         tracing::warn!(%error, topic, "cannot publish saga commands yet");
-                        return sent;
+                        return (sent, false);
                     }
                 };
                 let partition = partition_for(&aggregate_id, partitions);
                 for (command_id, message) in messages {
                     let Ok(message) = serde_json::from_str::<CommandMessage>(&message) else {
                         tracing::error!(command_id, "unreadable outbox row; left unsent");
-                        break;
+                        return (sent, false);
                     };
                     match log.append(&topic, partition, message.to_record()).await {
                         Ok(_) => sent.push(command_id),
                         Err(error) => {
                             tracing::warn!(%error, topic, "publishing a saga command failed; retrying");
-                            break;
+                            return (sent, false);
                         }
                     }
                 }
-                sent
+                (sent, true)
             });
         }
         let mut sent = Vec::new();
+        let mut failed = false;
         while let Some(done) = running.join_next().await {
-            if let Ok(done) = done {
-                sent.extend(done);
+            match done {
+                Ok((done, complete)) => {
+                    sent.extend(done);
+                    failed |= !complete;
+                }
+                Err(_) => failed = true,
             }
         }
+        // Rows the log refused are tried again after a pause that grows while it keeps
+        // refusing, not at once.
+        backoff = if failed {
+            (backoff * 2).clamp(Duration::from_millis(50), RELAY_BACKOFF_MAX)
+        } else {
+            Duration::ZERO
+        };
         for chunk in sent.chunks(400) {
             let list = (2..chunk.len() + 2)
                 .map(|n| format!("${n}"))
@@ -585,5 +730,206 @@ pub async fn show(db: &Db, order_id: &str) -> Result<Option<(Saga, i64)>, DbErro
                 .map_err(|error| DbError(error.to_string()))?;
             Ok(Some((saga, row.int("revision"))))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The relay and the ticker move on what this process commits without waiting for a look of
+    //! their own: both run here with a rescan of an hour, so only the wake-ups can move them.
+
+    use super::*;
+    use domain::order::{OrderAggregate, OrderCommand, OrderLine, PlaceOrder};
+    use domain::{Aggregate, CustomerId, Decision, PaymentToken, Quantity, Sku};
+    use event_log::embedded::EmbeddedLog;
+    use event_schema::{CommandMeta, Envelope};
+
+    const NEVER: Duration = Duration::from_secs(3600);
+    const PATIENCE: Duration = Duration::from_secs(30);
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        db: Db,
+        log: SharedLog,
+        projection: SagaProjection,
+        _stop: watch::Sender<bool>,
+        shutdown: watch::Receiver<bool>,
+    }
+
+    async fn rig(config: SagaConfig) -> Rig {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = Db::sqlite(&dir.path().join("saga.db")).await.expect("db");
+        let log: SharedLog = Arc::new(
+            EmbeddedLog::open(dir.path().join("log.db"))
+                .await
+                .expect("log"),
+        );
+        for service in ["order", "payment", "inventory"] {
+            log.ensure_topic(&topics::commands("t", service), 1)
+                .await
+                .expect("topic");
+        }
+        let projection = SagaProjection {
+            config,
+            wakes: Arc::new(Wakes::default()),
+        };
+        projections::runtime::migrate(&db, &projection)
+            .await
+            .expect("migrate");
+        let (stop, shutdown) = watch::channel(false);
+        Rig {
+            _dir: dir,
+            db,
+            log,
+            projection,
+            _stop: stop,
+            shutdown,
+        }
+    }
+
+    /// Places an order through the saga's `apply`, committed as the runtime commits a batch.
+    async fn place(rig: &Rig) -> OrderId {
+        let order_id = OrderId(uuid::Uuid::now_v7());
+        let place = PlaceOrder {
+            order_id,
+            customer_id: CustomerId::parse("c-1").expect("customer"),
+            currency: "EUR".parse().expect("currency"),
+            payment_token: PaymentToken::parse("tok_approve").expect("token"),
+            lines: vec![OrderLine {
+                sku: Sku::parse("SKU-1").expect("sku"),
+                quantity: Quantity::new(1).expect("quantity"),
+                unit_price_minor: 100,
+            }],
+        };
+        let Ok(Decision::Append(event)) =
+            OrderAggregate::decide(&Default::default(), &OrderCommand::Place(place))
+        else {
+            panic!("placing an order decided nothing");
+        };
+        let envelope = Envelope::new::<OrderAggregate>(
+            order_id.to_string(),
+            1,
+            &event,
+            &CommandMeta::new("test"),
+            Utc::now(),
+        );
+        let event = projections::runtime::Event {
+            position: event_log::Position {
+                topic: topics::events("t", "order"),
+                partition: 0,
+                offset: 0,
+            },
+            envelope,
+        };
+        let mut tx = rig.db.begin().await.expect("begin");
+        rig.projection
+            .apply(&mut tx, std::slice::from_ref(&event))
+            .await
+            .expect("apply");
+        // The runtime writes the batch's positions and versions after `apply`: a relay or
+        // ticker woken before the commit finds nothing in that time.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.commit().await.expect("commit");
+        rig.projection.committed();
+        order_id
+    }
+
+    async fn outbox_rows(db: &Db) -> i64 {
+        db.fetch_optional("SELECT COUNT(*) AS n FROM saga_outbox", &[])
+            .await
+            .expect("count")
+            .map_or(0, |row| row.int("n"))
+    }
+
+    /// The relay publishes what a batch committed without waiting for its rescan; it is woken
+    /// only after the commit (woken before it, it would find nothing and sleep).
+    #[tokio::test]
+    async fn the_relay_publishes_a_committed_batch_at_once() {
+        let rig = rig(SagaConfig::default()).await;
+        let relay = tokio::spawn(run_relay(
+            rig.db.clone(),
+            rig.log.clone(),
+            "t".into(),
+            rig.projection.wakes.clone(),
+            NEVER,
+            rig.shutdown.clone(),
+        ));
+        // The relay has looked once and found nothing; it now waits for a wake-up.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for placed in 1..=3 {
+            place(&rig).await;
+            let topic = topics::commands("t", "inventory");
+            let by = tokio::time::Instant::now() + PATIENCE;
+            while rig.log.end_offset(&topic, 0).await.expect("end") < placed {
+                assert!(
+                    tokio::time::Instant::now() < by,
+                    "reservation {placed} not published: the relay was not woken by the commit"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        relay.abort();
+    }
+
+    /// The ticker, asleep until its rescan, wakes for a deadline committed sooner, sleeps until
+    /// it and fires it (the reservation is sent again).
+    #[tokio::test]
+    async fn the_ticker_fires_a_deadline_committed_while_it_sleeps() {
+        let rig = rig(SagaConfig {
+            reservation_timeout: Duration::from_millis(300),
+            backoff_base: Duration::from_millis(10),
+            ..SagaConfig::default()
+        })
+        .await;
+        let ticker = tokio::spawn(run_ticker(
+            rig.db.clone(),
+            rig.projection.config.clone(),
+            rig.projection.wakes.clone(),
+            NEVER,
+            rig.shutdown.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        place(&rig).await;
+        assert_eq!(outbox_rows(&rig.db).await, 1, "the first reservation");
+        let by = tokio::time::Instant::now() + PATIENCE;
+        while outbox_rows(&rig.db).await < 2 {
+            assert!(
+                tokio::time::Instant::now() < by,
+                "the reservation's deadline did not fire: the ticker was not woken"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ticker.abort();
+    }
+
+    /// Nothing is announced before the batch commits.
+    #[tokio::test]
+    async fn a_batch_announces_nothing_before_it_commits() {
+        let wakes = Wakes::default();
+        wakes.ticker_until.store(i64::MAX, Ordering::SeqCst);
+        wakes.note_batch(true, Some(5));
+        let quiet = tokio::time::timeout(Duration::from_millis(20), async {
+            tokio::select! {
+                _ = wakes.outbox.notified() => {}
+                _ = wakes.deadline.notified() => {}
+            }
+        })
+        .await;
+        assert!(quiet.is_err(), "woken before the commit");
+        wakes.batch_committed();
+        tokio::time::timeout(Duration::from_secs(1), wakes.outbox.notified())
+            .await
+            .expect("the relay is woken after the commit");
+        tokio::time::timeout(Duration::from_secs(1), wakes.deadline.notified())
+            .await
+            .expect("the ticker is woken after the commit");
+        // A deadline later than the one the ticker sleeps until does not wake it.
+        wakes.ticker_until.store(100, Ordering::SeqCst);
+        wakes.deadline_committed(200);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), wakes.deadline.notified())
+                .await
+                .is_err()
+        );
     }
 }

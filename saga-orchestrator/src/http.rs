@@ -138,7 +138,7 @@ pub async fn retry_saga(
         side.config(),
         &order_id,
         Input::OperatorRetry,
-        side.outbox(),
+        side.wakes(),
     )
     .await
     .map_err(infra)?

@@ -9,9 +9,9 @@ use event_log::{SharedLog, topics};
 use projections::ReadBackend;
 use projections::runtime::{Projection, Worker, WorkerState, migrate};
 use sql_store::{Db, DbError};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
-use crate::driver::{SagaProjection, run_relay, run_ticker};
+use crate::driver::{RESCAN, SagaProjection, Wakes, run_relay, run_ticker};
 use crate::saga::SagaConfig;
 use projections::traced::{SpanKind, Traced};
 
@@ -48,7 +48,7 @@ impl SagaSide {
         };
         let projection = Arc::new(SagaProjection {
             config,
-            outbox: Arc::new(Notify::new()),
+            wakes: Arc::new(Wakes::default()),
         });
         migrate(&db, projection.as_ref()).await?;
         Ok(SagaSide {
@@ -85,14 +85,16 @@ impl SagaSide {
         tokio::spawn(run_ticker(
             self.db.clone(),
             self.projection.config.clone(),
-            self.projection.outbox.clone(),
+            self.projection.wakes.clone(),
+            RESCAN,
             shutdown.clone(),
         ));
         tokio::spawn(run_relay(
             self.db.clone(),
             self.log.clone(),
             self.topic_prefix.clone(),
-            self.projection.outbox.clone(),
+            self.projection.wakes.clone(),
+            RESCAN,
             shutdown,
         ));
     }
@@ -105,8 +107,9 @@ impl SagaSide {
         &self.projection.config
     }
 
-    pub fn outbox(&self) -> &Notify {
-        &self.projection.outbox
+    /// What wakes this process's relay and ticker (for pokes made through it).
+    pub fn wakes(&self) -> &Wakes {
+        &self.projection.wakes
     }
 
     /// The partitions this process's saga consumer holds.

@@ -6,6 +6,11 @@
 //! get stock enough for every order first. Then, each phase `--warmup` seconds unmeasured and
 //! `--duration` seconds measured:
 //!
+//! 0. **Unloaded**: one client placing one order at a time and awaiting its saga's end before
+//!    placing the next (same token mix as below). Latency is from the placement's start to the
+//!    ending event's `occurred_at`. Targets: on the embedded log p50 ≤ 20 ms and p99 ≤ 50 ms for
+//!    placed → confirmed; on Kafka p50 ≤ 5 × `--kafka-fetch-wait-ms` + 50 ms (a saga crosses the
+//!    log six times: three events to the saga, three commands to their services).
 //! 1. **Commands**: `--clients` closed-loop HTTP clients receiving stock (`POST
 //!    /inventory/{sku}/receipts`): the command throughput C of this platform (decide, append,
 //!    read back as effective, answer), with no saga work behind it.
@@ -463,6 +468,27 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
         )
     };
 
+    // Unloaded first, while nothing else has run: one order at a time, each placed once the
+    // previous one's saga has ended.
+    eprintln!("bench: unloaded sagas, one at a time");
+    let before = lock(&book).placed.clone();
+    let start = Utc::now();
+    let unloaded_run = closed_loop(
+        1,
+        timing,
+        order_operation(
+            http.clone(),
+            base.clone(),
+            options.skus,
+            options.decline_share,
+            book.clone(),
+            true,
+        ),
+    )
+    .await;
+    let (from, to) = window_of(start);
+    let unloaded = figures(&book, &before, from, to);
+
     eprintln!(
         "bench: commands (stock receipts), {} clients",
         options.clients
@@ -551,6 +577,21 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
     println!("load avg: {load_before} before, {} after", load_average());
     println!();
     println!(
+        "sagas unloaded (one at a time): happy path (placed->confirmed, {} sagas) p50 {:.1} ms p99 {:.1} ms \
+         max {:.1} ms; compensation (declined->released->rejected, {} sagas) p50 {:.1} ms p99 {:.1} ms \
+         max {:.1} ms; errors: {}; cpu {}",
+        unloaded.happy.len(),
+        ms(&unloaded.happy, 0.5),
+        ms(&unloaded.happy, 0.99),
+        unloaded.happy.max() as f64 / 1000.0,
+        unloaded.compensated.len(),
+        ms(&unloaded.compensated, 0.5),
+        ms(&unloaded.compensated, 0.99),
+        unloaded.compensated.max() as f64 / 1000.0,
+        errors(&unloaded_run),
+        cpu(&unloaded_run)
+    );
+    println!(
         "commands (stock receipts, closed loop): {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, errors: {}; cpu {}",
         command_rate,
         commands.ms(0.5),
@@ -605,6 +646,24 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
         cpu(&half_load)
     );
     println!();
+    let unloaded_p50 = ms(&unloaded.happy, 0.5);
+    let unloaded_p99 = ms(&unloaded.happy, 0.99);
+    match settings.kafka.as_ref() {
+        None => println!(
+            "target: unloaded placed->confirmed p50 <= 20 ms and p99 <= 50 ms: p50 {unloaded_p50:.1} ms, \
+             p99 {unloaded_p99:.1} ms -> {}",
+            verdict(!unloaded.happy.is_empty() && unloaded_p50 <= 20.0 && unloaded_p99 <= 50.0)
+        ),
+        Some(_) => {
+            let bound = 5.0 * f64::from(settings.kafka_fetch_wait_ms) + 50.0;
+            println!(
+                "target: unloaded placed->confirmed p50 <= 5 x fetch wait {} ms + 50 ms = {bound:.0} ms: \
+                 p50 {unloaded_p50:.1} ms -> {}",
+                settings.kafka_fetch_wait_ms,
+                verdict(!unloaded.happy.is_empty() && unloaded_p50 <= bound)
+            );
+        }
+    }
     println!(
         "target: sagas/s >= 0.8 x {command_rate:.0} commands/s / {COMMANDS_PER_SAGA} commands per saga = {target_rate:.1}: \
          {saga_rate:.1} -> {}",
