@@ -729,7 +729,7 @@ impl EventLog for KafkaLog {
         consumer.subscribe(&names).map_err(unavailable)?;
         let ends = self.inner.ends.ends.subscribe();
         Ok(Box::new(KafkaMember {
-            consumer,
+            consumer: Arc::new(consumer),
             started: HashMap::new(),
             id: self.inner.ends.members.fetch_add(1, Ordering::Relaxed),
             watch: self.inner.ends.clone(),
@@ -780,7 +780,8 @@ impl ConsumerContext for GroupContext {
 }
 
 struct KafkaMember {
-    consumer: StreamConsumer<GroupContext>,
+    /// Shared only with [`KafkaMember::nudge`]'s requests.
+    consumer: Arc<StreamConsumer<GroupContext>>,
     /// The next offset to deliver, per started partition.
     started: HashMap<TopicPartition, u64>,
     /// This member in [`EndWatch`].
@@ -830,12 +831,34 @@ impl KafkaMember {
         Ok(())
     }
 
-    /// A started partition ends past what was delivered of it.
-    fn moved(&mut self) -> bool {
+    /// The started partitions that end past what was delivered of them.
+    fn moved(&mut self) -> Vec<TopicPartition> {
         let ends = self.ends.borrow_and_update();
         self.started
             .iter()
-            .any(|(partition, next)| ends.get(partition).is_some_and(|end| end > next))
+            .filter(|(partition, next)| ends.get(*partition).is_some_and(|end| end > *next))
+            .map(|(partition, _)| partition.clone())
+            .collect()
+    }
+
+    /// Gets the consumer fetching `partitions` again at once after a resume. librdkafka resumes
+    /// a partition without waking the thread that fetches from its leader, which sleeps up to a
+    /// second (its longest block) when it has nothing to fetch; a request to that leader wakes
+    /// it. So each resumed partition's ends are asked of its leader (a ListOffsets request,
+    /// answered in about 2 ms), off the runtime's threads, the answer unused. Without it a
+    /// record this process appends reaches its idle member a second later
+    /// (`an_idle_member_gets_its_own_process_append_at_once` in the contract tests).
+    fn nudge(&self, partitions: Vec<TopicPartition>) {
+        let consumer = self.consumer.clone();
+        tokio::task::spawn_blocking(move || {
+            for (topic, partition) in partitions {
+                let _ = consumer.fetch_watermarks(
+                    &topic,
+                    partition as i32,
+                    Timeout::After(Duration::from_secs(1)),
+                );
+            }
+        });
     }
 
     /// A paused member's poll: the next assignment change, or a record, or a move of one of its
@@ -852,8 +875,12 @@ impl KafkaMember {
                 Ok(Ok(message)) => records.extend(accept(&mut self.started, &message)),
             },
             changed = self.ends.changed() => {
-                if changed.is_ok() && self.moved() {
-                    self.resume()?;
+                if changed.is_ok() {
+                    let moved = self.moved();
+                    if !moved.is_empty() {
+                        self.resume()?;
+                        self.nudge(moved);
+                    }
                 }
             }
         }

@@ -672,6 +672,55 @@ async fn an_idle_member_gets_every_record_written_by_anyone_promptly_and_once() 
     }
 }
 
+/// An idle member of a process that appends to its partition gets the record at once, not at
+/// the next check of idle partitions' ends (by then up to `--kafka-idle-check-ms` apart): the
+/// saga's relay and the command consumers of one process depend on it.
+#[tokio::test]
+async fn an_idle_member_gets_its_own_process_append_at_once() {
+    for backend in backends().await {
+        let log = &backend.log;
+        let topic = unique_topic("idle-own");
+        log.ensure_topic(&topic, 2).await.expect("create topic");
+        let group = format!("group-{}", uuid::Uuid::new_v4().simple());
+        let mut member = Member::join(log, &group, &topic).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while member.owned.len() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: never assigned",
+                backend.name
+            );
+            member.step(0).await;
+        }
+        let mut slowest = Duration::ZERO;
+        for round in 0..3u64 {
+            // Quiet long enough for the checks of idle ends to be a second apart.
+            let quiet_until = tokio::time::Instant::now() + Duration::from_secs(4);
+            while tokio::time::Instant::now() < quiet_until {
+                member.step(0).await;
+            }
+            let written = tokio::time::Instant::now();
+            let (_, record) = stock_record("SKU-own", round + 1);
+            log.append(&topic, 1, record).await.expect("append");
+            let want = round as usize + 1;
+            while member.records.len() < want {
+                assert!(
+                    written.elapsed() < Duration::from_secs(10),
+                    "{}: round {round}: the record never arrived",
+                    backend.name
+                );
+                member.step(0).await;
+            }
+            slowest = slowest.max(written.elapsed());
+        }
+        assert!(
+            slowest < Duration::from_millis(600),
+            "{}: a record this process appended reached its idle member after {slowest:?}",
+            backend.name
+        );
+    }
+}
+
 /// Polls a shared member until `count` records arrived, starting partitions at `start` as they
 /// are assigned.
 async fn collect_shared(

@@ -15,7 +15,9 @@
 //! lock per schema, so the first process to take it does the work and the others wait, then
 //! find it done; on SQLite a migration holds the file's write lock from its start.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use sqlx::postgres::PgPoolOptions;
@@ -120,7 +122,7 @@ fn sqlite_options(path: &Path) -> SqliteConnectOptions {
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(10))
+        .busy_timeout(BUSY_TIMEOUT)
 }
 
 /// Rewrites `$N` placeholders for SQLite (outside string literals): to plain `?` when they
@@ -183,11 +185,59 @@ pub enum Db {
     Sqlite(SqlitePool),
 }
 
-/// An open transaction on a [`Db`].
+/// An open transaction on a [`Db`]. On SQLite it holds its process's turn to write the file
+/// ([`WriteTurn`]) until it ends.
 #[derive(Debug)]
 pub enum Tx {
     Postgres(Transaction<'static, Postgres>),
-    Sqlite(Transaction<'static, Sqlite>),
+    Sqlite(Transaction<'static, Sqlite>, WriteTurn),
+}
+
+/// How long SQLite waits for another connection's write lock before it fails a statement
+/// (`busy_timeout`), and how long a writer waits for its turn in this process before it goes
+/// ahead without one.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A process's turn to write one SQLite file (`None`: taken without one, see [`write_turn`]).
+///
+/// SQLite lets one connection write a file at a time. The others wait in its busy handler,
+/// which sleeps and looks again, up to 100 ms between looks, so a writer that queues behind
+/// another (the saga's worker behind its relay marking commands sent, and the other way
+/// round) starts up to 100 ms after the lock is free. The writers of one process take turns
+/// here instead: in the order they asked, each the moment the one before it is done. Writers
+/// in other processes still meet the busy handler.
+#[derive(Debug)]
+pub struct WriteTurn(#[allow(dead_code)] Option<tokio::sync::OwnedMutexGuard<()>>);
+
+/// The turns of every SQLite file this process writes, by path.
+static WRITE_TURNS: LazyLock<Mutex<HashMap<PathBuf, Weak<tokio::sync::Mutex<()>>>>> =
+    LazyLock::new(Mutex::default);
+
+/// Waits for this process's turn to write `path`. After [`BUSY_TIMEOUT`] it goes ahead without
+/// one and leaves the waiting to SQLite (a task that opens a second transaction on a file while
+/// it holds one would otherwise wait for itself for good; SQLite fails it instead).
+async fn write_turn(path: &Path) -> WriteTurn {
+    let turns = {
+        let mut registry = WRITE_TURNS
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match registry.get(path).and_then(Weak::upgrade) {
+            Some(turns) => turns,
+            None => {
+                registry.retain(|_, turns| turns.strong_count() > 0);
+                let turns = Arc::new(tokio::sync::Mutex::new(()));
+                registry.insert(path.to_owned(), Arc::downgrade(&turns));
+                turns
+            }
+        }
+    };
+    match tokio::time::timeout(BUSY_TIMEOUT, turns.lock_owned()).await {
+        Ok(guard) => WriteTurn(Some(guard)),
+        Err(_) => {
+            tracing::warn!(path = %path.display(), "no turn to write the SQLite file after 10 s; writing without one");
+            WriteTurn(None)
+        }
+    }
 }
 
 macro_rules! bind_all {
@@ -323,7 +373,11 @@ impl Db {
             // writes fails with SQLITE_BUSY_SNAPSHOT (not waited out by busy_timeout) whenever
             // another connection committed in between, e.g. the saga worker against its relay.
             Db::Sqlite(pool) => {
-                Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?)
+                let turn = write_turn(pool.connect_options().get_filename()).await;
+                Tx::Sqlite(
+                    pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?,
+                    turn,
+                )
             }
         })
     }
@@ -374,7 +428,7 @@ impl Tx {
                 .await
                 .map_err(db_error)?
                 .rows_affected(),
-            Tx::Sqlite(tx) => {
+            Tx::Sqlite(tx, _) => {
                 let sql = sqlite_sql(sql);
                 bind_all!(sqlx::query(&sql), args)
                     .execute(&mut **tx)
@@ -394,7 +448,7 @@ impl Tx {
                 .iter()
                 .map(read_row)
                 .collect(),
-            Tx::Sqlite(tx) => {
+            Tx::Sqlite(tx, _) => {
                 let sql = sqlite_sql(sql);
                 bind_all!(sqlx::query(&sql), args)
                     .fetch_all(&mut **tx)
@@ -438,7 +492,7 @@ impl Tx {
                     .map_err(db_error)?;
                 copy.finish().await.map_err(db_error)?;
             }
-            Tx::Sqlite(_) => {
+            Tx::Sqlite(..) => {
                 for chunk in rows.chunks((30_000 / columns.len().max(1)).max(1)) {
                     let sql = format!(
                         "INSERT INTO {table} ({names}) VALUES {}",
@@ -482,7 +536,7 @@ impl Tx {
             Tx::Postgres(tx) => {
                 (&mut **tx).execute(sql).await.map_err(db_error)?;
             }
-            Tx::Sqlite(tx) => {
+            Tx::Sqlite(tx, _) => {
                 (&mut **tx).execute(sql).await.map_err(db_error)?;
             }
         }
@@ -492,7 +546,7 @@ impl Tx {
     pub async fn commit(self) -> Result<(), DbError> {
         match self {
             Tx::Postgres(tx) => tx.commit().await.map_err(db_error),
-            Tx::Sqlite(tx) => tx.commit().await.map_err(db_error),
+            Tx::Sqlite(tx, _turn) => tx.commit().await.map_err(db_error),
         }
     }
 }

@@ -554,7 +554,9 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
         Ok(Err(error)) => eprintln!("bench: the platform stopped with an error: {error:#}"),
         Err(error) => eprintln!("bench: the platform task failed: {error}"),
     }
-    let _ = std::fs::remove_dir_all(&data_dir);
+    if std::env::var_os("BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
 
     let target_rate = 0.8 * command_rate / COMMANDS_PER_SAGA;
     let happy_p99 = ms(&half.happy, 0.99);

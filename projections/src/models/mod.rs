@@ -84,7 +84,7 @@ pub(crate) async fn fetch_for_keys(
                 .map(read_pg_row)
                 .collect())
         }
-        Tx::Sqlite(_) => {
+        Tx::Sqlite(..) => {
             let mut rows = Vec::new();
             for chunk in keys.chunks(SQLITE_CHUNK) {
                 let sql = sql.replace(
@@ -175,7 +175,7 @@ pub(crate) async fn write_rows(
                 .map_err(db_error)?
                 .rows_affected())
         }
-        Tx::Sqlite(_) => {
+        Tx::Sqlite(..) => {
             let mut written = 0;
             for chunk in rows.chunks(SQLITE_CHUNK.min(30_000 / columns.len().max(1))) {
                 let sql = format!(
