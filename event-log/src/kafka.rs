@@ -9,20 +9,24 @@
 //! wait and spend their CPU answering idle readers' fetches.
 //!
 //! # Idle group members
-//! A group member (a projection worker, the saga, an owner's command consumer) that has received
-//! nothing for [`IDLE_AFTER`] pauses its partitions, so its consumer stops fetching, and waits on
-//! the partitions' ends instead: one task per process ([`EndWatch`]) asks the broker where every
-//! paused partition of the process ends, in one ListOffsets request, [`IDLE_CHECK_FIRST`] after
-//! a member paused and then less and less often, up to every `--kafka-idle-check-ms`; this
-//! process's own appends move the ends at once. A member resumes as soon as one of its
-//! partitions ends past what it has delivered; librdkafka fetches a resumed partition from the
-//! last record delivered (a seek in between resets that to the seek's offset). So an idle
-//! platform costs the broker about one request a second, whatever its number of partitions and
-//! members, and the first record another process writes after a quiet spell arrives at most one
-//! check later (at once when this process wrote it). On nisshi a ListOffsets request costs
-//! about as much as a fetch (in proportion to its partitions), which is why the checks slow
-//! down; `--kafka-idle-check-ms 0` turns pausing off, for brokers that hold an idle fetch until
-//! data arrives (Apache Kafka).
+//! A group member (a projection worker, the saga, an owner's command consumer) pauses each of
+//! its partitions that has given no record for [`IDLE_AFTER`], so its consumer stops fetching
+//! it, and waits on the partition's end instead: one task per process ([`EndWatch`]) asks the
+//! broker where every paused partition of the process ends, in one ListOffsets request,
+//! [`IDLE_CHECK_FIRST`] after a member paused one and then less and less often, up to every
+//! `--kafka-idle-check-ms`; this process's own appends move the ends at once. A paused
+//! partition is resumed as soon as it ends past what the member has delivered of it (and its
+//! leader is sent a request, which gets librdkafka fetching at once: [`KafkaMember::nudge`]);
+//! librdkafka fetches a resumed partition from the last record delivered (a seek in between
+//! resets that to the seek's offset). Fetches name only the partitions that are busy, which is
+//! what a broker such as nisshi spends its CPU on (in proportion to the partitions a fetch
+//! names), so a platform with a trickle of traffic fetches a few partitions, not all of them,
+//! and an idle one costs the broker about one request a second, whatever its number of
+//! partitions and members. The first record another process writes to a quiet partition
+//! arrives at most one check later (at once when this process wrote it). On nisshi a
+//! ListOffsets request costs about as much as a fetch (in proportion to its partitions), which
+//! is why the checks slow down; `--kafka-idle-check-ms 0` turns pausing off, for brokers that
+//! hold an idle fetch until data arrives (Apache Kafka).
 //!
 //! Topics are created with the configured replication factor, capped at the cluster's broker
 //! count, and `min.insync.replicas` one less than it (between 1 and 2), so with acks=all an
@@ -31,7 +35,7 @@
 //! ([`replication_for`]). Replica counts come from the cluster's metadata (each partition's
 //! replica list), which every Kafka-protocol broker serves.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
@@ -93,8 +97,8 @@ pub const DEFAULT_IDLE_CHECK_MS: u32 = 1000;
 /// The first check after a member pauses comes this soon; each check that finds nothing
 /// doubles the interval, up to [`KafkaSettings::idle_check_ms`].
 pub const IDLE_CHECK_FIRST: Duration = Duration::from_millis(100);
-/// A group member that received nothing for this long pauses its partitions and waits on their
-/// ends (see the module documentation).
+/// A group member pauses a partition that gave no record for this long and waits on its end
+/// (see the module documentation).
 pub const IDLE_AFTER: Duration = Duration::from_secs(1);
 /// The default [`KafkaSettings::replication_factor`] (`--replication-factor`): a topic survives
 /// the loss of a broker, and acknowledged writes are on two of them.
@@ -735,8 +739,8 @@ impl EventLog for KafkaLog {
             watch: self.inner.ends.clone(),
             ends,
             pauses: self.inner.settings.idle_check_ms > 0,
-            paused: false,
-            quiet_since: tokio::time::Instant::now(),
+            paused: HashSet::new(),
+            active: HashMap::new(),
         }))
     }
 
@@ -788,12 +792,13 @@ struct KafkaMember {
     id: u64,
     watch: Arc<EndWatch>,
     ends: tokio::sync::watch::Receiver<HashMap<TopicPartition, u64>>,
-    /// It pauses when idle (`--kafka-idle-check-ms` is not 0).
+    /// It pauses idle partitions (`--kafka-idle-check-ms` is not 0).
     pauses: bool,
-    /// Its partitions are paused: it waits on their ends, not on fetches.
-    paused: bool,
-    /// Since when it has received nothing.
-    quiet_since: tokio::time::Instant,
+    /// Started partitions it stopped fetching because nothing came of them for [`IDLE_AFTER`]:
+    /// it waits on their ends instead.
+    paused: HashSet<TopicPartition>,
+    /// When each started, fetched partition last gave a record (or was started or resumed).
+    active: HashMap<TopicPartition, tokio::time::Instant>,
 }
 
 impl Drop for KafkaMember {
@@ -802,42 +807,93 @@ impl Drop for KafkaMember {
     }
 }
 
+fn partition_list(partitions: &[TopicPartition]) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    for (topic, partition) in partitions {
+        list.add_partition(topic, *partition as i32);
+    }
+    list
+}
+
 impl KafkaMember {
-    /// Idle: stop fetching and wait on the ends of the started partitions instead.
-    fn pause(&mut self) -> Result<(), LogError> {
-        let assignment = self.consumer.assignment().map_err(unavailable)?;
-        if assignment.count() == 0 {
+    /// Tells the end watch which partitions this member waits on.
+    fn rewatch(&self) {
+        if self.paused.is_empty() {
+            self.watch.unwatch(self.id);
+        } else {
+            self.watch
+                .watch(self.id, self.paused.iter().cloned().collect());
+        }
+    }
+
+    /// Stops fetching the started partitions that gave nothing for [`IDLE_AFTER`]; their ends
+    /// are watched instead.
+    fn pause_idle(&mut self) -> Result<(), LogError> {
+        if !self.pauses {
             return Ok(());
         }
-        self.consumer.pause(&assignment).map_err(unavailable)?;
-        self.paused = true;
-        self.watch
-            .watch(self.id, self.started.keys().cloned().collect());
+        let now = tokio::time::Instant::now();
+        let idle: Vec<TopicPartition> = self
+            .active
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= IDLE_AFTER)
+            .map(|(partition, _)| partition.clone())
+            .collect();
+        if idle.is_empty() {
+            return Ok(());
+        }
+        self.consumer
+            .pause(&partition_list(&idle))
+            .map_err(unavailable)?;
+        for partition in idle {
+            self.active.remove(&partition);
+            self.paused.insert(partition);
+        }
+        self.rewatch();
         // Look at the ends known now at the next poll: a record may have landed meanwhile.
         self.ends.mark_changed();
         Ok(())
     }
 
-    /// Fetch again: something arrived, or the assignment changed.
-    fn resume(&mut self) -> Result<(), LogError> {
-        self.quiet_since = tokio::time::Instant::now();
-        if !self.paused {
+    /// Fetches `partitions` again (those of them that are paused).
+    fn resume(&mut self, partitions: &[TopicPartition]) -> Result<(), LogError> {
+        let now = tokio::time::Instant::now();
+        let resumed: Vec<TopicPartition> = partitions
+            .iter()
+            .filter(|partition| self.paused.contains(*partition))
+            .cloned()
+            .collect();
+        if resumed.is_empty() {
             return Ok(());
         }
-        let assignment = self.consumer.assignment().map_err(unavailable)?;
-        self.consumer.resume(&assignment).map_err(unavailable)?;
-        self.watch.unwatch(self.id);
-        self.paused = false;
+        self.consumer
+            .resume(&partition_list(&resumed))
+            .map_err(unavailable)?;
+        for partition in resumed {
+            self.paused.remove(&partition);
+            if self.started.contains_key(&partition) {
+                self.active.insert(partition, now);
+            }
+        }
+        self.rewatch();
         Ok(())
     }
 
-    /// The started partitions that end past what was delivered of them.
+    fn resume_all(&mut self) -> Result<(), LogError> {
+        let paused: Vec<TopicPartition> = self.paused.iter().cloned().collect();
+        self.resume(&paused)
+    }
+
+    /// The paused partitions that end past what was delivered of them.
     fn moved(&mut self) -> Vec<TopicPartition> {
         let ends = self.ends.borrow_and_update();
-        self.started
+        self.paused
             .iter()
-            .filter(|(partition, next)| ends.get(*partition).is_some_and(|end| end > *next))
-            .map(|(partition, _)| partition.clone())
+            .filter(|partition| {
+                let next = self.started.get(*partition).copied().unwrap_or(0);
+                ends.get(*partition).is_some_and(|end| *end > next)
+            })
+            .cloned()
             .collect()
     }
 
@@ -861,45 +917,21 @@ impl KafkaMember {
         });
     }
 
-    /// A paused member's poll: the next assignment change, or a record, or a move of one of its
-    /// partitions' ends, whichever comes first within `wait`. The consumer is polled all the
-    /// same, since rebalances are served from its poll.
-    async fn poll_paused(&mut self, wait: Duration) -> Result<GroupEvent, LogError> {
-        let mut records = Vec::new();
-        tokio::select! {
-            // The consumer first, every time: rebalances are served from its poll.
-            biased;
-            received = tokio::time::timeout(wait, self.consumer.recv()) => match received {
-                Err(_) => {}
-                Ok(Err(error)) => return Err(unavailable(error)),
-                Ok(Ok(message)) => records.extend(accept(&mut self.started, &message)),
-            },
-            changed = self.ends.changed() => {
-                if changed.is_ok() {
-                    let moved = self.moved();
-                    if !moved.is_empty() {
-                        self.resume()?;
-                        self.nudge(moved);
-                    }
-                }
+    /// Notes records delivered: their partitions are active.
+    fn delivered(&mut self, records: &[LogRecord]) {
+        let now = tokio::time::Instant::now();
+        for record in records {
+            let key = (record.position.topic.clone(), record.position.partition);
+            if let Some(since) = self.active.get_mut(&key) {
+                *since = now;
             }
         }
-        if !records.is_empty() {
-            // Records first: an assignment change stays queued for the next poll.
-            self.resume()?;
-            return Ok(GroupEvent::Records(records));
-        }
-        if let Some(event) = self.next_event() {
-            self.resume_after_event();
-            return Ok(event);
-        }
-        Ok(GroupEvent::Records(records))
     }
 
-    /// Resumes after an assignment change was taken: the change is the caller's now, so a
-    /// failure is logged, and the member stays paused to be resumed by the next move.
+    /// Resumes everything after an assignment change was taken: the change is the caller's
+    /// now, so a failure is logged, and what stays paused is resumed by the next move.
     fn resume_after_event(&mut self) {
-        if let Err(error) = self.resume() {
+        if let Err(error) = self.resume_all() {
             tracing::warn!(%error, "cannot resume the consumer's partitions");
         }
     }
@@ -909,24 +941,25 @@ impl KafkaMember {
         if let GroupEvent::Revoked(partitions) = &event {
             for partition in partitions {
                 self.started.remove(partition);
+                self.active.remove(partition);
             }
         }
         if let GroupEvent::Assigned(partitions) = &event {
             for partition in partitions {
                 self.started.remove(partition);
+                self.active.remove(partition);
+                self.paused.remove(partition);
             }
             // librdkafka keeps an application's pause of a partition across its revocation
-            // and a later re-assignment: one revoked while this member was paused would come
-            // back paused, and never be fetched while the member stays busy.
-            let mut list = TopicPartitionList::new();
-            for (topic, partition) in partitions {
-                list.add_partition(topic, *partition as i32);
-            }
+            // and a later re-assignment: one revoked while this member had it paused would come
+            // back paused, and never be fetched.
+            let list = partition_list(partitions);
             if list.count() > 0
                 && let Err(error) = self.consumer.resume(&list)
             {
                 tracing::warn!(%error, "cannot resume newly assigned partitions");
             }
+            self.rewatch();
         }
         Some(event)
     }
@@ -952,21 +985,35 @@ fn accept(
 
 #[async_trait]
 impl GroupMember for KafkaMember {
+    /// Records, or the next assignment change, within `wait`. The consumer is polled every
+    /// time, since rebalances are served from its poll; a paused partition whose end moves
+    /// meanwhile is fetched again at once.
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<GroupEvent, LogError> {
         if let Some(event) = self.next_event() {
             self.resume_after_event();
             return Ok(event);
         }
-        if self.paused {
-            return self.poll_paused(wait).await;
-        }
         let mut records = Vec::new();
-        match tokio::time::timeout(wait, self.consumer.recv()).await {
-            Err(_) => {}
-            Ok(Err(error)) => return Err(unavailable(error)),
-            Ok(Ok(message)) => records.extend(accept(&mut self.started, &message)),
+        let watching = !self.paused.is_empty();
+        tokio::select! {
+            // The consumer first, every time: rebalances are served from its poll.
+            biased;
+            received = tokio::time::timeout(wait, self.consumer.recv()) => match received {
+                Err(_) => {}
+                Ok(Err(error)) => return Err(unavailable(error)),
+                Ok(Ok(message)) => records.extend(accept(&mut self.started, &message)),
+            },
+            changed = self.ends.changed(), if watching => {
+                if changed.is_ok() {
+                    let moved = self.moved();
+                    if !moved.is_empty() {
+                        self.resume(&moved)?;
+                        self.nudge(moved);
+                    }
+                }
+            }
         }
-        while records.len() < max {
+        while !records.is_empty() && records.len() < max {
             match tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await {
                 Ok(Ok(message)) => records.extend(accept(&mut self.started, &message)),
                 Ok(Err(error)) => return Err(unavailable(error)),
@@ -979,17 +1026,21 @@ impl GroupMember for KafkaMember {
             self.resume_after_event();
             return Ok(event);
         }
-        if !records.is_empty() {
-            self.quiet_since = tokio::time::Instant::now();
-        } else if self.pauses && self.quiet_since.elapsed() >= IDLE_AFTER {
-            self.pause()?;
-        }
+        self.delivered(&records);
+        self.pause_idle()?;
         Ok(GroupEvent::Records(records))
     }
 
     async fn start(&mut self, topic: &str, partition: u32, offset: u64) -> Result<(), LogError> {
         // librdkafka refuses a seek on a paused partition.
-        self.resume()?;
+        let key = (topic.to_owned(), partition);
+        self.resume(std::slice::from_ref(&key))?;
+        if let Err(error) = self
+            .consumer
+            .resume(&partition_list(std::slice::from_ref(&key)))
+        {
+            tracing::debug!(%error, topic, partition, "resuming a partition to start it");
+        }
         // A partition just assigned may not accept a seek until its fetcher is set up; one
         // revoked meanwhile (a newer rebalance) never will: say so at once.
         let mut attempts = 0;
@@ -1019,7 +1070,8 @@ impl GroupMember for KafkaMember {
                 }
             }
         }
-        self.started.insert((topic.to_owned(), partition), offset);
+        self.started.insert(key.clone(), offset);
+        self.active.insert(key, tokio::time::Instant::now());
         Ok(())
     }
 }

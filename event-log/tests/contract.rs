@@ -721,6 +721,74 @@ async fn an_idle_member_gets_its_own_process_append_at_once() {
     }
 }
 
+/// A member that reads one busy partition and one quiet one (which it stops fetching, on
+/// Kafka) still gets every record of both, once and in order, and the quiet one's promptly
+/// when someone else writes to it.
+#[tokio::test]
+async fn a_quiet_partition_beside_a_busy_one_misses_nothing() {
+    for backend in backends().await {
+        let log = &backend.log;
+        let other = (backend.reopen)().await;
+        let topic = unique_topic("quiet-busy");
+        log.ensure_topic(&topic, 2).await.expect("create topic");
+        let group = format!("group-{}", uuid::Uuid::new_v4().simple());
+        let mut member = Member::join(log, &group, &topic).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while member.owned.len() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: never assigned",
+                backend.name
+            );
+            member.step(0).await;
+        }
+        let mut written = [0u64; 2];
+        for round in 0..2u64 {
+            // Partition 0 busy for 3 s, partition 1 quiet.
+            let busy_until = tokio::time::Instant::now() + Duration::from_secs(3);
+            while tokio::time::Instant::now() < busy_until {
+                let (_, record) = stock_record("SKU-busy", written[0] + 1);
+                log.append(&topic, 0, record).await.expect("append");
+                written[0] += 1;
+                member.step(0).await;
+            }
+            let (_, record) = stock_record("SKU-quiet", round + 1);
+            let at = tokio::time::Instant::now();
+            other.append(&topic, 1, record).await.expect("append");
+            written[1] += 1;
+            let count = |member: &Member, partition: u32| {
+                member
+                    .records
+                    .iter()
+                    .filter(|record| record.position.partition == partition)
+                    .count() as u64
+            };
+            while count(&member, 1) < written[1] || count(&member, 0) < written[0] {
+                assert!(
+                    at.elapsed() < Duration::from_secs(5),
+                    "{}: round {round}: the quiet partition's record never arrived",
+                    backend.name
+                );
+                member.step(0).await;
+            }
+        }
+        for partition in 0..2u32 {
+            let offsets: Vec<u64> = member
+                .records
+                .iter()
+                .filter(|record| record.position.partition == partition)
+                .map(|record| record.position.offset)
+                .collect();
+            assert_eq!(
+                offsets,
+                (0..written[partition as usize]).collect::<Vec<u64>>(),
+                "{}: partition {partition}: every record once, in order",
+                backend.name
+            );
+        }
+    }
+}
+
 /// Polls a shared member until `count` records arrived, starting partitions at `start` as they
 /// are assigned.
 async fn collect_shared(
