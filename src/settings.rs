@@ -153,12 +153,12 @@ pub struct Settings {
     )]
     pub kafka_background_fetch_wait_ms: u32,
 
-    /// A consumer that received nothing for a second stops fetching and waits on its
-    /// partitions' ends instead (one request per process per check: the first 100 ms after it
-    /// went idle, then less and less often, up to every this many ms), so the first record
-    /// another process writes after a long quiet spell arrives up to this much later (a record
-    /// this process wrote: at once). 0: consumers never stop fetching, for brokers that hold an
-    /// idle fetch until data arrives (Apache Kafka).
+    /// A consumer stops fetching each partition that gave nothing for a second and waits on its
+    /// end instead (one request per process per check: the first 100 ms after one went idle,
+    /// then less and less often, up to every this many ms), so the first record another process
+    /// writes to it after a long quiet spell arrives up to this much later (a record this
+    /// process wrote: at once). 0: consumers never stop fetching, for brokers that hold an idle
+    /// fetch until data arrives (Apache Kafka).
     #[arg(
         long,
         global = true,
