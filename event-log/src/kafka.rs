@@ -201,11 +201,15 @@ struct EndWatch {
 }
 
 impl EndWatch {
-    fn watch(&self, member: u64, partitions: Vec<TopicPartition>) {
+    /// Sets what `member` waits on; `newly_paused`: it paused partitions just now (the next
+    /// check comes soon).
+    fn watch(&self, member: u64, partitions: Vec<TopicPartition>, newly_paused: bool) {
         if let Ok(mut watched) = self.watched.lock() {
             watched.insert(member, partitions);
         }
-        self.paused.notify_one();
+        if newly_paused {
+            self.paused.notify_one();
+        }
     }
 
     fn unwatch(&self, member: u64) {
@@ -817,12 +821,12 @@ fn partition_list(partitions: &[TopicPartition]) -> TopicPartitionList {
 
 impl KafkaMember {
     /// Tells the end watch which partitions this member waits on.
-    fn rewatch(&self) {
+    fn rewatch(&self, newly_paused: bool) {
         if self.paused.is_empty() {
             self.watch.unwatch(self.id);
         } else {
             self.watch
-                .watch(self.id, self.paused.iter().cloned().collect());
+                .watch(self.id, self.paused.iter().cloned().collect(), newly_paused);
         }
     }
 
@@ -849,7 +853,7 @@ impl KafkaMember {
             self.active.remove(&partition);
             self.paused.insert(partition);
         }
-        self.rewatch();
+        self.rewatch(true);
         // Look at the ends known now at the next poll: a record may have landed meanwhile.
         self.ends.mark_changed();
         Ok(())
@@ -875,7 +879,7 @@ impl KafkaMember {
                 self.active.insert(partition, now);
             }
         }
-        self.rewatch();
+        self.rewatch(false);
         Ok(())
     }
 
@@ -959,7 +963,7 @@ impl KafkaMember {
             {
                 tracing::warn!(%error, "cannot resume newly assigned partitions");
             }
-            self.rewatch();
+            self.rewatch(false);
         }
         Some(event)
     }
