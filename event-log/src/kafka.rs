@@ -235,12 +235,15 @@ impl EndWatch {
     /// paused member woken for nothing at each of them would spin.
     fn raise(&self, seen: impl IntoIterator<Item = (TopicPartition, u64)>) -> bool {
         let seen: Vec<_> = seen.into_iter().collect();
-        let watched: std::collections::HashSet<TopicPartition> = self
-            .watched
-            .lock()
-            .map(|watched| watched.values().flatten().cloned().collect())
-            .unwrap_or_default();
         self.ends.send_if_modified(|ends| {
+            // Read under the channel's lock, with the ends: a member that pauses a partition
+            // meanwhile either is in this set or reads the end written here (it looks at the
+            // ends after it is watched), never neither.
+            let watched: HashSet<TopicPartition> = self
+                .watched
+                .lock()
+                .map(|watched| watched.values().flatten().cloned().collect())
+                .unwrap_or_default();
             let mut moved = false;
             for (partition, end) in seen {
                 let known = ends.entry(partition.clone()).or_insert(0);
@@ -888,6 +891,16 @@ impl KafkaMember {
         self.resume(&paused)
     }
 
+    /// Fetches again the paused partitions that end past what was delivered of them.
+    fn resume_moved(&mut self) -> Result<(), LogError> {
+        let moved = self.moved();
+        if !moved.is_empty() {
+            self.resume(&moved)?;
+            self.nudge(moved);
+        }
+        Ok(())
+    }
+
     /// The paused partitions that end past what was delivered of them.
     fn moved(&mut self) -> Vec<TopicPartition> {
         let ends = self.ends.borrow_and_update();
@@ -946,7 +959,9 @@ impl KafkaMember {
             for partition in partitions {
                 self.started.remove(partition);
                 self.active.remove(partition);
+                self.paused.remove(partition);
             }
+            self.rewatch(false);
         }
         if let GroupEvent::Assigned(partitions) = &event {
             for partition in partitions {
@@ -998,6 +1013,11 @@ impl GroupMember for KafkaMember {
             return Ok(event);
         }
         let mut records = Vec::new();
+        // Ends that moved while the consumer kept the poll busy with other partitions' records
+        // (the select below looks at the ends only while no record is ready).
+        if !self.paused.is_empty() && self.ends.has_changed().unwrap_or(false) {
+            self.resume_moved()?;
+        }
         let watching = !self.paused.is_empty();
         tokio::select! {
             // The consumer first, every time: rebalances are served from its poll.
@@ -1009,18 +1029,19 @@ impl GroupMember for KafkaMember {
             },
             changed = self.ends.changed(), if watching => {
                 if changed.is_ok() {
-                    let moved = self.moved();
-                    if !moved.is_empty() {
-                        self.resume(&moved)?;
-                        self.nudge(moved);
-                    }
+                    self.resume_moved()?;
                 }
             }
         }
         while !records.is_empty() && records.len() < max {
             match tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await {
                 Ok(Ok(message)) => records.extend(accept(&mut self.started, &message)),
-                Ok(Err(error)) => return Err(unavailable(error)),
+                // Records already accepted are delivered: their offsets are past `started`.
+                // A lasting failure shows at the next poll.
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "a read after the first record failed");
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -1031,7 +1052,10 @@ impl GroupMember for KafkaMember {
             return Ok(event);
         }
         self.delivered(&records);
-        self.pause_idle()?;
+        if let Err(error) = self.pause_idle() {
+            // The partitions stay fetched; the next poll tries again.
+            tracing::warn!(%error, "cannot pause idle partitions");
+        }
         Ok(GroupEvent::Records(records))
     }
 

@@ -89,7 +89,7 @@ const RELAY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 pub struct Wakes {
     outbox: Notify,
     deadline: Notify,
-    /// The deadline the ticker sleeps until (ms since the epoch); `i64::MIN` while it reads the
+    /// The deadline the ticker sleeps until (ms since the epoch); `i64::MAX` while it reads the
     /// next one, so that any deadline committed meanwhile wakes it again.
     ticker_until: AtomicI64,
     /// What the current batch of [`SagaProjection::apply`] put in the outbox and the earliest
@@ -103,7 +103,7 @@ impl Default for Wakes {
         Wakes {
             outbox: Notify::new(),
             deadline: Notify::new(),
-            ticker_until: AtomicI64::new(i64::MIN),
+            ticker_until: AtomicI64::new(i64::MAX),
             batch_sent: AtomicBool::new(false),
             batch_deadline: AtomicI64::new(i64::MAX),
         }
@@ -481,7 +481,7 @@ pub async fn run_ticker(
 ) {
     loop {
         // From here until it sleeps again, any deadline committed wakes the ticker once more.
-        wakes.ticker_until.store(i64::MIN, Ordering::SeqCst);
+        wakes.ticker_until.store(i64::MAX, Ordering::SeqCst);
         let mut next = None;
         loop {
             let now = Utc::now().timestamp_millis();
@@ -905,8 +905,8 @@ mod tests {
     /// Nothing is announced before the batch commits.
     #[tokio::test]
     async fn a_batch_announces_nothing_before_it_commits() {
+        // As while the ticker reads: any deadline committed wakes it.
         let wakes = Wakes::default();
-        wakes.ticker_until.store(i64::MAX, Ordering::SeqCst);
         wakes.note_batch(true, Some(5));
         let quiet = tokio::time::timeout(Duration::from_millis(20), async {
             tokio::select! {
