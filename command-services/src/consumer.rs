@@ -255,9 +255,11 @@ pub async fn consume<F, Fut>(
         start.push((partition, offset));
     }
     let mut reader = loop {
-        // Commands come from the saga, and an order's confirmation waits on three of them in a
-        // row: each is read as soon as the log gives it.
-        match log.open_reader(&topic, &start, ReadMode::Latency).await {
+        // A plain reader never pauses when idle (only group members do), so with static
+        // ownership the command topics are read with the background fetch wait: an idle
+        // platform then costs a broker that holds every fetch (nisshi) a few fetches a second
+        // per service, and a saga's commands wait up to that long each.
+        match log.open_reader(&topic, &start, ReadMode::Background).await {
             Ok(reader) => break reader,
             Err(error) => {
                 tracing::warn!(%error, %topic, "cannot read the command topic; retrying");
