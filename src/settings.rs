@@ -129,8 +129,8 @@ pub struct Settings {
     )]
     pub kafka_linger_ms: u32,
 
-    /// Kafka fetch.wait.max.ms for tailing readers and consumer groups (projections, saga,
-    /// command-topic consumers).
+    /// Kafka fetch.wait.max.ms for tailing readers and consumer groups (projections, saga, the
+    /// command-topic consumers of `--assignment group`).
     /// Some brokers (nisshi) hold every fetch for this long, so it is both the read-your-writes
     /// delay and how often every idle reader costs the broker a fetch; 50 ms keeps nisshi from
     /// saturating on idle fetches (5 ms cut the saga's throughput tenfold, BENCHMARKS.md).
@@ -142,7 +142,8 @@ pub struct Settings {
     )]
     pub kafka_fetch_wait_ms: u32,
 
-    /// Kafka `fetch.wait.max.ms` of background readers: replays, rebuilds and whatever else
+    /// Kafka `fetch.wait.max.ms` of background readers: replays, rebuilds, the command-topic
+    /// readers of `--assignment static` (plain readers never pause when idle) and whatever else
     /// nobody waits on to the millisecond. Longer waits spare the broker fetches (a broker such
     /// as nisshi holds every fetch for its full wait).
     #[arg(
