@@ -263,12 +263,19 @@ async fn queries_answer_404_304_and_pages_newest_first() {
             200,
             "{backend:?}: a changed order is sent again"
         );
-        // The low-stock list.
-        app.receive("SKU-LOW", 3).await.expect(200);
+        // The low-stock list. A consistency token covers its own partition only, and the two
+        // SKUs may be on different ones: the list is asked once both are in.
+        let low_token = app.receive("SKU-LOW", 3).await.expect(200)["consistency_token"]
+            .as_str()
+            .expect("t")
+            .to_owned();
         let token = app.receive("SKU-HIGH", 300).await.expect(200)["consistency_token"]
             .as_str()
             .expect("t")
             .to_owned();
+        app.get(&format!("/inventory/SKU-LOW?after={low_token}"))
+            .await
+            .expect(200);
         let low = app.get(&format!("/inventory?below=10&after={token}")).await;
         let skus: Vec<&str> = low.expect(200)["items"]
             .as_array()
