@@ -451,6 +451,21 @@ impl Member {
         }
     }
 
+    /// Joins a new group alone and polls until it owns `partitions` partitions (from 0).
+    async fn join_owning(log: &SharedLog, topic: &str, partitions: usize, name: &str) -> Member {
+        let group = format!("group-{}", uuid::Uuid::new_v4().simple());
+        let mut member = Member::join(log, &group, topic).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while member.owned.len() < partitions {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}: never assigned"
+            );
+            member.step(0).await;
+        }
+        member
+    }
+
     /// Polls once; starts newly assigned partitions at `start`.
     async fn step(&mut self, start: u64) {
         match self
@@ -620,17 +635,7 @@ async fn an_idle_member_gets_every_record_written_by_anyone_promptly_and_once() 
         let other = (backend.reopen)().await;
         let topic = unique_topic("idle");
         log.ensure_topic(&topic, 2).await.expect("create topic");
-        let group = format!("group-{}", uuid::Uuid::new_v4().simple());
-        let mut member = Member::join(log, &group, &topic).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while member.owned.len() < 2 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{}: never assigned",
-                backend.name
-            );
-            member.step(0).await;
-        }
+        let mut member = Member::join_owning(log, &topic, 2, backend.name).await;
         let mut expected: HashMap<u32, u64> = HashMap::new();
         for round in 0..3u64 {
             // Quiet for longer than a member stays fetching without records.
@@ -681,17 +686,7 @@ async fn an_idle_member_gets_its_own_process_append_at_once() {
         let log = &backend.log;
         let topic = unique_topic("idle-own");
         log.ensure_topic(&topic, 2).await.expect("create topic");
-        let group = format!("group-{}", uuid::Uuid::new_v4().simple());
-        let mut member = Member::join(log, &group, &topic).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while member.owned.len() < 2 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{}: never assigned",
-                backend.name
-            );
-            member.step(0).await;
-        }
+        let mut member = Member::join_owning(log, &topic, 2, backend.name).await;
         let mut slowest = Duration::ZERO;
         for round in 0..3u64 {
             // Quiet long enough for the checks of idle ends to be a second apart.
@@ -731,17 +726,7 @@ async fn a_quiet_partition_beside_a_busy_one_misses_nothing() {
         let other = (backend.reopen)().await;
         let topic = unique_topic("quiet-busy");
         log.ensure_topic(&topic, 2).await.expect("create topic");
-        let group = format!("group-{}", uuid::Uuid::new_v4().simple());
-        let mut member = Member::join(log, &group, &topic).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while member.owned.len() < 2 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{}: never assigned",
-                backend.name
-            );
-            member.step(0).await;
-        }
+        let mut member = Member::join_owning(log, &topic, 2, backend.name).await;
         let mut written = [0u64; 2];
         for round in 0..2u64 {
             // Partition 0 busy for 3 s, partition 1 quiet.
