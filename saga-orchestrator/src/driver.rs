@@ -24,7 +24,7 @@
 //!   `projections::runtime`); the saga's `recovery` text says what an operator can do, as no
 //!   tool rebuilds a saga from the log.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
@@ -36,7 +36,7 @@ use event_log::{SharedLog, partition_for, topics};
 use event_schema::commands::CommandMessage;
 use projections::runtime::{ApplyError, Event, Projection};
 use serde::Serialize;
-use sql_store::{Db, DbError, Tx, Value};
+use sql_store::{Db, DbError, Kind, Tx, Value, write_rows, write_rows_returning};
 use tokio::sync::{Notify, watch};
 
 use crate::saga::{Action, Input, Saga, SagaConfig, SagaEvent, react};
@@ -68,9 +68,6 @@ CREATE TABLE saga_outbox (
 );
 CREATE INDEX saga_outbox_unsent ON saga_outbox (sent_at, seq)
 "];
-
-/// How a missing deadline is bound (see [`save`]).
-const NO_DEADLINE: i64 = -1;
 
 /// How often the relay and the ticker look for work no commit of this process announced:
 /// outbox rows and deadlines written by another process on the same saga database (an
@@ -185,58 +182,79 @@ async fn load(tx: &mut Tx, order_ids: &[String]) -> Result<HashMap<String, Store
     Ok(found)
 }
 
-/// Writes a saga if nobody else changed it since it was loaded; false when somebody did.
-async fn save(tx: &mut Tx, stored: &Stored, now: DateTime<Utc>) -> Result<bool, DbError> {
-    let saga = &stored.saga;
-    let body = serde_json::to_string(saga).map_err(|error| DbError(error.to_string()))?;
-    // Always bound as an integer (-1 for none): Postgres prepares a statement's parameter types
-    // once per connection, so a NULL bound as text one time and a number the next would send the
-    // number's bytes as text ("invalid byte sequence for encoding UTF8: 0x00").
-    let deadline: Value = saga
-        .deadline
-        .map_or(NO_DEADLINE, |deadline| deadline.timestamp_millis())
-        .into();
-    let started = saga.started_at.unwrap_or(now).timestamp_millis();
-    let changed = match stored.revision {
-        Some(revision) => {
-            tx.execute(
-                "UPDATE sagas SET state = $1, deadline = NULLIF($2, -1), updated_at = $3, revision = $4, body = $5
-                 WHERE order_id = $6 AND revision = $7",
-                &[
-                    saga.state.as_str().into(),
-                    deadline,
-                    now_ms(now).into(),
-                    (revision + 1).into(),
-                    body.into(),
-                    saga.order_id.to_string().into(),
-                    revision.into(),
-                ],
-            )
-            .await?
-        }
-        None => {
-            tx.execute(
-                "INSERT INTO sagas (order_id, state, deadline, correlation_id, started_at, updated_at, revision, body)
-                 VALUES ($1, $2, NULLIF($3, -1), $4, $5, $6, 1, $7) ON CONFLICT (order_id) DO NOTHING",
-                &[
-                    saga.order_id.to_string().into(),
-                    saga.state.as_str().into(),
-                    deadline,
-                    stored.correlation_id.as_str().into(),
-                    started.into(),
-                    now_ms(now).into(),
-                    body.into(),
-                ],
-            )
-            .await?
-        }
-    };
-    Ok(changed == 1)
+/// The columns of `sagas` that [`save_all`] writes.
+const SAGA_COLUMNS: &[(&str, Kind)] = &[
+    ("order_id", Kind::Text),
+    ("state", Kind::Text),
+    ("deadline", Kind::Int),
+    ("correlation_id", Kind::Text),
+    ("started_at", Kind::Int),
+    ("updated_at", Kind::Int),
+    ("revision", Kind::Int),
+    ("body", Kind::Text),
+];
+
+/// Writes each saga if nobody else changed it since it was loaded (its stored revision is the
+/// one it was loaded at; a new one, if nobody stored it meanwhile), all in one statement.
+/// Returns the order ids written; a saga missing from them was moved on by somebody else and
+/// is left as they stored it.
+async fn save_all(
+    tx: &mut Tx,
+    sagas: &[&Stored],
+    now: DateTime<Utc>,
+) -> Result<HashSet<String>, DbError> {
+    let mut rows = Vec::with_capacity(sagas.len());
+    for stored in sagas {
+        let saga = &stored.saga;
+        let body = serde_json::to_string(saga).map_err(|error| DbError(error.to_string()))?;
+        rows.push(vec![
+            saga.order_id.to_string().into(),
+            saga.state.as_str().into(),
+            saga.deadline
+                .map_or(Value::Null, |deadline| deadline.timestamp_millis().into()),
+            stored.correlation_id.as_str().into(),
+            saga.started_at.unwrap_or(now).timestamp_millis().into(),
+            now_ms(now).into(),
+            stored.revision.map_or(1, |revision| revision + 1).into(),
+            body.into(),
+        ]);
+    }
+    // A new saga is written as revision 1, which the update below never overwrites (stored
+    // revisions start at 1): a concurrent first write wins and this one is judged again.
+    let written = write_rows_returning(
+        tx,
+        "sagas",
+        SAGA_COLUMNS,
+        &rows,
+        "ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, deadline = excluded.deadline,
+             updated_at = excluded.updated_at, revision = excluded.revision, body = excluded.body
+         WHERE sagas.revision = excluded.revision - 1",
+        "order_id",
+    )
+    .await?;
+    Ok(written.iter().map(|row| row.text("order_id")).collect())
 }
 
-/// Puts the commands among `actions` in the outbox.
-async fn enqueue(
-    tx: &mut Tx,
+/// Orders the outbox rows of one transaction: the commands of each saga in the order they
+/// were decided, after those of earlier transactions.
+struct OutboxSeq(i64);
+
+impl OutboxSeq {
+    fn starting(now: DateTime<Utc>) -> OutboxSeq {
+        OutboxSeq(now.timestamp_micros() * 100)
+    }
+
+    fn next(&mut self) -> i64 {
+        self.0 += 1;
+        self.0
+    }
+}
+
+/// The outbox rows for the commands among `actions`.
+#[allow(clippy::too_many_arguments)]
+fn outbox_rows(
+    rows: &mut Vec<Vec<Value>>,
+    seq: &mut OutboxSeq,
     order_id: OrderId,
     actions: &[Action],
     correlation_id: &str,
@@ -244,8 +262,7 @@ async fn enqueue(
     traceparent: Option<String>,
     now: DateTime<Utc>,
 ) -> Result<(), DbError> {
-    let base = now.timestamp_micros() * 100;
-    for (index, action) in actions.iter().enumerate() {
+    for action in actions {
         let Action::Send {
             aggregate_id,
             command,
@@ -270,22 +287,55 @@ async fn enqueue(
             command: command.clone(),
         };
         let body = serde_json::to_string(&message).map_err(|error| DbError(error.to_string()))?;
-        tx.execute(
-            "INSERT INTO saga_outbox (command_id, seq, order_id, service, aggregate_id, message, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (command_id) DO NOTHING",
-            &[
-                command_id.to_string().into(),
-                (base + index as i64).into(),
-                order_id.to_string().into(),
-                command.service().into(),
-                aggregate_id.as_str().into(),
-                body.into(),
-                now_ms(now).into(),
-            ],
-        )
-        .await?;
+        rows.push(vec![
+            command_id.to_string().into(),
+            seq.next().into(),
+            order_id.to_string().into(),
+            command.service().into(),
+            aggregate_id.as_str().into(),
+            body.into(),
+            now_ms(now).into(),
+        ]);
     }
     Ok(())
+}
+
+/// Puts outbox rows in the outbox, all in one statement (a command already there stays as it is).
+async fn enqueue(tx: &mut Tx, rows: &[Vec<Value>]) -> Result<(), DbError> {
+    write_rows(
+        tx,
+        "saga_outbox",
+        &[
+            ("command_id", Kind::Text),
+            ("seq", Kind::Int),
+            ("order_id", Kind::Text),
+            ("service", Kind::Text),
+            ("aggregate_id", Kind::Text),
+            ("message", Kind::Text),
+            ("created_at", Kind::Int),
+        ],
+        rows,
+        "ON CONFLICT (command_id) DO NOTHING",
+    )
+    .await?;
+    Ok(())
+}
+
+/// A saga's events of one batch, decided on `stored`: the saga after them, and each event's
+/// actions.
+fn decide<'e>(
+    stored: &mut Stored,
+    events: &[(SagaEvent, &'e event_schema::Envelope)],
+    now: DateTime<Utc>,
+    config: &SagaConfig,
+) -> Vec<(Vec<Action>, &'e event_schema::Envelope)> {
+    let mut decided = Vec::with_capacity(events.len());
+    for (saga_event, envelope) in events {
+        let (saga, actions) = react(&stored.saga, &Input::Event(saga_event.clone()), now, config);
+        stored.saga = saga;
+        decided.push((actions, *envelope));
+    }
+    decided
 }
 
 /// The saga as a consumer of the participants' events (see the module documentation).
@@ -344,54 +394,34 @@ impl Projection for SagaProjection {
                 .push((saga_event, envelope));
         }
         let ids: Vec<String> = by_saga.keys().cloned().collect();
-        let mut sagas = load(tx, &ids).await?;
+        let mut loaded = load(tx, &ids).await?;
         let now = Utc::now();
-        let mut sent = false;
+        let mut decided = Vec::with_capacity(by_saga.len());
+        for (key, events) in &by_saga {
+            let (order_id, first) = (events[0].0.order_id(), events[0].1);
+            let mut stored = loaded.remove(key).unwrap_or_else(|| Stored {
+                saga: Saga::new(order_id),
+                revision: None,
+                correlation_id: first.correlation_id.clone(),
+            });
+            let actions = decide(&mut stored, events, now, &self.config);
+            decided.push((key, stored, actions));
+        }
+        let written = save_all(
+            tx,
+            &decided
+                .iter()
+                .map(|(_, stored, _)| stored)
+                .collect::<Vec<_>>(),
+            now,
+        )
+        .await?;
+        let mut outbox = Vec::new();
+        let mut seq = OutboxSeq::starting(now);
         let mut earliest_deadline: Option<i64> = None;
-        for (key, events) in by_saga {
-            let mut loaded = sagas.remove(&key);
+        for (key, mut stored, mut actions) in decided {
             let mut attempt = 1;
-            loop {
-                let (order_id, first) = (events[0].0.order_id(), events[0].1);
-                let mut stored = loaded.take().unwrap_or_else(|| Stored {
-                    saga: Saga::new(order_id),
-                    revision: None,
-                    correlation_id: first.correlation_id.clone(),
-                });
-                let mut decided = Vec::new();
-                for (saga_event, envelope) in &events {
-                    let (saga, actions) = react(
-                        &stored.saga,
-                        &Input::Event(saga_event.clone()),
-                        now,
-                        &self.config,
-                    );
-                    stored.saga = saga;
-                    decided.push((actions, *envelope));
-                }
-                if save(tx, &stored, now).await? {
-                    if let Some(deadline) = stored.saga.deadline {
-                        let deadline = deadline.timestamp_millis();
-                        earliest_deadline =
-                            Some(earliest_deadline.map_or(deadline, |d| d.min(deadline)));
-                    }
-                    for (actions, envelope) in decided {
-                        enqueue(
-                            tx,
-                            order_id,
-                            &actions,
-                            &stored.correlation_id,
-                            Some(envelope.event_id.to_string()),
-                            envelope.traceparent.clone(),
-                            now,
-                        )
-                        .await?;
-                        sent |= actions
-                            .iter()
-                            .any(|action| matches!(action, Action::Send { .. }));
-                    }
-                    break;
-                }
+            while !written.contains(key) {
                 // Somebody else (the ticker firing a deadline, an operator's retry) moved this
                 // saga on since it was loaded. Reload just this saga and decide its events again
                 // on what is stored now, as a retry of the whole batch would: under Postgres'
@@ -404,9 +434,39 @@ impl Projection for SagaProjection {
                     ))));
                 }
                 attempt += 1;
-                loaded = load(tx, std::slice::from_ref(&key)).await?.remove(&key);
+                let events = &by_saga[key];
+                stored = load(tx, std::slice::from_ref(key))
+                    .await?
+                    .remove(key)
+                    .unwrap_or_else(|| Stored {
+                        saga: Saga::new(events[0].0.order_id()),
+                        revision: None,
+                        correlation_id: events[0].1.correlation_id.clone(),
+                    });
+                actions = decide(&mut stored, events, now, &self.config);
+                if !save_all(tx, &[&stored], now).await?.is_empty() {
+                    break;
+                }
+            }
+            if let Some(deadline) = stored.saga.deadline {
+                let deadline = deadline.timestamp_millis();
+                earliest_deadline = Some(earliest_deadline.map_or(deadline, |d| d.min(deadline)));
+            }
+            for (actions, envelope) in actions {
+                outbox_rows(
+                    &mut outbox,
+                    &mut seq,
+                    stored.saga.order_id,
+                    &actions,
+                    &stored.correlation_id,
+                    Some(envelope.event_id.to_string()),
+                    envelope.traceparent.clone(),
+                    now,
+                )?;
             }
         }
+        let sent = !outbox.is_empty();
+        enqueue(tx, &outbox).await?;
         // Announced once the runtime has committed the batch (`committed`), never before: a
         // relay woken earlier would find nothing and sleep until its next look.
         self.wakes.note_batch(sent, earliest_deadline);
@@ -440,20 +500,22 @@ pub async fn poke(
         Input::OperatorRetry => "operator-retry".to_owned(),
         Input::Event(event) => event.event_id.to_string(),
     };
-    enqueue(
-        &mut tx,
+    if save_all(&mut tx, &[stored], now).await?.is_empty() {
+        // Someone else moved the saga on; the next tick looks again.
+        return Ok(None);
+    }
+    let mut outbox = Vec::new();
+    outbox_rows(
+        &mut outbox,
+        &mut OutboxSeq::starting(now),
         stored.saga.order_id,
         &actions,
         &stored.correlation_id,
         Some(causation),
         None,
         now,
-    )
-    .await?;
-    if !save(&mut tx, stored, now).await? {
-        // Someone else moved the saga on; the next tick looks again.
-        return Ok(None);
-    }
+    )?;
+    enqueue(&mut tx, &outbox).await?;
     tx.commit().await?;
     if actions
         .iter()

@@ -4,7 +4,8 @@
 //! # Layout
 //! Everything is in this file: [`Db`] (a pool, one Postgres schema or one SQLite file), [`Tx`]
 //! (a transaction on it), [`Value`] and [`Row`] (what goes in and comes out), and
-//! [`value_rows`] and [`placeholders`] for multi-row statements and `IN (...)` lists, and
+//! [`value_rows`] and [`placeholders`] for multi-row statements and `IN (...)` lists, the bulk
+//! statements [`fetch_for_keys`] and [`write_rows`] (one statement per call on Postgres), and
 //! [`migrate`], which every owner of tables runs at start.
 //! Statements use Postgres placeholders (`$1`, `$2`, ...); on SQLite they become numbered
 //! parameters (`?1`, `?2`, ...), which bind the same way. Values are integers, text or null:
@@ -607,6 +608,203 @@ pub fn value_rows(rows: usize, width: usize, first: usize) -> String {
         out.push(')');
     }
     out
+}
+
+/// Keys per `IN (...)` list and rows per `VALUES` statement on SQLite (its limit is 32766
+/// parameters per statement).
+const SQLITE_CHUNK: usize = 500;
+
+/// Runs `sql` for a set of distinct text keys. `sql` says where the keys go with `{keys}`
+/// (after a column: `aggregate_id {keys}`; it may appear more than once), and binds `args` as
+/// `$1`, `$2`, ...; the keys come after them. Empty `keys` read nothing.
+///
+/// On Postgres it is one statement whatever the number of keys, bound as one array
+/// (`UNNEST`): the text never changes, so each connection prepares it once. On SQLite
+/// (in-process, no round trips) it is `IN (...)` lists in chunks.
+pub async fn fetch_for_keys(
+    tx: &mut Tx,
+    sql: &str,
+    args: &[Value],
+    keys: &[String],
+) -> Result<Vec<Row>, DbError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    match tx {
+        Tx::Postgres(tx) => {
+            // One lookup per key, by the table's index, whatever the planner believes about
+            // the table: a fresh read model grows far faster than its statistics, and a
+            // generic plan for `= ANY($n)` then filters the whole table once per key.
+            let sql = format!(
+                "SELECT q.* FROM UNNEST(${}::text[]) AS k(key) CROSS JOIN LATERAL ({}) AS q",
+                args.len() + 1,
+                sql.replace("{keys}", "= k.key")
+            );
+            Ok(bind_all!(sqlx::query(&sql), args)
+                .bind(keys)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(db_error)?
+                .iter()
+                .map(read_row)
+                .collect())
+        }
+        Tx::Sqlite(..) => {
+            let mut rows = Vec::new();
+            for chunk in keys.chunks(SQLITE_CHUNK) {
+                let sql = sql.replace(
+                    "{keys}",
+                    &format!("IN ({})", placeholders(chunk.len(), args.len() + 1)),
+                );
+                let mut all = args.to_vec();
+                all.extend(chunk.iter().map(|key| Value::from(key.as_str())));
+                rows.extend(tx.fetch_all(&sql, &all).await?);
+            }
+            Ok(rows)
+        }
+    }
+}
+
+/// The SQL type of a column written by [`write_rows`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Int,
+    Text,
+}
+
+/// Writes `rows` (each `columns.len()` values, in the order of `columns`) with
+/// `INSERT INTO {table} ({columns}) … {conflict}`. `conflict` is the `ON CONFLICT` clause, which
+/// may refer to `excluded`. The rows must not repeat a key an `ON CONFLICT DO UPDATE` acts on
+/// (fold them first). Returns how many rows were inserted or updated.
+///
+/// On Postgres it is one statement whatever the number of rows, every column bound as one
+/// array (`UNNEST`): the text never changes, so each connection prepares it once and the
+/// server never parses a thousand-row `VALUES` list. On SQLite it is multi-row `VALUES` in
+/// chunks.
+pub async fn write_rows(
+    tx: &mut Tx,
+    table: &str,
+    columns: &[(&str, Kind)],
+    rows: &[Vec<Value>],
+    conflict: &str,
+) -> Result<u64, DbError> {
+    Ok(write(tx, table, columns, rows, conflict, None).await?.0)
+}
+
+/// [`write_rows`] that also returns `returning` (a column list) of each row inserted or
+/// updated; a row an `ON CONFLICT … DO NOTHING` or a false `DO UPDATE … WHERE` left alone
+/// returns nothing.
+pub async fn write_rows_returning(
+    tx: &mut Tx,
+    table: &str,
+    columns: &[(&str, Kind)],
+    rows: &[Vec<Value>],
+    conflict: &str,
+    returning: &str,
+) -> Result<Vec<Row>, DbError> {
+    Ok(write(tx, table, columns, rows, conflict, Some(returning))
+        .await?
+        .1)
+}
+
+async fn write(
+    tx: &mut Tx,
+    table: &str,
+    columns: &[(&str, Kind)],
+    rows: &[Vec<Value>],
+    conflict: &str,
+    returning: Option<&str>,
+) -> Result<(u64, Vec<Row>), DbError> {
+    if rows.is_empty() {
+        return Ok((0, Vec::new()));
+    }
+    let names = columns
+        .iter()
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let returning = returning.map_or(String::new(), |columns| format!(" RETURNING {columns}"));
+    match tx {
+        Tx::Postgres(tx) => {
+            let arrays = columns
+                .iter()
+                .enumerate()
+                .map(|(index, (_, kind))| {
+                    let kind = match kind {
+                        Kind::Int => "bigint",
+                        Kind::Text => "text",
+                    };
+                    format!("${}::{kind}[]", index + 1)
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO {table} ({names}) SELECT * FROM UNNEST({arrays}) {conflict}{returning}"
+            );
+            let mut query = sqlx::query(&sql);
+            for (index, (name, kind)) in columns.iter().enumerate() {
+                query = match kind {
+                    Kind::Int => query.bind(
+                        rows.iter()
+                            .map(|row| match &row[index] {
+                                Value::Int(value) => Ok(Some(*value)),
+                                Value::Null => Ok(None),
+                                Value::Text(_) => Err(DbError(format!(
+                                    "{table}.{name}: a text value for an integer column"
+                                ))),
+                            })
+                            .collect::<Result<Vec<Option<i64>>, _>>()?,
+                    ),
+                    Kind::Text => query.bind(
+                        rows.iter()
+                            .map(|row| match &row[index] {
+                                Value::Text(value) => Ok(Some(value.as_str())),
+                                Value::Null => Ok(None),
+                                Value::Int(_) => Err(DbError(format!(
+                                    "{table}.{name}: an integer value for a text column"
+                                ))),
+                            })
+                            .collect::<Result<Vec<Option<&str>>, _>>()?,
+                    ),
+                };
+            }
+            if returning.is_empty() {
+                let written = query
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db_error)?
+                    .rows_affected();
+                Ok((written, Vec::new()))
+            } else {
+                let rows: Vec<Row> = query
+                    .fetch_all(&mut **tx)
+                    .await
+                    .map_err(db_error)?
+                    .iter()
+                    .map(read_row)
+                    .collect();
+                Ok((rows.len() as u64, rows))
+            }
+        }
+        Tx::Sqlite(..) => {
+            let (mut written, mut returned) = (0, Vec::new());
+            for chunk in rows.chunks(SQLITE_CHUNK.min(30_000 / columns.len().max(1))) {
+                let sql = format!(
+                    "INSERT INTO {table} ({names}) VALUES {} {conflict}{returning}",
+                    value_rows(chunk.len(), columns.len(), 1)
+                );
+                let args: Vec<Value> = chunk.iter().flatten().cloned().collect();
+                if returning.is_empty() {
+                    written += tx.execute(&sql, &args).await?;
+                } else {
+                    let rows = tx.fetch_all(&sql, &args).await?;
+                    written += rows.len() as u64;
+                    returned.extend(rows);
+                }
+            }
+            Ok((written, returned))
+        }
+    }
 }
 
 /// The first key of the Postgres advisory lock that serialises the creation and the
