@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side by side on this machine's Postgres, in one run (issue 20's figure):
+# Side by side on this machine's Postgres, in one run:
 #   1. the peer harness in ../shared/peers/cqrs-es-bench (cqrs-es 0.5 + postgres-es 0.5; built
 #      with CARGO_TARGET_DIR outside ../shared): 20,000 commands, 1,000 SKUs, 32 tasks;
 #   2. the whole platform (`platform serve`, release build) on a fresh nisshi broker and

@@ -72,7 +72,7 @@
 //! open loops when it was scheduled inside it. Only successes go into the latency histograms
 //! (microsecond resolution, HdrHistogram).
 //!
-//! The targets (issue 3): commands/s ≥ 0.5 × H(raw append/s, no-op/s), with H(a, b) =
+//! The targets: commands/s ≥ 0.5 × H(raw append/s, no-op/s), with H(a, b) =
 //! 1 / (1/a + 1/b) (the rate of doing both, one after the other); and p99 at half that load ≤
 //! raw append p99 + 5 ms. The p99s judged are those of the turns at the same rate (like for
 //! like); the phases one after the other and the closed-loop raw p99 (at saturation, so

@@ -115,8 +115,14 @@ fn percent_decode(raw: &str) -> Option<String> {
 }
 
 /// The route of a request; `None` when no upstream serves it (404). `idempotency_key` is the
-/// (trimmed) key the request carries, used to derive a new order's id.
-pub fn route(method: &Method, path: &str, idempotency_key: Option<&str>) -> Option<Route> {
+/// (trimmed) key the request carries and `actor` its authenticated caller, which together
+/// derive a new order's id as the order service does.
+pub fn route(
+    method: &Method,
+    path: &str,
+    idempotency_key: Option<&str>,
+    actor: Option<&str>,
+) -> Option<Route> {
     let parts = segments(path);
     let first = parts.first().map(String::as_str).unwrap_or_default();
     let read = method == Method::GET || method == Method::HEAD;
@@ -130,7 +136,7 @@ pub fn route(method: &Method, path: &str, idempotency_key: Option<&str>) -> Opti
             let id = match parts.get(1) {
                 Some(raw) => uuid::Uuid::parse_str(raw).ok().map(|id| id.to_string()),
                 None => idempotency_key.map(|key| {
-                    command_services::http::headers::id_for_key("order-id", key).to_string()
+                    command_services::http::headers::id_for_key("order-id", key, actor).to_string()
                 }),
             };
             Some(Route {
@@ -635,7 +641,13 @@ impl Registry {
             headers.insert(IDEMPOTENCY_KEY, value);
         }
         let key = client_key.as_deref().or(generated_key.as_deref());
-        let route = route(&parts.method, parts.uri.path(), key)
+        // The caller the security layer authenticated, from which the order service derives a
+        // new order's id as this does (the gateway forwards the same credentials).
+        let actor = parts
+            .extensions
+            .get::<command_services::http::headers::Actor>()
+            .map(|actor| actor.0.as_str());
+        let route = route(&parts.method, parts.uri.path(), key, actor)
             .ok_or_else(|| ApiError::NotFound(format!("no route for {}", parts.uri.path())))?;
         let pool = self.pool(route.upstream).ok_or_else(|| {
             ApiError::NotFound(format!(
@@ -857,7 +869,7 @@ async fn proxy(State(registry): State<Registry>, mut request: Request) -> Respon
             trace_id
         }
     };
-    let upstream = route(&method, &path, Some("")).map(|route| route.upstream);
+    let upstream = route(&method, &path, Some(""), None).map(|route| route.upstream);
     let mut response = match registry.forward(request).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
@@ -1090,41 +1102,42 @@ mod tests {
         let post = Method::POST;
         let get = Method::GET;
         assert_eq!(
-            route(&post, &format!("/orders/{id}/cancel"), None),
+            route(&post, &format!("/orders/{id}/cancel"), None, None),
             Some(Route {
                 upstream: Upstream::Order,
                 aggregate: Some(("order", id.to_owned())),
                 command: true
             })
         );
-        let placed = route(&post, "/orders", Some("k-1")).expect("route");
+        let placed = route(&post, "/orders", Some("k-1"), Some("key:alice")).expect("route");
         assert_eq!(
             placed.aggregate,
             Some((
                 "order",
-                command_services::http::headers::id_for_key("order-id", "k-1").to_string()
+                command_services::http::headers::id_for_key("order-id", "k-1", Some("key:alice"))
+                    .to_string()
             ))
         );
         assert_eq!(
-            route(&post, "/inventory/SKU%2D1/receipts", None)
+            route(&post, "/inventory/SKU%2D1/receipts", None, None)
                 .expect("route")
                 .aggregate,
             Some(("stock", "SKU-1".to_owned()))
         );
         assert_eq!(
-            route(&get, "/orders/x", None).map(|r| r.upstream),
+            route(&get, "/orders/x", None, None).map(|r| r.upstream),
             Some(Upstream::Query)
         );
         assert_eq!(
-            route(&get, "/payments/x", None).map(|r| r.upstream),
+            route(&get, "/payments/x", None, None).map(|r| r.upstream),
             Some(Upstream::Query)
         );
         assert_eq!(
-            route(&post, "/sagas/x/retry", None).map(|r| (r.upstream, r.command)),
+            route(&post, "/sagas/x/retry", None, None).map(|r| (r.upstream, r.command)),
             Some((Upstream::Saga, true))
         );
-        assert_eq!(route(&get, "/nowhere", None), None);
-        assert_eq!(route(&post, "/payments/x", None), None);
+        assert_eq!(route(&get, "/nowhere", None, None), None);
+        assert_eq!(route(&post, "/payments/x", None, None), None);
     }
 
     #[test]

@@ -16,6 +16,10 @@ use saga_orchestrator::side::SagaSide;
 use saga_orchestrator::{Input, Saga, SagaState, StepOutcome};
 
 use crate::backend::Backend;
+
+/// The actor of what an operator does with this CLI (the saga's commands after a retry are
+/// sent on its behalf).
+const OPERATOR_CLI: &str = "operator:platform-cli";
 use crate::settings::Settings;
 
 #[derive(Debug, clap::Subcommand)]
@@ -278,6 +282,7 @@ pub async fn sagas(command: SagasCommand, settings: Settings) -> anyhow::Result<
                 side.config(),
                 &order_id,
                 Input::OperatorRetry,
+                OPERATOR_CLI,
                 side.wakes(),
             )
             .await

@@ -392,6 +392,13 @@ pub async fn layer(
         Ok(principal) => {
             if let Some(principal) = principal {
                 tracing::debug!(caller = %principal.caller, "authenticated");
+                // The caller is the actor of the commands the request sends (and scopes its
+                // idempotency keys).
+                request
+                    .extensions_mut()
+                    .insert(command_services::http::headers::Actor(
+                        principal.caller.clone(),
+                    ));
                 request.extensions_mut().insert(principal);
             }
             next.run(request).await

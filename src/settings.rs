@@ -120,7 +120,7 @@ pub struct Settings {
     /// How long the Kafka producer lingers to fill a batch, in ms. Longer means fewer, larger
     /// produce requests: less work for the broker per event, more latency at idle (an append
     /// alone waits this long before it is sent). 10 ms halved the half-load p99 on nisshi
-    /// against 2 ms, at the same p50 (BENCHMARKS.md, session 7).
+    /// against 2 ms, at the same p50 (BENCHMARKS.md, Commands).
     #[arg(
         long,
         global = true,

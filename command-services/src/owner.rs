@@ -27,7 +27,7 @@
 //!   the end seen one check earlier, so a record it did not write is found within two checks
 //!   even when it writes nothing itself. There is no continuous tail: on a broker, a reader
 //!   fetching back every record just written slows the appends themselves (BENCHMARKS.md,
-//!   session 4, "raw append + tail").
+//!   Commands).
 //! - **An assumption:** the log holds at an acknowledged offset the record it acknowledged
 //!   there (Kafka with an idempotent producer and acks=all). The owner checks it only where a
 //!   read of the log meets an acknowledged offset it has not folded yet.

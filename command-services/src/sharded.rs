@@ -5,7 +5,7 @@
 //! aggregates that insert took 57 ms here, at 459,000 125 ms. The owner's table sits behind
 //! one lock that every command takes, so each doubling stalled every command and, with both
 //! runtime workers waiting on the lock, everything else in the process (BENCHMARKS.md,
-//! session 10). Split into [`SHARDS`] maps chosen by the key's hash, each insert moves at most
+//! Commands). Split into [`SHARDS`] maps chosen by the key's hash, each insert moves at most
 //! one shard, a 256th of the entries, and the shards grow at different inserts.
 
 use std::borrow::Borrow;

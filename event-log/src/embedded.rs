@@ -12,8 +12,8 @@
 //! the operating system (`synchronous=NORMAL`): it survives a crash of the process, not of the
 //! machine. SQLite's own checkpoint, in the commit that fills the WAL to 1000 pages, copies it
 //! into the database file and syncs that.
-//! Checkpoints beside the writer were tried twice (BENCHMARKS.md, sessions 6 and 8) and made the
-//! p99 worse, not better.
+//! Checkpoints beside the writer, on a connection of their own, make the p99 worse, not better
+//! (BENCHMARKS.md, Commands).
 //!
 //! Readers share a pool of read connections and sleep on a watch channel that the writer bumps
 //! after each commit, so a tailing reader sees a new record within microseconds rather than

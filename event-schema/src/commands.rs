@@ -11,6 +11,28 @@ use uuid::Uuid;
 pub const CONTENT_TYPE: &str = "application/json";
 pub const HEADER_COMMAND_TYPE: &str = "command-type";
 
+/// The actor of the commands the saga sends on its own account (a deadline that passed).
+pub const SAGA_ACTOR: &str = "saga";
+
+/// The actor of the commands the saga sends because of what `actor` did (an order placed, an
+/// operator's retry, a participant's answer to an earlier step): `saga on behalf of <actor>`,
+/// the actor being the principal that started it all, never another saga.
+pub fn saga_on_behalf_of(actor: &str) -> String {
+    if is_saga_actor(actor) {
+        actor.to_owned()
+    } else {
+        format!("{SAGA_ACTOR} on behalf of {actor}")
+    }
+}
+
+/// Whether `actor` is the saga ([`SAGA_ACTOR`] or [`saga_on_behalf_of`] someone).
+pub fn is_saga_actor(actor: &str) -> bool {
+    actor == SAGA_ACTOR
+        || actor
+            .strip_prefix(SAGA_ACTOR)
+            .is_some_and(|rest| rest.starts_with(" on behalf of "))
+}
+
 /// One command on a command topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandMessage {
@@ -143,5 +165,23 @@ impl CommandMessage {
             ));
         }
         Ok(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_saga_acts_on_behalf_of_the_principal_that_started_it() {
+        assert_eq!(saga_on_behalf_of("key:1a2b"), "saga on behalf of key:1a2b");
+        // An answer to a saga's command carries the saga's actor: it stays the same.
+        assert_eq!(
+            saga_on_behalf_of("saga on behalf of key:1a2b"),
+            "saga on behalf of key:1a2b"
+        );
+        assert_eq!(saga_on_behalf_of(SAGA_ACTOR), SAGA_ACTOR);
+        assert!(is_saga_actor("saga") && is_saga_actor("saga on behalf of jwt:7"));
+        assert!(!is_saga_actor("sagacious") && !is_saga_actor("jwt:saga"));
     }
 }

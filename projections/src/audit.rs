@@ -406,7 +406,7 @@ fn command_of(event_type: &str) -> &'static str {
 
 /// Commands that undo an earlier step when the saga sends them.
 fn is_compensation(command: &str, actor: &str) -> bool {
-    actor == "saga"
+    event_schema::commands::is_saga_actor(actor)
         && matches!(
             command,
             "release_stock" | "void_payment" | "refund_payment" | "reject_order"
@@ -623,5 +623,13 @@ mod tests {
         assert!(is_compensation(command_of("payment.voided"), "saga"));
         assert!(!is_compensation(command_of("stock.reserved"), "saga"));
         assert!(!is_compensation(command_of("order.cancelled"), "customer"));
+        assert!(is_compensation(
+            command_of("payment.refunded"),
+            "saga on behalf of key:1a2b3c4d"
+        ));
+        assert!(!is_compensation(
+            command_of("payment.refunded"),
+            "key:1a2b3c4d"
+        ));
     }
 }

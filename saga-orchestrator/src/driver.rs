@@ -33,7 +33,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use domain::OrderId;
 use event_log::{SharedLog, partition_for, topics};
-use event_schema::commands::CommandMessage;
+use event_schema::commands::{CommandMessage, SAGA_ACTOR, saga_on_behalf_of};
 use projections::runtime::{ApplyError, Event, Projection};
 use serde::Serialize;
 use sql_store::{Db, DbError, Kind, Tx, Value, write_rows, write_rows_returning};
@@ -250,16 +250,33 @@ impl OutboxSeq {
     }
 }
 
+/// Why the saga sends commands: the event (or `deadline`, `operator-retry`) that caused them,
+/// its trace, and the actor they are sent for.
+struct Cause {
+    causation_id: String,
+    traceparent: Option<String>,
+    /// [`event_schema::commands::saga_on_behalf_of`] the cause's actor, or the saga's own.
+    actor: String,
+}
+
+impl Cause {
+    fn event(envelope: &event_schema::Envelope) -> Cause {
+        Cause {
+            causation_id: envelope.event_id.to_string(),
+            traceparent: envelope.traceparent.clone(),
+            actor: saga_on_behalf_of(&envelope.actor),
+        }
+    }
+}
+
 /// The outbox rows for the commands among `actions`.
-#[allow(clippy::too_many_arguments)]
 fn outbox_rows(
     rows: &mut Vec<Vec<Value>>,
     seq: &mut OutboxSeq,
     order_id: OrderId,
     actions: &[Action],
     correlation_id: &str,
-    causation_id: Option<String>,
-    traceparent: Option<String>,
+    cause: &Cause,
     now: DateTime<Utc>,
 ) -> Result<(), DbError> {
     for action in actions {
@@ -278,11 +295,11 @@ fn outbox_rows(
         let message = CommandMessage {
             command_id,
             correlation_id: correlation_id.to_owned(),
-            causation_id: causation_id.clone(),
-            actor: "saga".into(),
+            causation_id: Some(cause.causation_id.clone()),
+            actor: cause.actor.clone(),
             aggregate_id: aggregate_id.clone(),
             issued_at: now,
-            traceparent: traceparent.clone(),
+            traceparent: cause.traceparent.clone(),
             attempt: Some(*attempt),
             command: command.clone(),
         };
@@ -459,8 +476,7 @@ impl Projection for SagaProjection {
                     stored.saga.order_id,
                     &actions,
                     &stored.correlation_id,
-                    Some(envelope.event_id.to_string()),
-                    envelope.traceparent.clone(),
+                    &Cause::event(envelope),
                     now,
                 )?;
             }
@@ -478,12 +494,14 @@ impl Projection for SagaProjection {
     }
 }
 
-/// What an operator or the ticker can do to one saga.
+/// What an operator or the ticker can do to one saga. `actor` is who asks (an operator's
+/// principal; the ticker's [`SAGA_ACTOR`]): the commands it causes are sent on their behalf.
 pub async fn poke(
     db: &Db,
     config: &SagaConfig,
     order_id: &str,
     input: Input,
+    actor: &str,
     wakes: &Wakes,
 ) -> Result<Option<Saga>, DbError> {
     let mut tx = db.begin().await?;
@@ -495,10 +513,14 @@ pub async fn poke(
     let deadline_before = stored.saga.deadline;
     let (saga, actions) = react(&stored.saga, &input, now, config);
     stored.saga = saga;
-    let causation = match input {
-        Input::DeadlinePassed => "deadline".to_owned(),
-        Input::OperatorRetry => "operator-retry".to_owned(),
-        Input::Event(event) => event.event_id.to_string(),
+    let cause = Cause {
+        causation_id: match input {
+            Input::DeadlinePassed => "deadline".to_owned(),
+            Input::OperatorRetry => "operator-retry".to_owned(),
+            Input::Event(event) => event.event_id.to_string(),
+        },
+        traceparent: None,
+        actor: saga_on_behalf_of(actor),
     };
     if save_all(&mut tx, &[stored], now).await?.is_empty() {
         // Someone else moved the saga on; the next tick looks again.
@@ -511,8 +533,7 @@ pub async fn poke(
         stored.saga.order_id,
         &actions,
         &stored.correlation_id,
-        Some(causation),
-        None,
+        &cause,
         now,
     )?;
     enqueue(&mut tx, &outbox).await?;
@@ -571,7 +592,16 @@ pub async fn run_ticker(
                 }
                 let order_id = row.text("order_id");
                 fired += 1;
-                match poke(&db, &config, &order_id, Input::DeadlinePassed, &wakes).await {
+                match poke(
+                    &db,
+                    &config,
+                    &order_id,
+                    Input::DeadlinePassed,
+                    SAGA_ACTOR,
+                    &wakes,
+                )
+                .await
+                {
                     Ok(Some(saga))
                         if saga.deadline.map(|d| d.timestamp_millis()) != Some(deadline) =>
                     {

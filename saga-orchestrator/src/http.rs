@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
+use command_services::http::headers::{ANONYMOUS, Actor};
 use command_services::http::{ApiError, FieldError, Problem};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -125,6 +126,7 @@ pub async fn list_sagas(
 pub async fn retry_saga(
     State(side): State<SagaSide>,
     Path(order_id): Path<String>,
+    actor: Option<Extension<Actor>>,
 ) -> Result<Response, ApiError> {
     if driver::show(side.db(), &order_id)
         .await
@@ -138,6 +140,7 @@ pub async fn retry_saga(
         side.config(),
         &order_id,
         Input::OperatorRetry,
+        actor.as_ref().map_or(ANONYMOUS, |actor| actor.0.0.as_str()),
         side.wakes(),
     )
     .await

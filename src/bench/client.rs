@@ -5,7 +5,7 @@
 //! time is taken from the server's. reqwest does much that a benchmark against one address
 //! never needs, per request: parsing a URL, a redirect policy, a timer, the checkout of a
 //! general-purpose pool keyed by host. It took 27 % of the process's CPU in the half-load
-//! commands, more than the server's own HTTP layer (BENCHMARKS.md, session 8). Here a request
+//! commands, more than the server's own HTTP layer (BENCHMARKS.md, Commands). Here a request
 //! takes an idle connection (or opens one), sends a request built from parts, reads the whole
 //! answer, and gives the connection back.
 

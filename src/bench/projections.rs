@@ -33,7 +33,7 @@
 //!
 //! The rates are log events per second: the preload's event count over the time until all four
 //! writers (raw) or all four projections are done, since every projection must have applied an
-//! event before the read side has it. The targets (issue 4): projections ≥ 0.5 × raw batched
+//! event before the read side has it. The targets: projections ≥ 0.5 × raw batched
 //! upsert, and ≥ 1.5 × the command phase's event rate.
 
 use std::collections::{BTreeMap, HashMap};

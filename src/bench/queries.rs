@@ -14,7 +14,7 @@
 //!    seconds, on a database initialised at `--pgbench-scale` (scale 1 = 100 000 accounts) in
 //!    its own schema of the same Postgres.
 //!
-//! The target (issue 4): query rps ≥ 0.5 × H(no-op rps, pgbench tps), H(a, b) = 1/(1/a + 1/b).
+//! The target: query rps ≥ 0.5 × H(no-op rps, pgbench tps), H(a, b) = 1/(1/a + 1/b).
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -14,7 +14,7 @@
 //! 4. **Replay.** `replay::replay` of the audit model (one row per event) and of the inventory
 //!    model (one row per SKU), each from scratch into its shadow and swapped in.
 //!
-//! Targets (issue 6): replaying the audit model ≥ 0.25 × raw COPY, and 1,000,000 events
+//! Targets: replaying the audit model ≥ 0.25 × raw COPY, and 1,000,000 events
 //! rebuilt in under 60 s.
 
 use std::time::{Duration, Instant};

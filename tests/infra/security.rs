@@ -211,6 +211,136 @@ async fn every_role_against_every_route_class() {
     app.stop().await;
 }
 
+/// The authenticated caller is the actor of its commands' events, the saga acts on its behalf,
+/// and an idempotency key is the caller's own: another caller's request with the same key is
+/// another command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_caller_is_the_actor_and_owns_its_idempotency_keys() {
+    const OTHER_CLIENT: &str = "other-client-key-0123456789abcdef";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = support::settings(dir.path());
+    settings.security.auth = Some(Toggle::On);
+    settings.security.api_keys = Some(Secret::new(format!(
+        "client:{CLIENT},client:{OTHER_CLIENT},auditor:{AUDITOR}"
+    )));
+    let app = support::platform(settings, Part::All).await;
+    let client = reqwest::Client::new();
+    let send = |key: &'static str, path: &str, idempotency: Option<&str>, body| {
+        let mut request = client
+            .post(format!("{}{path}", app.url()))
+            .bearer_auth(key)
+            .json(&body);
+        if let Some(idempotency) = idempotency {
+            request = request.header("idempotency-key", idempotency);
+        }
+        request.send()
+    };
+    let (status, _, received) = read(
+        send(
+            CLIENT,
+            "/inventory/SKU-ACTOR/receipts",
+            None,
+            json!({"quantity": 10}),
+        )
+        .await
+        .expect("receipt"),
+    )
+    .await;
+    assert_eq!(status, 200, "{received}");
+    let order = json!({"customer_id": "c-1", "currency": "EUR", "payment_token": "tok_approve",
+        "lines": [{"sku": "SKU-ACTOR", "quantity": 1, "unit_price_minor": 500}]});
+    let mut placed = Vec::new();
+    for key in [CLIENT, CLIENT, OTHER_CLIENT] {
+        let (status, _, body) = read(
+            send(key, "/orders", Some("order-1"), order.clone())
+                .await
+                .expect("place"),
+        )
+        .await;
+        assert!(status == 201 || status == 200, "{status} {body}");
+        placed.push(body["order_id"].as_str().expect("order id").to_owned());
+    }
+    assert_eq!(
+        placed[0], placed[1],
+        "the same caller's retry is the same order"
+    );
+    assert_ne!(
+        placed[0], placed[2],
+        "another caller's key names another order"
+    );
+
+    // The timeline's (event type, actor) pairs once it holds `count` events of type `until`.
+    let audit = |path: String, until: &'static str, count: usize| {
+        let client = client.clone();
+        let url = format!("{}{path}", app.url());
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let (status, _, body) = read(
+                    client
+                        .get(&url)
+                        .bearer_auth(AUDITOR)
+                        .send()
+                        .await
+                        .expect("audit"),
+                )
+                .await;
+                let actors: Vec<(String, String)> = body["events"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|event| {
+                        (
+                            event["event_type"].as_str().unwrap_or("").to_owned(),
+                            event["actor"].as_str().unwrap_or("").to_owned(),
+                        )
+                    })
+                    .collect();
+                let seen = actors.iter().filter(|(kind, _)| kind == until).count();
+                if status == 200 && seen >= count {
+                    return actors;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{path}: no {count} × {until} after 30 s: {status} {body}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let caller_of = |actors: &[(String, String)], kind: &str| {
+        actors
+            .iter()
+            .find(|(event, _)| event == kind)
+            .map(|(_, actor)| actor.clone())
+            .unwrap_or_else(|| panic!("no {kind} in {actors:?}"))
+    };
+    let order_events = audit(format!("/audit/order/{}", placed[0]), "order.confirmed", 1).await;
+    let caller = caller_of(&order_events, "order.placed");
+    assert!(caller.starts_with("key:"), "{order_events:?}");
+    assert_eq!(
+        caller_of(&order_events, "order.confirmed"),
+        format!("saga on behalf of {caller}"),
+        "{order_events:?}"
+    );
+    let other = audit(format!("/audit/order/{}", placed[2]), "order.placed", 1).await;
+    let other_caller = caller_of(&other, "order.placed");
+    assert!(
+        other_caller.starts_with("key:") && other_caller != caller,
+        "{other:?}"
+    );
+    let stock = audit("/audit/stock/SKU-ACTOR".to_owned(), "stock.reserved", 2).await;
+    assert_eq!(caller_of(&stock, "stock.received"), caller, "{stock:?}");
+    assert!(
+        stock
+            .iter()
+            .filter(|(event, _)| event == "stock.reserved")
+            .all(|(_, actor)| actor.starts_with("saga on behalf of key:")),
+        "{stock:?}"
+    );
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_key_has_its_own_rate_limit_and_429_says_when_to_retry() {
     let dir = tempfile::tempdir().expect("temp dir");

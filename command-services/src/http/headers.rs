@@ -17,10 +17,20 @@ const MAX_HEADER_LEN: usize = 255;
 /// Namespace of the command ids derived from idempotency keys.
 const COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2a7e_44d1_4c1b_9f0e_8b8a_3c51_d2e7);
 
-/// The command-related headers of a request, parsed.
+/// Who sent a request, as the authentication layer found it (a request extension). Without
+/// one (authentication off) commands are recorded as `anonymous`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor(pub String);
+
+/// The actor recorded for commands sent without authentication.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// The command-related headers of a request, parsed, with the request's [`Actor`].
 #[derive(Debug, Clone)]
 pub struct CommandHeaders {
+    /// Scoped to the actor: two callers using the same key send two commands.
     pub idempotency_key: Option<String>,
+    pub actor: Option<String>,
     pub expected_version: Option<u64>,
     pub correlation_id: String,
     pub traceparent: Option<String>,
@@ -79,6 +89,7 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
             .map(str::to_owned);
         Ok(CommandHeaders {
             idempotency_key: text(headers, IDEMPOTENCY_KEY)?.map(str::to_owned),
+            actor: parts.extensions.get::<Actor>().map(|actor| actor.0.clone()),
             expected_version: expected_version(headers)?,
             correlation_id: text(headers, CORRELATION_ID)?
                 .map(str::to_owned)
@@ -93,13 +104,14 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
 }
 
 impl CommandHeaders {
-    /// The command's metadata. With an idempotency key, the command id is derived from it (so
-    /// a retry is recognised) and the request's digest is kept (so a different request with
-    /// the same key is refused).
+    /// The command's metadata, with the request's actor. With an idempotency key, the command
+    /// id is derived from it and the actor (so the same caller's retry is recognised, and
+    /// another caller's use of the same key is a command of its own) and the request's digest
+    /// is kept (so a different request with the same key is refused).
     pub fn meta(&self, service: &str, request_fingerprint: &str) -> CommandMeta {
         let (command_id, request_hash) = match &self.idempotency_key {
             Some(key) => (
-                Uuid::new_v5(&COMMAND_NAMESPACE, format!("{service}:{key}").as_bytes()),
+                id_for_key(service, key, self.actor.as_deref()),
                 Some(digest(request_fingerprint)),
             ),
             None => (Uuid::now_v7(), None),
@@ -108,7 +120,7 @@ impl CommandHeaders {
             command_id,
             correlation_id: self.correlation_id.clone(),
             causation_id: None,
-            actor: "anonymous".to_owned(),
+            actor: self.actor.clone().unwrap_or_else(|| ANONYMOUS.to_owned()),
             request_hash,
             traceparent: self.traceparent.clone(),
             tracestate: self.tracestate.clone(),
@@ -119,16 +131,22 @@ impl CommandHeaders {
     /// names the same order), else a fresh UUIDv7.
     pub fn new_id(&self, purpose: &str) -> Uuid {
         match &self.idempotency_key {
-            Some(key) => id_for_key(purpose, key),
+            Some(key) => id_for_key(purpose, key, self.actor.as_deref()),
             None => Uuid::now_v7(),
         }
     }
 }
 
-/// The id a request with this idempotency key gets (`purpose` is `order-id` for `POST /orders`);
-/// the gateway uses it to find the instance owning the new aggregate's partition.
-pub fn id_for_key(purpose: &str, key: &str) -> Uuid {
-    Uuid::new_v5(&COMMAND_NAMESPACE, format!("{purpose}:{key}").as_bytes())
+/// The id a request with this idempotency key gets from this actor (`purpose` is the service
+/// for a command id, `order-id` for the order `POST /orders` creates); the gateway uses it to
+/// find the instance owning the new aggregate's partition. A header value cannot hold a line
+/// feed, so no actor and key run together into another pair.
+pub fn id_for_key(purpose: &str, key: &str, actor: Option<&str>) -> Uuid {
+    let name = match actor {
+        None => format!("{purpose}:{key}"),
+        Some(actor) => format!("{purpose}:{actor}\n{key}"),
+    };
+    Uuid::new_v5(&COMMAND_NAMESPACE, name.as_bytes())
 }
 
 /// The hex SHA-256 of `text`: a request's fingerprint.
@@ -148,6 +166,41 @@ mod tests {
         ));
         assert!(!valid_traceparent("00-xyz-00f067aa0ba902b7-01"));
         assert!(!valid_traceparent("garbage"));
+    }
+
+    #[test]
+    fn an_idempotency_key_is_scoped_to_its_actor() {
+        let headers = |actor: Option<&str>| CommandHeaders {
+            idempotency_key: Some("1".to_owned()),
+            actor: actor.map(str::to_owned),
+            expected_version: None,
+            correlation_id: "c".to_owned(),
+            traceparent: None,
+            tracestate: None,
+        };
+        let (alice, bob, nobody) = (
+            headers(Some("key:alice")),
+            headers(Some("key:bob")),
+            headers(None),
+        );
+        assert_eq!(alice.meta("order", "x").actor, "key:alice");
+        assert_eq!(nobody.meta("order", "x").actor, ANONYMOUS);
+        assert_eq!(
+            alice.meta("order", "x").command_id,
+            alice.meta("order", "x").command_id,
+            "a caller's retry is the same command"
+        );
+        assert_ne!(
+            alice.meta("order", "x").command_id,
+            bob.meta("order", "x").command_id
+        );
+        assert_ne!(alice.new_id("order-id"), bob.new_id("order-id"));
+        assert_ne!(alice.new_id("order-id"), nobody.new_id("order-id"));
+        // Without an actor the id is the one the key alone always named.
+        assert_eq!(
+            nobody.meta("order", "x").command_id,
+            Uuid::new_v5(&COMMAND_NAMESPACE, b"order:1")
+        );
     }
 
     #[test]
