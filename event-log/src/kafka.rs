@@ -1,8 +1,13 @@
 //! The Kafka backend (rdkafka).
 //!
-//! One idempotent producer (acks=all, a few ms of linger) is shared by every append: concurrent
-//! appends ride in the same produce batches and nothing waits for one delivery before sending the
-//! next. Readers assign explicit partitions and seek to explicit offsets; they never use Kafka's
+//! Two idempotent producers (acks=all) are shared by every append. An append made while no
+//! other is in flight goes out at once, on the prompt producer (no linger): a quiet platform's
+//! appends, such as a saga's steps one after the other, never wait to fill a batch. Appends
+//! made while others are in flight go to the batching producer (`--kafka-linger-ms`), so under
+//! load they ride in the same produce batches, and nothing waits for one delivery before
+//! sending the next. Appends in flight together have no order between them (an owner appends
+//! the next event of an aggregate only once the previous one is acknowledged), so two
+//! producers order nothing differently from one. Readers assign explicit partitions and seek to explicit offsets; they never use Kafka's
 //! committed offsets, since positions are stored with their effects (see ARCHITECTURE.md).
 //! A reader's fetch wait depends on its [`ReadMode`]: a few ms for readers someone waits on, a
 //! longer one for background readers, since some brokers (nisshi) hold every fetch for its full
@@ -36,7 +41,7 @@
 //! replica list), which every Kafka-protocol broker serves.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -179,7 +184,12 @@ pub struct KafkaLog {
 
 struct Inner {
     settings: KafkaSettings,
+    /// Lingers `linger_ms` to fill batches: for appends made while others are in flight.
     producer: FutureProducer,
+    /// Sends at once: for an append made while none is in flight.
+    prompt: FutureProducer,
+    /// Appends sent and not yet acknowledged (or failed).
+    in_flight: AtomicUsize,
     admin: AdminClient<DefaultClientContext>,
     /// For metadata and watermarks; never subscribes.
     metadata: Arc<BaseConsumer>,
@@ -352,19 +362,22 @@ impl std::fmt::Debug for KafkaLog {
 impl KafkaLog {
     /// Connects to the cluster and checks that it answers.
     pub async fn connect(settings: KafkaSettings) -> Result<Self, LogError> {
-        let producer: FutureProducer = settings
-            .client()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", settings.linger_ms.to_string())
-            .set("batch.num.messages", "10000")
-            .set("compression.type", "none")
-            .set(
-                "message.timeout.ms",
-                settings.delivery_timeout.as_millis().to_string(),
-            )
-            .create()
-            .map_err(unavailable)?;
+        let producer = |linger_ms: u32| -> Result<FutureProducer, LogError> {
+            settings
+                .client()
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("linger.ms", linger_ms.to_string())
+                .set("batch.num.messages", "10000")
+                .set("compression.type", "none")
+                .set(
+                    "message.timeout.ms",
+                    settings.delivery_timeout.as_millis().to_string(),
+                )
+                .create()
+                .map_err(unavailable)
+        };
+        let (prompt, producer) = (producer(0)?, producer(settings.linger_ms)?);
         let admin: AdminClient<DefaultClientContext> =
             settings.client().create().map_err(unavailable)?;
         let metadata: BaseConsumer = settings
@@ -377,6 +390,8 @@ impl KafkaLog {
             inner: Arc::new(Inner {
                 settings,
                 producer,
+                prompt,
+                in_flight: AtomicUsize::new(0),
                 admin,
                 metadata: Arc::new(metadata),
                 partitions: RwLock::new(HashMap::new()),
@@ -561,9 +576,13 @@ impl EventLog for KafkaLog {
                 })
             },
         );
-        let delivery = self
-            .inner
-            .producer
+        let in_flight = InFlight::enter(&self.inner.in_flight);
+        let producer = if in_flight.alone {
+            &self.inner.prompt
+        } else {
+            &self.inner.producer
+        };
+        let delivery = producer
             .send(
                 FutureRecord::to(topic)
                     .partition(partition as i32)
@@ -1106,8 +1125,30 @@ impl GroupMember for KafkaMember {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Deliver what is still queued before the producer goes away.
+        // Deliver what is still queued before the producers go away.
         let _ = self.producer.flush(Timeout::After(Duration::from_secs(5)));
+        let _ = self.prompt.flush(Timeout::After(Duration::from_secs(5)));
+    }
+}
+
+/// One append counted in [`Inner::in_flight`] until it is dropped (delivered, failed, or its
+/// caller gone).
+struct InFlight<'a> {
+    count: &'a AtomicUsize,
+    /// No other append was in flight when this one started.
+    alone: bool,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicUsize) -> InFlight<'a> {
+        let alone = count.fetch_add(1, Ordering::AcqRel) == 0;
+        InFlight { count, alone }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -110,7 +110,10 @@ pub trait EventLog: Send + Sync + 'static {
     /// The partition count of an existing topic.
     async fn partition_count(&self, topic: &str) -> Result<u32, LogError>;
 
-    /// Appends one record to a partition and returns where it landed, once durable.
+    /// Appends one record to a partition and returns where it landed, once durable. Appends
+    /// in flight together land in no promised order; a caller that needs one record before
+    /// another awaits the first append before making the second (as the owner does for an
+    /// aggregate's events and the saga's relay for an aggregate's commands).
     async fn append(
         &self,
         topic: &str,

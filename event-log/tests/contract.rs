@@ -716,6 +716,52 @@ async fn an_idle_member_gets_its_own_process_append_at_once() {
     }
 }
 
+/// On Kafka, an append made while no other is in flight does not wait for the producer's
+/// linger to fill a batch; appends made together still all land, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_append_does_not_wait_for_the_linger() {
+    let Ok(brokers) = std::env::var("TEST_KAFKA_BROKERS") else {
+        eprintln!("TEST_KAFKA_BROKERS not set: skipped");
+        return;
+    };
+    const LINGER_MS: u32 = 2_000;
+    let log: SharedLog = Arc::new(
+        KafkaLog::connect(KafkaSettings {
+            linger_ms: LINGER_MS,
+            ..KafkaSettings::new(brokers)
+        })
+        .await
+        .expect("connect to the test broker"),
+    );
+    let topic = unique_topic("lone-append");
+    log.ensure_topic(&topic, 2).await.expect("create topic");
+    let mut slowest = Duration::ZERO;
+    for version in 1..=3 {
+        let (_, record) = stock_record("SKU-lone", version);
+        let started = tokio::time::Instant::now();
+        log.append(&topic, 0, record).await.expect("append");
+        slowest = slowest.max(started.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_millis(u64::from(LINGER_MS) / 2),
+        "a lone append took {slowest:?} with a {LINGER_MS} ms linger"
+    );
+    let mut appends = tokio::task::JoinSet::new();
+    for n in 0..20u64 {
+        let log = log.clone();
+        let topic = topic.clone();
+        appends.spawn(async move {
+            let (_, record) = stock_record(&format!("SKU-{n}"), 1);
+            log.append(&topic, (n % 2) as u32, record).await
+        });
+    }
+    while let Some(appended) = appends.join_next().await {
+        appended.expect("append task").expect("append");
+    }
+    let landed = read_all(&log, &topic, &[(0, 0), (1, 0)], 23).await;
+    assert_eq!(landed.len(), 23);
+}
+
 /// A member that reads one busy partition and one quiet one (which it stops fetching, on
 /// Kafka) still gets every record of both, once and in order, and the quiet one's promptly
 /// when someone else writes to it.
