@@ -1,11 +1,14 @@
 //! The Kafka backend (rdkafka).
 //!
-//! Two idempotent producers (acks=all) are shared by every append. An append made while no
-//! other is in flight goes out at once, on the prompt producer (no linger): a quiet platform's
-//! appends, such as a saga's steps one after the other, never wait to fill a batch. Appends
-//! made while others are in flight go to the batching producer (`--kafka-linger-ms`), so under
-//! load they ride in the same produce batches, and nothing waits for one delivery before
-//! sending the next. Appends in flight together have no order between them (an owner appends
+//! Two idempotent producers (acks=all) are shared by every append. An append made when the
+//! process is quiet (none in flight, none started or finished within the linger) goes out at
+//! once, on the prompt producer (no linger): a quiet platform's appends, such as a saga's steps
+//! one after the other, never wait to fill a batch. Every other append goes to the batching
+//! producer (`--kafka-linger-ms`), so under load appends ride in the same produce batches, and
+//! nothing waits for one delivery before sending the next. (Quiet means more than nothing in
+//! flight: under a closed loop, a batch's acknowledgements leave nothing in flight for a moment,
+//! and the next commands come at once; sending the first of them alone would double the
+//! produce requests, which is what a broker such as nisshi spends its CPU on.) Appends in flight together have no order between them (an owner appends
 //! the next event of an aggregate only once the previous one is acknowledged), so two
 //! producers order nothing differently from one. Readers assign explicit partitions and seek to explicit offsets; they never use Kafka's
 //! committed offsets, since positions are stored with their effects (see ARCHITECTURE.md).
@@ -190,6 +193,10 @@ struct Inner {
     prompt: FutureProducer,
     /// Appends sent and not yet acknowledged (or failed).
     in_flight: AtomicUsize,
+    /// When an append last started or finished, in µs after `epoch` ([`NEVER`] before the
+    /// first).
+    last_append: AtomicU64,
+    epoch: std::time::Instant,
     admin: AdminClient<DefaultClientContext>,
     /// For metadata and watermarks; never subscribes.
     metadata: Arc<BaseConsumer>,
@@ -392,6 +399,8 @@ impl KafkaLog {
                 producer,
                 prompt,
                 in_flight: AtomicUsize::new(0),
+                last_append: AtomicU64::new(NEVER),
+                epoch: std::time::Instant::now(),
                 admin,
                 metadata: Arc::new(metadata),
                 partitions: RwLock::new(HashMap::new()),
@@ -576,8 +585,8 @@ impl EventLog for KafkaLog {
                 })
             },
         );
-        let in_flight = InFlight::enter(&self.inner.in_flight);
-        let producer = if in_flight.alone {
+        let in_flight = InFlight::enter(&self.inner);
+        let producer = if in_flight.quiet {
             &self.inner.prompt
         } else {
             &self.inner.producer
@@ -1131,24 +1140,43 @@ impl Drop for Inner {
     }
 }
 
+/// [`Inner::last_append`] before any append.
+const NEVER: u64 = u64::MAX;
+
 /// One append counted in [`Inner::in_flight`] until it is dropped (delivered, failed, or its
 /// caller gone).
 struct InFlight<'a> {
-    count: &'a AtomicUsize,
-    /// No other append was in flight when this one started.
-    alone: bool,
+    inner: &'a Inner,
+    /// No other append was in flight when this one started, and none started or finished
+    /// within the linger before.
+    quiet: bool,
 }
 
 impl<'a> InFlight<'a> {
-    fn enter(count: &'a AtomicUsize) -> InFlight<'a> {
-        let alone = count.fetch_add(1, Ordering::AcqRel) == 0;
-        InFlight { count, alone }
+    fn enter(inner: &'a Inner) -> InFlight<'a> {
+        let alone = inner.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
+        let now = inner.now_us();
+        let last = inner.last_append.swap(now, Ordering::AcqRel);
+        let linger = u64::from(inner.settings.linger_ms) * 1000;
+        InFlight {
+            inner,
+            quiet: alone && (last == NEVER || now.saturating_sub(last) >= linger),
+        }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.inner
+            .last_append
+            .store(self.inner.now_us(), Ordering::Release);
+        self.inner.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Inner {
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
     }
 }
 
