@@ -15,6 +15,11 @@ use crate::values::{OrderId, Quantity};
 /// The longest adjustment reason kept in the log.
 pub const MAX_REASON_LEN: usize = 500;
 
+/// The most units one stock item may hold on hand: 2^53 − 1, the largest count every reader
+/// holds exactly (a JSON number in any client, a read model's `BIGINT`, with room for the
+/// largest receipt or adjustment on top of it). A receipt or adjustment past it is refused.
+pub const MAX_ON_HAND: u64 = (1 << 53) - 1;
+
 // ---------------------------------------------------------------------------------------------
 // Commands
 
@@ -126,7 +131,7 @@ pub enum StockError {
     ReasonTooLong,
     #[error("adjustment would leave {on_hand_after} on hand, below the {reserved} reserved")]
     BelowReserved { on_hand_after: i128, reserved: u64 },
-    #[error("stock level would be too large")]
+    #[error("stock on hand would exceed {MAX_ON_HAND} units")]
     Overflow,
     #[error("no reservation is held for order {0}")]
     NoReservation(OrderId),
@@ -152,9 +157,9 @@ impl Aggregate for StockAggregate {
     ) -> Result<Decision<StockEvent>, StockError> {
         let event = match command {
             StockCommand::Receive { quantity } => {
-                item.on_hand
-                    .checked_add(u64::from(quantity.get()))
-                    .ok_or(StockError::Overflow)?;
+                if item.on_hand.saturating_add(u64::from(quantity.get())) > MAX_ON_HAND {
+                    return Err(StockError::Overflow);
+                }
                 StockEvent::Received(StockReceived {
                     quantity: *quantity,
                 })
@@ -177,7 +182,7 @@ impl Aggregate for StockAggregate {
                         reserved: item.reserved,
                     });
                 }
-                if on_hand_after > i128::from(u64::MAX) {
+                if on_hand_after > i128::from(MAX_ON_HAND) {
                     return Err(StockError::Overflow);
                 }
                 StockEvent::Adjusted(StockAdjusted {
@@ -263,6 +268,7 @@ mod tests {
 
     use super::*;
     use crate::testing::Scenario;
+    use proptest::prelude::*;
 
     fn order(n: u128) -> OrderId {
         OrderId(Uuid::from_u128(n))
@@ -330,9 +336,9 @@ mod tests {
         }
     }
 
-    /// A stock item holding `u64::MAX - 1` units (two adjustments of `i64::MAX`).
-    fn nearly_full() -> [StockEvent; 2] {
-        [adjusted(i64::MAX), adjusted(i64::MAX)]
+    /// A stock item holding one unit less than [`MAX_ON_HAND`].
+    fn nearly_full() -> [StockEvent; 1] {
+        [adjusted(MAX_ON_HAND as i64 - 1)]
     }
 
     // Receive
@@ -589,5 +595,40 @@ mod tests {
             reservations: BTreeMap::new(),
         };
         assert_eq!(item.available(), 0);
+    }
+
+    proptest! {
+        /// Whatever receipts and adjustments are asked, in any order, the units on hand and
+        /// reserved stay within [`MAX_ON_HAND`], so every read model's `BIGINT` holds them and
+        /// each event's delta added to a stored count stays in range.
+        #[test]
+        fn on_hand_never_leaves_the_range_every_reader_holds(
+            commands in proptest::collection::vec(
+                prop_oneof![
+                    (1u32..=u32::MAX).prop_map(|n| StockCommand::Receive { quantity: units(n) }),
+                    prop_oneof![
+                        Just(i64::MAX),
+                        Just(i64::MIN),
+                        Just(MAX_ON_HAND as i64),
+                        proptest::num::i64::ANY,
+                    ]
+                    .prop_map(|delta| adjust(delta, "stock-take")),
+                    (1u128..4, 1u32..=u32::MAX).prop_map(|(n, q)| reserve(n, q)),
+                ],
+                1..40,
+            )
+        ) {
+            let mut item = StockItem::default();
+            for command in &commands {
+                if let Ok(Decision::Append(event)) = StockAggregate::decide(&item, command) {
+                    item = StockAggregate::evolve(item, &event);
+                    prop_assert!(item.on_hand <= MAX_ON_HAND);
+                    prop_assert!(item.reserved <= item.on_hand);
+                    if let StockEvent::Adjusted(adjusted) = &event {
+                        prop_assert!(adjusted.delta.unsigned_abs() <= MAX_ON_HAND);
+                    }
+                }
+            }
+        }
     }
 }

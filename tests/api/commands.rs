@@ -385,6 +385,15 @@ async fn bad_input_gets_a_problem_with_the_right_status_and_writes_nothing() {
     )
     .await
     .expect_problem(409);
+    // Beyond the most units an item may hold (2^53 - 1, which every read model holds).
+    for delta in [i64::MAX, 1 << 53] {
+        app.post(
+            "/inventory/SKU-1/adjustments",
+            json!({"delta": delta, "reason": "found"}),
+        )
+        .await
+        .expect_problem(422);
+    }
     // Unknown things.
     app.post(
         "/orders/0190a0a0-0000-7000-8000-000000000000/cancel",
