@@ -39,7 +39,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
 use command_services::http::{ApiError, MAX_BODY_BYTES};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -1043,6 +1042,7 @@ pub struct Gateway {
     listener: TcpListener,
     router: Router,
     registry: Registry,
+    http: crate::settings::HttpSettings,
 }
 
 impl Gateway {
@@ -1062,6 +1062,7 @@ impl Gateway {
             listener,
             router,
             registry,
+            http: settings.http.clone(),
         })
     }
 
@@ -1083,8 +1084,7 @@ impl Gateway {
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(self.registry.clone().run_health_checks(stopped));
         tracing::info!(address = %self.listener.local_addr()?, "gateway serving HTTP");
-        let served = axum::serve(self.listener.tap_io(crate::server::no_delay), self.router)
-            .with_graceful_shutdown(signal)
+        let served = crate::server::serve_http(self.listener, self.router, &self.http, signal)
             .await
             .context("serving HTTP");
         let _ = stop.send(true);

@@ -11,7 +11,6 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
 use axum::{Json, Router};
 use command_services::http::{ApiError, MAX_BODY_BYTES};
 use command_services::provider::TestProvider;
@@ -27,7 +26,7 @@ use saga_orchestrator::side::SagaSide;
 
 use crate::backend::Backend;
 use crate::security::{self, Security};
-use crate::settings::{Part, Settings};
+use crate::settings::{HttpSettings, Part, Settings};
 
 /// How long a graceful stop waits for the command services' last snapshots.
 const FINAL_SNAPSHOTS: Duration = Duration::from_secs(10);
@@ -36,6 +35,7 @@ const FINAL_SNAPSHOTS: Duration = Duration::from_secs(10);
 pub struct Platform {
     listener: TcpListener,
     router: Router,
+    http: HttpSettings,
     shutdown: watch::Sender<bool>,
     commands: CommandState,
     read: Option<ReadSide>,
@@ -61,6 +61,44 @@ struct AppState {
     saga: Option<SagaSide>,
     backend: &'static str,
     max_lag_seconds: f64,
+    /// The projections' lag, which `/health/ready` and `/metrics` show: measuring it asks the
+    /// log where every partition ends and reads the oldest unapplied records.
+    projection_status: Arc<Cached<Result<Vec<ProjectionStatus>, String>>>,
+    /// The sagas by state, which `/metrics` shows: a count over the whole saga table.
+    saga_counts: Arc<Cached<String>>,
+}
+
+/// How long a measured status answers `/health/ready` and `/metrics` before it is measured
+/// again. Both routes are open (probes and scrapers carry no credentials) and unlimited, so
+/// whatever their rate, the log and the databases see at most one measurement per this long.
+const STATUS_TTL: Duration = Duration::from_millis(500);
+
+/// A value measured by one request at a time and kept for [`STATUS_TTL`]: requests that come
+/// meanwhile get it (those that come while it is measured wait for that measurement).
+struct Cached<T> {
+    slot: tokio::sync::Mutex<Option<(tokio::time::Instant, T)>>,
+}
+
+impl<T> Default for Cached<T> {
+    fn default() -> Self {
+        Cached {
+            slot: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl<T: Clone> Cached<T> {
+    async fn get(&self, measure: impl Future<Output = T>) -> T {
+        let mut slot = self.slot.lock().await;
+        if let Some((at, value)) = &*slot
+            && at.elapsed() < STATUS_TTL
+        {
+            return value.clone();
+        }
+        let value = measure.await;
+        *slot = Some((tokio::time::Instant::now(), value.clone()));
+        value
+    }
 }
 
 /// Creates the platform's topics that do not exist yet, whichever part starts first: a consumer
@@ -191,12 +229,15 @@ impl Platform {
                 saga: saga.clone(),
                 backend: backend.log.backend(),
                 max_lag_seconds: settings.max_lag_seconds,
+                projection_status: Arc::default(),
+                saga_counts: Arc::default(),
             }),
             security,
         );
         Ok(Platform {
             listener,
             router,
+            http: settings.http.clone(),
             shutdown,
             commands,
             read,
@@ -237,11 +278,11 @@ impl Platform {
             router,
             shutdown,
             commands,
+            http,
             ..
         } = self;
         tracing::info!(address = %listener.local_addr()?, "serving HTTP");
-        axum::serve(listener.tap_io(no_delay), router)
-            .with_graceful_shutdown(signal)
+        serve_http(listener, router, &http, signal)
             .await
             .context("serving HTTP")?;
         let _ = shutdown.send(true);
@@ -259,10 +300,97 @@ impl Platform {
     }
 }
 
+/// How long a stop waits for the requests in flight once it stops accepting connections.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Serves `router` on `listener` until `signal` completes, within `limits`
+/// ([`HttpSettings`]): a connection whose request headers have not all arrived
+/// `http_header_timeout_ms` after it opened (or after its previous answer) is closed, a
+/// request not answered within `http_request_timeout_ms` gets 503, and at most
+/// `http_max_connections` connections are served at once (further ones wait in the kernel's
+/// accept queue). On `signal` it stops accepting and lets the requests in flight finish (up
+/// to [`DRAIN`]). Every server of the platform, the gateway's too, runs on it.
+pub async fn serve_http(
+    listener: TcpListener,
+    router: Router,
+    limits: &HttpSettings,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        Duration::from_millis(limits.http_request_timeout_ms),
+        request_deadline,
+    ));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(limits.http_header_timeout_ms));
+    let connections = Arc::new(tokio::sync::Semaphore::new(
+        limits.http_max_connections.max(1),
+    ));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let signal = std::pin::pin!(signal);
+    let mut signal = signal;
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut signal => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, a connection reset before it was taken: wait a
+                    // moment rather than spin.
+                    tracing::warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut signal => break,
+        };
+        no_delay(&stream);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "HTTP connection ended");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after {DRAIN:?}; stopping anyway");
+    }
+    Ok(())
+}
+
+/// Answers 503 for a request not answered within its deadline (its body's arrival included).
+async fn request_deadline(
+    State(deadline): State<Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(deadline, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Unavailable(format!(
+            "the request was not answered within {} ms (a slow body, or a busy server); a command sent with an Idempotency-Key may be sent again",
+            deadline.as_millis()
+        ))
+        .into_response(),
+    }
+}
+
 /// Sets `TCP_NODELAY` on an accepted connection: an answer is one small write, and with
 /// Nagle's algorithm a write that follows another unacknowledged one waits for the peer's
-/// delayed acknowledgement (up to 40 ms on Linux). `axum::serve` leaves the option off.
-pub(crate) fn no_delay(stream: &mut tokio::net::TcpStream) {
+/// delayed acknowledgement (up to 40 ms on Linux).
+pub(crate) fn no_delay(stream: &tokio::net::TcpStream) {
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
     }
@@ -341,7 +469,7 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
     let projections = match &state.read {
         None => None,
-        Some(read) => match read.status().await {
+        Some(read) => match state.projection_status.get(read.status()).await {
             Ok(statuses) => {
                 for status in &statuses {
                     problems.extend(status.problems.iter().cloned());
@@ -393,7 +521,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         );
     }
     if let Some(read) = &state.read
-        && let Ok(statuses) = read.status().await
+        && let Ok(statuses) = state.projection_status.get(read.status()).await
     {
         let series = [
             (
@@ -452,7 +580,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
     }
     crate::telemetry::render(&mut out);
     if let Some(saga) = &state.saga {
-        crate::telemetry::render_sagas(&mut out, saga).await;
+        out.push_str(
+            &state
+                .saga_counts
+                .get(async {
+                    let mut counts = String::new();
+                    crate::telemetry::render_sagas(&mut counts, saga).await;
+                    counts
+                })
+                .await,
+        );
     }
     (
         [(
@@ -503,4 +640,42 @@ async fn openapi() -> Response {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
     Json(doc).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// However many requests ask at once, the status is measured once per [`STATUS_TTL`].
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_status_is_measured_once_per_ttl_whatever_the_request_rate() {
+        let cached: Arc<Cached<usize>> = Arc::default();
+        let measured = Arc::new(AtomicUsize::new(0));
+        let ask = || {
+            let (cached, measured) = (cached.clone(), measured.clone());
+            tokio::spawn(async move {
+                cached
+                    .get(async {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        measured.fetch_add(1, Ordering::SeqCst) + 1
+                    })
+                    .await
+            })
+        };
+        let first: Vec<_> = (0..100).map(|_| ask()).collect();
+        for answer in first {
+            assert_eq!(answer.await.expect("task"), 1);
+        }
+        tokio::time::sleep(STATUS_TTL / 2).await;
+        assert_eq!(
+            ask().await.expect("task"),
+            1,
+            "within the TTL: the same answer"
+        );
+        tokio::time::sleep(STATUS_TTL).await;
+        assert_eq!(ask().await.expect("task"), 2, "after it: measured again");
+        assert_eq!(measured.load(Ordering::SeqCst), 2);
+    }
 }

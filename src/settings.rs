@@ -249,6 +249,54 @@ pub struct Settings {
 
     #[command(flatten)]
     pub gateway: GatewaySettings,
+
+    #[command(flatten)]
+    pub http: HttpSettings,
+}
+
+/// What every HTTP server of the platform (the parts and the gateway) allows a connection.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpSettings {
+    /// A connection is closed when a request's headers have not all arrived this long (ms)
+    /// after it opened or after its previous answer: a client that sends nothing, or its
+    /// headers a byte at a time (slowloris), holds a connection no longer than this.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_HTTP_HEADER_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub http_header_timeout_ms: u64,
+
+    /// A request not answered within this long (ms), its body's arrival included, gets 503.
+    /// A command sent with an `Idempotency-Key` may then be sent again safely.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_HTTP_REQUEST_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub http_request_timeout_ms: u64,
+
+    /// Connections served at once; further ones wait in the kernel's accept queue until one
+    /// closes.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_HTTP_MAX_CONNECTIONS",
+        default_value_t = 1024
+    )]
+    pub http_max_connections: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            http_header_timeout_ms: 10_000,
+            http_request_timeout_ms: 30_000,
+            http_max_connections: 1024,
+        }
+    }
 }
 
 /// A secret from the command line or the environment: its `Debug` never shows it.
@@ -521,6 +569,7 @@ impl Settings {
                 ..SecuritySettings::default()
             },
             gateway: GatewaySettings::default(),
+            http: HttpSettings::default(),
         }
     }
 }

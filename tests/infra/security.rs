@@ -429,6 +429,120 @@ async fn the_embedded_dev_server_is_open_and_limits_still_apply() {
     app.stop().await;
 }
 
+/// How long until the server closes `stream` (a read returns end-of-file or an error), while
+/// `trickle` sends one more header byte every 100 ms (a slowloris) when set.
+async fn closed_after(stream: &mut tokio::net::TcpStream, trickle: bool) -> Duration {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let started = std::time::Instant::now();
+    let mut buffer = [0u8; 1024];
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the server kept the connection for 20 s"
+        );
+        if trickle {
+            // A write to a connection the server closed may fail; the read says so next.
+            let _ = stream.write_all(b"x").await;
+        }
+        match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+            Err(_) => {}
+        }
+    }
+}
+
+/// A connection that sends nothing, or its headers a byte at a time, is closed within the
+/// header timeout; a body that never finishes gets 503 at the request timeout; connections
+/// beyond the cap wait until one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_hold_no_connection_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = support::settings(dir.path());
+    settings.http.http_header_timeout_ms = 1_000;
+    settings.http.http_request_timeout_ms = 1_500;
+    settings.http.http_max_connections = 3;
+    let app = support::platform(settings, Part::All).await;
+
+    let mut idle = TcpStream::connect(app.address).await.expect("connect");
+    let waited = closed_after(&mut idle, false).await;
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(4)).contains(&waited),
+        "a connection that sent nothing was closed after {waited:?} (header timeout 1 s)"
+    );
+    let mut slowloris = TcpStream::connect(app.address).await.expect("connect");
+    slowloris
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let waited = closed_after(&mut slowloris, true).await;
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(4)).contains(&waited),
+        "a slowloris was closed after {waited:?} (header timeout 1 s)"
+    );
+
+    // Headers complete, body never: the request timeout answers.
+    let mut slow_body = TcpStream::connect(app.address).await.expect("connect");
+    slow_body
+        .write_all(
+            b"POST /inventory/SKU-SLOW/receipts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n{\"quan",
+        )
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("\r\n\r\n") {
+        let read = tokio::time::timeout(Duration::from_secs(10), slow_body.read(&mut buffer))
+            .await
+            .expect("an answer within 10 s")
+            .expect("read");
+        assert_ne!(read, 0, "closed without an answer");
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_400),
+        "answered after {:?}",
+        started.elapsed()
+    );
+
+    // The cap: three connections held open (each within its header timeout, by a fresh
+    // request started on it), a fourth request waits until one of them closes.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(app.address).await.expect("connect");
+        stream
+            .write_all(b"GET /health/live HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let answer = client
+        .get(format!("{}/health/live", app.url()))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("served once a held connection closes");
+    assert_eq!(answer.status().as_u16(), 200);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500),
+        "a fourth connection was served after {waited:?}, beside three held ones (cap 3)"
+    );
+    drop(held);
+    app.stop().await;
+}
+
 #[test]
 fn secrets_never_show_in_debug_output() {
     let mut settings = platform::Settings::embedded("/tmp/unused");
