@@ -526,7 +526,13 @@ impl Registry {
         };
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Below the parts' header timeout (which closes a connection idle that long), so
+            // the gateway drops an idle connection before a part does, and never sends a
+            // request on one the part is closing.
+            .pool_idle_timeout(
+                Duration::from_millis(settings.http.http_header_timeout_ms / 2)
+                    .max(Duration::from_millis(100)),
+            )
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .context("building the HTTP client")?;
