@@ -35,6 +35,10 @@ const FINAL_SNAPSHOTS: Duration = Duration::from_secs(10);
 pub struct Platform {
     listener: TcpListener,
     router: Router,
+    /// What this process serves, one line per part, for the start-up log.
+    parts: Vec<String>,
+    /// Where it keeps its data, for the start-up log.
+    storage: String,
     http: HttpSettings,
     shutdown: watch::Sender<bool>,
     commands: CommandState,
@@ -234,9 +238,43 @@ impl Platform {
             }),
             security,
         );
+        let mut parts = Vec::new();
+        let names: Vec<&str> = [
+            ("order", services.order),
+            ("payment", services.payment),
+            ("inventory", services.inventory),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect();
+        if !names.is_empty() {
+            parts.push(format!(
+                "command services {} (POST /orders, /inventory/{{sku}}/receipts, ...)",
+                names.join(", ")
+            ));
+        }
+        if read.is_some() {
+            parts.push(
+                "read models orders, inventory, payments, audit (GET /orders, /inventory, /payments, /audit)"
+                    .to_owned(),
+            );
+        }
+        if saga.is_some() {
+            parts.push("saga orchestrator (GET /sagas)".to_owned());
+        }
+        let storage = match (&settings.kafka, &settings.database_url) {
+            (Some(brokers), _) => format!("Kafka at {brokers}, Postgres"),
+            (None, Some(_)) => format!("embedded log in {}, Postgres", settings.data_dir.display()),
+            (None, None) => format!(
+                "embedded log and SQLite stores in {}",
+                settings.data_dir.display()
+            ),
+        };
         Ok(Platform {
             listener,
             router,
+            parts,
+            storage,
             http: settings.http.clone(),
             shutdown,
             commands,
@@ -279,9 +317,17 @@ impl Platform {
             shutdown,
             commands,
             http,
+            parts,
+            storage,
             ..
         } = self;
-        tracing::info!(address = %listener.local_addr()?, "serving HTTP");
+        let url = format!("http://{}", listener.local_addr()?);
+        for part in &parts {
+            tracing::info!("{url}: {part}");
+        }
+        tracing::info!(
+            "serving HTTP at {url} (readiness {url}/health/ready, API {url}/openapi.json); data: {storage}"
+        );
         serve_http(listener, router, &http, signal)
             .await
             .context("serving HTTP")?;

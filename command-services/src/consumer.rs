@@ -352,7 +352,7 @@ pub async fn consume_group<F, Fut>(
     loop {
         let now = tokio::time::Instant::now();
         if !told && now >= unassigned {
-            tracing::info!(%group, "no partition assigned yet; ready to send commands to their owners");
+            tracing::debug!(%group, "no partition assigned yet; ready to send commands to their owners");
             owner.assigned();
             told = true;
         }
@@ -380,7 +380,7 @@ pub async fn consume_group<F, Fut>(
                     if listed != topic {
                         continue;
                     }
-                    tracing::info!(%topic, partition, "partition assigned");
+                    tracing::debug!(%topic, partition, "partition assigned");
                     assigned.insert(partition);
                     retry.insert(partition, tokio::time::Instant::now());
                 }

@@ -496,7 +496,7 @@ where
             targets.insert(partition, end);
             floors.insert(partition, epoch);
         }
-        tracing::info!(
+        tracing::debug!(
             topic = %config.topic,
             aggregates = table.aggregates.len(),
             "owner loaded snapshots; reading the log tail"
@@ -603,7 +603,7 @@ where
             return Err(CommandError::NotReady);
         }
         lock(&inner.serving).insert(partition);
-        tracing::info!(%topic, partition, "partition caught up; deciding its commands");
+        tracing::debug!(%topic, partition, "partition caught up; deciding its commands");
         Ok(())
     }
 
@@ -1141,7 +1141,7 @@ async fn follow<A>(
     if !inner.config.assigned_by_group {
         inner.ready.store(true, Ordering::Release);
     }
-    tracing::info!(topic = %inner.config.topic, "owner caught up with the log; ready");
+    tracing::debug!(topic = %inner.config.topic, "owner caught up with the log; ready");
     watch_log(&inner, &mut shutdown).await;
 }
 
@@ -1166,7 +1166,7 @@ async fn acquire_epochs<A: EventCodec>(
             match acquired {
                 Ok(epoch) => {
                     lock(&inner.epochs).insert(partition, epoch);
-                    tracing::info!(topic = %inner.config.topic, partition, epoch, "owning the partition");
+                    tracing::debug!(topic = %inner.config.topic, partition, epoch, "owning the partition");
                     break;
                 }
                 Err(error) => {

@@ -750,7 +750,7 @@ impl Worker {
         if let Ok(mut positions) = self.state.positions.lock() {
             positions.insert((topic.to_owned(), partition), next);
         }
-        tracing::info!(
+        tracing::debug!(
             projection = name,
             topic,
             partition,
