@@ -241,12 +241,14 @@ async fn send_receipts(
             let urls = instances.lock().unwrap().clone();
             let url = &urls[(attempt + worker) as usize % urls.len()];
             attempt += 1;
-            // Short: a frozen instance does not answer, and the other one should be asked.
+            // Short: a frozen instance does not answer, and the other one should be asked. The
+            // wait counts in the measured gap: a worker that asked the frozen instance just
+            // before the other took its partitions over learns of it only after this long.
             let answer = client
                 .post(format!("{url}/inventory/{sku}/receipts"))
                 .header("idempotency-key", &key)
                 .json(&json!({ "quantity": quantity }))
-                .timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(1))
                 .send()
                 .await;
             let Ok(answer) = answer else {
