@@ -117,6 +117,14 @@ fn db_error(error: impl std::fmt::Display) -> DbError {
     DbError(error.to_string())
 }
 
+/// SQLITE_BUSY or one of its extended codes (the primary code is the low byte).
+fn is_busy(error: &dyn sqlx::error::DatabaseError) -> bool {
+    error
+        .code()
+        .and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| code & 0xff == 5)
+}
+
 fn sqlite_options(path: &Path) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
         .filename(path)
@@ -359,12 +367,27 @@ impl Db {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(db_error)?;
         }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(max_connections)
-            .connect_with(options)
-            .await
-            .map_err(db_error)?;
-        Ok(Db::Sqlite(pool))
+        // Connections opening a fresh file at once (processes started together) each switch it
+        // to WAL, and SQLite answers SQLITE_BUSY at once, without waiting in the busy handler,
+        // where waiting could deadlock: open again until the busy timeout has passed.
+        let deadline = tokio::time::Instant::now() + BUSY_TIMEOUT;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match SqlitePoolOptions::new()
+                .max_connections(max_connections)
+                .connect_with(options.clone())
+                .await
+            {
+                Ok(pool) => return Ok(Db::Sqlite(pool)),
+                Err(sqlx::Error::Database(error))
+                    if is_busy(error.as_ref()) && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                Err(error) => return Err(db_error(error)),
+            }
+        }
     }
 
     pub async fn begin(&self) -> Result<Tx, DbError> {
