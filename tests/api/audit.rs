@@ -44,15 +44,18 @@ async fn the_trace_of_a_compensated_saga_lists_every_step_in_causal_order() {
             .as_str()
             .expect("order id")
             .to_owned();
-        // Declined: the saga releases the stock and rejects the order.
+        // Declined: the saga releases the stock and rejects the order. The audit model reads
+        // each topic's partitions on their own, so the compensations may be in it before the
+        // decline that caused them: wait for all three.
         let trace = until(&app, &format!("/audit/trace/{correlation}"), |trace| {
             trace["steps"].as_array().is_some_and(|steps| {
-                steps
-                    .iter()
-                    .any(|step| step["event_type"] == "order.rejected")
-                    && steps
-                        .iter()
-                        .any(|step| step["event_type"] == "stock.reservation_released")
+                [
+                    "payment.declined",
+                    "order.rejected",
+                    "stock.reservation_released",
+                ]
+                .iter()
+                .all(|event| steps.iter().any(|step| step["event_type"] == *event))
             })
         })
         .await;
