@@ -455,13 +455,21 @@ async fn timeline(
         println!("{}", serde_json::to_string_pretty(&timeline)?);
         return Ok(());
     }
+    // As wide as the longest actor (`saga on behalf of key:…` is long), at least 10.
+    let actor_width = timeline
+        .events
+        .iter()
+        .map(|entry| entry.actor.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(10);
     println!(
-        "{:>3}  {:<24}  {:<27}  {:<10}  {:<13}  {:<13}  {:<13}  WHAT CHANGED",
+        "{:>3}  {:<24}  {:<27}  {:<actor_width$}  {:<13}  {:<13}  {:<13}  WHAT CHANGED",
         "V", "TIME", "EVENT", "ACTOR", "COMMAND", "CORRELATION", "CAUSATION"
     );
     for entry in &timeline.events {
         println!(
-            "{:>3}  {:<24}  {:<27}  {:<10}  {:<13}  {:<13}  {:<13}  {}",
+            "{:>3}  {:<24}  {:<27}  {:<actor_width$}  {:<13}  {:<13}  {:<13}  {}",
             entry.version,
             entry.occurred_at,
             entry.event_type,
