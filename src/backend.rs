@@ -25,7 +25,7 @@ impl std::fmt::Debug for Backend {
     }
 }
 
-/// The Kafka client settings the platform runs with (also used by `platform bench`, so its raw
+/// The Kafka client settings the platform runs with (also used by `platform-bench`, so its raw
 /// produce baseline uses exactly the platform's producer configuration).
 pub fn kafka_settings(brokers: &str, settings: &Settings) -> KafkaSettings {
     let mut kafka = KafkaSettings::new(brokers);

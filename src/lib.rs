@@ -8,21 +8,18 @@
 //! - [`settings`]: the typed settings, from flags with environment fallbacks.
 //! - [`backend`]: opening the event log and the stores for the chosen backend.
 //! - [`server`]: [`Platform::build`] binds and starts the parts; `run_until_stopped` serves.
-//! - [`bench`]: the `platform bench` load generators.
-//! - [`security`]: the authentication, role, rate-limit and request-limit layer of every part.
+//! - the HTTP edge every part shares (errors, authentication and roles, the server loop) is the
+//!   `http_edge` crate.
 //! - [`telemetry`]: the command metrics (by route and outcome, latency) and saga states in
 //!   `/metrics`.
-//! - [`gateway`]: `platform serve gateway`, the single entry point: registry, health checks,
-//!   partition-aware routing, retries, circuit breakers.
+//! - `platform serve gateway`, the single entry point (registry, health checks, partition-aware
+//!   routing, retries, circuit breakers), is the `gateway` crate.
 //! - [`ops`]: operator commands (`projections status`, `parked list|retry|skip`).
 //! - [`tools`]: `platform replay` and `platform audit`.
 
 pub mod backend;
-pub mod bench;
-pub mod gateway;
 pub mod ops;
 pub mod otlp;
-pub mod security;
 pub mod server;
 pub mod settings;
 pub mod telemetry;

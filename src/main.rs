@@ -34,11 +34,6 @@ enum Command {
         #[arg(value_enum, default_value = "all")]
         part: Part,
     },
-    /// Load generators that measure the platform against raw baselines taken in the same run.
-    Bench {
-        #[command(subcommand)]
-        bench: platform::bench::Bench,
-    },
     /// Rebuild read models from the log into shadow tables and swap them in (live queries keep
     /// answering); or count (--dry-run) or compare (--diff) only.
     Replay(platform::tools::ReplayArgs),
@@ -69,7 +64,7 @@ enum Command {
 }
 
 /// `default` applies when `RUST_LOG` is not set. `to_stderr` keeps stdout for a command's own
-/// output (a benchmark's report). With `otlp` (an endpoint and a service name), spans are also
+/// output (a replay's report). With `otlp` (an endpoint and a service name), spans are also
 /// exported by OTLP; the exporter is returned to be shut down (flushed) on exit.
 fn init_logging(
     json: bool,
@@ -134,12 +129,11 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve { part: Part::All });
-    // Operator commands and benchmarks print a report; only warnings should interleave with it.
+    // Operator commands print a report; only warnings should interleave with it.
     let default_filter = match command {
         Command::Serve { .. } => "info,sqlx=warn,rdkafka=warn",
         Command::Replay(_) | Command::Audit { .. } => "warn",
-        Command::Bench { .. }
-        | Command::Projections { .. }
+        Command::Projections { .. }
         | Command::Parked { .. }
         | Command::Sagas { .. }
         | Command::Recover(_) => "warn",
@@ -157,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
     let exporter = init_logging(
         cli.log_json,
         default_filter,
-        matches!(command, Command::Bench { .. } | Command::Replay(_)),
+        matches!(command, Command::Replay(_)),
         otlp,
     )?;
     if let Some((endpoint, service)) = otlp {
@@ -171,26 +165,17 @@ async fn main() -> anyhow::Result<()> {
     result
 }
 
-async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Serve {
             part: Part::Gateway,
         } => {
-            let gateway = platform::gateway::Gateway::build(&settings).await?;
-            gateway.run_until_stopped(shutdown_signal()).await
+            let gateway = gateway::Gateway::build(&settings.gateway_config()).await?;
+            Ok(gateway.run_until_stopped(shutdown_signal()).await?)
         }
         Command::Serve { part } => {
             let platform = Platform::build(settings, part).await?;
             platform.run_until_stopped(shutdown_signal()).await
-        }
-        Command::Bench { bench } => {
-            // The load generators talk to the platform they start without credentials.
-
-            settings
-                .security
-                .auth
-                .get_or_insert(platform::settings::Toggle::Off);
-            platform::bench::run(bench, settings).await
         }
         Command::Replay(args) => platform::tools::replay(args, settings).await,
         Command::Audit { command } => platform::tools::audit(command, settings).await,

@@ -12,9 +12,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use command_services::http::{ApiError, MAX_BODY_BYTES};
 use command_services::provider::TestProvider;
 use command_services::{CommandSettings, CommandState, ServiceSet};
+use http_edge::{ApiError, MAX_BODY_BYTES};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -25,8 +25,9 @@ use projections::{ReadBackend, ReadSide};
 use saga_orchestrator::side::SagaSide;
 
 use crate::backend::Backend;
-use crate::security::{self, Security};
 use crate::settings::{HttpSettings, Part, Settings};
+use http_edge::security::{self, Security};
+use http_edge::serve::serve_http;
 
 /// How long a graceful stop waits for the command services' last snapshots.
 const FINAL_SNAPSHOTS: Duration = Duration::from_secs(10);
@@ -130,6 +131,16 @@ async fn ensure_topics(log: &event_log::SharedLog, settings: &Settings) -> anyho
 impl Platform {
     /// Opens the backend, starts the parts named by `part`, and binds the HTTP address.
     pub async fn build(settings: Settings, part: Part) -> anyhow::Result<Self> {
+        Self::build_with(settings, part, |log| log).await
+    }
+
+    /// [`Platform::build`], every part using the event log as `layer` wraps it: a decorator
+    /// that sees each call (`platform-bench` times appends with one).
+    pub async fn build_with(
+        settings: Settings,
+        part: Part,
+        layer: impl FnOnce(event_log::SharedLog) -> event_log::SharedLog,
+    ) -> anyhow::Result<Self> {
         if part == Part::Gateway {
             anyhow::bail!("the gateway is its own process: gateway::Gateway::build");
         }
@@ -143,7 +154,8 @@ impl Platform {
         } else {
             None
         };
-        let backend = Backend::open(&settings).await?;
+        let mut backend = Backend::open(&settings).await?;
+        backend.log = layer(backend.log);
         ensure_topics(&backend.log, &settings).await?;
         let (shutdown, stopped) = watch::channel(false);
         let services = match part {
@@ -343,102 +355,6 @@ impl Platform {
             );
         }
         Ok(())
-    }
-}
-
-/// How long a stop waits for the requests in flight once it stops accepting connections.
-const DRAIN: Duration = Duration::from_secs(10);
-
-/// Serves `router` on `listener` until `signal` completes, within `limits`
-/// ([`HttpSettings`]): a connection whose request headers have not all arrived
-/// `http_header_timeout_ms` after it opened (or after its previous answer) is closed, a
-/// request not answered within `http_request_timeout_ms` gets 503, and at most
-/// `http_max_connections` connections are served at once (further ones wait in the kernel's
-/// accept queue). On `signal` it stops accepting and lets the requests in flight finish (up
-/// to [`DRAIN`]). Every server of the platform, the gateway's too, runs on it.
-pub async fn serve_http(
-    listener: TcpListener,
-    router: Router,
-    limits: &HttpSettings,
-    signal: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    let router = router.layer(axum::middleware::from_fn_with_state(
-        Duration::from_millis(limits.http_request_timeout_ms),
-        request_deadline,
-    ));
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(limits.http_header_timeout_ms));
-    let connections = Arc::new(tokio::sync::Semaphore::new(
-        limits.http_max_connections.max(1),
-    ));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let signal = std::pin::pin!(signal);
-    let mut signal = signal;
-    loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = &mut signal => break,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    // Out of file descriptors, a connection reset before it was taken: wait a
-                    // moment rather than spin.
-                    tracing::warn!(%error, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut signal => break,
-        };
-        no_delay(&stream);
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "HTTP connection ended");
-            }
-            drop(permit);
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("requests still in flight after {DRAIN:?}; stopping anyway");
-    }
-    Ok(())
-}
-
-/// Answers 503 for a request not answered within its deadline (its body's arrival included).
-async fn request_deadline(
-    State(deadline): State<Duration>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    match tokio::time::timeout(deadline, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::Unavailable(format!(
-            "the request was not answered within {} ms (a slow body, or a busy server); a command sent with an Idempotency-Key may be sent again",
-            deadline.as_millis()
-        ))
-        .into_response(),
-    }
-}
-
-/// Sets `TCP_NODELAY` on an accepted connection: an answer is one small write, and with
-/// Nagle's algorithm a write that follows another unacknowledged one waits for the peer's
-/// delayed acknowledgement (up to 40 ms on Linux).
-pub(crate) fn no_delay(stream: &tokio::net::TcpStream) {
-    if let Err(error) = stream.set_nodelay(true) {
-        tracing::debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
     }
 }
 

@@ -4,6 +4,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub use gateway::GatewaySettings;
+pub use http_edge::security::{Secret, SecuritySettings, Toggle};
+pub use http_edge::serve::HttpSettings;
+
 /// Which part of the platform a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Part {
@@ -32,8 +36,8 @@ pub struct Settings {
     #[arg(long, global = true, env = "PLATFORM_KAFKA")]
     pub kafka: Option<String>,
 
-    /// Postgres URL for the command side's snapshots (and, later, read models). Required with
-    /// --kafka. Never logged.
+    /// Postgres URL for the command side's snapshots, the read models and the saga's state.
+    /// Required with --kafka. Never logged.
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
@@ -254,267 +258,20 @@ pub struct Settings {
     pub http: HttpSettings,
 }
 
-/// What every HTTP server of the platform (the parts and the gateway) allows a connection.
-#[derive(Debug, Clone, clap::Args)]
-pub struct HttpSettings {
-    /// A connection is closed when a request's headers have not all arrived this long (ms)
-    /// after it opened or after its previous answer: a client that sends nothing, or its
-    /// headers a byte at a time (slowloris), holds a connection no longer than this.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_HTTP_HEADER_TIMEOUT_MS",
-        default_value_t = 10_000
-    )]
-    pub http_header_timeout_ms: u64,
-
-    /// A request not answered within this long (ms), its body's arrival included, gets 503.
-    /// A command sent with an `Idempotency-Key` may then be sent again safely.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_HTTP_REQUEST_TIMEOUT_MS",
-        default_value_t = 30_000
-    )]
-    pub http_request_timeout_ms: u64,
-
-    /// Connections served at once; further ones wait in the kernel's accept queue until one
-    /// closes.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_HTTP_MAX_CONNECTIONS",
-        default_value_t = 1024
-    )]
-    pub http_max_connections: usize,
-}
-
-impl Default for HttpSettings {
-    fn default() -> Self {
-        HttpSettings {
-            http_header_timeout_ms: 10_000,
-            http_request_timeout_ms: 30_000,
-            http_max_connections: 1024,
-        }
-    }
-}
-
-/// A secret from the command line or the environment: its `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(\"***\")")
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        Ok(Secret(value.to_owned()))
-    }
-}
-
-/// `on` or `off`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Toggle {
-    On,
-    Off,
-}
-
-/// Authentication, roles and rate limits (see `security`).
-#[derive(Debug, Clone, clap::Args)]
-pub struct SecuritySettings {
-    /// Require credentials (`on`/`off`). Default: off on the embedded backend (a developer's
-    /// machine), on with --kafka or --database-url. /health/*, /metrics and /openapi.json stay
-    /// open.
-    #[arg(long, global = true, env = "PLATFORM_AUTH", value_enum)]
-    pub auth: Option<Toggle>,
-
-    /// API keys as `role:key` pairs, comma separated (roles: client, operator, auditor), sent as
-    /// `Authorization: Bearer <key>` or `X-Api-Key: <key>`. Never logged.
-    #[arg(long, global = true, env = "PLATFORM_API_KEYS", hide_env_values = true)]
-    pub api_keys: Option<Secret>,
-
-    /// HMAC secret (HS256) of JWT bearer tokens; their `role` (or `roles`) claim names the
-    /// role, `sub` the caller, `exp` is required. Never logged.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_JWT_SECRET",
-        hide_env_values = true
-    )]
-    pub jwt_secret: Option<Secret>,
-
-    /// Requests per second each caller (key, token subject, or client address when
-    /// authentication is off) may make on average.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_RATE_LIMIT",
-        default_value_t = 100.0
-    )]
-    pub rate_limit: f64,
-
-    /// Requests a caller may make in a burst above the average rate.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_RATE_BURST",
-        default_value_t = 200
-    )]
-    pub rate_burst: u32,
-}
-
-impl SecuritySettings {
-    /// Authentication is on unless turned off, except on the embedded backend.
-    pub fn auth_enabled(&self, distributed: bool) -> bool {
-        match self.auth {
-            Some(toggle) => toggle == Toggle::On,
-            None => distributed,
-        }
-    }
-}
-
-/// The gateway's upstreams and policies (`platform serve gateway`).
-#[derive(Debug, Clone, clap::Args)]
-pub struct GatewaySettings {
-    /// Instances of the order service: `http://host:port` base URLs, comma separated, and/or
-    /// `dns://name:port` (every address the name resolves to, re-resolved at each health
-    /// check).
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_ORDER",
-        value_delimiter = ','
-    )]
-    pub gateway_order: Vec<String>,
-
-    /// Instances of the inventory service (same form as --gateway-order).
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_INVENTORY",
-        value_delimiter = ','
-    )]
-    pub gateway_inventory: Vec<String>,
-
-    /// Instances of the query API (`serve projections`), same form.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_QUERY",
-        value_delimiter = ','
-    )]
-    pub gateway_query: Vec<String>,
-
-    /// Instances of the saga API (`serve saga`), same form.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_SAGA",
-        value_delimiter = ','
-    )]
-    pub gateway_saga: Vec<String>,
-
-    /// Timeout of one attempt at a command (ms).
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_COMMAND_TIMEOUT_MS",
-        default_value_t = 10_000
-    )]
-    pub gateway_command_timeout_ms: u64,
-
-    /// Timeout of one attempt at a read (ms); a read-your-writes query waits up to 5 s.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_READ_TIMEOUT_MS",
-        default_value_t = 8_000
-    )]
-    pub gateway_read_timeout_ms: u64,
-
-    /// Extra attempts, on another instance, for an idempotent request (a GET, or a command with
-    /// an Idempotency-Key) that failed to connect, timed out or answered 502/503/504.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_RETRIES",
-        default_value_t = 2
-    )]
-    pub gateway_retries: u32,
-
-    /// How often each upstream instance's /health/ready is polled (ms).
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_HEALTH_INTERVAL_MS",
-        default_value_t = 2_000
-    )]
-    pub gateway_health_interval_ms: u64,
-
-    /// Consecutive failures that open an instance's circuit breaker.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_BREAKER_FAILURES",
-        default_value_t = 5
-    )]
-    pub gateway_breaker_failures: u32,
-
-    /// How long an open breaker refuses requests before letting one probe through (ms).
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_BREAKER_OPEN_MS",
-        default_value_t = 10_000
-    )]
-    pub gateway_breaker_open_ms: u64,
-}
-
-impl Default for SecuritySettings {
-    fn default() -> Self {
-        SecuritySettings {
-            auth: None,
-            api_keys: None,
-            jwt_secret: None,
-            rate_limit: 100.0,
-            rate_burst: 200,
-        }
-    }
-}
-
-impl Default for GatewaySettings {
-    fn default() -> Self {
-        GatewaySettings {
-            gateway_order: Vec::new(),
-            gateway_inventory: Vec::new(),
-            gateway_query: Vec::new(),
-            gateway_saga: Vec::new(),
-            gateway_command_timeout_ms: 10_000,
-            gateway_read_timeout_ms: 8_000,
-            gateway_retries: 2,
-            gateway_health_interval_ms: 2_000,
-            gateway_breaker_failures: 5,
-            gateway_breaker_open_ms: 10_000,
-        }
-    }
-}
-
 impl Settings {
+    /// What `platform serve gateway` is built from.
+    pub fn gateway_config(&self) -> gateway::Config {
+        gateway::Config {
+            http_addr: self.http_addr,
+            topic_prefix: self.topic_prefix.clone(),
+            partitions: self.partitions,
+            distributed: self.distributed(),
+            gateway: self.gateway.clone(),
+            security: self.security.clone(),
+            http: self.http.clone(),
+        }
+    }
+
     /// The saga's timeouts and retries.
     pub fn saga_config(&self) -> saga_orchestrator::SagaConfig {
         let step = std::time::Duration::from_millis(self.saga_timeout_ms);

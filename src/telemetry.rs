@@ -3,7 +3,7 @@
 //! inside its span). The log's append latency and the projections' batch sizes are histograms
 //! of `event_log::metrics`, rendered here too.
 //!
-//! A middleware times every request of the command class (see [`crate::security::classify`])
+//! A middleware times every request of the command class (see [`http_edge::security::classify`])
 //! and counts it by route and outcome; `/metrics` renders the counters and a latency histogram.
 //! The registry is per process, as a Prometheus registry is: several platforms in one test
 //! process add to the same series.
@@ -23,7 +23,7 @@ use opentelemetry::trace::TraceContextExt;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::security::{RouteClass, classify};
+use http_edge::security::{RouteClass, classify};
 
 const CORRELATION_ID: &str = "x-correlation-id";
 const SERVER_TIMING: &str = "server-timing";
@@ -95,18 +95,13 @@ pub async fn track(mut request: Request, next: Next) -> Response {
     // trace (or starts one), and its own context becomes the request's `traceparent`: the
     // command API writes that into the events, so the projections' and saga's spans are its
     // children. Without the layer the span has no context and the client's header stays.
-    if let Some(parent) = projections::traced::remote_parent(traceparent.as_deref()) {
+    if let Some(parent) = http_edge::trace::remote_parent(traceparent.as_deref()) {
         let _ = span.set_parent(parent);
     }
     let own = span.context();
     let own = own.span().span_context().clone();
     let traceparent = if own.is_valid() {
-        let own = format!(
-            "00-{}-{}-{:02x}",
-            own.trace_id(),
-            own.span_id(),
-            own.trace_flags().to_u8()
-        );
+        let own = http_edge::trace::format(&own);
         if let Ok(value) = HeaderValue::from_str(&own) {
             request.headers_mut().insert("traceparent", value);
         }
@@ -114,8 +109,8 @@ pub async fn track(mut request: Request, next: Next) -> Response {
     } else {
         traceparent
     };
-    if let Some(trace_id) = traceparent.as_deref().and_then(trace_id) {
-        span.record("trace_id", trace_id);
+    if let Some((trace_id, _)) = http_edge::trace::ids(traceparent.as_deref()) {
+        span.record("trace_id", trace_id.as_str());
     }
     let probe = matches!(
         request.uri().path(),
@@ -135,7 +130,7 @@ pub async fn track(mut request: Request, next: Next) -> Response {
         }
     });
     // The server's own time, in the standard header browsers' developer tools and load
-    // generators read (`platform bench commands` splits its latency with it).
+    // generators read (`platform-bench commands` splits its latency with it).
     if let Ok(value) = HeaderValue::from_str(&format!("app;dur={millis:.3}")) {
         response.headers_mut().append(SERVER_TIMING, value);
     }
@@ -145,48 +140,6 @@ pub async fn track(mut request: Request, next: Next) -> Response {
         response.headers_mut().insert(CORRELATION_ID, value);
     }
     response
-}
-
-/// The `app` metric's duration in a `Server-Timing` header value (W3C Server Timing:
-/// `app;dur=1.234`, milliseconds, possibly among other metrics).
-pub fn server_time(header: &str) -> Option<std::time::Duration> {
-    header.split(',').find_map(|metric| {
-        let mut params = metric.split(';').map(str::trim);
-        if params.next()? != "app" {
-            return None;
-        }
-        let millis: f64 = params
-            .find_map(|param| param.strip_prefix("dur="))?
-            .parse()
-            .ok()?;
-        (millis.is_finite() && millis >= 0.0)
-            .then(|| std::time::Duration::from_secs_f64(millis / 1e3))
-    })
-}
-
-/// The server's own time an answer's `Server-Timing` headers give, if any.
-pub fn server_time_of(headers: &axum::http::HeaderMap) -> Option<std::time::Duration> {
-    headers
-        .get_all(SERVER_TIMING)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .find_map(server_time)
-}
-
-/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), when it is one.
-pub fn trace_id(traceparent: &str) -> Option<&str> {
-    let mut parts = traceparent.trim().split('-');
-    let (version, trace, span, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex =
-        |part: &str, len: usize| part.len() == len && part.chars().all(|c| c.is_ascii_hexdigit());
-    (parts.next().is_none()
-        && hex(version, 2)
-        && hex(trace, 32)
-        && hex(span, 16)
-        && hex(flags, 2)
-        && trace != "0".repeat(32))
-    .then_some(trace)
 }
 
 async fn timed(request: Request, next: Next) -> Response {

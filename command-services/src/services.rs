@@ -15,13 +15,13 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use crate::consumer;
-use crate::http::headers::digest;
 use crate::messages::{CommandMessage, ServiceCommand};
 use crate::owner::{CommandError, CommandRequest, Owner, OwnerConfig, OwnerStatus};
 use crate::provider::{
     PaymentProvider, ProviderPolicy, authorise_with_retries, release_with_retries,
 };
 use crate::store::CommandStore;
+use http_edge::headers::digest;
 
 /// Which services run in this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,8 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Upper bounds (seconds) of the append latency buckets.
@@ -103,27 +103,6 @@ fn observe(family: &Family, bounds: &'static [f64], labels: &[&str], value: f64)
     histogram.observe(value);
 }
 
-/// Told of every append's topic and latency in this process, besides the histograms: for a
-/// finer measurement than their buckets give (`platform bench commands` uses it).
-pub type AppendHook = Arc<dyn Fn(&str, Duration) + Send + Sync>;
-
-/// Whether a hook is set: appends skip the hook's lock when none is.
-static HOOKED: AtomicBool = AtomicBool::new(false);
-
-fn append_hook() -> &'static RwLock<Option<AppendHook>> {
-    static HOOK: OnceLock<RwLock<Option<AppendHook>>> = OnceLock::new();
-    HOOK.get_or_init(|| RwLock::new(None))
-}
-
-/// Sets the process's append hook, or removes it with `None`; returns the one it replaces.
-pub fn set_append_hook(hook: Option<AppendHook>) -> Option<AppendHook> {
-    let mut slot = append_hook()
-        .write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    HOOKED.store(hook.is_some(), Ordering::Release);
-    std::mem::replace(&mut *slot, hook)
-}
-
 /// Records one append's latency (from the call to its durable acknowledgement, or its error).
 pub fn observe_append(backend: &str, topic: &str, elapsed: Duration) {
     observe(
@@ -132,15 +111,6 @@ pub fn observe_append(backend: &str, topic: &str, elapsed: Duration) {
         &[backend, topic],
         elapsed.as_secs_f64(),
     );
-    if HOOKED.load(Ordering::Acquire) {
-        let hook = append_hook()
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone();
-        if let Some(hook) = hook {
-            hook(topic, elapsed);
-        }
-    }
 }
 
 /// Times an append until dropped: `let _timer = AppendTimer::start(backend, topic);`.
@@ -234,26 +204,5 @@ mod tests {
         ] {
             assert!(out.lines().any(|l| l == line), "{line} not in:\n{out}");
         }
-    }
-
-    #[test]
-    fn the_append_hook_sees_each_append_until_removed() {
-        let seen: Arc<Mutex<Vec<Duration>>> = Arc::default();
-        let recorder = seen.clone();
-        let previous = set_append_hook(Some(Arc::new(move |topic, elapsed| {
-            // Other tests of this binary append too, concurrently.
-            if topic == "hook-test" {
-                recorder.lock().unwrap().push(elapsed);
-            }
-        })));
-        assert!(previous.is_none());
-        observe_append("embedded", "hook-test", Duration::from_millis(4));
-        observe_append("embedded", "hook-test", Duration::from_millis(9));
-        assert!(set_append_hook(None).is_some());
-        observe_append("embedded", "hook-test", Duration::from_millis(1));
-        assert_eq!(
-            *seen.lock().unwrap(),
-            [Duration::from_millis(4), Duration::from_millis(9)]
-        );
     }
 }

@@ -7,8 +7,8 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use command_services::http::headers::{ANONYMOUS, Actor};
-use command_services::http::{ApiError, FieldError, Problem};
+use http_edge::headers::{ANONYMOUS, Actor};
+use http_edge::{ApiError, FieldError, Problem};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 

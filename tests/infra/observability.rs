@@ -210,13 +210,11 @@ async fn every_answer_carries_the_correlation_id() {
         .get("server-timing")
         .and_then(|v| v.to_str().ok())
         .expect("a Server-Timing header");
-    let took = platform::telemetry::server_time(timing).expect("an app;dur= metric");
-    assert!(took < Duration::from_secs(10), "{timing}");
-    assert_eq!(
-        platform::telemetry::server_time("db;dur=2, app;desc=\"x\";dur=1.5"),
-        Some(Duration::from_micros(1500))
-    );
-    assert_eq!(platform::telemetry::server_time("db;dur=2"), None);
+    let millis: f64 = timing
+        .strip_prefix("app;dur=")
+        .and_then(|millis| millis.parse().ok())
+        .unwrap_or_else(|| panic!("an app;dur= metric: {timing}"));
+    assert!((0.0..10_000.0).contains(&millis), "{timing}");
     let generated = client
         .get(format!("{}/inventory/SKU-C", app.url()))
         .send()

@@ -554,7 +554,7 @@ fn secrets_never_show_in_debug_output() {
         "{shown}"
     );
     let security =
-        platform::security::Security::from_settings(&settings.security, true).expect("security");
+        http_edge::security::Security::from_settings(&settings.security, true).expect("security");
     let shown = format!("{security:?}");
     assert!(
         !shown.contains(CLIENT) && !shown.contains(JWT_SECRET),

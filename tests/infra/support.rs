@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Once;
 use std::time::Duration;
 
-use platform::gateway::Gateway;
+use gateway::Gateway;
 use platform::{Part, Platform, Settings};
 use tokio::sync::oneshot;
 use tracing_subscriber::Layer;
@@ -151,7 +151,9 @@ pub async fn platform(settings: Settings, part: Part) -> Running {
 /// Starts a gateway with `settings`.
 pub async fn gateway(settings: Settings) -> Running {
     init_logging();
-    let gateway = Gateway::build(&settings).await.expect("build the gateway");
+    let gateway = Gateway::build(&settings.gateway_config())
+        .await
+        .expect("build the gateway");
     let address = gateway.local_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {

@@ -12,11 +12,11 @@ use event_schema::EventCodec;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::{ApiError, FieldError, Problem};
-use super::extract::{ApiJson, OptionalJson};
-use super::headers::{CONSISTENCY_TOKEN, CORRELATION_ID, CommandHeaders};
 use crate::CommandState;
 use crate::owner::{CommandError, CommandRequest, Outcome, Owner};
+use http_edge::error::{ApiError, FieldError, Problem};
+use http_edge::extract::{ApiJson, OptionalJson};
+use http_edge::headers::{CONSISTENCY_TOKEN, CORRELATION_ID, CommandHeaders};
 
 // ---------------------------------------------------------------------------------------------
 // Requests and responses

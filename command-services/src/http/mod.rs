@@ -1,9 +1,4 @@
-//! The command side's HTTP API: routes, errors and extractors.
+//! The command side's HTTP API: its routes. Errors, extractors and command headers are the
+//! shared edge's (`http_edge`).
 
 pub mod commands;
-pub mod error;
-pub mod extract;
-pub mod headers;
-
-pub use error::{ApiError, FieldError, PROBLEM_JSON, Problem};
-pub use extract::{ApiJson, MAX_BODY_BYTES};

@@ -6,7 +6,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
-use super::error::ApiError;
+use crate::error::ApiError;
 
 /// The largest request body accepted, in bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -34,7 +34,7 @@ where
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     match rejection {
         JsonRejection::JsonDataError(error) => {
-            ApiError::Validation(vec![super::error::FieldError::new(
+            ApiError::Validation(vec![crate::error::FieldError::new(
                 "body",
                 error.body_text().trim_start_matches(
                     "Failed to deserialize the JSON body into the target type: ",

@@ -1,9 +1,9 @@
-//! `platform bench queries`: `GET /orders/{id}` on the query API against the two things it is
+//! `platform-bench queries`: `GET /orders/{id}` on the query API against the two things it is
 //! built from, measured in the same run: the HTTP no-op of the same server and Postgres' own
 //! primary-key lookup rate (`pgbench -S`).
 //!
 //! 1. **Preload**: `--orders` order lifecycles decided by the domain and appended to the log,
-//!    as `platform bench projections` does; then the platform's projection part (`serve
+//!    as `platform-bench projections` does; then the platform's projection part (`serve
 //!    projections`: the workers and the query API, nothing else) starts and the bench waits
 //!    until the read models have caught up.
 //! 2. **HTTP no-op**: `GET /health/live` on that server from `--clients` closed-loop clients.
@@ -26,9 +26,9 @@ use super::{
     CpuSample, CpuUse, Operation, Running, Stats, Timing, closed_loop, command_line, finish,
     harmonic, load_average, mix, open_raw_log, verdict, wait_ready,
 };
-use crate::{Part, Platform, Settings};
+use platform::{Part, Platform, Settings};
 
-/// Options of `platform bench queries` (Postgres read models: `--database-url` is required;
+/// Options of `platform-bench queries` (Postgres read models: `--database-url` is required;
 /// the log is Kafka with `--kafka`, else the embedded one).
 #[derive(Debug, Clone, clap::Args)]
 pub struct QueriesBench {
@@ -176,7 +176,7 @@ pub(super) async fn run(options: QueriesBench, base: Settings) -> anyhow::Result
     let url = base
         .database_url
         .clone()
-        .context("platform bench queries measures the Postgres read models: pass --database-url")?;
+        .context("platform-bench queries measures the Postgres read models: pass --database-url")?;
     anyhow::ensure!(options.orders > 0, "--orders must be at least 1");
     anyhow::ensure!(options.clients > 0, "--clients must be at least 1");
     anyhow::ensure!(options.duration > 0, "--duration must be at least 1");
@@ -318,7 +318,7 @@ pub(super) async fn run(options: QueriesBench, base: Settings) -> anyhow::Result
     let cores = std::thread::available_parallelism()
         .map(|cores| cores.get())
         .unwrap_or(0);
-    println!("platform bench queries");
+    println!("platform-bench queries");
     println!("  command:   {command}");
     println!(
         "  backend:   {backend}; read models in Postgres (schemas {}*)",

@@ -26,11 +26,11 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use command_services::http::ApiError;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::settings::SecuritySettings;
+use crate::error::ApiError;
+use crate::headers::Actor;
 
 /// Longest request target accepted (path and query).
 pub const MAX_URI_BYTES: usize = 4096;
@@ -133,6 +133,113 @@ pub fn classify(method: &Method, path: &str) -> RouteClass {
     }
 }
 
+/// Security settings that cannot work (a malformed key, a short secret); the message names the
+/// flag and never quotes a secret.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSettings(pub String);
+
+/// A secret from the command line or the environment: its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(\"***\")")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(value.to_owned()))
+    }
+}
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Toggle {
+    On,
+    Off,
+}
+
+/// Authentication, roles and rate limits (see `security`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SecuritySettings {
+    /// Require credentials (`on`/`off`). Default: off on the embedded backend (a developer's
+    /// machine), on with --kafka or --database-url. /health/*, /metrics and /openapi.json stay
+    /// open.
+    #[arg(long, global = true, env = "PLATFORM_AUTH", value_enum)]
+    pub auth: Option<Toggle>,
+
+    /// API keys as `role:key` pairs, comma separated (roles: client, operator, auditor), sent as
+    /// `Authorization: Bearer <key>` or `X-Api-Key: <key>`. Never logged.
+    #[arg(long, global = true, env = "PLATFORM_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<Secret>,
+
+    /// HMAC secret (HS256) of JWT bearer tokens; their `role` (or `roles`) claim names the
+    /// role, `sub` the caller, `exp` is required. Never logged.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_JWT_SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<Secret>,
+
+    /// Requests per second each caller (key, token subject, or client address when
+    /// authentication is off) may make on average.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_RATE_LIMIT",
+        default_value_t = 100.0
+    )]
+    pub rate_limit: f64,
+
+    /// Requests a caller may make in a burst above the average rate.
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_RATE_BURST",
+        default_value_t = 200
+    )]
+    pub rate_burst: u32,
+}
+
+impl SecuritySettings {
+    /// Authentication is on unless turned off, except on the embedded backend.
+    pub fn auth_enabled(&self, distributed: bool) -> bool {
+        match self.auth {
+            Some(toggle) => toggle == Toggle::On,
+            None => distributed,
+        }
+    }
+}
+
+impl Default for SecuritySettings {
+    fn default() -> Self {
+        SecuritySettings {
+            auth: None,
+            api_keys: None,
+            jwt_secret: None,
+            rate_limit: 100.0,
+            rate_burst: 200,
+        }
+    }
+}
+
 /// Who made a request: the caller's id (never a secret) and roles.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -182,7 +289,10 @@ fn digest(key: &str) -> [u8; 32] {
 
 impl Security {
     /// Parses the settings; `distributed` decides the default of `--auth`.
-    pub fn from_settings(settings: &SecuritySettings, distributed: bool) -> anyhow::Result<Self> {
+    pub fn from_settings(
+        settings: &SecuritySettings,
+        distributed: bool,
+    ) -> Result<Self, InvalidSettings> {
         let mut keys: HashMap<[u8; 32], Principal> = HashMap::new();
         if let Some(raw) = &settings.api_keys {
             for (index, pair) in raw.expose().split(',').enumerate() {
@@ -192,20 +302,20 @@ impl Security {
                 }
                 // The error never quotes the pair: it holds a key.
                 let (role, key) = pair.split_once(':').ok_or_else(|| {
-                    anyhow::anyhow!("--api-keys entry {} is not role:key", index + 1)
+                    InvalidSettings(format!("--api-keys entry {} is not role:key", index + 1))
                 })?;
                 let role = Role::parse(role).ok_or_else(|| {
-                    anyhow::anyhow!(
+                    InvalidSettings(format!(
                         "--api-keys entry {}: unknown role {role:?} (client, operator, auditor)",
                         index + 1
-                    )
+                    ))
                 })?;
                 let key = key.trim();
                 if key.len() < 16 {
-                    anyhow::bail!(
+                    return Err(InvalidSettings(format!(
                         "--api-keys entry {}: a key needs at least 16 characters",
                         index + 1
-                    );
+                    )));
                 }
                 let hash = digest(key);
                 let caller = format!(
@@ -227,7 +337,9 @@ impl Security {
         let jwt = match &settings.jwt_secret {
             Some(secret) if !secret.expose().is_empty() => {
                 if secret.expose().len() < 32 {
-                    anyhow::bail!("--jwt-secret needs at least 32 bytes");
+                    return Err(InvalidSettings(
+                        "--jwt-secret needs at least 32 bytes".to_owned(),
+                    ));
                 }
                 let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
                 validation.set_required_spec_claims(&["exp", "sub"]);
@@ -239,7 +351,9 @@ impl Security {
             _ => None,
         };
         if settings.rate_limit.is_nan() || settings.rate_limit <= 0.0 || settings.rate_burst == 0 {
-            anyhow::bail!("--rate-limit and --rate-burst must be positive");
+            return Err(InvalidSettings(
+                "--rate-limit and --rate-burst must be positive".to_owned(),
+            ));
         }
         let enabled = settings.auth_enabled(distributed);
         if enabled && keys.is_empty() && jwt.is_none() {
@@ -396,9 +510,7 @@ pub async fn layer(
                 // idempotency keys).
                 request
                     .extensions_mut()
-                    .insert(command_services::http::headers::Actor(
-                        principal.caller.clone(),
-                    ));
+                    .insert(Actor(principal.caller.clone()));
                 request.extensions_mut().insert(principal);
             }
             next.run(request).await
@@ -447,13 +559,13 @@ mod tests {
     #[test]
     fn keys_must_be_role_colon_key_and_are_never_quoted_in_errors() {
         let settings = SecuritySettings {
-            api_keys: Some(crate::settings::Secret::new("client-key-that-is-long")),
+            api_keys: Some(Secret::new("client-key-that-is-long")),
             ..SecuritySettings::default()
         };
         let error = Security::from_settings(&settings, true).expect_err("no role");
         assert!(!error.to_string().contains("client-key"), "{error}");
         let settings = SecuritySettings {
-            api_keys: Some(crate::settings::Secret::new("admin:supersecretkey-123456")),
+            api_keys: Some(Secret::new("admin:supersecretkey-123456")),
             ..SecuritySettings::default()
         };
         let error = Security::from_settings(&settings, true).expect_err("unknown role");

@@ -7,7 +7,7 @@ use event_schema::CommandMeta;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::error::ApiError;
+use crate::error::ApiError;
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const CORRELATION_ID: &str = "x-correlation-id";
@@ -68,24 +68,13 @@ fn expected_version(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     })
 }
 
-/// A W3C `traceparent`: `00-<32 hex>-<16 hex>-<2 hex>`. Anything else is ignored, as the
-/// trace-context spec asks.
-fn valid_traceparent(raw: &str) -> bool {
-    let parts: Vec<&str> = raw.split('-').collect();
-    parts.len() == 4
-        && [2, 32, 16, 2]
-            .iter()
-            .zip(&parts)
-            .all(|(len, part)| part.len() == *len && part.chars().all(|c| c.is_ascii_hexdigit()))
-}
-
 impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let headers = &parts.headers;
         let traceparent = text(headers, "traceparent")?
-            .filter(|raw| valid_traceparent(raw))
+            .filter(|raw| crate::trace::is_valid(raw))
             .map(str::to_owned);
         Ok(CommandHeaders {
             idempotency_key: text(headers, IDEMPOTENCY_KEY)?.map(str::to_owned),
@@ -150,7 +139,7 @@ pub fn id_for_key(purpose: &str, key: &str, actor: Option<&str>) -> Uuid {
 }
 
 /// The hex SHA-256 of `text`: a request's fingerprint.
-pub(crate) fn digest(text: &str) -> String {
+pub fn digest(text: &str) -> String {
     let hash = Sha256::digest(text.as_bytes());
     hash.iter().map(|byte| format!("{byte:02x}")).collect()
 }
@@ -158,15 +147,6 @@ pub(crate) fn digest(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_traceparent_must_have_the_w3c_shape() {
-        assert!(valid_traceparent(
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-        ));
-        assert!(!valid_traceparent("00-xyz-00f067aa0ba902b7-01"));
-        assert!(!valid_traceparent("garbage"));
-    }
 
     #[test]
     fn an_idempotency_key_is_scoped_to_its_actor() {

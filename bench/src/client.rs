@@ -92,7 +92,7 @@ impl Client {
             .await
             .map_err(|error| Failure::new("transport", error))?;
         let status = response.status().as_u16();
-        let server = crate::telemetry::server_time_of(response.headers());
+        let server = crate::server_time_of(response.headers());
         // The whole body, so the connection is free for the next request.
         let body = response
             .into_body()

@@ -1,14 +1,14 @@
-//! `platform bench`: load generators that print their figures next to the raw baselines
+//! `platform-bench`: load generators that print their figures next to the raw baselines
 //! measured in the same run.
 //!
-//! # `platform bench commands`
+//! # `platform-bench commands`
 //! Measures the HTTP command path (HTTP → owner → decide → append → judged effective →
 //! answer) against the two things it is built from, each measured in the same run, on the same
 //! machine, against the same broker or file:
 //!
 //! 1. **HTTP no-op**: `GET /health/live` on the very server that takes the commands (it does
 //!    no IO), from the same `--clients` closed-loop clients (one shared keep-alive pool). The
-//!    load goes through a lean HTTP/1.1 client on hyper's connection API (`bench/client.rs`):
+//!    load goes through a lean HTTP/1.1 client on hyper's connection API (`bench/src/client.rs`):
 //!    the generator shares the CPUs with the server it measures, and reqwest spent more of
 //!    them than the server's own HTTP layer.
 //! 2. **Raw append**: the event log's own `append` with the platform's producer configuration
@@ -41,7 +41,7 @@
 //!
 //!    Two more rows split off the log's part of each side's latency in the turns: every
 //!    append's own time, from the `append` call to the log's acknowledgement
-//!    ([`event_log::metrics::set_append_hook`]), the raw loop's and the platform's (inside the
+//!    ([`timed_log`]), the raw loop's and the platform's (inside the
 //!    commands). When the commands' p99 is over the raw one, they tell whether their appends
 //!    took longer (the broker or file answering slower while the platform runs) or the rest of
 //!    the command path did (HTTP, deciding, folding). Two more split the commands' latency
@@ -107,36 +107,36 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::backend::kafka_settings;
-use crate::{Part, Platform, Settings};
+use platform::backend::kafka_settings;
+use platform::{Part, Platform, Settings};
 
 mod client;
 mod projections;
 mod queries;
-mod sagas;
-
 mod replay;
+mod sagas;
+pub mod timed_log;
 
-/// The load generators of `platform bench`.
+/// The load generators of `platform-bench`.
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
     /// HTTP commands (orders and stock receipts) against the raw append rate of the same log
     /// and the HTTP no-op rate of the same server, all measured in one run.
     Commands(CommandsBench),
     /// `platform replay` rebuilding read models from a preloaded log, against the raw consume
-    /// rate of the same log and the raw COPY rate into equivalent tables (`bench/replay.rs`).
+    /// rate of the same log and the raw COPY rate into equivalent tables (`bench/src/replay.rs`).
     Replay(replay::ReplayBench),
     /// Projection workers catching up on a preloaded log, against raw batched-upsert and COPY
-    /// rates into equivalent tables and the command event rate (`bench/projections.rs`).
+    /// rates into equivalent tables and the command event rate (`bench/src/projections.rs`).
     Projections(projections::ProjectionsBench),
-    /// `GET /orders/{id}` against the HTTP no-op and `pgbench -S` (`bench/queries.rs`).
+    /// `GET /orders/{id}` against the HTTP no-op and `pgbench -S` (`bench/src/queries.rs`).
     Queries(queries::QueriesBench),
     /// The fulfilment saga under load: completed sagas/s and order-placed → confirmed latency,
-    /// against the command throughput of the same run (`bench/sagas.rs`).
+    /// against the command throughput of the same run (`bench/src/sagas.rs`).
     Sagas(sagas::SagasBench),
 }
 
-/// Options of `platform bench commands`. The backend and its tuning come from the global
+/// Options of `platform-bench commands`. The backend and its tuning come from the global
 /// settings (`--kafka`, `--database-url`, `--partitions`, `--kafka-linger-ms`,
 /// `--kafka-fetch-wait-ms`, `--snapshot-every`, `--data-dir`), as for `serve`; the run then
 /// takes its own port, topic prefix, schema and data directory so it never touches real data.
@@ -205,6 +205,31 @@ pub async fn run(bench: Bench, settings: Settings) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 // Measurement
+
+/// The `app` metric's duration in a `Server-Timing` header value (W3C Server Timing:
+/// `app;dur=1.234`, milliseconds, possibly among other metrics).
+fn server_time(header: &str) -> Option<Duration> {
+    header.split(',').find_map(|metric| {
+        let mut params = metric.split(';').map(str::trim);
+        if params.next()? != "app" {
+            return None;
+        }
+        let millis: f64 = params
+            .find_map(|param| param.strip_prefix("dur="))?
+            .parse()
+            .ok()?;
+        (millis.is_finite() && millis >= 0.0).then(|| Duration::from_secs_f64(millis / 1e3))
+    })
+}
+
+/// The server's own time an answer's `Server-Timing` headers give, if any.
+fn server_time_of(headers: &axum::http::HeaderMap) -> Option<Duration> {
+    headers
+        .get_all("server-timing")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .find_map(server_time)
+}
 
 /// Latencies are recorded in microseconds, up to a minute.
 fn histogram() -> Histogram<u64> {
@@ -886,7 +911,7 @@ async fn finish(
 ) -> Result<Answered, Failure> {
     let response = response.map_err(http_failure)?;
     let status = response.status().as_u16();
-    let server = crate::telemetry::server_time_of(response.headers());
+    let server = crate::server_time_of(response.headers());
     let body = response.bytes().await.map_err(http_failure)?;
     if status == expected {
         Ok(Answered { server })
@@ -976,7 +1001,7 @@ impl AppendTimes {
             Stats::new(timing.duration),
         ]));
         let recorder = stats.clone();
-        event_log::metrics::set_append_hook(Some(Arc::new(move |topic: &str, took: Duration| {
+        timed_log::set_hook(Some(Arc::new(move |topic: &str, took: Duration| {
             let now = std::time::Instant::now();
             let started = now.checked_sub(took).unwrap_or(now);
             if started < from || started >= to {
@@ -996,7 +1021,7 @@ impl AppendTimes {
 
     /// Stops recording: the raw loop's appends, then the platform's.
     fn finish(self) -> [Stats; 2] {
-        event_log::metrics::set_append_hook(None);
+        timed_log::set_hook(None);
         std::mem::replace(
             &mut *lock(&self.stats),
             [Stats::new(Duration::ZERO), Stats::new(Duration::ZERO)],
@@ -1055,11 +1080,11 @@ async fn open_raw_log(settings: &Settings) -> anyhow::Result<(SharedLog, String)
         .with_context(|| format!("creating {}", settings.data_dir.display()))?;
     Ok(match &settings.kafka {
         Some(brokers) => (
-            Arc::new(
+            timed_log::timed(Arc::new(
                 KafkaLog::connect(kafka_settings(brokers, settings))
                     .await
                     .context("connecting the raw producer")?,
-            ),
+            )),
             format!(
                 "kafka ({brokers}), linger {} ms, fetch.wait.max.ms {} ({} for background readers)",
                 settings.kafka_linger_ms,
@@ -1070,11 +1095,11 @@ async fn open_raw_log(settings: &Settings) -> anyhow::Result<(SharedLog, String)
         None => {
             let path = settings.data_dir.join("raw-log.db");
             (
-                Arc::new(
+                timed_log::timed(Arc::new(
                     EmbeddedLog::open_with(&path, settings.durability.into())
                         .await
                         .context("opening the raw embedded log")?,
-                ),
+                )),
                 format!("embedded (SQLite, {})", path.display()),
             )
         }
@@ -1135,7 +1160,7 @@ async fn start_part(
         "bench: starting the platform ({part:?}, topic prefix {})",
         settings.topic_prefix
     );
-    let platform = Platform::build(settings, part)
+    let platform = Platform::build_with(settings, part, timed_log::timed)
         .await
         .context("starting the platform under test")?;
     let running = Running::serve(platform);
@@ -1300,7 +1325,7 @@ async fn commands(
     settings.instances = 1;
     // The load comes from one address and measures the command path, not the gate in front of
     // it: no credentials, and a rate limit far above any rate reached here.
-    settings.security.auth = Some(crate::settings::Toggle::Off);
+    settings.security.auth = Some(platform::settings::Toggle::Off);
     settings.security.rate_limit = 1e9;
     settings.security.rate_burst = u32::MAX;
 
@@ -1426,7 +1451,7 @@ async fn commands(
     let cores = std::thread::available_parallelism()
         .map(|cores| cores.get())
         .unwrap_or(0);
-    println!("platform bench commands");
+    println!("platform-bench commands");
     println!("  command:   {command}");
     println!("  platform:  {}", part_description(part));
     println!("  backend:   {backend}");
@@ -1617,6 +1642,20 @@ async fn commands(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_server_time_is_the_app_metric_of_server_timing() {
+        assert_eq!(
+            server_time("app;dur=2.5"),
+            Some(Duration::from_micros(2500))
+        );
+        assert_eq!(
+            server_time("db;dur=2, app;desc=\"x\";dur=1.5"),
+            Some(Duration::from_micros(1500))
+        );
+        assert_eq!(server_time("db;dur=2"), None);
+        assert_eq!(server_time("app;dur=-1"), None);
+    }
 
     #[test]
     fn the_harmonic_combination_is_the_rate_of_doing_both_in_turn() {

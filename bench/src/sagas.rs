@@ -1,4 +1,4 @@
-//! `platform bench sagas`: the fulfilment saga under load, against the command throughput of
+//! `platform-bench sagas`: the fulfilment saga under load, against the command throughput of
 //! the same platform measured in the same run.
 //!
 //! The platform runs whole in this process (`Part::All`, as `serve` does), on the backend the
@@ -51,14 +51,14 @@ use super::{
     Answered, Failure, Operation, Stats, Timing, closed_loop, command_line, finish, histogram,
     load_average, lock, open_loop, verdict,
 };
-use crate::backend::Backend;
-use crate::{Part, Platform, Settings};
+use platform::backend::Backend;
+use platform::{Part, Platform, Settings};
 
 /// Commands one saga takes, its order's placement included (one-line orders; the happy path
 /// and the decline path alike).
 const COMMANDS_PER_SAGA: f64 = 5.0;
 
-/// Options of `platform bench sagas`. The backend and its tuning come from the global settings,
+/// Options of `platform-bench sagas`. The backend and its tuning come from the global settings,
 /// as for `serve` (`--kafka`, `--database-url`, `--partitions`, ...).
 #[derive(Debug, Clone, clap::Args)]
 pub struct SagasBench {
@@ -386,7 +386,7 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
     settings.instance = 0;
     settings.instances = 1;
     // The load comes from one address and measures the saga, not the gate in front of it.
-    settings.security.auth = Some(crate::settings::Toggle::Off);
+    settings.security.auth = Some(platform::settings::Toggle::Off);
     settings.security.rate_limit = 1e9;
     settings.security.rate_burst = u32::MAX;
     std::fs::create_dir_all(&data_dir)
@@ -565,7 +565,7 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
     let target_rate = 0.8 * command_rate / COMMANDS_PER_SAGA;
     let happy_p99 = ms(&half.happy, 0.99);
     let compensation_p99 = ms(&half.compensated, 0.99);
-    println!("platform bench sagas");
+    println!("platform-bench sagas");
     println!("command:  {command}");
     println!(
         "backend:  {backend_name}; partitions {}",

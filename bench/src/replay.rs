@@ -1,4 +1,4 @@
-//! `platform bench replay`: how fast `platform replay` rebuilds read models from the log,
+//! `platform-bench replay`: how fast `platform replay` rebuilds read models from the log,
 //! against the raw rates of the same broker and database, all measured in one run.
 //!
 //! 1. **Preload.** `--events` `stock.received` events over `--skus` stock items (each item's
@@ -31,8 +31,8 @@ use projections::replay::{self, ReplayOptions};
 use projections::runtime::{Event, Projection};
 use projections::{ReadBackend, ReadSide};
 
-use crate::backend::Backend;
-use crate::settings::Settings;
+use platform::backend::Backend;
+use platform::settings::Settings;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayBench {

@@ -1,4 +1,4 @@
-//! `platform bench projections`: how fast the real projection workers (orders, inventory,
+//! `platform-bench projections`: how fast the real projection workers (orders, inventory,
 //! payments, audit) turn a backlog in the log into read-model rows, against the raw rates at
 //! which the same Postgres takes the same rows, all measured in one run.
 //!
@@ -27,7 +27,7 @@
 //!    projection's positions reach the ends of the preloaded partitions. The rate is counted
 //!    from the first applied batch (joining the consumer groups is reported apart).
 //! 5. **Commands** (unless `--command-events-per-s` cites a figure): the whole platform under
-//!    `platform bench commands`' closed-loop HTTP load (orders and stock receipts, the same
+//!    `platform-bench commands`' closed-loop HTTP load (orders and stock receipts, the same
 //!    generator), counting the events appended to the three event topics during the measured
 //!    window (commands plus what the saga adds).
 //!
@@ -62,9 +62,9 @@ use super::{
     CpuSample, CpuUse, Keys, Mix, Timing, UNIT_PRICE_MINOR, Work, closed_loop, command_line,
     command_operation, load_average, open_raw_log, start_platform, verdict,
 };
-use crate::Settings;
+use platform::Settings;
 
-/// Options of `platform bench projections` (Postgres read models: `--database-url` is
+/// Options of `platform-bench projections` (Postgres read models: `--database-url` is
 /// required; the log is Kafka with `--kafka`, else the embedded one).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProjectionsBench {
@@ -1002,7 +1002,7 @@ async fn projection_phase(
 // The command phase
 
 /// Events appended to the three event topics per second while the whole platform takes
-/// closed-loop commands, as `platform bench commands` sends them.
+/// closed-loop commands, as `platform-bench commands` sends them.
 async fn command_phase(
     settings: &Settings,
     options: &ProjectionsBench,
@@ -1098,7 +1098,7 @@ pub(super) fn cpu_columns(cpu: Option<&CpuUse>, watched: usize) -> String {
 
 pub(super) async fn run(options: ProjectionsBench, base: Settings) -> anyhow::Result<()> {
     let url = base.database_url.clone().context(
-        "platform bench projections measures the Postgres read models: pass --database-url",
+        "platform-bench projections measures the Postgres read models: pass --database-url",
     )?;
     anyhow::ensure!(options.orders > 0, "--orders must be at least 1");
     anyhow::ensure!(options.skus > 0, "--skus must be at least 1");
@@ -1194,7 +1194,7 @@ pub(super) async fn run(options: ProjectionsBench, base: Settings) -> anyhow::Re
     let machine_cores = std::thread::available_parallelism()
         .map(|cores| cores.get())
         .unwrap_or(0);
-    println!("platform bench projections");
+    println!("platform-bench projections");
     println!("  command:   {command}");
     println!(
         "  backend:   {backend}; read models in Postgres (schemas {}*)",

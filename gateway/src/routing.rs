@@ -1,0 +1,146 @@
+//! Which upstream serves a request, and for a command which aggregate's owner takes it.
+
+use axum::http::Method;
+
+/// The services behind the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Upstream {
+    Order,
+    Inventory,
+    Query,
+    Saga,
+}
+
+impl Upstream {
+    pub const ALL: [Upstream; 4] = [
+        Upstream::Order,
+        Upstream::Inventory,
+        Upstream::Query,
+        Upstream::Saga,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Upstream::Order => "order",
+            Upstream::Inventory => "inventory",
+            Upstream::Query => "query",
+            Upstream::Saga => "saga",
+        }
+    }
+}
+
+/// Where a request goes: the upstream, and for a command the aggregate whose owner takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub upstream: Upstream,
+    /// `(aggregate type, aggregate id)`: `("order", id)` or `("stock", sku)`.
+    pub aggregate: Option<(&'static str, String)>,
+    pub command: bool,
+}
+
+pub(crate) fn segments(path: &str) -> Vec<String> {
+    path.trim_matches('/')
+        .split('/')
+        .map(|segment| {
+            percent_encoding::percent_decode_str(segment)
+                .decode_utf8()
+                .map_or_else(|_| segment.to_owned(), std::borrow::Cow::into_owned)
+        })
+        .collect()
+}
+
+/// The route of a request; `None` when no upstream serves it (404). `idempotency_key` is the
+/// (trimmed) key the request carries and `actor` its authenticated caller, which together
+/// derive a new order's id as the order service does.
+pub fn route(
+    method: &Method,
+    path: &str,
+    idempotency_key: Option<&str>,
+    actor: Option<&str>,
+) -> Option<Route> {
+    let parts = segments(path);
+    let first = parts.first().map(String::as_str).unwrap_or_default();
+    let read = method == Method::GET || method == Method::HEAD;
+    let to = |upstream| Route {
+        upstream,
+        aggregate: None,
+        command: false,
+    };
+    match first {
+        "orders" if !read => {
+            let id = match parts.get(1) {
+                Some(raw) => uuid::Uuid::parse_str(raw).ok().map(|id| id.to_string()),
+                None => idempotency_key
+                    .map(|key| http_edge::headers::id_for_key("order-id", key, actor).to_string()),
+            };
+            Some(Route {
+                upstream: Upstream::Order,
+                aggregate: id.map(|id| ("order", id)),
+                command: true,
+            })
+        }
+        "inventory" if !read => Some(Route {
+            upstream: Upstream::Inventory,
+            aggregate: parts
+                .get(1)
+                .filter(|sku| domain::Sku::parse(sku).is_ok())
+                .map(|sku| ("stock", sku.clone())),
+            command: true,
+        }),
+        "orders" | "inventory" | "payments" => read.then(|| to(Upstream::Query)),
+        "audit" | "parked" | "projections" | "replay" | "openapi.json" => Some(to(Upstream::Query)),
+        "sagas" => Some(Route {
+            command: !read,
+            ..to(Upstream::Saga)
+        }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_route_to_their_aggregate_and_reads_to_the_query_api() {
+        let id = "0192f5a4-1111-7000-8000-000000000001";
+        let post = Method::POST;
+        let get = Method::GET;
+        assert_eq!(
+            route(&post, &format!("/orders/{id}/cancel"), None, None),
+            Some(Route {
+                upstream: Upstream::Order,
+                aggregate: Some(("order", id.to_owned())),
+                command: true
+            })
+        );
+        let placed = route(&post, "/orders", Some("k-1"), Some("key:alice")).expect("route");
+        assert_eq!(
+            placed.aggregate,
+            Some((
+                "order",
+                http_edge::headers::id_for_key("order-id", "k-1", Some("key:alice")).to_string()
+            ))
+        );
+        assert_eq!(
+            route(&post, "/inventory/SKU%2D1/receipts", None, None)
+                .expect("route")
+                .aggregate,
+            Some(("stock", "SKU-1".to_owned()))
+        );
+        assert_eq!(
+            route(&get, "/orders/x", None, None).map(|r| r.upstream),
+            Some(Upstream::Query)
+        );
+        assert_eq!(
+            route(&get, "/payments/x", None, None).map(|r| r.upstream),
+            Some(Upstream::Query)
+        );
+        assert_eq!(
+            route(&post, "/sagas/x/retry", None, None).map(|r| (r.upstream, r.command)),
+            Some((Upstream::Saga, true))
+        );
+        assert_eq!(route(&get, "/nowhere", None, None), None);
+        assert_eq!(route(&post, "/payments/x", None, None), None);
+    }
+}
