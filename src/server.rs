@@ -28,9 +28,12 @@ use crate::backend::Backend;
 use crate::settings::{HttpSettings, Part, Settings};
 use http_edge::security::{self, Security};
 use http_edge::serve::serve_http;
+use supervisor::Supervisor;
 
 /// How long a graceful stop waits for the command services' last snapshots.
 const FINAL_SNAPSHOTS: Duration = Duration::from_secs(10);
+/// How long a graceful stop waits for the parts' tasks to end once told to.
+const TASKS_STOP: Duration = Duration::from_secs(5);
 
 /// A built platform process: bound, parts started, not yet serving HTTP.
 pub struct Platform {
@@ -42,6 +45,7 @@ pub struct Platform {
     storage: String,
     http: HttpSettings,
     shutdown: watch::Sender<bool>,
+    supervisor: Supervisor,
     commands: CommandState,
     read: Option<ReadSide>,
     saga: Option<SagaSide>,
@@ -71,6 +75,8 @@ struct AppState {
     projection_status: Arc<Cached<Result<Vec<ProjectionStatus>, String>>>,
     /// The sagas by state, which `/metrics` shows: a count over the whole saga table.
     saga_counts: Arc<Cached<String>>,
+    /// The parts' long-running tasks; one that died makes this process not ready.
+    supervisor: Supervisor,
 }
 
 /// How long a measured status answers `/health/ready` and `/metrics` before it is measured
@@ -158,6 +164,7 @@ impl Platform {
         backend.log = layer(backend.log);
         ensure_topics(&backend.log, &settings).await?;
         let (shutdown, stopped) = watch::channel(false);
+        let supervisor = Supervisor::new();
         let services = match part {
             Part::All | Part::Commands => ServiceSet::ALL,
             Part::Order => ServiceSet {
@@ -197,6 +204,7 @@ impl Platform {
             &command_settings,
             Arc::new(TestProvider),
             stopped,
+            &supervisor,
         )
         .await
         .map_err(anyhow::Error::msg)
@@ -220,7 +228,7 @@ impl Platform {
             .await
             .map_err(anyhow::Error::msg)
             .context("opening the saga orchestrator's database")?;
-            saga.start(shutdown.subscribe());
+            saga.start(shutdown.subscribe(), &supervisor);
             Some(saga)
         } else {
             None
@@ -230,7 +238,7 @@ impl Platform {
                 .await
                 .map_err(anyhow::Error::msg)
                 .context("opening the read models")?;
-            read.start_workers(shutdown.subscribe());
+            read.start_workers(shutdown.subscribe(), &supervisor);
             Some(read)
         } else {
             None
@@ -247,6 +255,7 @@ impl Platform {
                 max_lag_seconds: settings.max_lag_seconds,
                 projection_status: Arc::default(),
                 saga_counts: Arc::default(),
+                supervisor: supervisor.clone(),
             }),
             security,
         );
@@ -289,6 +298,7 @@ impl Platform {
             storage,
             http: settings.http.clone(),
             shutdown,
+            supervisor,
             commands,
             read,
             saga,
@@ -301,6 +311,11 @@ impl Platform {
         self.listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// The parts' long-running tasks (for tests and tools: which run, which died).
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
     }
 
     /// The running command services (for tests and tools).
@@ -327,6 +342,7 @@ impl Platform {
             listener,
             router,
             shutdown,
+            supervisor,
             commands,
             http,
             parts,
@@ -343,6 +359,8 @@ impl Platform {
         serve_http(listener, router, &http, signal)
             .await
             .context("serving HTTP")?;
+        // From here a task that ends is stopping, not dying.
+        supervisor.stop();
         let _ = shutdown.send(true);
         // The owners write their last snapshots, so the next start-up reads little of the log;
         // a database that does not answer only makes that start-up longer.
@@ -352,6 +370,15 @@ impl Platform {
         {
             tracing::warn!(
                 "the last snapshots were not written within {FINAL_SNAPSHOTS:?}; the next start-up reads more of the log"
+            );
+        }
+        // Every worker finishes what it holds (a projection's batch, the relay's publishes);
+        // what is left after the bound is redone from the stored positions at the next start.
+        let left = supervisor.wait(TASKS_STOP).await;
+        if !left.is_empty() {
+            tracing::warn!(
+                tasks = ?left,
+                "tasks still running {TASKS_STOP:?} after the stop; their work is redone from the stored positions at the next start"
             );
         }
         Ok(())
@@ -413,7 +440,7 @@ struct Readiness {
 /// 200 once every part of this process has caught up with the log (command services rebuilt,
 /// projections within the lag threshold); 503 before, saying why.
 async fn ready(State(state): State<AppState>) -> Response {
-    let mut problems = Vec::new();
+    let mut problems = state.supervisor.failures();
     if !state.commands.ready() {
         let named: Vec<String> = state
             .commands

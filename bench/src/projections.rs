@@ -934,7 +934,7 @@ async fn projection_phase(
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let started = Instant::now();
-    read.start_workers(stopped);
+    read.start_workers(stopped, &supervisor::Supervisor::new());
     let deadline = started + timeout;
     let mut first: Option<(Instant, Option<CpuSample>)> = None;
     let mut finished: BTreeMap<&'static str, Instant> = BTreeMap::new();

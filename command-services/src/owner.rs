@@ -485,6 +485,7 @@ where
         store: Arc<dyn CommandStore>,
         config: OwnerConfig,
         shutdown: watch::Receiver<bool>,
+        supervisor: &supervisor::Supervisor,
     ) -> Result<Self, CommandError<A::Error>> {
         let mut table = Table::empty(config.idempotency_window);
         let mut targets = BTreeMap::new();
@@ -525,8 +526,14 @@ where
             conflicts: AtomicU64::new(0),
             snapshots_done: watch::Sender::new(false),
         });
-        tokio::spawn(follow(inner.clone(), targets, shutdown.clone()));
-        tokio::spawn(take_snapshots(inner.clone(), shutdown));
+        supervisor.spawn(
+            format!("owner of {}", inner.config.topic),
+            follow(inner.clone(), targets, shutdown.clone()),
+        );
+        supervisor.spawn(
+            format!("snapshots of {}", inner.config.topic),
+            take_snapshots(inner.clone(), shutdown),
+        );
         Ok(Owner { inner })
     }
 

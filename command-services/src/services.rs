@@ -12,6 +12,7 @@ use event_log::{SharedLog, topics};
 use event_schema::{CommandMeta, EventCodec};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use supervisor::Supervisor;
 use tokio::sync::watch;
 
 use crate::consumer;
@@ -115,12 +116,16 @@ impl CommandState {
         settings: &CommandSettings,
         provider: Arc<dyn PaymentProvider>,
         shutdown: watch::Receiver<bool>,
+        supervisor: &Supervisor,
     ) -> Result<Self, String> {
+        let tasks = Tasks {
+            shutdown: &shutdown,
+            supervisor,
+        };
         let mut state = CommandState::default();
         if settings.services.inventory {
             let owner =
-                start_owner::<StockAggregate>(&log, &store, settings, "inventory", &shutdown)
-                    .await?;
+                start_owner::<StockAggregate>(&log, &store, settings, "inventory", tasks).await?;
             let handler_owner = owner.clone();
             spawn_consumer(
                 &log,
@@ -128,7 +133,7 @@ impl CommandState {
                 settings,
                 "inventory",
                 &owner,
-                &shutdown,
+                tasks,
                 move |message| {
                     let owner = handler_owner.clone();
                     async move { inventory_command(&owner, message).await }
@@ -138,7 +143,7 @@ impl CommandState {
         }
         if settings.services.order {
             let owner =
-                start_owner::<OrderAggregate>(&log, &store, settings, "order", &shutdown).await?;
+                start_owner::<OrderAggregate>(&log, &store, settings, "order", tasks).await?;
             let handler_owner = owner.clone();
             spawn_consumer(
                 &log,
@@ -146,7 +151,7 @@ impl CommandState {
                 settings,
                 "order",
                 &owner,
-                &shutdown,
+                tasks,
                 move |message| {
                     let owner = handler_owner.clone();
                     async move { order_command(&owner, message).await }
@@ -156,8 +161,7 @@ impl CommandState {
         }
         if settings.services.payment {
             let owner =
-                start_owner::<PaymentAggregate>(&log, &store, settings, "payment", &shutdown)
-                    .await?;
+                start_owner::<PaymentAggregate>(&log, &store, settings, "payment", tasks).await?;
             let handler_owner = owner.clone();
             let policy = settings.provider_policy.clone();
             spawn_consumer(
@@ -166,7 +170,7 @@ impl CommandState {
                 settings,
                 "payment",
                 &owner,
-                &shutdown,
+                tasks,
                 move |message| {
                     let owner = handler_owner.clone();
                     let provider = provider.clone();
@@ -231,7 +235,7 @@ async fn start_owner<A>(
     store: &Arc<dyn CommandStore>,
     settings: &CommandSettings,
     service: &str,
-    shutdown: &watch::Receiver<bool>,
+    tasks: Tasks<'_>,
 ) -> Result<Owner<A>, String>
 where
     A: EventCodec + Send + Sync + 'static,
@@ -280,9 +284,15 @@ where
         read_back_timeout: settings.read_back_timeout,
         idempotency_window: settings.idempotency_window,
     };
-    Owner::<A>::start(log.clone(), store.clone(), config, shutdown.clone())
-        .await
-        .map_err(|error| error.to_string())
+    Owner::<A>::start(
+        log.clone(),
+        store.clone(),
+        config,
+        tasks.shutdown.clone(),
+        tasks.supervisor,
+    )
+    .await
+    .map_err(|error| error.to_string())
 }
 
 /// The consumer of a service's command topic, as its positions are stored.
@@ -336,13 +346,20 @@ fn holder() -> String {
     format!("{host}:{}", std::process::id())
 }
 
+/// How a service's long-running tasks learn of the stop, and who watches them.
+#[derive(Clone, Copy)]
+struct Tasks<'a> {
+    shutdown: &'a watch::Receiver<bool>,
+    supervisor: &'a Supervisor,
+}
+
 fn spawn_consumer<A, F, Fut>(
     log: &SharedLog,
     store: &Arc<dyn CommandStore>,
     settings: &CommandSettings,
     service: &str,
     owner: &Owner<A>,
-    shutdown: &watch::Receiver<bool>,
+    tasks: Tasks<'_>,
     handle: F,
 ) where
     A: EventCodec + Send + Sync + 'static,
@@ -358,22 +375,29 @@ fn spawn_consumer<A, F, Fut>(
     let topic = topics::commands(&settings.topic_prefix, service);
     let consumer_name = command_consumer(service);
     let owner = owner.clone();
+    let Tasks {
+        shutdown,
+        supervisor,
+    } = tasks;
     let mut shutdown = shutdown.clone();
     if settings.assignment == Assignment::Group {
         let group = format!("{}.{service}.owners", settings.topic_prefix);
-        tokio::spawn(consumer::consume_group(
-            log,
-            store,
-            consumer_name,
-            group,
-            topic,
-            Arc::new(owner),
-            handle,
-            shutdown,
-        ));
+        supervisor.spawn(
+            format!("{service} command consumer"),
+            consumer::consume_group(
+                log,
+                store,
+                consumer_name,
+                group,
+                topic,
+                Arc::new(owner),
+                handle,
+                shutdown,
+            ),
+        );
         return;
     }
-    tokio::spawn(async move {
+    supervisor.spawn(format!("{service} command consumer"), async move {
         // Commands are decided against caught-up state only.
         while !owner.is_ready() {
             tokio::select! {

@@ -153,8 +153,13 @@ impl ReadSide {
     /// Starts one worker per projection. They share one member of the projections' consumer
     /// group (`<prefix>.projections`), so the process reads each topic once, and every
     /// projection applies what it reads in transactions of its own. The topics must exist (the
-    /// command services create them).
-    pub fn start_workers(&self, shutdown: watch::Receiver<bool>) {
+    /// command services create them). Each worker runs under `supervisor` (a dead worker is a
+    /// failure the part's readiness reports), named `projection <name>`.
+    pub fn start_workers(
+        &self,
+        shutdown: watch::Receiver<bool>,
+        supervisor: &supervisor::Supervisor,
+    ) {
         let group = Arc::new(SharedGroup::new(
             self.log.clone(),
             format!("{}.projections", self.group_prefix),
@@ -172,7 +177,10 @@ impl ReadSide {
                 group: group.clone(),
                 state: running.state.clone(),
             };
-            tokio::spawn(worker.run(shutdown.clone()));
+            supervisor.spawn(
+                format!("projection {}", running.projection.name()),
+                worker.run(shutdown.clone()),
+            );
         }
     }
 

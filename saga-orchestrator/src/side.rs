@@ -61,8 +61,8 @@ impl SagaSide {
     }
 
     /// Starts the event consumer (a member of the saga's consumer group), the deadline ticker
-    /// and the outbox relay.
-    pub fn start(&self, shutdown: watch::Receiver<bool>) {
+    /// and the outbox relay, each under `supervisor` (`saga worker`, `saga ticker`, `saga relay`).
+    pub fn start(&self, shutdown: watch::Receiver<bool>, supervisor: &supervisor::Supervisor) {
         let topics: Vec<String> = self
             .projection
             .aggregate_types()
@@ -81,22 +81,28 @@ impl SagaSide {
             topics,
             state: self.state.clone(),
         };
-        tokio::spawn(worker.run(shutdown.clone()));
-        tokio::spawn(run_ticker(
-            self.db.clone(),
-            self.projection.config.clone(),
-            self.projection.wakes.clone(),
-            RESCAN,
-            shutdown.clone(),
-        ));
-        tokio::spawn(run_relay(
-            self.db.clone(),
-            self.log.clone(),
-            self.topic_prefix.clone(),
-            self.projection.wakes.clone(),
-            RESCAN,
-            shutdown,
-        ));
+        supervisor.spawn("saga worker", worker.run(shutdown.clone()));
+        supervisor.spawn(
+            "saga ticker",
+            run_ticker(
+                self.db.clone(),
+                self.projection.config.clone(),
+                self.projection.wakes.clone(),
+                RESCAN,
+                shutdown.clone(),
+            ),
+        );
+        supervisor.spawn(
+            "saga relay",
+            run_relay(
+                self.db.clone(),
+                self.log.clone(),
+                self.topic_prefix.clone(),
+                self.projection.wakes.clone(),
+                RESCAN,
+                shutdown,
+            ),
+        );
     }
 
     pub fn db(&self) -> &Db {

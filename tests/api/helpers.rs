@@ -72,6 +72,8 @@ pub struct TestApp {
     pub settings: Settings,
     pub dir: Arc<tempfile::TempDir>,
     pub read: Option<projections::ReadSide>,
+    /// The platform's long-running tasks.
+    pub supervisor: supervisor::Supervisor,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -96,6 +98,7 @@ impl TestApp {
             .expect("build the platform");
         let address = format!("http://{}", platform.local_addr());
         let read = platform.read_side().cloned();
+        let supervisor = platform.supervisor().clone();
         assert!(
             platform
                 .commands()
@@ -119,6 +122,7 @@ impl TestApp {
             settings,
             dir,
             read,
+            supervisor,
             stop: Some(stop),
             server: Some(server),
         }

@@ -20,4 +20,5 @@ mod projection_fence;
 mod read_models;
 mod replay;
 mod sagas;
+mod supervision;
 mod two_owners;

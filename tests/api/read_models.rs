@@ -57,7 +57,7 @@ async fn fresh_replay(
     .await
     .expect("open the fresh read side");
     let (stop, stopped) = watch::channel(false);
-    read.start_workers(stopped);
+    read.start_workers(stopped, &supervisor::Supervisor::new());
     assert!(
         read.wait_caught_up(Duration::from_secs(60))
             .await
@@ -703,7 +703,7 @@ async fn two_workers_in_one_group_split_the_partitions_and_take_over_on_stop() {
         .await
         .expect("open");
         let (stop_second, stopped) = watch::channel(false);
-        second.start_workers(stopped);
+        second.start_workers(stopped, &supervisor::Supervisor::new());
         // The projections of a process share one member of the group, so the group splits the
         // union of their topics (the audit reads all three): balanced in number, not per topic.
         let total = 3 * app.settings.partitions as usize;
@@ -847,7 +847,7 @@ async fn after_a_kill_the_read_models_equal_a_fresh_replay_row_for_row() {
         // The log is still now: let the live read models' own workers (same consumer groups)
         // apply the rest, then compare with a replay from scratch.
         let (stop_live, stopped) = watch::channel(false);
-        live.start_workers(stopped);
+        live.start_workers(stopped, &supervisor::Supervisor::new());
         assert!(
             live.wait_caught_up(Duration::from_secs(60))
                 .await
