@@ -67,7 +67,8 @@ pub enum SagasCommand {
         /// confirmed, completed, compensating, rejected, cancelled, needs_attention.
         #[arg(long)]
         state: Option<String>,
-        /// Only sagas not terminal and unchanged for at least this long (`90`, `90s`, `5m`, `2h`).
+        /// Only sagas not terminal and unchanged for at least this long (`90`, `90s`, `5m`,
+        /// `2h 30m`).
         #[arg(long, value_parser = parse_duration)]
         stuck_for: Option<Duration>,
         /// At most this many.
@@ -95,22 +96,17 @@ pub enum SagasCommand {
     },
 }
 
-/// `90`, `90s`, `5m`, `2h`, `1d`.
+/// A duration as humantime reads it (`90s`, `5m`, `2h 30m`, `1d`), or bare seconds (`90`).
 fn parse_duration(raw: &str) -> Result<Duration, String> {
     let raw = raw.trim();
-    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
-    let (number, unit) = raw.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a duration (e.g. 90s, 5m, 2h)"))?;
-    let seconds = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("{raw:?}: the unit must be s, m, h or d")),
-    };
-    Ok(Duration::from_secs(number.saturating_mul(seconds)))
+    if !raw.is_empty() && raw.bytes().all(|byte| byte.is_ascii_digit()) {
+        return raw
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{raw:?} is too many seconds"));
+    }
+    humantime::parse_duration(raw)
+        .map_err(|error| format!("{raw:?} is not a duration such as 90s, 5m or 2h 30m: {error}"))
 }
 
 async fn open_saga(settings: &Settings) -> anyhow::Result<SagaSide> {
@@ -527,4 +523,19 @@ pub async fn recover(args: RecoverArgs, settings: Settings) -> anyhow::Result<()
         (_, true) => println!("{ahead} reset; the services can start"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_bare_seconds_or_humantime() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h 30m"), Ok(Duration::from_secs(9000)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("").is_err());
+    }
 }

@@ -26,6 +26,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use secrecy::ExposeSecret;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -139,33 +140,9 @@ pub fn classify(method: &Method, path: &str) -> RouteClass {
 #[error("{0}")]
 pub struct InvalidSettings(pub String);
 
-/// A secret from the command line or the environment: its `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(\"***\")")
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        Ok(Secret(value.to_owned()))
-    }
-}
+/// A secret from the command line or the environment (`secrecy`): its `Debug` never shows it
+/// and its memory is zeroed when dropped.
+pub type Secret = secrecy::SecretString;
 
 /// `on` or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -295,7 +272,7 @@ impl Security {
     ) -> Result<Self, InvalidSettings> {
         let mut keys: HashMap<[u8; 32], Principal> = HashMap::new();
         if let Some(raw) = &settings.api_keys {
-            for (index, pair) in raw.expose().split(',').enumerate() {
+            for (index, pair) in raw.expose_secret().split(',').enumerate() {
                 let pair = pair.trim();
                 if pair.is_empty() {
                     continue;
@@ -335,8 +312,8 @@ impl Security {
             }
         }
         let jwt = match &settings.jwt_secret {
-            Some(secret) if !secret.expose().is_empty() => {
-                if secret.expose().len() < 32 {
+            Some(secret) if !secret.expose_secret().is_empty() => {
+                if secret.expose_secret().len() < 32 {
                     return Err(InvalidSettings(
                         "--jwt-secret needs at least 32 bytes".to_owned(),
                     ));
@@ -344,7 +321,7 @@ impl Security {
                 let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
                 validation.set_required_spec_claims(&["exp", "sub"]);
                 Some((
-                    jsonwebtoken::DecodingKey::from_secret(secret.expose().as_bytes()),
+                    jsonwebtoken::DecodingKey::from_secret(secret.expose_secret().as_bytes()),
                     validation,
                 ))
             }
@@ -559,13 +536,13 @@ mod tests {
     #[test]
     fn keys_must_be_role_colon_key_and_are_never_quoted_in_errors() {
         let settings = SecuritySettings {
-            api_keys: Some(Secret::new("client-key-that-is-long")),
+            api_keys: Some(Secret::from("client-key-that-is-long")),
             ..SecuritySettings::default()
         };
         let error = Security::from_settings(&settings, true).expect_err("no role");
         assert!(!error.to_string().contains("client-key"), "{error}");
         let settings = SecuritySettings {
-            api_keys: Some(Secret::new("admin:supersecretkey-123456")),
+            api_keys: Some(Secret::from("admin:supersecretkey-123456")),
             ..SecuritySettings::default()
         };
         let error = Security::from_settings(&settings, true).expect_err("unknown role");

@@ -67,10 +67,10 @@ async fn every_role_against_every_route_class() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut settings = support::settings(dir.path());
     settings.security.auth = Some(Toggle::On);
-    settings.security.api_keys = Some(Secret::new(format!(
+    settings.security.api_keys = Some(Secret::from(format!(
         "client:{CLIENT},operator:{OPERATOR},auditor:{AUDITOR}"
     )));
-    settings.security.jwt_secret = Some(Secret::new(JWT_SECRET));
+    settings.security.jwt_secret = Some(Secret::from(JWT_SECRET));
     let app = support::platform(settings, Part::All).await;
     let client = reqwest::Client::new();
 
@@ -220,7 +220,7 @@ async fn the_caller_is_the_actor_and_owns_its_idempotency_keys() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut settings = support::settings(dir.path());
     settings.security.auth = Some(Toggle::On);
-    settings.security.api_keys = Some(Secret::new(format!(
+    settings.security.api_keys = Some(Secret::from(format!(
         "client:{CLIENT},client:{OTHER_CLIENT},auditor:{AUDITOR}"
     )));
     let app = support::platform(settings, Part::All).await;
@@ -346,7 +346,7 @@ async fn each_key_has_its_own_rate_limit_and_429_says_when_to_retry() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut settings = support::settings(dir.path());
     settings.security.auth = Some(Toggle::On);
-    settings.security.api_keys = Some(Secret::new(format!("client:{CLIENT},operator:{OPERATOR}")));
+    settings.security.api_keys = Some(Secret::from(format!("client:{CLIENT},operator:{OPERATOR}")));
     settings.security.rate_limit = 2.0;
     settings.security.rate_burst = 3;
     let app = support::platform(settings, Part::All).await;
@@ -546,8 +546,8 @@ async fn slow_clients_hold_no_connection_and_connections_are_capped() {
 #[test]
 fn secrets_never_show_in_debug_output() {
     let mut settings = platform::Settings::embedded("/tmp/unused");
-    settings.security.api_keys = Some(Secret::new(format!("client:{CLIENT}")));
-    settings.security.jwt_secret = Some(Secret::new(JWT_SECRET));
+    settings.security.api_keys = Some(Secret::from(format!("client:{CLIENT}")));
+    settings.security.jwt_secret = Some(Secret::from(JWT_SECRET));
     let shown = format!("{settings:?}");
     assert!(
         !shown.contains(CLIENT) && !shown.contains(JWT_SECRET),
