@@ -397,11 +397,15 @@ fn app(state: AppState) -> Router {
     if let Some(saga) = &state.saga {
         router = router.merge(saga_orchestrator::http::router().with_state(saga.clone()));
     }
-    router
+    // Probes and scrapers carry no credentials: open, cheap (cached statuses) and bounded by
+    // the server's connection cap.
+    let open = Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi))
+        .route("/openapi.json", get(openapi));
+    router
+        .merge(security::routes(open, security::RouteClass::Open))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

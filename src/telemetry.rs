@@ -3,7 +3,7 @@
 //! inside its span). The log's append latency and the projections' batch sizes are histograms
 //! of `event_log::metrics`, rendered here too.
 //!
-//! A middleware times every request of the command class (see [`http_edge::security::classify`])
+//! A middleware times every request of the command class (as its route declares it, [`http_edge::security::routes`])
 //! and counts it by route and outcome; `/metrics` renders the counters and a latency histogram.
 //! The registry is per process, as a Prometheus registry is: several platforms in one test
 //! process add to the same series.
@@ -23,7 +23,7 @@ use opentelemetry::trace::TraceContextExt;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use http_edge::security::{RouteClass, classify};
+use http_edge::security::RouteClass;
 
 const CORRELATION_ID: &str = "x-correlation-id";
 const SERVER_TIMING: &str = "server-timing";
@@ -142,10 +142,8 @@ pub async fn track(mut request: Request, next: Next) -> Response {
     response
 }
 
+/// Times and counts the requests the routes' own declaration says are commands.
 async fn timed(request: Request, next: Next) -> Response {
-    if classify(request.method(), request.uri().path()) != RouteClass::Command {
-        return next.run(request).await;
-    }
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -154,6 +152,9 @@ async fn timed(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let response = next.run(request).await;
     let elapsed = started.elapsed();
+    if response.extensions().get::<RouteClass>() != Some(&RouteClass::Command) {
+        return response;
+    }
     let registry = registry();
     if let Ok(mut commands) = registry.commands.lock() {
         *commands

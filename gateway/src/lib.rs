@@ -339,10 +339,11 @@ async fn metrics(State(registry): State<Registry>) -> Response {
 }
 
 pub fn app(registry: Registry) -> Router {
-    Router::new()
+    let open = Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics));
+    security::routes(open, security::RouteClass::Open)
         .fallback(proxy::proxy)
         .with_state(registry)
 }

@@ -12,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use http_edge::{ApiError, MAX_BODY_BYTES};
 
 use crate::registry::{Instance, Registry};
-use crate::routing::{Upstream, route, segments};
+use http_edge::security::Security;
+
+use crate::routing::{Upstream, class, route, segments};
 use crate::{CORRELATION_ID, IDEMPOTENCY_KEY};
 
 /// An upstream's answer, passed on as it is (less hop-by-hop headers).
@@ -290,8 +292,19 @@ pub(crate) async fn proxy(State(registry): State<Registry>, mut request: Request
         }
     };
     let upstream = route(&method, &path, Some(""), None).map(|route| route.upstream);
-    let mut response = match registry.forward(request).await {
-        Ok(response) => response,
+    // The gateway checks the caller for the class of the route it forwards to, as that route's
+    // service declares it (the service checks again: the credentials travel on).
+    let admitted = match request.extensions().get::<Arc<Security>>().cloned() {
+        Some(security) => security.authorize(class(&method, &path), &mut request),
+        None => Err(ApiError::Internal(
+            "the gateway serves without its security layer".to_owned(),
+        )),
+    };
+    let mut response = match admitted {
+        Ok(()) => match registry.forward(request).await {
+            Ok(response) => response,
+            Err(error) => error.into_response(),
+        },
         Err(error) => error.into_response(),
     };
     if let Some(upstream) = upstream {

@@ -1,6 +1,7 @@
 //! Which upstream serves a request, and for a command which aggregate's owner takes it.
 
 use axum::http::Method;
+use http_edge::security::RouteClass;
 
 /// The services behind the gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,6 +50,21 @@ pub(crate) fn segments(path: &str) -> Vec<String> {
         .collect()
 }
 
+/// The class of the upstream route a request goes to, as the upstream declares it (the command
+/// services' routes are commands, the query API's reads, `/audit` audit, a saga's retry an
+/// operation); what no upstream serves is a read (it gets 404 after the check).
+pub fn class(method: &Method, path: &str) -> RouteClass {
+    let parts = segments(path);
+    let read = method == Method::GET || method == Method::HEAD;
+    match parts.first().map(String::as_str).unwrap_or_default() {
+        "openapi.json" => RouteClass::Open,
+        "audit" => RouteClass::Audit,
+        "sagas" if !read => RouteClass::Operator,
+        "orders" | "inventory" if !read => RouteClass::Command,
+        _ => RouteClass::Read,
+    }
+}
+
 /// The route of a request; `None` when no upstream serves it (404). `idempotency_key` is the
 /// (trimmed) key the request carries and `actor` its authenticated caller, which together
 /// derive a new order's id as the order service does.
@@ -88,7 +104,7 @@ pub fn route(
             command: true,
         }),
         "orders" | "inventory" | "payments" => read.then(|| to(Upstream::Query)),
-        "audit" | "parked" | "projections" | "replay" | "openapi.json" => Some(to(Upstream::Query)),
+        "audit" | "openapi.json" => Some(to(Upstream::Query)),
         "sagas" => Some(Route {
             command: !read,
             ..to(Upstream::Saga)

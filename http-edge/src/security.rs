@@ -1,14 +1,11 @@
-//! Authentication, roles, rate limits and request limits: one tower layer in front of every
-//! route of a part (and of the gateway).
+//! Authentication, roles, rate limits and request limits.
 //!
-//! Routes are classified by method and path, not listed one by one, so a route added later
-//! falls into its class without touching this module:
-//! - **open**: `/health/*`, `/metrics`, `/openapi.json` (probes and scrapers carry no keys);
-//! - **audit**: anything under `/audit`;
-//! - **operator**: anything under `/parked`, `/projections`, `/replay`, `/admin`, and every
-//!   non-GET under `/sagas` (retrying a saga);
-//! - **read**: any other GET or HEAD;
-//! - **command**: any other method.
+//! Every route declares its class where it is defined ([`routes`]): the command services'
+//! routes are `Command`, the query API's `Read`, the audit routes `Audit`, the saga's retry
+//! `Operator`, the probes, `/metrics` and `/openapi.json` `Open` (probes and scrapers carry no
+//! keys). No table of paths is kept anywhere else: a request to a route of a class is checked
+//! against that class, and a request that matches no route gets 404. [`protect`] wraps a whole
+//! server: it enforces the request limits and hands the settings to the routes' checks.
 //!
 //! Roles: `client` may send commands and read; `operator` may use the operator routes and read;
 //! `auditor` may use the audit routes and read. A caller presents an API key
@@ -23,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, header};
+use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use secrecy::ExposeSecret;
@@ -101,36 +98,6 @@ impl Role {
                 | (Role::Operator, RouteClass::Operator)
                 | (Role::Auditor, RouteClass::Audit)
         )
-    }
-}
-
-fn under(path: &str, prefix: &str) -> bool {
-    path == prefix
-        || path
-            .strip_prefix(prefix)
-            .is_some_and(|rest| rest.starts_with('/'))
-}
-
-/// The class of a request, by method and path.
-pub fn classify(method: &Method, path: &str) -> RouteClass {
-    if under(path, "/health") || path == "/metrics" || path == "/openapi.json" {
-        return RouteClass::Open;
-    }
-    if under(path, "/audit") {
-        return RouteClass::Audit;
-    }
-    let read = method == Method::GET || method == Method::HEAD;
-    if ["/parked", "/projections", "/replay", "/admin"]
-        .iter()
-        .any(|prefix| under(path, prefix))
-        || (under(path, "/sagas") && !read)
-    {
-        return RouteClass::Operator;
-    }
-    if read {
-        RouteClass::Read
-    } else {
-        RouteClass::Command
     }
 }
 
@@ -438,13 +405,8 @@ impl Security {
         }
     }
 
-    /// The whole check for one request: limits, then (when on) credentials, role and rate.
-    pub fn check(
-        &self,
-        method: &Method,
-        uri: &axum::http::Uri,
-        headers: &HeaderMap,
-    ) -> Result<Option<Principal>, ApiError> {
+    /// The request limits every request is held to, whatever its route.
+    pub fn limits(uri: &axum::http::Uri, headers: &HeaderMap) -> Result<(), ApiError> {
         let target = uri.path_and_query().map_or(0, |pq| pq.as_str().len());
         if target > MAX_URI_BYTES {
             return Err(ApiError::UriTooLong(MAX_URI_BYTES));
@@ -456,7 +418,16 @@ impl Security {
         if header_bytes > MAX_HEADER_BYTES {
             return Err(ApiError::HeadersTooLarge(MAX_HEADER_BYTES));
         }
-        let class = classify(method, uri.path());
+        Ok(())
+    }
+
+    /// May the request's caller use a route of `class`? When authentication is on: its
+    /// credentials, its role and its rate; the caller, when there is one.
+    pub fn admit(
+        &self,
+        class: RouteClass,
+        headers: &HeaderMap,
+    ) -> Result<Option<Principal>, ApiError> {
         if !self.enabled || class == RouteClass::Open {
             return Ok(None);
         }
@@ -471,67 +442,76 @@ impl Security {
         self.take(&principal.caller)?;
         Ok(Some(principal))
     }
+
+    /// Admits `request` to a route of `class` ([`Security::admit`]) and puts its caller in it:
+    /// the [`Principal`], and the [`Actor`] of the commands it sends (which also scopes its
+    /// idempotency keys).
+    pub fn authorize(&self, class: RouteClass, request: &mut Request) -> Result<(), ApiError> {
+        if let Some(principal) = self.admit(class, request.headers())? {
+            tracing::debug!(caller = %principal.caller, "authenticated");
+            request
+                .extensions_mut()
+                .insert(Actor(principal.caller.clone()));
+            request.extensions_mut().insert(principal);
+        }
+        Ok(())
+    }
 }
 
-/// The axum middleware: `axum::middleware::from_fn_with_state(security, security::layer)`.
-pub async fn layer(
+/// The server-wide middleware ([`protect`]): the request limits, and the settings for the
+/// routes' checks.
+async fn layer(
     State(security): State<Arc<Security>>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    match security.check(request.method(), request.uri(), request.headers()) {
-        Ok(principal) => {
-            if let Some(principal) = principal {
-                tracing::debug!(caller = %principal.caller, "authenticated");
-                // The caller is the actor of the commands the request sends (and scopes its
-                // idempotency keys).
-                request
-                    .extensions_mut()
-                    .insert(Actor(principal.caller.clone()));
-                request.extensions_mut().insert(principal);
-            }
-            next.run(request).await
-        }
-        Err(error) => error.into_response(),
+    if let Err(error) = Security::limits(request.uri(), request.headers()) {
+        return error.into_response();
     }
+    request.extensions_mut().insert(security);
+    next.run(request).await
 }
 
-/// Wraps `router` in the security layer.
+/// Wraps a whole server (all its routes) in the security layer.
 pub fn protect(router: axum::Router, security: Arc<Security>) -> axum::Router {
     router.layer(axum::middleware::from_fn_with_state(security, layer))
+}
+
+/// Declares that the routes of `router` are of `class`: each request to one of them is
+/// admitted or refused for that class (credentials, role, rate) before its handler runs, and
+/// its answer carries the class (the command metrics count the `Command` ones).
+pub fn routes<S>(router: axum::Router<S>, class: RouteClass) -> axum::Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    if !router.has_routes() {
+        // A part without such routes (a process that runs none of the command services).
+        return router;
+    }
+    router.route_layer(axum::middleware::from_fn_with_state(class, require))
+}
+
+/// The check of a route of a declared class.
+async fn require(State(class): State<RouteClass>, mut request: Request, next: Next) -> Response {
+    let mut response = match request.extensions().get::<Arc<Security>>().cloned() {
+        // A route served outside `protect` is a server built wrongly: refuse, never open.
+        None => ApiError::Internal(format!(
+            "a {} route is served without the security layer",
+            class.describe()
+        ))
+        .into_response(),
+        Some(security) => match security.authorize(class, &mut request) {
+            Ok(()) => next.run(request).await,
+            Err(error) => error.into_response(),
+        },
+    };
+    response.extensions_mut().insert(class);
+    response
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes_fall_into_their_class_by_path() {
-        let cases = [
-            ("GET", "/health/live", RouteClass::Open),
-            ("GET", "/health/ready", RouteClass::Open),
-            ("GET", "/metrics", RouteClass::Open),
-            ("GET", "/openapi.json", RouteClass::Open),
-            ("POST", "/orders", RouteClass::Command),
-            ("POST", "/orders/x/cancel", RouteClass::Command),
-            ("POST", "/inventory/SKU-1/receipts", RouteClass::Command),
-            ("GET", "/orders/x", RouteClass::Read),
-            ("GET", "/inventory", RouteClass::Read),
-            ("GET", "/sagas/x", RouteClass::Read),
-            ("POST", "/sagas/x/retry", RouteClass::Operator),
-            ("GET", "/parked", RouteClass::Operator),
-            ("POST", "/parked/orders/1/retry", RouteClass::Operator),
-            ("POST", "/projections/orders/replay", RouteClass::Operator),
-            ("GET", "/audit/orders/x", RouteClass::Audit),
-            ("GET", "/audit", RouteClass::Audit),
-            ("GET", "/auditing", RouteClass::Read),
-            ("GET", "/healthz", RouteClass::Read),
-        ];
-        for (method, path, class) in cases {
-            let method: Method = method.parse().expect("method");
-            assert_eq!(classify(&method, path), class, "{method} {path}");
-        }
-    }
 
     #[test]
     fn keys_must_be_role_colon_key_and_are_never_quoted_in_errors() {

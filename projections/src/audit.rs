@@ -578,12 +578,13 @@ pub async fn get_state(
     Ok(axum::Json(state).into_response())
 }
 
-/// The audit routes.
+/// The audit routes, of the audit class (auditors and reads).
 pub fn router() -> Router<ReadSide> {
-    Router::new()
+    let routes = Router::new()
         .route("/audit/trace/{correlation_id}", get(get_trace))
         .route("/audit/{aggregate_type}/{id}", get(get_timeline))
-        .route("/audit/{aggregate_type}/{id}/state", get(get_state))
+        .route("/audit/{aggregate_type}/{id}/state", get(get_state));
+    http_edge::security::routes(routes, http_edge::security::RouteClass::Audit)
 }
 
 #[cfg(test)]

@@ -577,12 +577,13 @@ pub async fn get_payment(
     Ok(respond(&headers, &view))
 }
 
-/// The query routes.
+/// The query routes, of the read class.
 pub fn router() -> Router<ReadSide> {
-    Router::new()
+    let routes = Router::new()
         .route("/orders", get(list_orders))
         .route("/orders/{id}", get(get_order))
         .route("/inventory", get(low_stock))
         .route("/inventory/{sku}", get(get_stock))
-        .route("/payments/{order_id}", get(get_payment))
+        .route("/payments/{order_id}", get(get_payment));
+    http_edge::security::routes(routes, http_edge::security::RouteClass::Read)
 }

@@ -155,9 +155,12 @@ pub async fn retry_saga(
     Ok(axum::Json(SagaView { revision, saga }).into_response())
 }
 
+/// The saga routes: reading sagas is of the read class, retrying one of the operator class.
 pub fn router() -> Router<SagaSide> {
-    Router::new()
+    use http_edge::security::{RouteClass, routes};
+    let reads = Router::new()
         .route("/sagas", get(list_sagas))
-        .route("/sagas/{order_id}", get(get_saga))
-        .route("/sagas/{order_id}/retry", post(retry_saga))
+        .route("/sagas/{order_id}", get(get_saga));
+    let operations = Router::new().route("/sagas/{order_id}/retry", post(retry_saga));
+    routes(reads, RouteClass::Read).merge(routes(operations, RouteClass::Operator))
 }

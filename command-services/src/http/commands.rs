@@ -17,6 +17,7 @@ use crate::owner::{CommandError, CommandRequest, Outcome, Owner};
 use http_edge::error::{ApiError, FieldError, Problem};
 use http_edge::extract::{ApiJson, OptionalJson};
 use http_edge::headers::{CONSISTENCY_TOKEN, CORRELATION_ID, CommandHeaders};
+use http_edge::security::{self, RouteClass};
 
 // ---------------------------------------------------------------------------------------------
 // Requests and responses
@@ -533,7 +534,7 @@ pub struct CommandHeaderDocs {
     x_correlation_id: Option<String>,
 }
 
-/// The command routes of the services present in `state`.
+/// The command routes of the services present in `state`, all of the command class.
 pub fn router(state: &CommandState) -> Router<CommandState> {
     let mut router = Router::new();
     if state.stock.is_some() {
@@ -547,5 +548,5 @@ pub fn router(state: &CommandState) -> Router<CommandState> {
             .route("/orders/{id}/cancel", post(cancel_order))
             .route("/orders/{id}/ship", post(ship_order));
     }
-    router
+    security::routes(router, RouteClass::Command)
 }
