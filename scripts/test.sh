@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # THE one command that runs the whole test suite, on a fresh machine too:
-#   installs the nisshi broker if missing, makes sure Postgres is up, starts a throwaway broker,
-#   then runs `cargo test --workspace --all-targets [ARGS...]` and `cargo test --workspace --doc`.
+#   installs the nisshi broker and schemathesis if missing, makes sure Postgres is up, starts a
+#   throwaway broker, then runs `cargo test --workspace --all-targets [ARGS...]` and
+#   `cargo test --workspace --doc`.
 # Tests needing Kafka or Postgres fail (instead of skipping) because TEST_REQUIRE_BACKENDS=1.
 # The exit status is cargo's; the broker is always stopped on exit.
 #
@@ -20,6 +21,7 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -f "$HOME/.cargo/env" ]]; then
 fi
 
 "$here/kafka.sh" install
+"$here/schemathesis.sh" install
 "$here/postgres.sh" ensure
 
 kafka_dir="$(mktemp -d "${TMPDIR:-/tmp}/test-kafka.XXXXXX")"

@@ -594,6 +594,58 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// The answers the HTTP edge may give on every route before (or instead of) the route's own:
+/// authentication, roles and rates (`http_edge::security`), request limits, and the request
+/// deadline (`http_edge::serve`). Added to every operation of the document that does not say
+/// them itself.
+struct EdgeAnswers;
+
+impl utoipa::Modify for EdgeAnswers {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let answers = [
+            ("401", "No or bad credentials (with authentication on)"),
+            ("403", "The caller's role may not use this route"),
+            ("414", "Request target longer than 4096 bytes"),
+            ("429", "Over the caller's rate: see Retry-After"),
+            ("431", "Request headers larger than 16 KiB"),
+            (
+                "503",
+                "Not answered within the request timeout, or the part is not ready",
+            ),
+        ];
+        for item in doc.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for operation in operations.into_iter().flatten() {
+                for (status, description) in answers {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_owned())
+                        .or_insert_with(|| {
+                            ResponseBuilder::new()
+                                .description(description)
+                                .content(
+                                    http_edge::PROBLEM_JSON,
+                                    ContentBuilder::new()
+                                        .schema(Some(Ref::from_schema_name("Problem")))
+                                        .build(),
+                                )
+                                .build()
+                                .into()
+                        });
+                }
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -618,6 +670,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
         saga_orchestrator::http::list_sagas,
         saga_orchestrator::http::retry_saga,
     ),
+    components(schemas(projections::audit::AuditedType)),
+    modifiers(&EdgeAnswers),
     tags(
         (name = "orders", description = "The order's life cycle"),
         (name = "inventory", description = "Stock on hand per SKU"),

@@ -31,15 +31,10 @@ pub struct Snapshot {
     pub forgotten_outcomes: Vec<String>,
 }
 
+/// Why the command-side store (snapshots, owner epochs, consumer positions) failed.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("command-side store unavailable: {0}")]
-pub struct StoreError(pub String);
-
-impl From<DbError> for StoreError {
-    fn from(error: DbError) -> Self {
-        StoreError(error.0)
-    }
-}
+#[error("command-side store: {0}")]
+pub struct StoreError(#[from] pub DbError);
 
 /// Why a snapshot was not stored.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -449,7 +444,11 @@ impl CommandStore for SqlStore {
         let floor = i64::try_from(floor)
             .ok()
             .filter(|floor| *floor < i64::MAX)
-            .ok_or_else(|| StoreError(format!("epoch floor {floor} is out of range")))?;
+            .ok_or_else(|| {
+                StoreError(DbError::Other(format!(
+                    "epoch floor {floor} is out of range"
+                )))
+            })?;
         let mut tx = self.db.begin().await?;
         let row = tx
             .fetch_optional(
@@ -470,8 +469,11 @@ impl CommandStore for SqlStore {
             )
             .await?;
         tx.commit().await?;
-        row.map(|row| row.int("epoch") as u64)
-            .ok_or_else(|| StoreError("taking an owner epoch returned no row".into()))
+        row.map(|row| row.int("epoch") as u64).ok_or_else(|| {
+            StoreError(DbError::Other(
+                "taking an owner epoch returned no row".into(),
+            ))
+        })
     }
 
     async fn drop_snapshot(&self, topic: &str, partition: u32) -> Result<(), StoreError> {

@@ -324,12 +324,13 @@ fn place_order(place: &PlaceOrder) -> Result<Decision<OrderEvent>, OrderError> {
 }
 
 fn reason_text(reason: &str) -> Result<String, OrderError> {
+    // The limit holds for the reason as sent, the emptiness for what is left once trimmed.
+    if reason.chars().count() > MAX_REASON_LEN {
+        return Err(OrderError::ReasonTooLong);
+    }
     let reason = reason.trim();
     if reason.is_empty() {
         return Err(OrderError::EmptyReason);
-    }
-    if reason.chars().count() > MAX_REASON_LEN {
-        return Err(OrderError::ReasonTooLong);
     }
     Ok(reason.to_owned())
 }

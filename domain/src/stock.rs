@@ -168,12 +168,13 @@ impl Aggregate for StockAggregate {
                 if *delta == 0 {
                     return Err(StockError::ZeroAdjustment);
                 }
+                // The limit holds for the reason as sent, the emptiness once trimmed.
+                if reason.chars().count() > MAX_REASON_LEN {
+                    return Err(StockError::ReasonTooLong);
+                }
                 let reason = reason.trim();
                 if reason.is_empty() {
                     return Err(StockError::EmptyReason);
-                }
-                if reason.chars().count() > MAX_REASON_LEN {
-                    return Err(StockError::ReasonTooLong);
                 }
                 let on_hand_after = i128::from(item.on_hand) + i128::from(*delta);
                 if on_hand_after < i128::from(item.reserved) {

@@ -11,9 +11,10 @@
 pub mod error;
 pub mod extract;
 pub mod headers;
+pub mod openapi;
 pub mod security;
 pub mod serve;
 pub mod trace;
 
 pub use error::{ApiError, FieldError, PROBLEM_JSON, Problem};
-pub use extract::{ApiJson, MAX_BODY_BYTES};
+pub use extract::{ApiJson, ApiQuery, MAX_BODY_BYTES};

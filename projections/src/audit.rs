@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
@@ -15,6 +15,7 @@ use domain::order::OrderAggregate;
 use domain::payment::PaymentAggregate;
 use domain::stock::StockAggregate;
 use event_schema::{DecodeError, Envelope, EventCodec};
+use http_edge::ApiQuery;
 use http_edge::{ApiError, FieldError, Problem};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -144,7 +145,10 @@ impl std::str::FromStr for AsOf {
     type Err = String;
 
     fn from_str(raw: &str) -> Result<Self, Self::Err> {
-        if let Ok(version) = raw.parse::<u64>() {
+        if !raw.is_empty()
+            && raw.bytes().all(|byte| byte.is_ascii_digit())
+            && let Ok(version) = raw.parse::<u64>()
+        {
             return Ok(AsOf::Version(version));
         }
         DateTime::parse_from_rfc3339(raw)
@@ -505,7 +509,7 @@ fn audit_db(read: &ReadSide) -> Result<&Db, ApiError> {
 #[utoipa::path(
     get, path = "/audit/{aggregate_type}/{id}", tag = "audit",
     params(
-        ("aggregate_type" = String, Path, description = "`order`, `payment` or `stock`"),
+        ("aggregate_type" = AuditedType, Path, description = "`order`, `payment` or `stock`"),
         ("id" = String, Path, description = "The aggregate id (an order id, or a SKU)"),
     ),
     responses(
@@ -545,20 +549,33 @@ pub async fn get_trace(
 #[into_params(parameter_in = Query)]
 pub struct AsOfQuery {
     /// A version number, or an RFC 3339 time; absent: the latest state.
+    #[param(schema_with = http_edge::openapi::version_or_time)]
     pub as_of: Option<String>,
+}
+
+/// The aggregate types the audit trail has, for the OpenAPI document.
+#[derive(Debug, Clone, Copy, utoipa::ToSchema)]
+#[schema(as = AuditedType)]
+#[allow(dead_code)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditedType {
+    Order,
+    Payment,
+    Stock,
 }
 
 /// An aggregate's state as of a version or a time, folded with the domain's `evolve`.
 #[utoipa::path(
     get, path = "/audit/{aggregate_type}/{id}/state", tag = "audit",
     params(
-        ("aggregate_type" = String, Path, description = "`order`, `payment` or `stock`"),
+        ("aggregate_type" = AuditedType, Path, description = "`order`, `payment` or `stock`"),
         ("id" = String, Path, description = "The aggregate id"),
         AsOfQuery,
     ),
     responses(
         (status = 200, description = "The state", body = StateAsOf),
         (status = 404, description = "No events for the aggregate", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed query string (a repeated parameter)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Unknown aggregate type or malformed as_of", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The audit read model is down", body = Problem, content_type = "application/problem+json"),
     )
@@ -566,7 +583,7 @@ pub struct AsOfQuery {
 pub async fn get_state(
     State(read): State<ReadSide>,
     Path((aggregate_type, id)): Path<(String, String)>,
-    Query(query): Query<AsOfQuery>,
+    ApiQuery(query): ApiQuery<AsOfQuery>,
 ) -> Result<Response, ApiError> {
     let as_of = match query.as_of.as_deref() {
         None => AsOf::Latest,

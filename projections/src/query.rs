@@ -8,11 +8,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use event_log::Position;
+use http_edge::ApiQuery;
 use http_edge::{ApiError, FieldError, Problem};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -97,26 +98,41 @@ pub struct PaymentView {
 #[into_params(parameter_in = Query)]
 pub struct Consistency {
     /// A consistency token from a command: answer only once the read model includes it.
+    #[param(schema_with = http_edge::openapi::position)]
     pub after: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct OrderFilter {
+    /// Whose orders.
+    #[param(required = true, min_length = 1)]
     pub customer_id: Option<String>,
     /// `pending`, `confirmed`, `rejected`, `cancelled` or `shipped`.
+    #[param(schema_with = order_status)]
     pub status: Option<String>,
     /// 1 to 100; default 20.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     pub limit: Option<String>,
+    /// A page's `next_cursor`: the next (older) page.
+    #[param(pattern = "^-?[0-9]{1,18}_")]
     pub cursor: Option<String>,
+    #[param(schema_with = http_edge::openapi::position)]
     pub after: Option<String>,
+}
+
+/// The order statuses, for the OpenAPI document.
+fn order_status() -> utoipa::openapi::schema::Schema {
+    http_edge::openapi::one_of(&STATUSES)
 }
 
 #[derive(Debug, Clone, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct StockFilter {
     /// List the SKUs whose available stock is below this.
+    #[param(required = true, value_type = i64)]
     pub below: Option<String>,
+    #[param(schema_with = http_edge::openapi::position)]
     pub after: Option<String>,
 }
 
@@ -129,7 +145,7 @@ fn db<'a>(read: &'a ReadSide, projection: &str) -> Result<&'a Db, ApiError> {
 }
 
 fn infra(error: impl std::fmt::Display) -> ApiError {
-    ApiError::Unavailable(format!("read-model database: {error}"))
+    ApiError::Unavailable(format!("read model: {error}"))
 }
 
 /// Read-your-writes: waits for the token, if there is one.
@@ -317,7 +333,7 @@ async fn order_views(db: &Db, rows: Vec<Row>) -> Result<Vec<OrderView>, ApiError
     responses(
         (status = 200, description = "The order", body = OrderView),
         (status = 304, description = "Not modified (If-None-Match)"),
-        (status = 400, description = "Malformed consistency token", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed consistency token or query string", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Read model behind the consistency token, or down", body = Problem, content_type = "application/problem+json"),
     )
@@ -325,7 +341,7 @@ async fn order_views(db: &Db, rows: Vec<Row>) -> Result<Vec<OrderView>, ApiError
 pub async fn get_order(
     State(read): State<ReadSide>,
     Path(id): Path<String>,
-    Query(consistency): Query<Consistency>,
+    ApiQuery(consistency): ApiQuery<Consistency>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     consistent(&read, "orders", &headers, consistency.after.as_deref()).await?;
@@ -371,14 +387,14 @@ const STATUSES: [&str; 5] = ["pending", "confirmed", "rejected", "cancelled", "s
     responses(
         (status = 200, description = "A page of orders", body = OrderPage),
         (status = 304, description = "Not modified (If-None-Match)"),
-        (status = 400, description = "Malformed cursor or token", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed cursor, token or query string", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid filter", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Read model behind the consistency token, or down", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn list_orders(
     State(read): State<ReadSide>,
-    Query(filter): Query<OrderFilter>,
+    ApiQuery(filter): ApiQuery<OrderFilter>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let mut errors = Vec::new();
@@ -472,7 +488,7 @@ fn stock_view(row: &Row) -> StockView {
     responses(
         (status = 200, description = "Stock of the SKU", body = StockView),
         (status = 304, description = "Not modified (If-None-Match)"),
-        (status = 400, description = "Malformed consistency token", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed consistency token or query string", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No stock was ever recorded for the SKU", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Read model behind the consistency token, or down", body = Problem, content_type = "application/problem+json"),
     )
@@ -480,7 +496,7 @@ fn stock_view(row: &Row) -> StockView {
 pub async fn get_stock(
     State(read): State<ReadSide>,
     Path(sku): Path<String>,
-    Query(consistency): Query<Consistency>,
+    ApiQuery(consistency): ApiQuery<Consistency>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     consistent(&read, "inventory", &headers, consistency.after.as_deref()).await?;
@@ -502,14 +518,14 @@ pub async fn get_stock(
     responses(
         (status = 200, description = "SKUs below the threshold", body = StockList),
         (status = 304, description = "Not modified (If-None-Match)"),
-        (status = 400, description = "Malformed consistency token", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed consistency token or query string", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid threshold", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Read model behind the consistency token, or down", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn low_stock(
     State(read): State<ReadSide>,
-    Query(filter): Query<StockFilter>,
+    ApiQuery(filter): ApiQuery<StockFilter>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let below = match filter.below.as_deref().map(str::parse::<i64>) {
@@ -544,7 +560,7 @@ pub async fn low_stock(
     responses(
         (status = 200, description = "The payment", body = PaymentView),
         (status = 304, description = "Not modified (If-None-Match)"),
-        (status = 400, description = "Malformed consistency token", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed consistency token or query string", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No payment for the order (yet)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Read model behind the consistency token, or down", body = Problem, content_type = "application/problem+json"),
     )
@@ -552,7 +568,7 @@ pub async fn low_stock(
 pub async fn get_payment(
     State(read): State<ReadSide>,
     Path(order_id): Path<String>,
-    Query(consistency): Query<Consistency>,
+    ApiQuery(consistency): ApiQuery<Consistency>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     consistent(&read, "payments", &headers, consistency.after.as_deref()).await?;

@@ -219,7 +219,7 @@ impl ReadSide {
     ) -> Result<Vec<Vec<String>>, DbError> {
         let db = self
             .db(projection)
-            .ok_or_else(|| DbError(format!("no projection {projection}")))?;
+            .ok_or_else(|| DbError::Other(format!("no projection {projection}")))?;
         let rows = db
             .fetch_all(&format!("SELECT * FROM {table} ORDER BY {order_by}"), &[])
             .await?;

@@ -236,7 +236,7 @@ pub async fn replay(
         return Ok(report);
     }
     if !options.filter.is_empty() && !options.diff {
-        return Err(DbError(
+        return Err(DbError::Other(
             "a filtered replay holds only the selected events, so it cannot replace the read model: add --diff or --dry-run".into(),
         ));
     }
@@ -399,7 +399,9 @@ async fn drop_shadow(location: &Location, live: &Db) -> Result<(), DbError> {
                 match std::fs::remove_file(&path) {
                     Ok(()) => {}
                     Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(error) => return Err(DbError(format!("removing the shadow: {error}"))),
+                    Err(error) => {
+                        return Err(DbError::Other(format!("removing the shadow: {error}")));
+                    }
                 }
             }
         }
@@ -450,13 +452,13 @@ async fn end_offsets(
         let count = match log.partition_count(topic).await {
             Ok(count) => count,
             Err(event_log::LogError::UnknownTopic(_)) => continue,
-            Err(error) => return Err(DbError(error.to_string())),
+            Err(error) => return Err(DbError::Other(error.to_string())),
         };
         for partition in 0..count {
             let end = log
                 .end_offset(topic, partition)
                 .await
-                .map_err(|error| DbError(error.to_string()))?;
+                .map_err(|error| DbError::Other(error.to_string()))?;
             ends.insert((topic.clone(), partition), end);
         }
     }
@@ -502,7 +504,7 @@ async fn read_into_shadow(
     let reader = log
         .open_reader(topic, &start, ReadMode::Bulk)
         .await
-        .map_err(|error| DbError(error.to_string()))?;
+        .map_err(|error| DbError::Other(error.to_string()))?;
     let batch = batch.max(1);
     // Reading and writing overlap: a task reads ahead (a few polls) while this one writes.
     let (sender, mut receiver) = tokio::sync::mpsc::channel(4);
@@ -562,14 +564,14 @@ async fn feed(
         let records = match reader.poll(batch, Duration::from_millis(200)).await {
             Ok(records) => records,
             Err(error) => {
-                let _ = sender.send(Err(DbError(error.to_string()))).await;
+                let _ = sender.send(Err(DbError::Other(error.to_string()))).await;
                 return;
             }
         };
         if records.is_empty() {
             if idle_since.elapsed() > Duration::from_secs(60) {
                 let _ = sender
-                    .send(Err(DbError(format!(
+                    .send(Err(DbError::Other(format!(
                         "the log stopped answering while replaying {topic}"
                     ))))
                     .await;
@@ -754,7 +756,7 @@ async fn apply_bulk(
                 Err(ApplyError::Db(error)) => return Err(error),
                 Err(ApplyError::Poison { index, message }) => {
                     if index >= effective.len() {
-                        return Err(DbError(format!(
+                        return Err(DbError::Other(format!(
                             "projection {name} reported poison at a bad index"
                         )));
                     }
@@ -896,7 +898,7 @@ async fn dry_run(
         let mut reader = log
             .reader(topic, &start)
             .await
-            .map_err(|error| DbError(error.to_string()))?;
+            .map_err(|error| DbError::Other(error.to_string()))?;
         let mut idle_since = Instant::now();
         while next
             .iter()
@@ -905,9 +907,9 @@ async fn dry_run(
             let records = reader
                 .poll(5000, Duration::from_millis(200))
                 .await
-                .map_err(|error| DbError(error.to_string()))?;
+                .map_err(|error| DbError::Other(error.to_string()))?;
             if records.is_empty() && idle_since.elapsed() > Duration::from_secs(60) {
-                return Err(DbError(format!(
+                return Err(DbError::Other(format!(
                     "the log stopped answering while reading {topic}"
                 )));
             }
@@ -1115,30 +1117,30 @@ async fn swap(
             let mut connection = pool
                 .acquire()
                 .await
-                .map_err(|error| DbError(error.to_string()))?;
+                .map_err(|error| DbError::Other(error.to_string()))?;
             let path = shadow_path.to_string_lossy().replace('\'', "''");
             connection
                 .execute(format!("ATTACH DATABASE '{path}' AS replay").as_str())
                 .await
-                .map_err(|error| DbError(error.to_string()))?;
+                .map_err(|error| DbError::Other(error.to_string()))?;
             let result = async {
                 let mut tx = connection
                     .begin()
                     .await
-                    .map_err(|error| DbError(error.to_string()))?;
+                    .map_err(|error| DbError::Other(error.to_string()))?;
                 // A write takes the live file's write lock (and only that file's): the live
                 // worker cannot commit until the swap does; readers keep their snapshots.
                 sqlx::query("DELETE FROM main.projection_positions WHERE projection = ''")
                     .execute(&mut *tx)
                     .await
-                    .map_err(|error| DbError(error.to_string()))?;
+                    .map_err(|error| DbError::Other(error.to_string()))?;
                 let positions: Vec<Row> = sqlx::query(
                     "SELECT topic, partition, next_offset FROM main.projection_positions WHERE projection = ?1",
                 )
                 .bind(name)
                 .fetch_all(&mut *tx)
                 .await
-                .map_err(|error| DbError(error.to_string()))?
+                .map_err(|error| DbError::Other(error.to_string()))?
                 .iter()
                 .map(|row| {
                     use sqlx::Row as _;
@@ -1158,18 +1160,18 @@ async fn swap(
                     (&mut *tx)
                         .execute(format!("DELETE FROM main.{}", quote(table)).as_str())
                         .await
-                        .map_err(|error| DbError(error.to_string()))?;
+                        .map_err(|error| DbError::Other(error.to_string()))?;
                     (&mut *tx)
                         .execute(
                             format!("INSERT INTO main.{0} SELECT * FROM replay.{0}", quote(table))
                                 .as_str(),
                         )
                         .await
-                    .map_err(|error| DbError(error.to_string()))?;
+                    .map_err(|error| DbError::Other(error.to_string()))?;
                 }
                 tx.commit()
                     .await
-                    .map_err(|error| DbError(error.to_string()))
+                    .map_err(|error| DbError::Other(error.to_string()))
             }
             .await;
             let _ = connection.execute("DETACH DATABASE replay").await;
@@ -1178,7 +1180,7 @@ async fn swap(
             drop_shadow(location, live).await?;
         }
         _ => {
-            return Err(DbError(
+            return Err(DbError::Other(
                 "the shadow and the live model are on different databases".into(),
             ));
         }
@@ -1206,7 +1208,7 @@ async fn primary_key(db: &Db, table: &str) -> Result<Vec<String>, DbError> {
     };
     let columns: Vec<String> = rows.into_iter().map(|row| row.text("name")).collect();
     if columns.is_empty() {
-        return Err(DbError(format!("table {table} has no primary key")));
+        return Err(DbError::Other(format!("table {table} has no primary key")));
     }
     Ok(columns)
 }

@@ -654,7 +654,7 @@ impl Worker {
                     .log
                     .end_offset(topic, partition)
                     .await
-                    .map_err(|error| DbError(format!("reading the log's end: {error}")))?;
+                    .map_err(|error| DbError::Other(format!("reading the log's end: {error}")))?;
                 Ok::<_, DbError>((stored, end))
             }
             .await;
@@ -839,7 +839,7 @@ impl Worker {
                     "applied versions moved on without this worker; judging the batch again from the database"
                 ),
                 BatchError::VersionsMoved => {
-                    return Err(DbError(
+                    return Err(DbError::Other(
                         "applied versions keep moving on without this worker (changed by hand, or by a writer outside the projection runtime?)".into(),
                     ));
                 }
@@ -891,7 +891,7 @@ impl Worker {
                 moved = true;
                 attempts += 1;
                 if attempts == 5 {
-                    return Err(DbError(format!(
+                    return Err(DbError::Other(format!(
                         "the position of {topic} partition {partition} keeps moving without this worker"
                     ))
                     .into());
@@ -913,7 +913,7 @@ impl Worker {
                         .end_offset(topic, partition)
                         .await
                         .map_err(|error| {
-                            DbError(format!(
+                            DbError::Other(format!(
                                 "reading the end of {topic} partition {partition}: {error}"
                             ))
                         })?;
@@ -1124,7 +1124,7 @@ impl Worker {
                 Err(ApplyError::Db(error)) => return Err(error.into()),
                 Err(ApplyError::Poison { index, message }) => {
                     if index >= events.len() {
-                        return Err(DbError(format!(
+                        return Err(DbError::Other(format!(
                             "projection {name} reported poison at a bad index"
                         ))
                         .into());

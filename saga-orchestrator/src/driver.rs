@@ -168,7 +168,7 @@ async fn load(tx: &mut Tx, order_ids: &[String]) -> Result<HashMap<String, Store
             .await?
         {
             let saga: Saga = serde_json::from_str(&row.text("body"))
-                .map_err(|error| DbError(format!("stored saga {} is unreadable: {error}", row.text("order_id"))))?;
+                .map_err(|error| DbError::Other(format!("stored saga {} is unreadable: {error}", row.text("order_id"))))?;
             found.insert(
                 row.text("order_id"),
                 Stored {
@@ -206,7 +206,8 @@ async fn save_all(
     let mut rows = Vec::with_capacity(sagas.len());
     for stored in sagas {
         let saga = &stored.saga;
-        let body = serde_json::to_string(saga).map_err(|error| DbError(error.to_string()))?;
+        let body =
+            serde_json::to_string(saga).map_err(|error| DbError::Other(error.to_string()))?;
         rows.push(vec![
             saga.order_id.to_string().into(),
             saga.state.as_str().into(),
@@ -303,7 +304,8 @@ fn outbox_rows(
             attempt: Some(*attempt),
             command: command.clone(),
         };
-        let body = serde_json::to_string(&message).map_err(|error| DbError(error.to_string()))?;
+        let body =
+            serde_json::to_string(&message).map_err(|error| DbError::Other(error.to_string()))?;
         rows.push(vec![
             command_id.to_string().into(),
             seq.next().into(),
@@ -446,7 +448,7 @@ impl Projection for SagaProjection {
                 // batch instead would lose the race again and again while the ticker fires a
                 // backlog of deadlines after a restart.
                 if attempt == 3 {
-                    return Err(ApplyError::Db(DbError(format!(
+                    return Err(ApplyError::Db(DbError::Other(format!(
                         "saga {key} changed concurrently; the batch is retried"
                     ))));
                 }
@@ -819,7 +821,7 @@ pub async fn show(db: &Db, order_id: &str) -> Result<Option<(Saga, i64)>, DbErro
         None => Ok(None),
         Some(row) => {
             let saga = serde_json::from_str(&row.text("body"))
-                .map_err(|error| DbError(error.to_string()))?;
+                .map_err(|error| DbError::Other(error.to_string()))?;
             Ok(Some((saga, row.int("revision"))))
         }
     }

@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
+use http_edge::ApiQuery;
 use http_edge::headers::{ANONYMOUS, Actor};
 use http_edge::{ApiError, FieldError, Problem};
 use serde::{Deserialize, Serialize};
@@ -17,7 +18,7 @@ use crate::saga::Input;
 use crate::side::SagaSide;
 
 fn infra(error: impl std::fmt::Display) -> ApiError {
-    ApiError::Unavailable(format!("saga database: {error}"))
+    ApiError::Unavailable(format!("saga store: {error}"))
 }
 
 /// `GET /sagas/{order_id}`: the saga's whole state (its steps with timestamps, attempts,
@@ -40,11 +41,32 @@ pub struct SagaList {
 pub struct SagaFilter {
     /// `reserving_stock`, `authorising_payment`, `confirming`, `confirmed`, `completed`,
     /// `compensating`, `rejected`, `cancelled` or `needs_attention`.
+    #[param(schema_with = saga_state)]
     pub state: Option<String>,
     /// Only sagas not terminal and unchanged for at least this many seconds.
+    #[param(value_type = Option<i64>, minimum = 0)]
     pub stuck_for: Option<String>,
     /// 1 to 500; default 100.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
     pub limit: Option<String>,
+}
+
+/// The states a saga is listed by.
+const STATES: [&str; 9] = [
+    "reserving_stock",
+    "authorising_payment",
+    "confirming",
+    "confirmed",
+    "completed",
+    "compensating",
+    "rejected",
+    "cancelled",
+    "needs_attention",
+];
+
+/// The saga states, for the OpenAPI document.
+fn saga_state() -> utoipa::openapi::schema::Schema {
+    http_edge::openapi::one_of(&STATES)
 }
 
 /// One saga, by its order id.
@@ -75,6 +97,7 @@ pub async fn get_saga(
     get, path = "/sagas", tag = "sagas",
     params(SagaFilter),
     responses(
+        (status = 400, description = "Malformed query string (a repeated parameter)", body = Problem, content_type = "application/problem+json"),
         (status = 200, description = "Matching sagas, most recently changed first", body = SagaList),
         (status = 422, description = "Invalid filter", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Saga database down", body = Problem, content_type = "application/problem+json"),
@@ -82,13 +105,21 @@ pub async fn get_saga(
 )]
 pub async fn list_sagas(
     State(side): State<SagaSide>,
-    Query(filter): Query<SagaFilter>,
+    ApiQuery(filter): ApiQuery<SagaFilter>,
 ) -> Result<Response, ApiError> {
     let mut errors = Vec::new();
-    let stuck_for = match filter.stuck_for.as_deref().map(str::parse::<u64>) {
+    if let Some(state) = &filter.state
+        && !STATES.contains(&state.as_str())
+    {
+        errors.push(FieldError::new(
+            "state",
+            format!("must be one of {}", STATES.join(", ")),
+        ));
+    }
+    let stuck_for = match filter.stuck_for.as_deref().map(str::parse::<i64>) {
         None => None,
-        Some(Ok(seconds)) => Some(Duration::from_secs(seconds)),
-        Some(Err(_)) => {
+        Some(Ok(seconds)) if seconds >= 0 => Some(Duration::from_secs(seconds.unsigned_abs())),
+        Some(_) => {
             errors.push(FieldError::new(
                 "stuck_for",
                 "must be a whole number of seconds",

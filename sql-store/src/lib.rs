@@ -109,12 +109,36 @@ impl Row {
     }
 }
 
+/// Why a store could not do what it was asked. The store that owns the database names itself
+/// when it reports one (`command-side store: …`, `saga store: …`, `read model orders: …`).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("read-model database error: {0}")]
-pub struct DbError(pub String);
+pub enum DbError {
+    /// The database could not be reached or refused a statement; the driver's error is the
+    /// source.
+    #[error("database error: {0}")]
+    Sql(#[source] Arc<sqlx::Error>),
+    /// The store's files could not be made or opened.
+    #[error("database files: {0}")]
+    Io(#[source] Arc<std::io::Error>),
+    /// Anything else a store cannot use (an unreadable row, a table without a key), in words.
+    #[error("{0}")]
+    Other(String),
+}
 
-fn db_error(error: impl std::fmt::Display) -> DbError {
-    DbError(error.to_string())
+impl From<sqlx::Error> for DbError {
+    fn from(error: sqlx::Error) -> Self {
+        DbError::Sql(Arc::new(error))
+    }
+}
+
+impl From<std::io::Error> for DbError {
+    fn from(error: std::io::Error) -> Self {
+        DbError::Io(Arc::new(error))
+    }
+}
+
+fn db_error(error: impl Into<DbError>) -> DbError {
+    error.into()
 }
 
 /// SQLITE_BUSY or one of its extended codes (the primary code is the low byte).
@@ -187,7 +211,8 @@ fn sqlite_sql(sql: &str) -> String {
     out
 }
 
-/// A read-model database: one Postgres schema, or one SQLite file.
+/// The database of one store (a read model, the saga, the command side): one Postgres schema,
+/// or one SQLite file.
 #[derive(Debug, Clone)]
 pub enum Db {
     Postgres(PgPool),
@@ -298,7 +323,9 @@ impl Db {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_')
         {
-            return Err(DbError(format!("{schema:?} is not a plain schema name")));
+            return Err(DbError::Other(format!(
+                "{schema:?} is not a plain schema name"
+            )));
         }
         let bootstrap = PgPoolOptions::new()
             .max_connections(1)
@@ -772,7 +799,7 @@ async fn write(
                             .map(|row| match &row[index] {
                                 Value::Int(value) => Ok(Some(*value)),
                                 Value::Null => Ok(None),
-                                Value::Text(_) => Err(DbError(format!(
+                                Value::Text(_) => Err(DbError::Other(format!(
                                     "{table}.{name}: a text value for an integer column"
                                 ))),
                             })
@@ -783,7 +810,7 @@ async fn write(
                             .map(|row| match &row[index] {
                                 Value::Text(value) => Ok(Some(value.as_str())),
                                 Value::Null => Ok(None),
-                                Value::Int(_) => Err(DbError(format!(
+                                Value::Int(_) => Err(DbError::Other(format!(
                                     "{table}.{name}: an integer value for a text column"
                                 ))),
                             })

@@ -417,6 +417,15 @@ async fn bad_input_gets_a_problem_with_the_right_status_and_writes_nothing() {
     // Nothing was written.
     assert_eq!(total_records(&app, "stock").await, 0);
     assert_eq!(total_records(&app, "order").await, 0);
+    // Within the range but past the most an item may hold on top of what it holds: the state
+    // says no (409), and the same request succeeds once the item holds less.
+    app.receive("SKU-FULL", 1).await.expect(200);
+    app.post(
+        "/inventory/SKU-FULL/adjustments",
+        json!({"delta": (1_i64 << 53) - 1, "reason": "found"}),
+    )
+    .await
+    .expect_problem(409);
     let order = app.place_pending_order("SKU-S").await;
     let order_id = order.expect(201)["order_id"]
         .as_str()

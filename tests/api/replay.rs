@@ -137,7 +137,9 @@ impl Projection for BreaksOff {
     async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {
         let left = self.batches_left.load(Ordering::SeqCst);
         if left == 0 {
-            return Err(ApplyError::Db(DbError("the connection was lost".into())));
+            return Err(ApplyError::Db(DbError::Other(
+                "the connection was lost".into(),
+            )));
         }
         self.batches_left.store(left - 1, Ordering::SeqCst);
         self.inner.apply(tx, events).await

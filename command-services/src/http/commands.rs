@@ -26,8 +26,9 @@ use http_edge::security::{self, RouteClass};
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiveStockRequest {
-    /// Units received; at least 1.
-    #[schema(minimum = 1, example = 10)]
+    /// Units received.
+    #[schema(minimum = 1, maximum = 4294967295_i64, example = 10)]
+    #[serde(deserialize_with = "http_edge::extract::whole_number")]
     pub quantity: i64,
 }
 
@@ -35,10 +36,12 @@ pub struct ReceiveStockRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdjustStockRequest {
-    /// Units to add (positive) or remove (negative); not zero.
-    #[schema(example = -2)]
+    /// Units to add (positive) or remove (negative); not zero, and no more than the most any
+    /// item may hold (2^53 − 1) either way.
+    #[schema(schema_with = stock_delta, example = -2)]
+    #[serde(deserialize_with = "http_edge::extract::whole_number")]
     pub delta: i64,
-    #[schema(example = "damaged")]
+    #[schema(schema_with = http_edge::openapi::reason, example = "damaged")]
     pub reason: String,
 }
 
@@ -46,12 +49,14 @@ pub struct AdjustStockRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OrderLineRequest {
-    #[schema(example = "SKU-1")]
+    #[schema(schema_with = http_edge::openapi::sku, example = "SKU-1")]
     pub sku: String,
-    #[schema(minimum = 1, example = 2)]
+    #[schema(minimum = 1, maximum = 4294967295_i64, example = 2)]
+    #[serde(deserialize_with = "http_edge::extract::whole_number")]
     pub quantity: i64,
     /// Price of one unit in minor units of the order's currency.
     #[schema(minimum = 0, example = 1999)]
+    #[serde(deserialize_with = "http_edge::extract::whole_number")]
     pub unit_price_minor: i64,
 }
 
@@ -59,21 +64,36 @@ pub struct OrderLineRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlaceOrderRequest {
-    #[schema(example = "c-1")]
+    #[schema(schema_with = http_edge::openapi::customer_id, example = "c-1")]
     pub customer_id: String,
     /// ISO 4217 code.
-    #[schema(example = "EUR")]
+    #[schema(schema_with = currency, example = "EUR")]
     pub currency: String,
     /// Test tokens: `tok_approve`, `tok_decline`, `tok_timeout`, `tok_flaky`.
-    #[schema(example = "tok_approve")]
+    #[schema(schema_with = http_edge::openapi::payment_token, example = "tok_approve")]
     pub payment_token: String,
+    /// 1 to 100 lines, each of another SKU, whose total (quantity × unit price, summed) is at
+    /// most 9,223,372,036,854,775,807 minor units. (JSON Schema cannot say the last two.)
+    #[schema(min_items = 1, max_items = 100)]
     pub lines: Vec<OrderLineRequest>,
+}
+
+/// The ISO 4217 codes, for the OpenAPI document.
+fn currency() -> utoipa::openapi::schema::Schema {
+    http_edge::openapi::one_of(domain::money::ISO_4217)
+}
+
+/// A stock adjustment, for the OpenAPI document.
+fn stock_delta() -> utoipa::openapi::schema::Schema {
+    let most = domain::stock::MAX_ON_HAND as i64;
+    http_edge::openapi::nonzero_between(-most, most)
 }
 
 /// `POST /orders/{id}/cancel` (the body is optional).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelOrderRequest {
+    #[schema(schema_with = http_edge::openapi::reason)]
     pub reason: Option<String>,
 }
 
@@ -208,11 +228,11 @@ fn order_error(error: OrderError) -> ApiError {
 
 fn stock_error(error: StockError) -> ApiError {
     match error {
-        StockError::ZeroAdjustment
-        | StockError::EmptyReason
-        | StockError::ReasonTooLong
-        | StockError::Overflow => ApiError::Unprocessable(error.to_string()),
-        StockError::BelowReserved { .. } | StockError::NoReservation(_) => {
+        StockError::ZeroAdjustment | StockError::EmptyReason | StockError::ReasonTooLong => {
+            ApiError::Unprocessable(error.to_string())
+        }
+        // What the item holds now decides these: the same request may succeed later.
+        StockError::BelowReserved { .. } | StockError::NoReservation(_) | StockError::Overflow => {
             ApiError::Conflict(error.to_string())
         }
     }
@@ -356,15 +376,15 @@ fn fingerprint(route: &str, body: &impl Serialize) -> String {
 /// Add stock to a SKU.
 #[utoipa::path(
     post, path = "/inventory/{sku}/receipts", tag = "inventory",
-    params(("sku" = String, Path, description = "The SKU"), CommandHeaderDocs),
+    params(("sku" = String, Path, description = "The SKU", pattern = "^[A-Za-z0-9._-]+$", min_length = 1, max_length = 64), CommandHeaderDocs),
     request_body = ReceiveStockRequest,
     responses(
         (status = 200, description = "Stock received", body = CommandAccepted),
         (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Version conflict", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Would hold more than 2^53 − 1 units, or version conflict", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, or idempotency key reused with another request", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Log unavailable or not ready", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -388,15 +408,15 @@ pub async fn receive_stock(
 /// Correct the count on hand of a SKU.
 #[utoipa::path(
     post, path = "/inventory/{sku}/adjustments", tag = "inventory",
-    params(("sku" = String, Path, description = "The SKU"), CommandHeaderDocs),
+    params(("sku" = String, Path, description = "The SKU", pattern = "^[A-Za-z0-9._-]+$", min_length = 1, max_length = 64), CommandHeaderDocs),
     request_body = AdjustStockRequest,
     responses(
         (status = 200, description = "Stock adjusted", body = CommandAccepted),
         (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Would go below the reserved units, or version conflict", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Would go below the reserved units or above 2^53 − 1, or version conflict", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, or idempotency key reused with another request", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Log unavailable or not ready", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -407,6 +427,13 @@ pub async fn adjust_stock(
     ApiJson(body): ApiJson<AdjustStockRequest>,
 ) -> Result<Response, ApiError> {
     let sku = sku(&raw_sku)?;
+    let most = domain::stock::MAX_ON_HAND;
+    if body.delta.unsigned_abs() > most {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "delta",
+            format!("must be from -{most} to {most}: no item holds more"),
+        )]));
+    }
     let fingerprint = fingerprint(&format!("POST /inventory/{sku}/adjustments"), &body);
     let command = StockCommand::Adjust {
         delta: body.delta,
@@ -423,6 +450,7 @@ pub async fn adjust_stock(
     responses(
         (status = 201, description = "Order placed (pending)", body = CommandAccepted),
         (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The order exists already (an If-Match that does not hold)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields, or idempotency key reused", body = Problem, content_type = "application/problem+json"),
@@ -460,7 +488,7 @@ pub async fn place_order(
         (status = 409, description = "Already shipped or rejected, or version conflict", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid reason", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid reason, or idempotency key reused with another request", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Log unavailable or not ready", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -496,6 +524,7 @@ pub async fn cancel_order(
         (status = 400, description = "Malformed header", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not confirmed, or version conflict", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Idempotency key reused with another request", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Log unavailable or not ready", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -524,12 +553,13 @@ pub async fn ship_order(
 pub struct CommandHeaderDocs {
     /// A retry with the same key returns the original response and appends nothing; the same
     /// key with a different request is a 422.
-    #[param(rename = "Idempotency-Key")]
+    #[param(rename = "Idempotency-Key", schema_with = http_edge::openapi::header_text)]
     idempotency_key: Option<String>,
     /// `"<version>"`: refuse with 409 unless the aggregate is at this version.
-    #[param(rename = "If-Match")]
+    #[param(rename = "If-Match", schema_with = http_edge::openapi::if_match)]
     if_match: Option<String>,
-    /// Ties this request to everything it causes; generated when absent, echoed back.
+    /// Ties this request to everything it causes; echoed back. One is generated when it is
+    /// absent, blank, longer than 255 characters or not visible ASCII.
     #[param(rename = "X-Correlation-Id")]
     x_correlation_id: Option<String>,
 }
