@@ -144,17 +144,19 @@ pub async fn track(mut request: Request, next: Next) -> Response {
 
 /// Times and counts the requests the routes' own declaration says are commands.
 async fn timed(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let route = format!("{} {route}", request.method());
+    // Cheap clones (an `Arc<str>` and a method): the label is made only for commands.
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let method = request.method().clone();
     let started = Instant::now();
     let response = next.run(request).await;
     let elapsed = started.elapsed();
     if response.extensions().get::<RouteClass>() != Some(&RouteClass::Command) {
         return response;
     }
+    let route = format!(
+        "{method} {}",
+        matched.as_ref().map_or("unmatched", MatchedPath::as_str)
+    );
     let registry = registry();
     if let Ok(mut commands) = registry.commands.lock() {
         *commands
