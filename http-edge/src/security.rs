@@ -16,13 +16,17 @@
 //! digest of its key.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use governor::clock::{Clock, DefaultClock};
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -34,7 +38,7 @@ use crate::headers::Actor;
 pub const MAX_URI_BYTES: usize = 4096;
 /// Largest total size of the request headers accepted.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
-/// Callers whose rate-limit buckets are kept; past it, full buckets are forgotten.
+/// Callers whose rates are tracked; past it, those whose buckets are full again are forgotten.
 const MAX_TRACKED_CALLERS: usize = 100_000;
 
 /// What a route does, for deciding who may call it.
@@ -200,19 +204,18 @@ struct Claims {
     roles: Vec<String>,
 }
 
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
-}
+/// Each caller's rate (governor's keyed GCRA limiter: a token bucket of `--rate-burst` refilled
+/// at `--rate-limit` per second).
+type Limiter = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>;
 
-/// The layer's state: keys by digest, the JWT key, the buckets.
+/// The layer's state: keys by digest, the JWT key, the callers' rates.
 pub struct Security {
     enabled: bool,
     keys: HashMap<[u8; 32], Principal>,
     jwt: Option<(jsonwebtoken::DecodingKey, jsonwebtoken::Validation)>,
     rate: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    burst: u32,
+    limiter: Limiter,
 }
 
 impl std::fmt::Debug for Security {
@@ -294,11 +297,17 @@ impl Security {
             }
             _ => None,
         };
-        if settings.rate_limit.is_nan() || settings.rate_limit <= 0.0 || settings.rate_burst == 0 {
+        let burst = NonZeroU32::new(settings.rate_burst);
+        let period = (settings.rate_limit.is_finite() && settings.rate_limit > 0.0)
+            .then(|| {
+                Duration::from_secs_f64(1.0 / settings.rate_limit).max(Duration::from_nanos(1))
+            })
+            .and_then(Quota::with_period);
+        let (Some(burst), Some(quota)) = (burst, period) else {
             return Err(InvalidSettings(
                 "--rate-limit and --rate-burst must be positive".to_owned(),
             ));
-        }
+        };
         let enabled = settings.auth_enabled(distributed);
         if enabled && keys.is_empty() && jwt.is_none() {
             tracing::warn!(
@@ -310,8 +319,8 @@ impl Security {
             keys,
             jwt,
             rate: settings.rate_limit,
-            burst: f64::from(settings.rate_burst),
-            buckets: Mutex::new(HashMap::new()),
+            burst: burst.get(),
+            limiter: RateLimiter::keyed(quota.allow_burst(burst)),
         })
     }
 
@@ -379,30 +388,18 @@ impl Security {
 
     /// Takes one token from `caller`'s bucket, or says how long to wait.
     pub fn take(&self, caller: &str) -> Result<(), ApiError> {
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() >= MAX_TRACKED_CALLERS && !buckets.contains_key(caller) {
-            let (rate, burst) = (self.rate, self.burst);
-            buckets.retain(|_, bucket| {
-                bucket.tokens + now.duration_since(bucket.updated).as_secs_f64() * rate < burst
-            });
+        if self.limiter.len() >= MAX_TRACKED_CALLERS {
+            // Forget the callers whose buckets are full again: they start full anyway.
+            self.limiter.retain_recent();
         }
-        let bucket = buckets.entry(caller.to_owned()).or_insert(Bucket {
-            tokens: self.burst,
-            updated: now,
-        });
-        let elapsed = now.duration_since(bucket.updated).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
-        bucket.updated = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            let wait = Duration::from_secs_f64((1.0 - bucket.tokens) / self.rate);
-            Err(ApiError::TooManyRequests {
-                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+        self.limiter
+            .check_key(&caller.to_owned())
+            .map_err(|not_until| {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                ApiError::TooManyRequests {
+                    retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+                }
             })
-        }
     }
 
     /// The request limits every request is held to, whatever its route.
