@@ -1,18 +1,21 @@
 //! No command the domain accepts can overflow a read model: receipts up to 2^32 − 1 units,
 //! adjustments up to ±(2^53 − 1) (and beyond, which the domain refuses), reservations, releases
 //! and commits, and orders whose lines take the largest quantities and prices, are decided by
-//! the domain and applied by the real projections (inventory, orders) on SQLite, one event per
-//! transaction as a worker would; every read-model row then equals the domain's own state, and
-//! no apply fails.
+//! the domain and applied by the real projections (inventory, orders, payments) on SQLite, one
+//! event per transaction as a worker would; every read-model row then equals the domain's own
+//! state, and no apply fails. Payments take authorisations, captures and refunds of any amount.
 
 use chrono::Utc;
 use domain::order::{OrderAggregate, OrderCommand, OrderLine, PlaceOrder};
+use domain::payment::{PaymentAggregate, PaymentCommand, PaymentState, ProviderAnswer};
 use domain::stock::{MAX_ON_HAND, StockAggregate, StockCommand, StockItem};
-use domain::{Aggregate, Currency, CustomerId, Decision, OrderId, PaymentToken, Quantity, Sku};
+use domain::{
+    Aggregate, Currency, CustomerId, Decision, Money, OrderId, PaymentToken, Quantity, Sku,
+};
 use event_log::Position;
 use event_schema::{CommandMeta, Envelope, EventCodec};
 use projections::db::Db;
-use projections::models::{inventory::Inventory, orders::Orders};
+use projections::models::{inventory::Inventory, orders::Orders, payments::Payments};
 use projections::runtime::{Event, Projection, migrate};
 use proptest::prelude::*;
 
@@ -88,6 +91,39 @@ fn stock_command() -> impl Strategy<Value = StockCommand> {
             .clone()
             .prop_map(|order_id| StockCommand::Release { order_id }),
         order.prop_map(|order_id| StockCommand::Commit { order_id }),
+    ]
+}
+
+fn amount() -> impl Strategy<Value = i64> {
+    prop_oneof![
+        Just(i64::MAX),
+        Just(0i64),
+        Just(1i64),
+        Just(i64::MIN),
+        proptest::num::i64::ANY,
+        0i64..1_000_000,
+    ]
+}
+
+fn euros(amount_minor: i64) -> Money {
+    Money {
+        amount_minor,
+        currency: "EUR".parse().expect("currency"),
+    }
+}
+
+fn payment_command() -> impl Strategy<Value = PaymentCommand> {
+    prop_oneof![
+        proptest::option::of(amount()).prop_map(|amount| PaymentCommand::Capture {
+            amount: amount.map(euros),
+        }),
+        amount().prop_map(|amount| PaymentCommand::Refund {
+            amount: euros(amount),
+            reason: "returned".into(),
+        }),
+        Just(PaymentCommand::Void {
+            reason: "cancelled".into(),
+        }),
     ]
 }
 
@@ -175,6 +211,50 @@ proptest! {
                 .expect("a row");
             let total: i128 = lines.iter().map(|(q, p)| i128::from(*q) * i128::from(*p)).sum();
             assert_eq!(i128::from(row.int("total_minor")), total, "{lines:?}");
+        });
+    }
+
+    #[test]
+    fn the_payments_read_model_holds_every_amount_the_domain_accepts(
+        authorised in amount(),
+        commands in proptest::collection::vec(payment_command(), 0..8),
+    ) {
+        runtime().block_on(async {
+            let (_dir, db) = open(&Payments).await;
+            let order_id = OrderId(uuid::Uuid::now_v7());
+            let authorise = PaymentCommand::Authorise {
+                order_id,
+                amount: euros(authorised),
+                token: PaymentToken::parse("tok_approve").expect("token"),
+                answer: ProviderAnswer::Approved {
+                    authorisation_id: "auth-1".into(),
+                },
+            };
+            let mut state = PaymentState::default();
+            let mut version = 0;
+            for command in std::iter::once(&authorise).chain(&commands) {
+                if let Ok(Decision::Append(event)) = PaymentAggregate::decide(&state, command) {
+                    state = PaymentAggregate::evolve(state, &event);
+                    version += 1;
+                    let id = order_id.to_string();
+                    apply::<PaymentAggregate>(&db, &Payments, &id, version, &event).await;
+                }
+            }
+            let Some(payment) = state.payment() else {
+                return;
+            };
+            let row = db
+                .fetch_optional(
+                    "SELECT authorised_minor, captured_minor, refunded_minor FROM payments WHERE order_id = $1",
+                    &[order_id.to_string().into()],
+                )
+                .await
+                .expect("read")
+                .expect("a row");
+            let authorised = payment.authorised.map_or(0, |money| money.amount_minor);
+            assert_eq!(row.int("authorised_minor"), authorised, "{commands:?}");
+            assert_eq!(row.int("captured_minor"), payment.captured_minor, "{commands:?}");
+            assert_eq!(row.int("refunded_minor"), payment.refunded_minor, "{commands:?}");
         });
     }
 }
