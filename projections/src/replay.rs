@@ -1114,33 +1114,30 @@ async fn swap(
         }
         (Location::Sqlite { shadow_path }, Db::Sqlite(pool)) => {
             use sqlx::{Connection, Executor};
-            let mut connection = pool
-                .acquire()
-                .await
-                .map_err(|error| DbError::Other(error.to_string()))?;
+            let mut connection = pool.acquire().await.map_err(DbError::from)?;
             let path = shadow_path.to_string_lossy().replace('\'', "''");
             connection
                 .execute(format!("ATTACH DATABASE '{path}' AS replay").as_str())
                 .await
-                .map_err(|error| DbError::Other(error.to_string()))?;
+                .map_err(DbError::from)?;
             let result = async {
                 let mut tx = connection
                     .begin()
                     .await
-                    .map_err(|error| DbError::Other(error.to_string()))?;
+                    .map_err(DbError::from)?;
                 // A write takes the live file's write lock (and only that file's): the live
                 // worker cannot commit until the swap does; readers keep their snapshots.
                 sqlx::query("DELETE FROM main.projection_positions WHERE projection = ''")
                     .execute(&mut *tx)
                     .await
-                    .map_err(|error| DbError::Other(error.to_string()))?;
+                    .map_err(DbError::from)?;
                 let positions: Vec<Row> = sqlx::query(
                     "SELECT topic, partition, next_offset FROM main.projection_positions WHERE projection = ?1",
                 )
                 .bind(name)
                 .fetch_all(&mut *tx)
                 .await
-                .map_err(|error| DbError::Other(error.to_string()))?
+                .map_err(DbError::from)?
                 .iter()
                 .map(|row| {
                     use sqlx::Row as _;
@@ -1160,18 +1157,18 @@ async fn swap(
                     (&mut *tx)
                         .execute(format!("DELETE FROM main.{}", quote(table)).as_str())
                         .await
-                        .map_err(|error| DbError::Other(error.to_string()))?;
+                        .map_err(DbError::from)?;
                     (&mut *tx)
                         .execute(
                             format!("INSERT INTO main.{0} SELECT * FROM replay.{0}", quote(table))
                                 .as_str(),
                         )
                         .await
-                    .map_err(|error| DbError::Other(error.to_string()))?;
+                    .map_err(DbError::from)?;
                 }
                 tx.commit()
                     .await
-                    .map_err(|error| DbError::Other(error.to_string()))
+                    .map_err(DbError::from)
             }
             .await;
             let _ = connection.execute("DETACH DATABASE replay").await;

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::driver::{self, SagaSummary};
-use crate::saga::Input;
+use crate::saga::{Input, SagaState};
 use crate::side::SagaSide;
 
 fn infra(error: impl std::fmt::Display) -> ApiError {
@@ -51,22 +51,14 @@ pub struct SagaFilter {
     pub limit: Option<String>,
 }
 
-/// The states a saga is listed by.
-const STATES: [&str; 9] = [
-    "reserving_stock",
-    "authorising_payment",
-    "confirming",
-    "confirmed",
-    "completed",
-    "compensating",
-    "rejected",
-    "cancelled",
-    "needs_attention",
-];
+/// The names of the states a saga is listed by.
+fn state_names() -> [&'static str; 9] {
+    SagaState::STARTED.map(SagaState::as_str)
+}
 
 /// The saga states, for the OpenAPI document.
 fn saga_state() -> utoipa::openapi::schema::Schema {
-    http_edge::openapi::one_of(&STATES)
+    http_edge::openapi::one_of(&state_names())
 }
 
 /// One saga, by its order id.
@@ -109,11 +101,11 @@ pub async fn list_sagas(
 ) -> Result<Response, ApiError> {
     let mut errors = Vec::new();
     if let Some(state) = &filter.state
-        && !STATES.contains(&state.as_str())
+        && !state_names().contains(&state.as_str())
     {
         errors.push(FieldError::new(
             "state",
-            format!("must be one of {}", STATES.join(", ")),
+            format!("must be one of {}", state_names().join(", ")),
         ));
     }
     let stuck_for = match filter.stuck_for.as_deref().map(str::parse::<i64>) {

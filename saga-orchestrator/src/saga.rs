@@ -536,6 +536,19 @@ pub enum SagaState {
 }
 
 impl SagaState {
+    /// The states a saga can be found in once started (every one but `NotStarted`).
+    pub const STARTED: [SagaState; 9] = [
+        SagaState::ReservingStock,
+        SagaState::AuthorisingPayment,
+        SagaState::Confirming,
+        SagaState::Confirmed,
+        SagaState::Completed,
+        SagaState::Compensating,
+        SagaState::Rejected,
+        SagaState::Cancelled,
+        SagaState::NeedsAttention,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SagaState::NotStarted => "not_started",
