@@ -63,7 +63,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::Utc;
-use event_log::{LogRecord, Position, ReadMode, SharedLog, partition_for};
+use event_log::{LogError, LogRecord, Position, ReadMode, SharedLog, partition_for};
 use event_schema::{CommandMeta, Envelope, EventCodec, Record, Verdict, judge};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -214,7 +214,11 @@ pub enum CommandError<E> {
         "another writer's records kept taking the aggregate's next version on partition {partition}; nothing was written, retry"
     )]
     Contended { partition: u32 },
-    /// The log could not be written or read back in time.
+    /// The log refused an append or a read; its error is the source.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The log's answer did not come in time, or came to an instance that no longer owns the
+    /// partition.
     #[error("event log unavailable: {0}")]
     Unavailable(String),
 }
@@ -886,7 +890,7 @@ where
             Ok(position) => acknowledged::<A>(&self.inner, position, envelope, held.tenure),
             Err(error) => {
                 self.forget_waiter(event_id);
-                return Err(CommandError::Unavailable(error.to_string()));
+                return Err(CommandError::Log(error));
             }
         }
         match tokio::time::timeout(self.inner.config.read_back_timeout, read_back).await {
@@ -1069,10 +1073,7 @@ where
     // The snapshot first: it covers only records already in the log, so an end read after it
     // is at least as far, even while the previous owner is still writing (a hand-over).
     let loaded = load_snapshot::<A>(store, topic, partition).await;
-    let end = log
-        .end_offset(topic, partition)
-        .await
-        .map_err(|error| CommandError::Unavailable(error.to_string()))?;
+    let end = log.end_offset(topic, partition).await?;
     if let Some(loaded) = &loaded
         && loaded.next_offset > end
     {

@@ -456,6 +456,7 @@ where
             // partition's owner decides it.
             Err(
                 error @ (CommandError::Unavailable(_)
+                | CommandError::Log(_)
                 | CommandError::NotReady
                 | CommandError::Contended { .. }
                 | CommandError::Fenced { .. }

@@ -3,10 +3,11 @@
 //! the shared SQL layer, `sql-store`).
 
 use std::path::Path;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sql_store::{Db, DbError, Value, placeholders, value_rows};
+use sql_store::{Db, DbError, Migrations, Value, placeholders, value_rows};
 
 /// A partition's snapshot, or the change to it since the previous one: the aggregates and
 /// command outcomes (JSON, keyed by aggregate id and command id) as of `next_offset`, the offset
@@ -123,72 +124,15 @@ pub trait CommandStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 }
 
-const MIGRATIONS: &[&str] = &[
-    "
--- The command side's own bookkeeping: snapshots of each partition's aggregate states (so
--- start-up reads only the log tail), and how far each command topic has been consumed. Neither
--- is a source of truth: losing them costs a longer start-up, no data.
-CREATE TABLE command_snapshots (
-    topic TEXT NOT NULL,
-    partition BIGINT NOT NULL,
-    next_offset BIGINT NOT NULL,
-    taken_at BIGINT NOT NULL,
-    body TEXT NOT NULL,
-    PRIMARY KEY (topic, partition)
-);
-CREATE TABLE command_positions (
-    consumer TEXT NOT NULL,
-    topic TEXT NOT NULL,
-    partition BIGINT NOT NULL,
-    next_offset BIGINT NOT NULL,
-    PRIMARY KEY (consumer, topic, partition)
-)
-",
-    "
--- Snapshots become incremental: each one writes only the aggregates and command outcomes that
--- changed since the previous one, so taking one costs what changed, not the partition's whole
--- history. The whole-partition snapshots above are dropped; the first start-up after this
--- rebuilds each partition from the log once.
-DROP TABLE command_snapshots;
-CREATE TABLE command_snapshot_heads (
-    topic TEXT NOT NULL,
-    partition BIGINT NOT NULL,
-    format BIGINT NOT NULL,
-    next_offset BIGINT NOT NULL,
-    taken_at BIGINT NOT NULL,
-    PRIMARY KEY (topic, partition)
-);
-CREATE TABLE command_snapshot_aggregates (
-    topic TEXT NOT NULL,
-    partition BIGINT NOT NULL,
-    aggregate_id TEXT NOT NULL,
-    body TEXT NOT NULL,
-    PRIMARY KEY (topic, partition, aggregate_id)
-);
-CREATE TABLE command_snapshot_outcomes (
-    topic TEXT NOT NULL,
-    partition BIGINT NOT NULL,
-    command_id TEXT NOT NULL,
-    body TEXT NOT NULL,
-    PRIMARY KEY (topic, partition, command_id)
-)
-",
-    "
--- Fenced owners: every owner of a partition takes the next epoch here when it starts owning
--- it, and its records and snapshot heads carry that epoch, so a later owner's writes tell an
--- earlier one (a zombie, an instance replaced in a rolling update) to stop, and a snapshot
--- head never goes back to an earlier owner's.
-CREATE TABLE command_owner_epochs (
-    topic TEXT NOT NULL,
-    partition BIGINT NOT NULL,
-    epoch BIGINT NOT NULL,
-    holder TEXT NOT NULL,
-    acquired_at BIGINT NOT NULL,
-    PRIMARY KEY (topic, partition)
-);
-ALTER TABLE command_snapshot_heads ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0
-",
-];
+/// The command side's tables (`migrations/command_side/`).
+static MIGRATIONS: LazyLock<Migrations> = LazyLock::new(|| {
+    sql_store::migrations!(
+        "command_side",
+        "../migrations/command_side/20261207000701_snapshots_positions.sql",
+        "../migrations/command_side/20261207000702_incremental_snapshots.sql",
+        "../migrations/command_side/20261207000703_owner_epochs.sql",
+    )
+});
 
 /// Rows per multi-row upsert (4 values each; well under both databases' parameter limits).
 const CHUNK: usize = 250;
@@ -221,7 +165,7 @@ impl SqlStore {
     }
 
     async fn migrated(db: Db) -> Result<Self, StoreError> {
-        sql_store::migrate(&db, "command_side", MIGRATIONS).await?;
+        sql_store::migrate(&db, &MIGRATIONS).await?;
         Ok(SqlStore { db })
     }
 }

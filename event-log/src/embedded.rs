@@ -237,8 +237,11 @@ impl std::fmt::Debug for AppendRequest {
     }
 }
 
-fn unavailable(error: impl std::fmt::Display) -> LogError {
-    LogError::Unavailable(error.to_string())
+fn unavailable(error: impl std::error::Error + Send + Sync + 'static) -> LogError {
+    LogError::Backend {
+        backend: "embedded log",
+        source: Arc::new(error),
+    }
 }
 
 fn options(path: &Path) -> SqliteConnectOptions {

@@ -175,8 +175,11 @@ impl KafkaSettings {
     }
 }
 
-fn unavailable(error: impl std::fmt::Display) -> LogError {
-    LogError::Unavailable(error.to_string())
+fn unavailable(error: impl std::error::Error + Send + Sync + 'static) -> LogError {
+    LogError::Backend {
+        backend: "Kafka",
+        source: Arc::new(error),
+    }
 }
 
 /// The log on a Kafka cluster.
@@ -340,13 +343,16 @@ async fn list_ends(
             .map(|element| {
                 let key = (element.topic().to_owned(), element.partition() as u32);
                 if let Some(error) = element.error().err() {
-                    return Err(unavailable(format!("{}/{}: {error}", key.0, key.1)));
+                    return Err(LogError::Unavailable(format!(
+                        "{}/{}: no end offset: {error}",
+                        key.0, key.1
+                    )));
                 }
                 match element.offset() {
                     Offset::Offset(end) if end >= 0 => Ok((key, end as u64)),
                     // An empty partition.
                     Offset::End | Offset::Beginning => Ok((key, 0)),
-                    other => Err(unavailable(format!(
+                    other => Err(LogError::Unavailable(format!(
                         "{}/{}: no end offset ({other:?})",
                         key.0, key.1
                     ))),
@@ -424,7 +430,10 @@ impl KafkaLog {
         })
         .await
         .map_err(unavailable)?
-        .map_err(|error| LogError::Unavailable(format!("cannot reach Kafka: {error}")))?;
+        .map_err(|error| LogError::Backend {
+            backend: "Kafka: cannot reach the brokers",
+            source: Arc::new(error),
+        })?;
         Ok(log)
     }
 

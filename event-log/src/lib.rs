@@ -81,10 +81,20 @@ pub struct LogRecord {
     pub record: Record,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a log could not do what it was asked.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LogError {
-    /// The broker or the database cannot be reached or refused the operation; retrying later
-    /// may work.
+    /// The broker or the log's file cannot be reached or refused the operation; retrying later
+    /// may work. The client's or the database's error is the source.
+    #[error("event log unavailable ({backend}): {source}")]
+    Backend {
+        /// `Kafka` or `embedded log`.
+        backend: &'static str,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// Unavailable for a reason that has no error of its own (the writer stopped, a topic
+    /// could not be created), in words.
     #[error("event log unavailable: {0}")]
     Unavailable(String),
     #[error("topic {0:?} does not exist")]
@@ -94,6 +104,35 @@ pub enum LogError {
     #[error("invalid record: {0}")]
     InvalidRecord(String),
 }
+
+/// Errors with a source are equal when they are the same error (a clone), not when their texts
+/// match.
+impl PartialEq for LogError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (
+                LogError::Backend { backend, source },
+                LogError::Backend {
+                    backend: other_backend,
+                    source: other_source,
+                },
+            ) => backend == other_backend && Arc::ptr_eq(source, other_source),
+            (LogError::Unavailable(a), LogError::Unavailable(b))
+            | (LogError::UnknownTopic(a), LogError::UnknownTopic(b))
+            | (LogError::InvalidRecord(a), LogError::InvalidRecord(b)) => a == b,
+            (
+                LogError::UnknownPartition { topic, partition },
+                LogError::UnknownPartition {
+                    topic: other_topic,
+                    partition: other_partition,
+                },
+            ) => topic == other_topic && partition == other_partition,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for LogError {}
 
 /// An append-only, partitioned log.
 ///
@@ -305,32 +344,22 @@ mod tests {
 }
 
 mod migrations {
-    //! Migrations owned by this crate, embedded in the binary.
-    use std::borrow::Cow;
+    //! Migrations owned by this crate (`migrations/embedded/`), embedded in the binary.
+    use std::sync::LazyLock;
 
-    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    use sql_store::Migrations;
+    use sqlx::migrate::Migrator;
 
-    pub(crate) fn embedded() -> Migrator {
-        Migrator {
-            migrations: Cow::Owned(vec![
-                Migration::new(
-                    1,
-                    Cow::Borrowed("log"),
-                    MigrationType::Simple,
-                    Cow::Borrowed(include_str!("../migrations/embedded/0001_log.sql")),
-                    false,
-                ),
-                Migration::new(
-                    2,
-                    Cow::Borrowed("records by rowid"),
-                    MigrationType::Simple,
-                    Cow::Borrowed(include_str!(
-                        "../migrations/embedded/0002_records_by_rowid.sql"
-                    )),
-                    false,
-                ),
-            ]),
-            ..Migrator::DEFAULT
-        }
+    static EMBEDDED: LazyLock<Migrations> = LazyLock::new(|| {
+        sql_store::migrations!(
+            "log",
+            "../migrations/embedded/0001_log.sql",
+            "../migrations/embedded/0002_records_by_rowid.sql",
+        )
+    });
+
+    /// The embedded log's file.
+    pub(crate) fn embedded() -> &'static Migrator {
+        EMBEDDED.migrator()
     }
 }

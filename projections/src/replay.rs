@@ -49,8 +49,9 @@ use crate::runtime::{ApplyError, Event, Projection, migrate, park};
 
 /// Tables of the runtime, swapped with the model's tables.
 const RUNTIME_TABLES: [&str; 3] = ["applied_versions", "parked_events", "projection_positions"];
-/// Tables of the shadow that are never swapped.
-const SHADOW_ONLY: [&str; 2] = ["schema_migrations", "replay_meta"];
+/// Tables of the shadow that are never swapped: the migrations' records (sqlx's, and those of
+/// the platform's earlier runner in a database made by it) and the replay's own.
+const SHADOW_ONLY: [&str; 3] = ["_sqlx_migrations", "schema_migrations", "replay_meta"];
 
 /// Which events a replay applies.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -208,6 +209,18 @@ struct History {
     positions: BTreeMap<(String, u32), u64>,
 }
 
+/// Why a replay stopped; the log's or the database's error is the source.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Log(#[from] event_log::LogError),
+    /// The replay was asked for something it cannot do, or the log stopped answering.
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// Replays one projection. `live` is the live read model's database; `progress` is called
 /// after every batch.
 pub async fn replay(
@@ -218,7 +231,7 @@ pub async fn replay(
     projection: Arc<dyn Projection>,
     options: &ReplayOptions,
     progress: &mut (dyn FnMut(Progress) + Send),
-) -> Result<ReplayReport, DbError> {
+) -> Result<ReplayReport, ReplayError> {
     let started = Instant::now();
     let name = projection.name();
     let topics: Vec<String> = projection
@@ -236,7 +249,7 @@ pub async fn replay(
         return Ok(report);
     }
     if !options.filter.is_empty() && !options.diff {
-        return Err(DbError::Other(
+        return Err(ReplayError::Refused(
             "a filtered replay holds only the selected events, so it cannot replace the read model: add --diff or --dry-run".into(),
         ));
     }
@@ -446,19 +459,16 @@ async fn load_history(shadow: &Db, name: &str) -> Result<History, DbError> {
 async fn end_offsets(
     log: &SharedLog,
     topics: &[String],
-) -> Result<BTreeMap<(String, u32), u64>, DbError> {
+) -> Result<BTreeMap<(String, u32), u64>, ReplayError> {
     let mut ends = BTreeMap::new();
     for topic in topics {
         let count = match log.partition_count(topic).await {
             Ok(count) => count,
             Err(event_log::LogError::UnknownTopic(_)) => continue,
-            Err(error) => return Err(DbError::Other(error.to_string())),
+            Err(error) => return Err(error.into()),
         };
         for partition in 0..count {
-            let end = log
-                .end_offset(topic, partition)
-                .await
-                .map_err(|error| DbError::Other(error.to_string()))?;
+            let end = log.end_offset(topic, partition).await?;
             ends.insert((topic.clone(), partition), end);
         }
     }
@@ -479,7 +489,7 @@ async fn read_into_shadow(
     history: &mut History,
     report: &mut ReplayReport,
     on_batch: &mut (dyn FnMut(u64) + Send),
-) -> Result<(), DbError> {
+) -> Result<(), ReplayError> {
     let next: BTreeMap<u32, u64> = targets
         .keys()
         .map(|partition| {
@@ -501,10 +511,7 @@ async fn read_into_shadow(
     if start.is_empty() {
         return Ok(());
     }
-    let reader = log
-        .open_reader(topic, &start, ReadMode::Bulk)
-        .await
-        .map_err(|error| DbError::Other(error.to_string()))?;
+    let reader = log.open_reader(topic, &start, ReadMode::Bulk).await?;
     let batch = batch.max(1);
     // Reading and writing overlap: a task reads ahead (a few polls) while this one writes.
     let (sender, mut receiver) = tokio::sync::mpsc::channel(4);
@@ -554,7 +561,7 @@ async fn feed(
     mut next: BTreeMap<u32, u64>,
     targets: BTreeMap<u32, u64>,
     batch: usize,
-    sender: tokio::sync::mpsc::Sender<Result<Vec<Read>, DbError>>,
+    sender: tokio::sync::mpsc::Sender<Result<Vec<Read>, ReplayError>>,
 ) {
     let mut idle_since = Instant::now();
     while next
@@ -564,14 +571,14 @@ async fn feed(
         let records = match reader.poll(batch, Duration::from_millis(200)).await {
             Ok(records) => records,
             Err(error) => {
-                let _ = sender.send(Err(DbError::Other(error.to_string()))).await;
+                let _ = sender.send(Err(error.into())).await;
                 return;
             }
         };
         if records.is_empty() {
             if idle_since.elapsed() > Duration::from_secs(60) {
                 let _ = sender
-                    .send(Err(DbError::Other(format!(
+                    .send(Err(ReplayError::Refused(format!(
                         "the log stopped answering while replaying {topic}"
                     ))))
                     .await;
@@ -879,7 +886,7 @@ async fn dry_run(
     filter: &Filter,
     report: &mut ReplayReport,
     progress: &mut (dyn FnMut(Progress) + Send),
-) -> Result<(), DbError> {
+) -> Result<(), ReplayError> {
     let ends = end_offsets(log, topics).await?;
     let total: u64 = ends.values().sum();
     let mut versions: HashMap<(String, String), u64> = HashMap::new();
@@ -895,21 +902,15 @@ async fn dry_run(
             continue;
         }
         let mut next: BTreeMap<u32, u64> = start.iter().copied().collect();
-        let mut reader = log
-            .reader(topic, &start)
-            .await
-            .map_err(|error| DbError::Other(error.to_string()))?;
+        let mut reader = log.reader(topic, &start).await?;
         let mut idle_since = Instant::now();
         while next
             .iter()
             .any(|(partition, offset)| *offset < ends[&(topic.clone(), *partition)])
         {
-            let records = reader
-                .poll(5000, Duration::from_millis(200))
-                .await
-                .map_err(|error| DbError::Other(error.to_string()))?;
+            let records = reader.poll(5000, Duration::from_millis(200)).await?;
             if records.is_empty() && idle_since.elapsed() > Duration::from_secs(60) {
-                return Err(DbError::Other(format!(
+                return Err(ReplayError::Refused(format!(
                     "the log stopped answering while reading {topic}"
                 )));
             }
@@ -1008,7 +1009,7 @@ async fn catch_up(
     history: &mut History,
     batch: usize,
     report: &mut ReplayReport,
-) -> Result<(), DbError> {
+) -> Result<(), ReplayError> {
     let before = report.read;
     let ends = end_offsets(log, topics).await?;
     for topic in topics {
@@ -1064,7 +1065,7 @@ async fn swap(
     history: &mut History,
     batch: usize,
     report: &mut ReplayReport,
-) -> Result<(), DbError> {
+) -> Result<(), ReplayError> {
     let name = projection.name();
     let tables = lock_order(&shadow_tables(&shadow, location).await?);
     let positions_sql =
@@ -1168,7 +1169,7 @@ async fn swap(
                 }
                 tx.commit()
                     .await
-                    .map_err(DbError::from)
+                    .map_err(|error| ReplayError::Db(error.into()))
             }
             .await;
             let _ = connection.execute("DETACH DATABASE replay").await;
@@ -1177,7 +1178,7 @@ async fn swap(
             drop_shadow(location, live).await?;
         }
         _ => {
-            return Err(DbError::Other(
+            return Err(ReplayError::Refused(
                 "the shadow and the live model are on different databases".into(),
             ));
         }

@@ -44,7 +44,7 @@
 //! `platform replay` swapped in).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -54,7 +54,7 @@ use event_schema::{Envelope, judge};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::db::{Db, DbError, Tx, Value};
+use crate::db::{Db, DbError, Migrations, Tx, Value};
 use crate::models::{Kind, fetch_for_keys, write_rows};
 
 /// The most records a worker applies in one transaction.
@@ -94,8 +94,9 @@ pub trait Projection: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// The aggregate types whose events it consumes.
     fn aggregate_types(&self) -> &'static [&'static str];
-    /// Its tables, as ordered migrations; each runs once, and is never edited once released.
-    fn migrations(&self) -> &'static [&'static str];
+    /// Its tables, as ordered migrations (`.sql` files in `migrations/<name>/`); each runs
+    /// once, and is never edited once released.
+    fn migrations(&self) -> &'static Migrations;
     /// Applies effective events, in log order per aggregate.
     async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError>;
     /// Called after a transaction in which `apply` ran has committed: for work the projection
@@ -134,58 +135,21 @@ pub struct Event {
     pub envelope: Envelope,
 }
 
-/// The runtime's own tables, in every read-model database.
-const RUNTIME_MIGRATION: &str = r#"
--- The projection runtime's bookkeeping, kept in the same database as the read models so that
--- rows, positions and versions always change in one transaction.
-CREATE TABLE IF NOT EXISTS projection_positions (
-    projection TEXT NOT NULL,
-    topic TEXT NOT NULL,
-    partition BIGINT NOT NULL,
-    next_offset BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL,
-    PRIMARY KEY (projection, topic, partition)
-);
-CREATE TABLE IF NOT EXISTS applied_versions (
-    projection TEXT NOT NULL,
-    aggregate_type TEXT NOT NULL,
-    aggregate_id TEXT NOT NULL,
-    version BIGINT NOT NULL,
-    PRIMARY KEY (projection, aggregate_type, aggregate_id)
-);
-CREATE TABLE IF NOT EXISTS parked_events (
-    projection TEXT NOT NULL,
-    topic TEXT NOT NULL,
-    partition BIGINT NOT NULL,
-    "offset" BIGINT NOT NULL,
-    aggregate_type TEXT NOT NULL,
-    aggregate_id TEXT NOT NULL,
-    aggregate_version BIGINT NOT NULL,
-    event_type TEXT NOT NULL,
-    error TEXT NOT NULL,
-    record TEXT NOT NULL,
-    parked_at BIGINT NOT NULL,
-    status TEXT NOT NULL,
-    PRIMARY KEY (projection, topic, partition, "offset")
-);
-CREATE INDEX IF NOT EXISTS parked_events_by_aggregate
-    ON parked_events (projection, aggregate_type, aggregate_id, status);
-"#;
-
-/// The events still parked, which a worker lists before each batch.
-const RUNTIME_MIGRATION_2: &str = r#"
-CREATE INDEX IF NOT EXISTS parked_events_waiting
-    ON parked_events (projection, aggregate_type, aggregate_id) WHERE status = 'parked'
-"#;
-
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
 /// Runs the runtime's and the projection's migrations that have not run yet.
 pub async fn migrate(db: &Db, projection: &dyn Projection) -> Result<(), DbError> {
-    crate::db::migrate(db, "runtime", &[RUNTIME_MIGRATION, RUNTIME_MIGRATION_2]).await?;
-    crate::db::migrate(db, projection.name(), projection.migrations()).await
+    static RUNTIME: LazyLock<Migrations> = LazyLock::new(|| {
+        sql_store::migrations!(
+            "runtime",
+            "../migrations/runtime/20261207000101_positions_versions_parked.sql",
+            "../migrations/runtime/20261207000102_parked_events_waiting.sql",
+        )
+    });
+    crate::db::migrate(db, &RUNTIME).await?;
+    crate::db::migrate(db, projection.migrations()).await
 }
 
 /// Where a projection stands on one partition.

@@ -51,7 +51,7 @@ impl Projection for Traced {
         self.inner.aggregate_types()
     }
 
-    fn migrations(&self) -> &'static [&'static str] {
+    fn migrations(&self) -> &'static sql_store::Migrations {
         self.inner.migrations()
     }
 

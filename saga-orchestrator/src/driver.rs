@@ -25,8 +25,8 @@
 //!   tool rebuilds a saga from the log.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -36,38 +36,15 @@ use event_log::{SharedLog, partition_for, topics};
 use event_schema::commands::{CommandMessage, SAGA_ACTOR, saga_on_behalf_of};
 use projections::runtime::{ApplyError, Event, Projection};
 use serde::Serialize;
-use sql_store::{Db, DbError, Kind, Tx, Value, write_rows, write_rows_returning};
+use sql_store::{Db, DbError, Kind, Migrations, Tx, Value, write_rows, write_rows_returning};
 use tokio::sync::{Notify, watch};
 
 use crate::saga::{Action, Input, Saga, SagaConfig, SagaEvent, react};
 
-pub const MIGRATIONS: &[&str] = &["
--- The orchestrator's own state: each order's saga (as JSON, plus the columns its read model
--- filters on), and the outbox of commands decided but perhaps not yet published.
-CREATE TABLE sagas (
-    order_id TEXT PRIMARY KEY,
-    state TEXT NOT NULL,
-    deadline BIGINT,
-    correlation_id TEXT NOT NULL,
-    started_at BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL,
-    revision BIGINT NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE INDEX sagas_by_deadline ON sagas (deadline);
-CREATE INDEX sagas_by_state ON sagas (state, updated_at);
-CREATE TABLE saga_outbox (
-    command_id TEXT PRIMARY KEY,
-    seq BIGINT NOT NULL,
-    order_id TEXT NOT NULL,
-    service TEXT NOT NULL,
-    aggregate_id TEXT NOT NULL,
-    message TEXT NOT NULL,
-    created_at BIGINT NOT NULL,
-    sent_at BIGINT
-);
-CREATE INDEX saga_outbox_unsent ON saga_outbox (sent_at, seq)
-"];
+/// The orchestrator's tables (`migrations/saga/`).
+pub static MIGRATIONS: LazyLock<Migrations> = LazyLock::new(|| {
+    sql_store::migrations!("saga", "../migrations/saga/20261207000601_sagas_outbox.sql")
+});
 
 /// How often the relay and the ticker look for work no commit of this process announced:
 /// outbox rows and deadlines written by another process on the same saga database (an
@@ -374,8 +351,8 @@ impl Projection for SagaProjection {
         &["order", "payment", "stock"]
     }
 
-    fn migrations(&self) -> &'static [&'static str] {
-        MIGRATIONS
+    fn migrations(&self) -> &'static Migrations {
+        &MIGRATIONS
     }
 
     /// The saga's state includes the commands it sent, so `platform replay` does not rebuild

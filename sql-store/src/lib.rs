@@ -2,11 +2,11 @@
 //! (read models, the command side's snapshots, the saga's state and outbox).
 //!
 //! # Layout
-//! Everything is in this file: [`Db`] (a pool, one Postgres schema or one SQLite file), [`Tx`]
-//! (a transaction on it), [`Value`] and [`Row`] (what goes in and comes out), and
-//! [`value_rows`] and [`placeholders`] for multi-row statements and `IN (...)` lists, the bulk
-//! statements [`fetch_for_keys`] and [`write_rows`] (one statement per call on Postgres), and
-//! [`migrate`], which every owner of tables runs at start.
+//! [`Db`] (a pool, one Postgres schema or one SQLite file), [`Tx`] (a transaction on it),
+//! [`Value`] and [`Row`] (what goes in and comes out), and [`value_rows`] and [`placeholders`]
+//! for multi-row statements and `IN (...)` lists, the bulk statements [`fetch_for_keys`] and
+//! [`write_rows`] (one statement per call on Postgres) are in this file; [`Migrations`] and
+//! [`migrate`], which every owner of tables runs at start, in `migrations.rs`.
 //! Statements use Postgres placeholders (`$1`, `$2`, ...); on SQLite they become numbered
 //! parameters (`?1`, `?2`, ...), which bind the same way. Values are integers, text or null:
 //! timestamps are stored as Unix milliseconds and documents as JSON text, in both databases.
@@ -20,6 +20,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
+
+mod migrations;
+
+pub use migrations::{Migrations, migrate};
 
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -860,76 +864,12 @@ async fn write(
 /// The first key of the Postgres advisory lock that serialises the creation and the
 /// migrations of one schema (the second key is the hash of the schema's name): the bytes
 /// `sqlm`, so the lock is told apart from any other two-key advisory lock in `pg_locks`.
-const SCHEMA_LOCK_CLASS: i32 = i32::from_be_bytes(*b"sqlm");
+pub(crate) const SCHEMA_LOCK_CLASS: i32 = i32::from_be_bytes(*b"sqlm");
 
 /// Takes a schema's lock until the transaction ends: `$1` is [`SCHEMA_LOCK_CLASS`], `$2` the
 /// schema's name, or NULL for the transaction's current schema (its search path).
-const LOCK_SCHEMA: &str =
+pub(crate) const LOCK_SCHEMA: &str =
     "SELECT pg_advisory_xact_lock($1, hashtext(coalesce($2::TEXT, current_schema()::TEXT, '')))";
-
-/// Runs the migrations of `owner` that have not run yet, in order, each once, in one
-/// transaction. Migrations are plain SQL common to both databases (statements separated by
-/// `;`, `--` comments); once released they are never edited: a change is a new migration.
-///
-/// Safe when several processes start at once on the same database: on Postgres the
-/// transaction first takes the schema's advisory lock (the one [`Db::postgres`] creates the
-/// schema under), so one process migrates while the others wait, and each of them then finds
-/// the migrations recorded and runs none; on SQLite the transaction holds the write lock from
-/// its start (`BEGIN IMMEDIATE`), which serialises them the same way.
-pub async fn migrate(db: &Db, owner: &str, migrations: &[&str]) -> Result<(), DbError> {
-    let mut tx = db.begin().await?;
-    if let Tx::Postgres(pg) = &mut tx {
-        // Locked before anything is read: under READ COMMITTED each later statement sees what
-        // the previous holder committed.
-        sqlx::query(LOCK_SCHEMA)
-            .bind(SCHEMA_LOCK_CLASS)
-            .bind(None::<&str>)
-            .execute(&mut **pg)
-            .await
-            .map_err(db_error)?;
-    }
-    tx.run(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
-            projection TEXT NOT NULL, version BIGINT NOT NULL, applied_at BIGINT NOT NULL,
-            PRIMARY KEY (projection, version))",
-    )
-    .await?;
-    for (index, sql) in migrations.iter().enumerate() {
-        let version = index as i64 + 1;
-        let done = tx
-            .fetch_optional(
-                "SELECT version FROM schema_migrations WHERE projection = $1 AND version = $2",
-                &[owner.into(), version.into()],
-            )
-            .await?;
-        if done.is_some() {
-            continue;
-        }
-        // Comments go first: they may contain semicolons.
-        let code: String = sql
-            .lines()
-            .filter(|line| !line.trim_start().starts_with("--"))
-            .collect::<Vec<_>>()
-            .join("\n");
-        for statement in code
-            .split(';')
-            .map(str::trim)
-            .filter(|statement| !statement.is_empty())
-        {
-            tx.run(statement).await?;
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|elapsed| elapsed.as_millis() as i64)
-            .unwrap_or(0);
-        tx.execute(
-            "INSERT INTO schema_migrations (projection, version, applied_at) VALUES ($1, $2, $3)",
-            &[owner.into(), version.into(), now.into()],
-        )
-        .await?;
-    }
-    tx.commit().await
-}
 
 #[cfg(test)]
 mod tests {

@@ -3,7 +3,9 @@
 //! when `TEST_DATABASE_URL` names a Postgres database (`scripts/test.sh` sets it; with
 //! `TEST_REQUIRE_BACKENDS=1` its absence fails instead of skipping).
 
-use sql_store::{Db, Value, migrate};
+use std::sync::LazyLock;
+
+use sql_store::{Db, Migrations, Value, migrate};
 
 /// Like a projection's: a table and an index, without `IF NOT EXISTS`, so a second run of it
 /// would fail.
@@ -14,6 +16,16 @@ const SECOND: &str = "-- When each thing last changed.
 ALTER TABLE things ADD COLUMN changed_at BIGINT";
 const OTHER: &str = "-- Another owner's table in the same schema.
 CREATE TABLE other_things (id BIGINT PRIMARY KEY)";
+
+/// Two owners of tables in one schema, as the projection runtime and a read model are.
+static THINGS: LazyLock<Migrations> = LazyLock::new(|| {
+    Migrations::new(
+        "things",
+        &[("1_things.sql", FIRST), ("2_changed_at.sql", SECOND)],
+    )
+});
+static OTHERS: LazyLock<Migrations> =
+    LazyLock::new(|| Migrations::new("other", &[("3_other_things.sql", OTHER)]));
 
 /// How many starts race on one schema.
 const STARTS: usize = 6;
@@ -45,10 +57,10 @@ async fn start(url: String, schema: String) -> Result<Db, String> {
     let db = Db::postgres(&url, &schema, 2)
         .await
         .map_err(|error| format!("connect: {error}"))?;
-    migrate(&db, "things", &[FIRST, SECOND])
+    migrate(&db, &THINGS)
         .await
         .map_err(|error| format!("migrate things: {error}"))?;
-    migrate(&db, "other", &[OTHER])
+    migrate(&db, &OTHERS)
         .await
         .map_err(|error| format!("migrate other: {error}"))?;
     Ok(db)
@@ -96,30 +108,25 @@ async fn concurrent_starts_on_a_fresh_schema_all_succeed_and_migrate_once() {
     }
 }
 
-/// Each migration of the test's owners, and how many times it is recorded.
-async fn applied(db: &Db) -> Vec<(String, i64, i64)> {
+/// Each recorded migration, and how many times it is recorded.
+async fn applied(db: &Db) -> Vec<(i64, i64)> {
     db.fetch_all(
-        "SELECT projection, version, COUNT(*) AS times FROM schema_migrations
-         GROUP BY projection, version ORDER BY projection, version",
+        "SELECT version, COUNT(*) AS times FROM _sqlx_migrations GROUP BY version ORDER BY version",
         &[],
     )
     .await
-    .expect("read schema_migrations")
+    .expect("read _sqlx_migrations")
     .iter()
-    .map(|row| (row.text("projection"), row.int("version"), row.int("times")))
+    .map(|row| (row.int("version"), row.int("times")))
     .collect()
 }
 
-fn applied_once() -> Vec<(String, i64, i64)> {
-    vec![
-        ("other".to_owned(), 1, 1),
-        ("things".to_owned(), 1, 1),
-        ("things".to_owned(), 2, 1),
-    ]
+fn applied_once() -> Vec<(i64, i64)> {
+    vec![(1, 1), (2, 1), (3, 1)]
 }
 
 /// The schema exists (an earlier start, or an operator, created it) and has no tables yet:
-/// the migrations themselves race, with `CREATE TABLE IF NOT EXISTS schema_migrations` first.
+/// the migrations themselves race, with `CREATE TABLE IF NOT EXISTS _sqlx_migrations` first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_migrations_of_an_empty_schema_all_succeed_and_run_once() {
     let Some(url) = database_url() else { return };
@@ -137,8 +144,8 @@ async fn concurrent_migrations_of_an_empty_schema_all_succeed_and_run_once() {
             .cloned()
             .map(|db| {
                 tokio::spawn(async move {
-                    migrate(&db, "things", &[FIRST, SECOND]).await?;
-                    migrate(&db, "other", &[OTHER]).await
+                    migrate(&db, &THINGS).await?;
+                    migrate(&db, &OTHERS).await
                 })
             })
             .collect();
@@ -172,8 +179,8 @@ async fn concurrent_starts_on_a_fresh_sqlite_file_all_succeed_and_migrate_once()
             let path = path.clone();
             tokio::spawn(async move {
                 let db = Db::sqlite(&path).await?;
-                migrate(&db, "things", &[FIRST, SECOND]).await?;
-                migrate(&db, "other", &[OTHER]).await?;
+                migrate(&db, &THINGS).await?;
+                migrate(&db, &OTHERS).await?;
                 Ok::<_, sql_store::DbError>(db)
             })
         })
@@ -195,6 +202,91 @@ async fn concurrent_starts_on_a_fresh_sqlite_file_all_succeed_and_migrate_once()
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A database whose first migration the platform's earlier runner recorded (in
+/// `schema_migrations`, by owner and ordinal): that migration is recorded as run and not run
+/// again (its `CREATE TABLE` would fail), the second one runs, and a later start changes nothing.
+async fn earlier_records_are_adopted(db: &Db) {
+    db.execute(
+        "CREATE TABLE schema_migrations (
+            projection TEXT NOT NULL, version BIGINT NOT NULL, applied_at BIGINT NOT NULL,
+            PRIMARY KEY (projection, version))",
+        &[],
+    )
+    .await
+    .expect("the earlier runner's table");
+    for statement in FIRST.split(';') {
+        db.execute(statement, &[])
+            .await
+            .expect("the first migration, as the earlier runner ran it");
+    }
+    db.execute(
+        "INSERT INTO schema_migrations (projection, version, applied_at) VALUES ('things', 1, 0)",
+        &[],
+    )
+    .await
+    .expect("its record");
+    migrate(db, &THINGS)
+        .await
+        .expect("migrate a database the earlier runner made");
+    migrate(db, &THINGS).await.expect("a later start");
+    assert_eq!(applied(db).await, vec![(1, 1), (2, 1)]);
+    db.execute(
+        "INSERT INTO things (name, count, changed_at) VALUES ('a', 1, 2)",
+        &[],
+    )
+    .await
+    .expect("the second migration's column is there");
+}
+
+/// A migration edited after it ran is refused at start (its checksum differs), not run again.
+async fn an_edited_migration_is_refused(db: &Db) {
+    migrate(db, &THINGS).await.expect("migrate");
+    let edited = Migrations::new(
+        "things",
+        &[(
+            "1_things.sql",
+            "CREATE TABLE things (name TEXT PRIMARY KEY)",
+        )],
+    );
+    let error = migrate(db, &edited)
+        .await
+        .expect_err("an edited migration must be refused");
+    assert!(
+        error.to_string().contains("modified"),
+        "the error says the migration was modified: {error}"
+    );
+}
+
+#[tokio::test]
+async fn a_sqlite_file_migrated_by_the_earlier_runner_is_adopted() {
+    let dir = std::env::temp_dir().join(fresh_schema("sqlite_earlier"));
+    let db = Db::sqlite(&dir.join("store.db")).await.expect("open");
+    earlier_records_are_adopted(&db).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_postgres_schema_migrated_by_the_earlier_runner_is_adopted() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema("earlier");
+    let db = Db::postgres(&url, &schema, 2).await.expect("connect");
+    earlier_records_are_adopted(&db).await;
+    drop_schema(&url, &schema).await;
+}
+
+#[tokio::test]
+async fn an_edited_migration_is_refused_on_both_databases() {
+    let dir = std::env::temp_dir().join(fresh_schema("sqlite_edited"));
+    let db = Db::sqlite(&dir.join("store.db")).await.expect("open");
+    an_edited_migration_is_refused(&db).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema("edited");
+    let db = Db::postgres(&url, &schema, 2).await.expect("connect");
+    an_edited_migration_is_refused(&db).await;
+    drop_schema(&url, &schema).await;
 }
 
 async fn drop_schema(url: &str, schema: &str) {

@@ -130,7 +130,7 @@ impl Projection for BreaksOff {
         self.inner.aggregate_types()
     }
 
-    fn migrations(&self) -> &'static [&'static str] {
+    fn migrations(&self) -> &'static projections::db::Migrations {
         self.inner.migrations()
     }
 

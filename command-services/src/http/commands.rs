@@ -256,6 +256,7 @@ pub fn command_error<E: std::fmt::Display>(
         | CommandError::SteppedDown { .. }) => ApiError::Misrouted(other.to_string()),
         other @ (CommandError::Contended { .. }
         | CommandError::Unavailable(_)
+        | CommandError::Log(_)
         | CommandError::AheadOfLog { .. }) => ApiError::Unavailable(other.to_string()),
     }
 }

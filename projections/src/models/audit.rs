@@ -1,10 +1,12 @@
 //! Audit: every effective event, indexed by aggregate, correlation id, causation id, type and
 //! time. The audit tools read it.
 
+use std::sync::LazyLock;
+
 use async_trait::async_trait;
 
 use super::{Kind, write_rows};
-use crate::db::{Tx, Value};
+use crate::db::{Migrations, Tx, Value};
 use crate::runtime::{AppendOnlyRows, ApplyError, Event, Projection};
 
 #[derive(Debug, Default)]
@@ -20,33 +22,14 @@ impl Projection for Audit {
         &["order", "payment", "stock"]
     }
 
-    fn migrations(&self) -> &'static [&'static str] {
-        &["
--- Every effective event of every aggregate, with its envelope (CloudEvents JSON) and where it
--- sits in the log.
-CREATE TABLE audit_events (
-    event_id TEXT PRIMARY KEY,
-    aggregate_type TEXT NOT NULL,
-    aggregate_id TEXT NOT NULL,
-    aggregate_version BIGINT NOT NULL,
-    event_type TEXT NOT NULL,
-    schema_version BIGINT NOT NULL,
-    occurred_at BIGINT NOT NULL,
-    correlation_id TEXT NOT NULL,
-    causation_id TEXT NOT NULL,
-    command_id TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    topic TEXT NOT NULL,
-    partition BIGINT NOT NULL,
-    \"offset\" BIGINT NOT NULL,
-    envelope TEXT NOT NULL
-);
-CREATE UNIQUE INDEX audit_events_by_aggregate ON audit_events (aggregate_type, aggregate_id, aggregate_version);
-CREATE INDEX audit_events_by_correlation ON audit_events (correlation_id, occurred_at);
-CREATE INDEX audit_events_by_causation ON audit_events (causation_id);
-CREATE INDEX audit_events_by_type ON audit_events (event_type, occurred_at);
-CREATE INDEX audit_events_by_time ON audit_events (occurred_at)
-"]
+    fn migrations(&self) -> &'static Migrations {
+        static MIGRATIONS: LazyLock<Migrations> = LazyLock::new(|| {
+            sql_store::migrations!(
+                "audit",
+                "../../migrations/audit/20261207000501_audit_events.sql"
+            )
+        });
+        &MIGRATIONS
     }
 
     async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {

@@ -1,12 +1,13 @@
 //! Inventory: stock per SKU (on hand, reserved, available) and the low-stock list.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use domain::stock::{StockAggregate, StockEvent};
 
 use super::{Kind, fetch_for_keys, write_rows};
-use crate::db::{Tx, Value};
+use crate::db::{Migrations, Tx, Value};
 use crate::runtime::{ApplyError, Event, Projection};
 
 #[derive(Debug, Default)]
@@ -30,20 +31,14 @@ impl Projection for Inventory {
         &["stock"]
     }
 
-    fn migrations(&self) -> &'static [&'static str] {
-        &["
--- Stock per SKU as the inventory service shows it; `version` is the stock item's last applied
--- aggregate version, so a redelivered event is recognised.
-CREATE TABLE stock_levels (
-    sku TEXT PRIMARY KEY,
-    on_hand BIGINT NOT NULL,
-    reserved BIGINT NOT NULL,
-    available BIGINT NOT NULL,
-    version BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL
-);
-CREATE INDEX stock_levels_by_available ON stock_levels (available, sku)
-"]
+    fn migrations(&self) -> &'static Migrations {
+        static MIGRATIONS: LazyLock<Migrations> = LazyLock::new(|| {
+            sql_store::migrations!(
+                "inventory",
+                "../../migrations/inventory/20261207000301_stock_levels.sql"
+            )
+        });
+        &MIGRATIONS
     }
 
     async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {

@@ -7,6 +7,7 @@
 //! payment event that arrives before `order.placed` is kept, not lost.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use domain::order::{OrderAggregate, OrderEvent};
@@ -14,7 +15,7 @@ use domain::payment::{PaymentAggregate, PaymentEvent};
 use domain::stock::{StockAggregate, StockEvent};
 
 use super::{Kind, fetch_for_keys, write_rows};
-use crate::db::{Tx, Value};
+use crate::db::{Migrations, Tx, Value};
 use crate::runtime::{ApplyError, Event, Projection};
 
 #[derive(Debug, Default)]
@@ -43,43 +44,14 @@ impl Projection for Orders {
         &["order", "payment", "stock"]
     }
 
-    fn migrations(&self) -> &'static [&'static str] {
-        &["
--- The order summary, as the order service shows it; `lines` is the order's lines as JSON.
-CREATE TABLE order_summary (
-    order_id TEXT PRIMARY KEY,
-    customer_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    currency TEXT NOT NULL,
-    total_minor BIGINT NOT NULL,
-    lines TEXT NOT NULL,
-    reason TEXT,
-    placed_at BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL,
-    version BIGINT NOT NULL
-);
--- A customer's orders, newest first, optionally by status.
-CREATE INDEX order_summary_by_customer ON order_summary (customer_id, placed_at DESC, order_id DESC);
-CREATE INDEX order_summary_by_customer_status ON order_summary (customer_id, status, placed_at DESC, order_id DESC);
--- The order's payment status, from the payment's events.
-CREATE TABLE order_payment (
-    order_id TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    version BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL
-);
--- The order's stock reservations, one per SKU, from the stock items' events.
-CREATE TABLE order_reservations (
-    order_id TEXT NOT NULL,
-    sku TEXT NOT NULL,
-    quantity BIGINT NOT NULL,
-    status TEXT NOT NULL,
-    -- The stock item's version of the event behind `status`.
-    stock_version BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL,
-    PRIMARY KEY (order_id, sku)
-)
-"]
+    fn migrations(&self) -> &'static Migrations {
+        static MIGRATIONS: LazyLock<Migrations> = LazyLock::new(|| {
+            sql_store::migrations!(
+                "orders",
+                "../../migrations/orders/20261207000201_order_summary.sql"
+            )
+        });
+        &MIGRATIONS
     }
 
     async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {

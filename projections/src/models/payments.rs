@@ -1,12 +1,13 @@
 //! Payments: one row per order's payment (authorised, captured, refunded, status).
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use domain::payment::{PaymentAggregate, PaymentEvent};
 
 use super::{Kind, fetch_for_keys, write_rows};
-use crate::db::{Tx, Value};
+use crate::db::{Migrations, Tx, Value};
 use crate::runtime::{ApplyError, Event, Projection};
 
 #[derive(Debug, Default)]
@@ -35,22 +36,14 @@ impl Projection for Payments {
         &["payment"]
     }
 
-    fn migrations(&self) -> &'static [&'static str] {
-        &["
--- One row per order's payment, as the payment service shows it.
-CREATE TABLE payments (
-    order_id TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    currency TEXT,
-    authorised_minor BIGINT NOT NULL,
-    captured_minor BIGINT NOT NULL,
-    refunded_minor BIGINT NOT NULL,
-    authorisation_id TEXT,
-    reason TEXT,
-    version BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL
-)
-"]
+    fn migrations(&self) -> &'static Migrations {
+        static MIGRATIONS: LazyLock<Migrations> = LazyLock::new(|| {
+            sql_store::migrations!(
+                "payments",
+                "../../migrations/payments/20261207000401_payments.sql"
+            )
+        });
+        &MIGRATIONS
     }
 
     async fn apply(&self, tx: &mut Tx, events: &[Event]) -> Result<(), ApplyError> {
