@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use command_services::store::{CommandStore, SqlStore};
 use event_log::SharedLog;
 use event_log::embedded::EmbeddedLog;
 use event_log::kafka::{KafkaLog, KafkaSettings};
 
+use crate::error::{Error, Result};
 use crate::settings::Settings;
 
 /// The log and stores every part runs on.
@@ -39,14 +39,14 @@ pub fn kafka_settings(brokers: &str, settings: &Settings) -> KafkaSettings {
 }
 
 impl Backend {
-    pub async fn open(settings: &Settings) -> anyhow::Result<Self> {
+    pub async fn open(settings: &Settings) -> Result<Self> {
         let log: SharedLog = match &settings.kafka {
             Some(brokers) => {
                 let kafka = kafka_settings(brokers, settings);
                 Arc::new(
                     KafkaLog::connect(kafka)
                         .await
-                        .context("connecting to Kafka")?,
+                        .map_err(Error::log("connecting to Kafka"))?,
                 )
             }
             None => Arc::new(
@@ -55,29 +55,27 @@ impl Backend {
                     settings.durability.into(),
                 )
                 .await
-                .with_context(|| {
-                    format!(
-                        "opening the embedded log in {}",
-                        settings.data_dir.display()
-                    )
-                })?,
+                .map_err(Error::log(format!(
+                    "opening the embedded log in {}",
+                    settings.data_dir.display()
+                )))?,
             ),
         };
         let command_store: Arc<dyn CommandStore> = match (&settings.database_url, &settings.kafka) {
             (Some(url), _) => Arc::new(
-                SqlStore::postgres(url, &format!("{}command_side", settings.schema_prefix))
-                    .await
-                    .context("connecting to Postgres")?,
+                SqlStore::postgres(url, &format!("{}command_side", settings.schema_prefix)).await?,
             ),
-            (None, Some(_)) => anyhow::bail!("--kafka needs --database-url (Postgres) as well"),
+            (None, Some(_)) => {
+                return Err(Error::Refused(
+                    "--kafka needs --database-url (Postgres) as well".into(),
+                ));
+            }
             (None, None) => {
-                std::fs::create_dir_all(&settings.data_dir)
-                    .with_context(|| format!("creating {}", settings.data_dir.display()))?;
-                Arc::new(
-                    SqlStore::sqlite(settings.data_dir.join("command-side.db"))
-                        .await
-                        .context("opening the command-side store")?,
-                )
+                std::fs::create_dir_all(&settings.data_dir).map_err(Error::io(format!(
+                    "creating {}",
+                    settings.data_dir.display()
+                )))?;
+                Arc::new(SqlStore::sqlite(settings.data_dir.join("command-side.db")).await?)
             }
         };
         Ok(Backend { log, command_store })
@@ -105,11 +103,11 @@ impl DataDirLock {
     /// Takes the lock of `dir` (created when missing), or fails naming the directory and the
     /// pid of the process that holds it, having changed nothing. Within one process the lock
     /// is shared.
-    pub fn acquire(dir: &std::path::Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    pub fn acquire(dir: &std::path::Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
         let key = dir
             .canonicalize()
-            .with_context(|| format!("resolving {}", dir.display()))?;
+            .map_err(Error::io(format!("resolving {}", dir.display())))?;
         let mut held = HELD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(file) = held.get(&key).and_then(std::sync::Weak::upgrade) {
             return Ok(DataDirLock { _file: file });
@@ -119,7 +117,7 @@ impl DataDirLock {
         Ok(DataDirLock { _file: file })
     }
 
-    fn lock_file(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    fn lock_file(dir: &std::path::Path) -> Result<std::fs::File> {
         use std::io::{Read, Seek, Write};
         let path = dir.join("platform.lock");
         let mut file = std::fs::OpenOptions::new()
@@ -128,7 +126,7 @@ impl DataDirLock {
             .create(true)
             .truncate(false)
             .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
+            .map_err(Error::io(format!("opening {}", path.display())))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -140,21 +138,20 @@ impl DataDirLock {
                 } else {
                     format!("another process (pid {holder})")
                 };
-                anyhow::bail!(
-                    "the data directory {} is in use by {holder}: one process serves a data \
-                     directory at a time; stop it, or give this one another --data-dir",
-                    dir.display()
-                );
+                return Err(Error::DataDirInUse {
+                    dir: dir.to_owned(),
+                    holder,
+                });
             }
             Err(std::fs::TryLockError::Error(error)) => {
-                return Err(error).with_context(|| format!("locking {}", path.display()));
+                return Err(Error::io(format!("locking {}", path.display()))(error));
             }
         }
         file.set_len(0)
             .and_then(|()| file.rewind())
             .and_then(|()| writeln!(file, "{}", std::process::id()))
             .and_then(|()| file.flush())
-            .with_context(|| format!("writing {}", path.display()))?;
+            .map_err(Error::io(format!("writing {}", path.display())))?;
         Ok(file)
     }
 }

@@ -7,6 +7,7 @@
 //! # Layout
 //! - [`settings`]: the typed settings, from flags with environment fallbacks.
 //! - [`backend`]: opening the event log and the stores for the chosen backend.
+//! - [`error`]: why the platform could not start or a tool could not finish, causes kept.
 //! - [`server`]: [`Platform::build`] binds and starts the parts; `run_until_stopped` serves.
 //! - the HTTP edge every part shares (errors, authentication and roles, the server loop) is the
 //!   `http_edge` crate.
@@ -18,6 +19,7 @@
 //! - [`tools`]: `platform replay` and `platform audit`.
 
 pub mod backend;
+pub mod error;
 pub mod ops;
 pub mod otlp;
 pub mod server;
@@ -25,5 +27,6 @@ pub mod settings;
 pub mod telemetry;
 pub mod tools;
 
+pub use error::Error;
 pub use server::Platform;
 pub use settings::{Part, Settings};

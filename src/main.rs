@@ -175,7 +175,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Serve { part } => {
             let platform = Platform::build(settings, part).await?;
-            platform.run_until_stopped(shutdown_signal()).await
+            Ok(platform.run_until_stopped(shutdown_signal()).await?)
         }
         Command::Replay(args) => platform::tools::replay(args, settings).await,
         Command::Audit { command } => platform::tools::audit(command, settings).await,

@@ -7,7 +7,6 @@
 //! `traceparent` header, and the `projection.apply` and `saga.step` spans, whose parent is that
 //! remote span (`projections::traced`). The SDK's batch processor exports from its own thread.
 
-use anyhow::Context as _;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
@@ -45,7 +44,7 @@ pub fn traces_url(endpoint: &str) -> String {
 pub fn layer<S>(
     endpoint: &str,
     service: &str,
-) -> anyhow::Result<(OpenTelemetryLayer<S, Tracer>, Exporter)>
+) -> crate::error::Result<(OpenTelemetryLayer<S, Tracer>, Exporter)>
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
 {
@@ -55,7 +54,10 @@ where
         .with_protocol(Protocol::HttpBinary)
         .with_endpoint(url.clone())
         .build()
-        .with_context(|| format!("OTLP trace exporter for {url}"))?;
+        .map_err(|error| crate::error::Error::Otlp {
+            url: url.clone(),
+            source: Box::new(error),
+        })?;
     let mut resource = Resource::builder();
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name(service.to_owned());

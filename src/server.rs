@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -25,6 +24,7 @@ use projections::{ReadBackend, ReadSide};
 use saga_orchestrator::side::SagaSide;
 
 use crate::backend::Backend;
+use crate::error::{Error, Result};
 use crate::settings::{HttpSettings, Part, Settings};
 use http_edge::security::{self, Security};
 use http_edge::serve::serve_http;
@@ -116,7 +116,7 @@ impl<T: Clone> Cached<T> {
 /// group subscribed to a topic that does not exist would only see it at its next metadata
 /// refresh (minutes), and a topic created by a first produce gets the broker's default partition
 /// count instead of `--partitions`.
-async fn ensure_topics(log: &event_log::SharedLog, settings: &Settings) -> anyhow::Result<()> {
+async fn ensure_topics(log: &event_log::SharedLog, settings: &Settings) -> Result<()> {
     for (service, aggregate) in [
         ("order", "order"),
         ("payment", "payment"),
@@ -128,7 +128,7 @@ async fn ensure_topics(log: &event_log::SharedLog, settings: &Settings) -> anyho
         ] {
             log.ensure_topic(&topic, settings.partitions)
                 .await
-                .with_context(|| format!("creating topic {topic}"))?;
+                .map_err(Error::log(format!("creating topic {topic}")))?;
         }
     }
     Ok(())
@@ -136,7 +136,7 @@ async fn ensure_topics(log: &event_log::SharedLog, settings: &Settings) -> anyho
 
 impl Platform {
     /// Opens the backend, starts the parts named by `part`, and binds the HTTP address.
-    pub async fn build(settings: Settings, part: Part) -> anyhow::Result<Self> {
+    pub async fn build(settings: Settings, part: Part) -> Result<Self> {
         Self::build_with(settings, part, |log| log).await
     }
 
@@ -146,9 +146,11 @@ impl Platform {
         settings: Settings,
         part: Part,
         layer: impl FnOnce(event_log::SharedLog) -> event_log::SharedLog,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         if part == Part::Gateway {
-            anyhow::bail!("the gateway is its own process: gateway::Gateway::build");
+            return Err(Error::Refused(
+                "the gateway is its own process: gateway::Gateway::build".into(),
+            ));
         }
         let security = Arc::new(Security::from_settings(
             &settings.security,
@@ -190,11 +192,11 @@ impl Platform {
         if settings.instances > 1
             && command_settings.assignment == command_services::services::Assignment::Group
         {
-            anyhow::bail!(
+            return Err(Error::Refused(format!(
                 "--instances {} needs --assignment static; with --assignment group (the default) \
                  the instances share the partitions by consumer group, no count to give",
                 settings.instances
-            );
+            )));
         }
         command_settings.snapshot_every = settings.snapshot_every;
         command_settings.idempotency_window = Duration::from_secs(settings.idempotency_window_secs);
@@ -206,9 +208,7 @@ impl Platform {
             stopped,
             &supervisor,
         )
-        .await
-        .map_err(anyhow::Error::msg)
-        .context("starting the command services")?;
+        .await?;
         let read_backend = match &settings.database_url {
             Some(url) => ReadBackend::Postgres {
                 url: url.clone(),
@@ -226,8 +226,7 @@ impl Platform {
                 settings.saga_config(),
             )
             .await
-            .map_err(anyhow::Error::msg)
-            .context("opening the saga orchestrator's database")?;
+            .map_err(Error::db("opening the saga orchestrator's database"))?;
             saga.start(shutdown.subscribe(), &supervisor);
             Some(saga)
         } else {
@@ -236,8 +235,7 @@ impl Platform {
         let read = if matches!(part, Part::All | Part::Projections) {
             let read = ReadSide::open(backend.log.clone(), &read_backend, &settings.topic_prefix)
                 .await
-                .map_err(anyhow::Error::msg)
-                .context("opening the read models")?;
+                .map_err(Error::db("opening the read models"))?;
             read.start_workers(shutdown.subscribe(), &supervisor);
             Some(read)
         } else {
@@ -245,7 +243,7 @@ impl Platform {
         };
         let listener = TcpListener::bind(settings.http_addr)
             .await
-            .with_context(|| format!("binding {}", settings.http_addr))?;
+            .map_err(Error::io(format!("binding {}", settings.http_addr)))?;
         let router = security::protect(
             app(AppState {
                 commands: commands.clone(),
@@ -337,7 +335,7 @@ impl Platform {
     pub async fn run_until_stopped(
         self,
         signal: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let Platform {
             listener,
             router,
@@ -349,7 +347,12 @@ impl Platform {
             storage,
             ..
         } = self;
-        let url = format!("http://{}", listener.local_addr()?);
+        let url = format!(
+            "http://{}",
+            listener
+                .local_addr()
+                .map_err(Error::io("reading the bound address"))?
+        );
         for part in &parts {
             tracing::info!("{url}: {part}");
         }
@@ -358,7 +361,7 @@ impl Platform {
         );
         serve_http(listener, router, &http, signal)
             .await
-            .context("serving HTTP")?;
+            .map_err(Error::io("serving HTTP"))?;
         // From here a task that ends is stopping, not dying.
         supervisor.stop();
         let _ = shutdown.send(true);

@@ -1112,7 +1112,7 @@ struct Running {
     base: String,
     addr: SocketAddr,
     stop: oneshot::Sender<()>,
-    served: tokio::task::JoinHandle<anyhow::Result<()>>,
+    served: tokio::task::JoinHandle<Result<(), platform::Error>>,
 }
 
 impl Running {

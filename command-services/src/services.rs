@@ -21,7 +21,7 @@ use crate::owner::{CommandError, CommandRequest, Owner, OwnerConfig, OwnerStatus
 use crate::provider::{
     PaymentProvider, ProviderPolicy, authorise_with_retries, release_with_retries,
 };
-use crate::store::CommandStore;
+use crate::store::{CommandStore, StoreError};
 use http_edge::headers::digest;
 
 /// Which services run in this process.
@@ -98,6 +98,26 @@ impl CommandSettings {
     }
 }
 
+/// Why the command services could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Log(#[from] event_log::LogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An owner could not take up its partitions; the owner's error is the source.
+    #[error("the {service} service's owner: {source}")]
+    Owner {
+        service: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The topics or the stored positions are not what the service can start on, in words
+    /// that say what to do.
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// The running services of this process; cheap to clone (the HTTP handlers' state).
 #[derive(Debug, Clone, Default)]
 pub struct CommandState {
@@ -117,7 +137,7 @@ impl CommandState {
         provider: Arc<dyn PaymentProvider>,
         shutdown: watch::Receiver<bool>,
         supervisor: &Supervisor,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, StartError> {
         let tasks = Tasks {
             shutdown: &shutdown,
             supervisor,
@@ -236,35 +256,29 @@ async fn start_owner<A>(
     settings: &CommandSettings,
     service: &str,
     tasks: Tasks<'_>,
-) -> Result<Owner<A>, String>
+) -> Result<Owner<A>, StartError>
 where
     A: EventCodec + Send + Sync + 'static,
     A::State: Serialize + DeserializeOwned + Send + Sync,
     A::Command: Send + Sync,
     A::Event: Send,
-    A::Error: Send,
+    A::Error: Send + Sync + 'static,
 {
     let events = topics::events(&settings.topic_prefix, A::TYPE);
     let commands = topics::commands(&settings.topic_prefix, service);
-    let event_partitions = log
-        .ensure_topic(&events, settings.partitions)
-        .await
-        .map_err(|error| error.to_string())?;
-    let command_partitions = log
-        .ensure_topic(&commands, event_partitions)
-        .await
-        .map_err(|error| error.to_string())?;
+    let event_partitions = log.ensure_topic(&events, settings.partitions).await?;
+    let command_partitions = log.ensure_topic(&commands, event_partitions).await?;
     if command_partitions != event_partitions {
-        return Err(format!(
+        return Err(StartError::Refused(format!(
             "{commands} has {command_partitions} partitions but {events} has {event_partitions}; \
              they must match so one instance owns an aggregate's events and commands"
-        ));
+        )));
     }
     if settings.instances == 0 || settings.instance >= settings.instances {
-        return Err(format!(
+        return Err(StartError::Refused(format!(
             "instance {} of {} is not a valid instance",
             settings.instance, settings.instances
-        ));
+        )));
     }
     let owned: Vec<u32> = match settings.assignment {
         Assignment::Static => (0..event_partitions)
@@ -292,7 +306,10 @@ where
         tasks.supervisor,
     )
     .await
-    .map_err(|error| error.to_string())
+    .map_err(|error| StartError::Owner {
+        service: service.to_owned(),
+        source: Box::new(error),
+    })
 }
 
 /// The consumer of a service's command topic, as its positions are stored.
@@ -309,27 +326,21 @@ async fn check_command_positions(
     service: &str,
     topic: &str,
     partitions: &[u32],
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     let consumer = command_consumer(service);
     for &partition in partitions {
-        let stored = store
-            .load_position(&consumer, topic, partition)
-            .await
-            .map_err(|error| error.to_string())?;
-        let end = log
-            .end_offset(topic, partition)
-            .await
-            .map_err(|error| error.to_string())?;
+        let stored = store.load_position(&consumer, topic, partition).await?;
+        let end = log.end_offset(topic, partition).await?;
         if let Some(stored) = stored
             && stored > end
         {
-            return Err(format!(
+            return Err(StartError::Refused(format!(
                 "the {service} service's position in {topic} partition {partition} is offset {stored}, \
                  but the topic ends at {end}: the topic lost records or was recreated. Reading on \
                  from there would skip the commands sent until it grows past {stored}; after \
                  checking the topic, run `platform recover` to see every stored position and \
                  snapshot ahead of the log, and `platform recover --apply` to reset them"
-            ));
+            )));
         }
     }
     Ok(())
