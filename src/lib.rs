@@ -11,8 +11,8 @@
 //! - [`server`]: [`Platform::build`] binds and starts the parts; `run_until_stopped` serves.
 //! - the HTTP edge every part shares (errors, authentication and roles, the server loop) is the
 //!   `http_edge` crate.
-//! - [`telemetry`]: the command metrics (by route and outcome, latency) and saga states in
-//!   `/metrics`.
+//! - [`telemetry`]: the request span and its log line, and the command metrics (by route and
+//!   outcome, latency) and saga states in `/metrics`.
 //! - `platform serve gateway`, the single entry point (registry, health checks, partition-aware
 //!   routing, retries, circuit breakers), is the `gateway` crate.
 //! - [`ops`]: operator commands (`projections status`, `parked list|retry|skip`).

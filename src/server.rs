@@ -74,7 +74,7 @@ struct AppState {
     /// log where every partition ends and reads the oldest unapplied records.
     projection_status: Arc<Cached<Result<Vec<ProjectionStatus>, String>>>,
     /// The sagas by state, which `/metrics` shows: a count over the whole saga table.
-    saga_counts: Arc<Cached<String>>,
+    saga_counts: Arc<Cached<Vec<(String, i64)>>>,
     /// The parts' long-running tasks; one that died makes this process not ready.
     supervisor: Supervisor,
 }
@@ -407,12 +407,12 @@ fn app(state: AppState) -> Router {
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi));
-    router
+    let router = router
         .merge(security::routes(open, security::RouteClass::Open))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(crate::telemetry::track))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    http_edge::headers::correlation_ids(crate::telemetry::instrument(router))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)
 }
@@ -500,97 +500,99 @@ async fn ready(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// Prometheus text exposition of what this process knows about itself.
+/// Prometheus text exposition of what this process knows about itself: the process's counters
+/// and histograms ([`crate::telemetry::register`]) and what is measured at the scrape (the
+/// command services' and projections' statuses, the sagas by state), set into a registry of
+/// this scrape.
 async fn metrics(State(state): State<AppState>) -> Response {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP platform_command_conflicts_total Records skipped by the effective-history rule on the command side."
-    );
-    let _ = writeln!(out, "# TYPE platform_command_conflicts_total counter");
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    use std::sync::atomic::AtomicU64;
+
+    type Labels<const N: usize> = [(&'static str, String); N];
+    let mut registry = prometheus_client::registry::Registry::default();
+    crate::telemetry::register(&mut registry);
+    let conflicts = Family::<Labels<1>, Counter>::default();
     for status in state.commands.statuses() {
-        let _ = writeln!(
-            out,
-            "platform_command_conflicts_total{{topic=\"{}\"}} {}",
-            status.topic, status.conflicts
-        );
+        conflicts
+            .get_or_create(&[("topic", status.topic)])
+            .inc_by(status.conflicts);
     }
+    registry.register(
+        "platform_command_conflicts",
+        "Records skipped by the effective-history rule on the command side",
+        conflicts,
+    );
     if let Some(read) = &state.read
         && let Ok(statuses) = state.projection_status.get(read.status()).await
     {
-        let series = [
-            (
-                "platform_projection_lag_events",
-                "gauge",
-                "Records not yet applied by a projection, per partition.",
-            ),
-            (
-                "platform_projection_lag_seconds",
-                "gauge",
-                "Age of the oldest record not yet applied, per partition.",
-            ),
-        ];
-        for (name, kind, help) in series {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for status in &statuses {
-                for lag in &status.partitions {
-                    let value = if name.ends_with("events") {
-                        lag.lag_events as f64
-                    } else {
-                        lag.lag_seconds
-                    };
-                    let _ = writeln!(
-                        out,
-                        "{name}{{projection=\"{}\",topic=\"{}\",partition=\"{}\"}} {value}",
-                        status.projection, lag.topic, lag.partition
-                    );
-                }
+        let lag_events = Family::<Labels<3>, Gauge>::default();
+        let lag_seconds = Family::<Labels<3>, Gauge<f64, AtomicU64>>::default();
+        let parked = Family::<Labels<1>, Gauge>::default();
+        let conflicts = Family::<Labels<1>, Counter>::default();
+        for status in statuses {
+            for lag in status.partitions {
+                let labels = [
+                    ("projection", status.projection.clone()),
+                    ("topic", lag.topic),
+                    ("partition", lag.partition.to_string()),
+                ];
+                lag_events
+                    .get_or_create(&labels)
+                    .set(i64::try_from(lag.lag_events).unwrap_or(i64::MAX));
+                lag_seconds.get_or_create(&labels).set(lag.lag_seconds);
             }
+            let labels = [("projection", status.projection)];
+            parked
+                .get_or_create(&labels)
+                .set(i64::try_from(status.parked).unwrap_or(i64::MAX));
+            conflicts.get_or_create(&labels).inc_by(status.conflicts);
         }
-        let _ = writeln!(
-            out,
-            "# HELP platform_projection_parked_events Events parked by a projection, waiting for an operator."
+        registry.register(
+            "platform_projection_lag_events",
+            "Records not yet applied by a projection, per partition",
+            lag_events,
         );
-        let _ = writeln!(out, "# TYPE platform_projection_parked_events gauge");
-        for status in &statuses {
-            let _ = writeln!(
-                out,
-                "platform_projection_parked_events{{projection=\"{}\"}} {}",
-                status.projection, status.parked
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP platform_projection_conflicts_total Records skipped by the effective-history rule in a projection."
+        registry.register(
+            "platform_projection_lag_seconds",
+            "Age of the oldest record not yet applied, per partition",
+            lag_seconds,
         );
-        let _ = writeln!(out, "# TYPE platform_projection_conflicts_total counter");
-        for status in &statuses {
-            let _ = writeln!(
-                out,
-                "platform_projection_conflicts_total{{projection=\"{}\"}} {}",
-                status.projection, status.conflicts
-            );
-        }
+        registry.register(
+            "platform_projection_parked_events",
+            "Events parked by a projection, waiting for an operator",
+            parked,
+        );
+        registry.register(
+            "platform_projection_conflicts",
+            "Records skipped by the effective-history rule in a projection",
+            conflicts,
+        );
     }
-    crate::telemetry::render(&mut out);
     if let Some(saga) = &state.saga {
-        out.push_str(
-            &state
-                .saga_counts
-                .get(async {
-                    let mut counts = String::new();
-                    crate::telemetry::render_sagas(&mut counts, saga).await;
-                    counts
-                })
-                .await,
+        let instances = Family::<Labels<1>, Gauge>::default();
+        let counts = state
+            .saga_counts
+            .get(crate::telemetry::saga_instances(saga))
+            .await;
+        for (saga_state, count) in counts {
+            instances.get_or_create(&[("state", saga_state)]).set(count);
+        }
+        registry.register(
+            "platform_saga_instances",
+            "Saga instances by state (needs_attention: parked for an operator)",
+            instances,
         );
+    }
+    let mut out = String::new();
+    if let Err(error) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
+        return ApiError::Internal(format!("cannot encode the metrics: {error}")).into_response();
     }
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
         )],
         out,
     )

@@ -1,56 +1,71 @@
-//! The process's HTTP command metrics, rendered into `/metrics` in the Prometheus text format,
-//! and the correlation id of every request's log lines (each request logs one `answered` line
-//! inside its span). The log's append latency and the projections' batch sizes are histograms
-//! of `event_log::metrics`, rendered here too.
+//! The request span and its `answered` log line, and the process's HTTP command metrics, which
+//! `/metrics` exposes with the log's histograms of `event_log::metrics` ([`register`]).
 //!
-//! A middleware times every request of the command class (as its route declares it, [`http_edge::security::routes`])
-//! and counts it by route and outcome; `/metrics` renders the counters and a latency histogram.
-//! The registry is per process, as a Prometheus registry is: several platforms in one test
-//! process add to the same series.
+//! [`instrument`] wraps the router: tower-http's `TraceLayer` opens a `request` span per
+//! request (method, path, correlation id, trace id), logs one `answered` line in it, and
+//! [`track`] inside it counts and times every request of the command class (as its route
+//! declares it, [`http_edge::security::routes`]) by route and outcome. The metrics are per
+//! process, as a Prometheus registry is: several platforms in one test process add to the same
+//! series.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
-use std::time::Instant;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
 
+use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 
 use opentelemetry::trace::TraceContextExt;
-use tracing::Instrument;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tower_http::trace::TraceLayer;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use http_edge::headers::CORRELATION_ID;
 use http_edge::security::RouteClass;
 
-const CORRELATION_ID: &str = "x-correlation-id";
 const SERVER_TIMING: &str = "server-timing";
+const TRACEPARENT: &str = "traceparent";
 
 /// Upper bounds (seconds) of the command latency histogram's buckets.
 const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-#[derive(Default)]
-struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    /// Sum in microseconds.
-    sum_micros: AtomicU64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabels {
+    route: String,
+    outcome: &'static str,
 }
 
-#[derive(Default)]
-struct Registry {
-    /// (route, outcome) → count
-    commands: Mutex<BTreeMap<(String, &'static str), u64>>,
+struct Metrics {
+    commands: Family<CommandLabels, Counter>,
     latency: Histogram,
 }
 
-fn registry() -> &'static Registry {
-    static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(Registry::default)
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    commands: Family::default(),
+    latency: Histogram::new(BUCKETS),
+});
+
+/// Adds the command series and the log's histograms to a registry that `/metrics` encodes.
+pub fn register(registry: &mut Registry) {
+    registry.register(
+        "platform_commands",
+        "HTTP commands answered, by route and outcome (accepted, conflict, rejected, refused, failed)",
+        METRICS.commands.clone(),
+    );
+    registry.register(
+        "platform_command_duration_seconds",
+        "Time from a command's arrival to its answer (decide, append, read back as effective)",
+        METRICS.latency.clone(),
+    );
+    event_log::metrics::register(registry);
 }
 
 /// What a command's status says about it.
@@ -64,162 +79,112 @@ pub fn outcome(status: u16) -> &'static str {
     }
 }
 
-/// The middleware: gives every request a correlation id (the client's `X-Correlation-Id`, or a
-/// new one) and a span carrying it, so every log line of the request has it; returns it in the
-/// answer; counts and times command requests.
-pub async fn track(mut request: Request, next: Next) -> Response {
-    let correlation_id = request
-        .headers()
-        .get(CORRELATION_ID)
-        .and_then(|value| value.to_str().ok())
-        .map(str::trim)
-        .filter(|value| !value.is_empty() && value.len() <= 255)
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    if let Ok(value) = HeaderValue::from_str(&correlation_id) {
-        request.headers_mut().insert(CORRELATION_ID, value);
-    }
-    let traceparent = request
-        .headers()
-        .get("traceparent")
-        .and_then(|value| value.to_str().ok())
-        .map(str::to_owned);
+/// The request span and its log line around `router`, with [`track`] inside the span. The
+/// span reads the correlation id, so `http_edge::headers::correlation_ids` goes outside this.
+pub fn instrument<S>(router: Router<S>) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    router.layer(axum::middleware::from_fn(track)).layer(
+        TraceLayer::new_for_http()
+            .make_span_with(request_span)
+            .on_request(())
+            .on_response(answered)
+            // A failed request is logged once, by `answered`; 500s log their cause where they
+            // happen.
+            .on_failure(()),
+    )
+}
+
+/// The `request` span, carrying the request's correlation id, so every log line of the request
+/// has it. With the OpenTelemetry layer (`--otlp-endpoint`), the span is a child of the
+/// client's trace (or starts one).
+fn request_span(request: &Request) -> tracing::Span {
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+    };
     let span = tracing::info_span!(
         "request",
         method = %request.method(),
         path = %request.uri().path(),
-        correlation_id = %correlation_id,
+        correlation_id = header(CORRELATION_ID).unwrap_or_default(),
         trace_id = tracing::field::Empty,
     );
-    // With the OpenTelemetry layer (`--otlp-endpoint`), the span is a child of the client's
-    // trace (or starts one), and its own context becomes the request's `traceparent`: the
-    // command API writes that into the events, so the projections' and saga's spans are its
-    // children. Without the layer the span has no context and the client's header stays.
-    if let Some(parent) = http_edge::trace::remote_parent(traceparent.as_deref()) {
+    let traceparent = header(TRACEPARENT);
+    if let Some(parent) = http_edge::trace::remote_parent(traceparent) {
         let _ = span.set_parent(parent);
     }
-    let own = span.context();
-    let own = own.span().span_context().clone();
-    let traceparent = if own.is_valid() {
-        let own = http_edge::trace::format(&own);
-        if let Ok(value) = HeaderValue::from_str(&own) {
-            request.headers_mut().insert("traceparent", value);
-        }
-        Some(own)
+    let own = span.context().span().span_context().clone();
+    let trace_id = if own.is_valid() {
+        Some(own.trace_id().to_string())
     } else {
-        traceparent
+        http_edge::trace::ids(traceparent).map(|(trace_id, _)| trace_id)
     };
-    if let Some((trace_id, _)) = http_edge::trace::ids(traceparent.as_deref()) {
+    if let Some(trace_id) = trace_id {
         span.record("trace_id", trace_id.as_str());
     }
-    let probe = matches!(
-        request.uri().path(),
-        "/metrics" | "/health/live" | "/health/ready"
-    );
-    let started = Instant::now();
-    let mut response = timed(request, next).instrument(span.clone()).await;
-    let millis = started.elapsed().as_secs_f64() * 1e3;
-    // One line per request, inside its span: JSON logs carry its correlation and trace ids.
-    // Probes answer every few seconds, so they log only at debug.
-    span.in_scope(|| {
-        let status = response.status().as_u16();
-        if probe {
-            tracing::debug!(status, millis, "answered");
-        } else {
-            tracing::info!(status, millis, "answered");
-        }
-    });
-    // The server's own time, in the standard header browsers' developer tools and load
-    // generators read (`platform-bench commands` splits its latency with it).
-    if let Ok(value) = HeaderValue::from_str(&format!("app;dur={millis:.3}")) {
-        response.headers_mut().append(SERVER_TIMING, value);
-    }
-    if !response.headers().contains_key(CORRELATION_ID)
-        && let Ok(value) = HeaderValue::from_str(&correlation_id)
-    {
-        response.headers_mut().insert(CORRELATION_ID, value);
-    }
-    response
+    span
 }
 
-/// Times and counts the requests the routes' own declaration says are commands.
-async fn timed(request: Request, next: Next) -> Response {
+/// One line per request, inside its span: JSON logs carry its correlation and trace ids. The
+/// open routes (probes, scrapers) answer every few seconds, so they log only at debug.
+fn answered(response: &Response, latency: Duration, _: &tracing::Span) {
+    let status = response.status().as_u16();
+    let millis = latency.as_secs_f64() * 1e3;
+    if response.extensions().get::<RouteClass>() == Some(&RouteClass::Open) {
+        tracing::debug!(status, millis, "answered");
+    } else {
+        tracing::info!(status, millis, "answered");
+    }
+}
+
+/// Inside the request span: makes the span's own context the request's `traceparent` (the
+/// command API writes that into the events, so the projections' and saga's spans are its
+/// children; without the OpenTelemetry layer the span has no context and the client's header
+/// stays), gives the answer its `Server-Timing`, and counts and times the requests the routes'
+/// own declaration says are commands.
+pub async fn track(mut request: Request, next: Next) -> Response {
+    let own = tracing::Span::current().context();
+    let own = own.span().span_context().clone();
+    if own.is_valid()
+        && let Ok(value) = HeaderValue::from_str(&http_edge::trace::format(&own))
+    {
+        request.headers_mut().insert(TRACEPARENT, value);
+    }
     // Cheap clones (an `Arc<str>` and a method): the label is made only for commands.
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let method = request.method().clone();
     let started = Instant::now();
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
     let elapsed = started.elapsed();
-    if response.extensions().get::<RouteClass>() != Some(&RouteClass::Command) {
-        return response;
+    // The server's own time, in the standard header browsers' developer tools and load
+    // generators read (`platform-bench commands` splits its latency with it).
+    let millis = elapsed.as_secs_f64() * 1e3;
+    if let Ok(value) = HeaderValue::from_str(&format!("app;dur={millis:.3}")) {
+        response.headers_mut().append(SERVER_TIMING, value);
     }
-    let route = format!(
-        "{method} {}",
-        matched.as_ref().map_or("unmatched", MatchedPath::as_str)
-    );
-    let registry = registry();
-    if let Ok(mut commands) = registry.commands.lock() {
-        *commands
-            .entry((route, outcome(response.status().as_u16())))
-            .or_default() += 1;
+    if response.extensions().get::<RouteClass>() == Some(&RouteClass::Command) {
+        let route = format!(
+            "{method} {}",
+            matched.as_ref().map_or("unmatched", MatchedPath::as_str)
+        );
+        METRICS
+            .commands
+            .get_or_create(&CommandLabels {
+                route,
+                outcome: outcome(response.status().as_u16()),
+            })
+            .inc();
+        METRICS.latency.observe(elapsed.as_secs_f64());
     }
-    let seconds = elapsed.as_secs_f64();
-    for (bound, bucket) in BUCKETS.iter().zip(&registry.latency.buckets) {
-        if seconds <= *bound {
-            bucket.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    registry.latency.count.fetch_add(1, Ordering::Relaxed);
-    registry
-        .latency
-        .sum_micros
-        .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     response
 }
 
-/// Appends the command series to a Prometheus text exposition.
-pub fn render(out: &mut String) {
-    let registry = registry();
-    let _ = writeln!(
-        out,
-        "# HELP platform_commands_total HTTP commands answered, by route and outcome (accepted, conflict, rejected, refused, failed)."
-    );
-    let _ = writeln!(out, "# TYPE platform_commands_total counter");
-    if let Ok(commands) = registry.commands.lock() {
-        for ((route, outcome), count) in commands.iter() {
-            let _ = writeln!(
-                out,
-                "platform_commands_total{{route=\"{}\",outcome=\"{outcome}\"}} {count}",
-                route.replace('"', "'")
-            );
-        }
-    }
-    let name = "platform_command_duration_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Time from a command's arrival to its answer (decide, append, read back as effective)."
-    );
-    let _ = writeln!(out, "# TYPE {name} histogram");
-    for (bound, bucket) in BUCKETS.iter().zip(&registry.latency.buckets) {
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{le=\"{bound}\"}} {}",
-            bucket.load(Ordering::Relaxed)
-        );
-    }
-    let count = registry.latency.count.load(Ordering::Relaxed);
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-    let _ = writeln!(
-        out,
-        "{name}_sum {}",
-        registry.latency.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-    );
-    let _ = writeln!(out, "{name}_count {count}");
-    event_log::metrics::render(out);
-}
-
-/// Appends the saga instances per state.
-pub async fn render_sagas(out: &mut String, saga: &saga_orchestrator::side::SagaSide) {
+/// The saga instances per state, for `platform_saga_instances`; none when the count fails.
+pub async fn saga_instances(saga: &saga_orchestrator::side::SagaSide) -> Vec<(String, i64)> {
     let rows = saga
         .db()
         .fetch_all(
@@ -227,19 +192,10 @@ pub async fn render_sagas(out: &mut String, saga: &saga_orchestrator::side::Saga
             &[],
         )
         .await;
-    let _ = writeln!(
-        out,
-        "# HELP platform_saga_instances Saga instances by state (needs_attention: parked for an operator)."
-    );
-    let _ = writeln!(out, "# TYPE platform_saga_instances gauge");
-    if let Ok(rows) = rows {
-        for row in rows {
-            let _ = writeln!(
-                out,
-                "platform_saga_instances{{state=\"{}\"}} {}",
-                row.text("state"),
-                row.int("n")
-            );
-        }
-    }
+    rows.map(|rows| {
+        rows.iter()
+            .map(|row| (row.text("state"), row.int("n")))
+            .collect()
+    })
+    .unwrap_or_default()
 }

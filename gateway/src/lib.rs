@@ -23,7 +23,7 @@
 //!   open the gateway answers 503 `/problems/circuit-open` at once.
 //! - **Timeouts** per route class (commands, reads), per attempt.
 //! - Every request is logged with its correlation id (`X-Correlation-Id`, generated when
-//!   absent and passed upstream and back).
+//!   absent or unusable, by `http_edge::headers::correlation_ids`, and passed upstream and back).
 //!
 //! # Modules
 //! - [`routing`]: which upstream serves a request, and which aggregate's owner takes a command;
@@ -39,7 +39,6 @@ pub mod routing;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::State;
@@ -201,7 +200,6 @@ impl Default for GatewaySettings {
     }
 }
 
-pub(crate) const CORRELATION_ID: &str = "x-correlation-id";
 pub(crate) const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 async fn live() -> Response {
@@ -258,84 +256,64 @@ async fn ready(State(registry): State<Registry>) -> Response {
         .into_response()
 }
 
+/// The gateway's counters, and each instance's health and breaker as they are at the scrape.
 async fn metrics(State(registry): State<Registry>) -> Response {
-    use std::fmt::Write;
+    use prometheus_client::encoding::prometheus_text;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+
+    let counters = &registry.inner.counters;
+    let mut metrics = prometheus_client::registry::Registry::default();
+    metrics.register(
+        "platform_gateway_requests",
+        "Requests the gateway answered, by upstream and status",
+        counters.requests.clone(),
+    );
+    metrics.register(
+        "platform_gateway_retries",
+        "Extra attempts made for idempotent requests",
+        counters.retries.clone(),
+    );
+    metrics.register(
+        "platform_gateway_breaker_rejections",
+        "Requests refused because every instance's breaker was open",
+        counters.breaker_rejections.clone(),
+    );
+    let healthy = Family::<[(&'static str, String); 2], Gauge>::default();
+    let breaker_open = Family::<[(&'static str, String); 2], Gauge>::default();
+    for upstream in Upstream::ALL {
+        let Some(pool) = registry.pool(upstream) else {
+            continue;
+        };
+        for instance in pool.instances() {
+            let labels = [
+                ("upstream", upstream.name().to_owned()),
+                ("instance", instance.base.clone()),
+            ];
+            healthy
+                .get_or_create(&labels)
+                .set(i64::from(instance.healthy()));
+            breaker_open
+                .get_or_create(&labels)
+                .set(i64::from(instance.breaker_state() != "closed"));
+        }
+    }
+    metrics.register(
+        "platform_gateway_upstream_healthy",
+        "1 while the instance's /health/ready answers 200",
+        healthy,
+    );
+    metrics.register(
+        "platform_gateway_breaker_open",
+        "1 while the instance's circuit breaker is open or half-open",
+        breaker_open,
+    );
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP platform_gateway_requests_total Requests the gateway answered, by upstream and status."
-    );
-    let _ = writeln!(out, "# TYPE platform_gateway_requests_total counter");
-    if let Ok(requests) = registry.inner.counters.requests.lock() {
-        let mut rows: Vec<_> = requests.iter().collect();
-        rows.sort();
-        for ((upstream, status), count) in rows {
-            let _ = writeln!(
-                out,
-                "platform_gateway_requests_total{{upstream=\"{upstream}\",status=\"{status}\"}} {count}"
-            );
-        }
+    if let Err(error) = prometheus_text::encode(&mut out, &metrics) {
+        return http_edge::ApiError::Internal(format!("cannot encode the metrics: {error}"))
+            .into_response();
     }
-    let _ = writeln!(
-        out,
-        "# HELP platform_gateway_retries_total Extra attempts made for idempotent requests."
-    );
-    let _ = writeln!(out, "# TYPE platform_gateway_retries_total counter");
-    let _ = writeln!(
-        out,
-        "platform_gateway_retries_total {}",
-        registry.inner.counters.retries.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP platform_gateway_breaker_rejections_total Requests refused because every instance's breaker was open."
-    );
-    let _ = writeln!(
-        out,
-        "# TYPE platform_gateway_breaker_rejections_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "platform_gateway_breaker_rejections_total {}",
-        registry
-            .inner
-            .counters
-            .breaker_rejections
-            .load(Ordering::Relaxed)
-    );
-    for (name, help) in [
-        (
-            "platform_gateway_upstream_healthy",
-            "1 while the instance's /health/ready answers 200.",
-        ),
-        (
-            "platform_gateway_breaker_open",
-            "1 while the instance's circuit breaker is open or half-open.",
-        ),
-    ] {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} gauge");
-        for upstream in Upstream::ALL {
-            let Some(pool) = registry.pool(upstream) else {
-                continue;
-            };
-            for instance in pool.instances() {
-                let value = if name.ends_with("healthy") {
-                    instance.healthy()
-                } else {
-                    instance.breaker_state() != "closed"
-                };
-                let _ = writeln!(
-                    out,
-                    "{name}{{upstream=\"{}\",instance=\"{}\"}} {}",
-                    upstream.name(),
-                    instance.base,
-                    u8::from(value)
-                );
-            }
-        }
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    ([(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)], out).into_response()
 }
 
 pub fn app(registry: Registry) -> Router {
@@ -343,9 +321,10 @@ pub fn app(registry: Registry) -> Router {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics));
-    security::routes(open, security::RouteClass::Open)
-        .fallback(proxy::proxy)
-        .with_state(registry)
+    http_edge::headers::correlation_ids(
+        security::routes(open, security::RouteClass::Open).fallback(proxy::proxy),
+    )
+    .with_state(registry)
 }
 
 /// A built gateway: bound, registry filled, not yet serving.

@@ -2,7 +2,6 @@
 //! per-class timeouts, hop-by-hop headers, and the upstream's answer passed on as it is.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -14,8 +13,9 @@ use http_edge::{ApiError, MAX_BODY_BYTES};
 use crate::registry::{Instance, Registry};
 use http_edge::security::Security;
 
+use crate::IDEMPOTENCY_KEY;
 use crate::routing::{Upstream, class, route, segments};
-use crate::{CORRELATION_ID, IDEMPOTENCY_KEY};
+use http_edge::headers::CORRELATION_ID;
 
 /// An upstream's answer, passed on as it is (less hop-by-hop headers).
 pub(crate) async fn forward(
@@ -108,10 +108,7 @@ impl Registry {
                 Ok(candidates) => candidates,
                 Err(error) => {
                     if matches!(error, ApiError::CircuitOpen(_)) {
-                        self.inner
-                            .counters
-                            .breaker_rejections
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.inner.counters.breaker_rejections.inc();
                     }
                     // After a failed attempt, the attempt's own error says more.
                     return Err(last_error.unwrap_or(error));
@@ -130,10 +127,7 @@ impl Registry {
                 .find(|instance| instance.admit(&self.inner.policy))
                 .cloned()
             else {
-                self.inner
-                    .counters
-                    .breaker_rejections
-                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.counters.breaker_rejections.inc();
                 return Err(last_error.unwrap_or_else(|| {
                     ApiError::CircuitOpen(format!(
                         "the circuit breaker of every instance of upstream {} is open: retry later",
@@ -145,7 +139,7 @@ impl Registry {
                 tried.push(instance.base.clone());
             }
             if attempt > 0 {
-                self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+                self.inner.counters.retries.inc();
                 tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
             }
             let url = format!("{}{}", instance.base, path_and_query);
@@ -263,16 +257,14 @@ pub(crate) async fn proxy(State(registry): State<Registry>, mut request: Request
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    // Set by `http_edge::headers::correlation_ids` around the gateway, and forwarded upstream
+    // with the other headers.
     let correlation_id = request
         .headers()
         .get(CORRELATION_ID)
         .and_then(|value| value.to_str().ok())
-        .filter(|value| !value.trim().is_empty() && value.len() <= 255)
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    if let Ok(value) = HeaderValue::from_str(&correlation_id) {
-        request.headers_mut().insert(CORRELATION_ID, value);
-    }
+        .unwrap_or_default()
+        .to_owned();
     // Start a W3C trace here unless the client already did: its id travels with the command
     // into the events' `traceparent` header, the projections and the saga's commands.
     let trace_id = match request
@@ -300,7 +292,7 @@ pub(crate) async fn proxy(State(registry): State<Registry>, mut request: Request
             "the gateway serves without its security layer".to_owned(),
         )),
     };
-    let mut response = match admitted {
+    let response = match admitted {
         Ok(()) => match registry.forward(request).await {
             Ok(response) => response,
             Err(error) => error.into_response(),
@@ -309,9 +301,6 @@ pub(crate) async fn proxy(State(registry): State<Registry>, mut request: Request
     };
     if let Some(upstream) = upstream {
         registry.count(upstream, response.status());
-    }
-    if let Ok(value) = HeaderValue::from_str(&correlation_id) {
-        response.headers_mut().insert(CORRELATION_ID, value);
     }
     tracing::info!(
         %method,

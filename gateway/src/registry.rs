@@ -3,12 +3,15 @@
 //! owns (from their `/health/ready`), and the policies requests follow.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use http_edge::ApiError;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -232,10 +235,15 @@ pub struct Policy {
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    /// (upstream, status class) → count
-    pub(crate) requests: Mutex<HashMap<(&'static str, u16), u64>>,
-    pub(crate) retries: AtomicU64,
-    pub(crate) breaker_rejections: AtomicU64,
+    pub(crate) requests: Family<RequestLabels, Counter>,
+    pub(crate) retries: Counter,
+    pub(crate) breaker_rejections: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RequestLabels {
+    pub(crate) upstream: &'static str,
+    pub(crate) status: u16,
 }
 
 #[derive(Debug)]
@@ -386,10 +394,13 @@ impl Registry {
     }
 
     pub(crate) fn count(&self, upstream: Upstream, status: StatusCode) {
-        if let Ok(mut requests) = self.inner.counters.requests.lock() {
-            *requests
-                .entry((upstream.name(), status.as_u16()))
-                .or_default() += 1;
-        }
+        self.inner
+            .counters
+            .requests
+            .get_or_create(&RequestLabels {
+                upstream: upstream.name(),
+                status: status.as_u16(),
+            })
+            .inc();
     }
 }

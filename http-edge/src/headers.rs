@@ -1,10 +1,15 @@
-//! The command headers: `Idempotency-Key`, `If-Match`, `X-Correlation-Id`, `traceparent`.
+//! The command headers: `Idempotency-Key`, `If-Match`, `X-Correlation-Id`, `traceparent`, and
+//! the correlation id every request gets ([`correlation_ids`]).
 
-use axum::extract::FromRequestParts;
-use axum::http::HeaderMap;
+use axum::Router;
+use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use event_schema::CommandMeta;
 use sha2::{Digest, Sha256};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -52,6 +57,42 @@ fn text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiEr
             }
             Ok(Some(value))
         }
+    }
+}
+
+/// Gives every request of `router` an `X-Correlation-Id` and returns it in the answer: the
+/// client's, or a new UUIDv7 when it sent none or one that is blank, longer than 255 characters
+/// or not visible ASCII (as the OpenAPI document says), so the handlers, the events and the
+/// logs always have one they can use.
+pub fn correlation_ids<S>(router: Router<S>) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let header = HeaderName::from_static(CORRELATION_ID);
+    router
+        .layer(PropagateRequestIdLayer::new(header.clone()))
+        .layer(SetRequestIdLayer::new(header, NewCorrelationId))
+        .layer(axum::middleware::map_request(drop_unusable_correlation_id))
+}
+
+/// tower-http keeps whatever header arrives; one the command headers would refuse is dropped
+/// here, so that a new one takes its place.
+async fn drop_unusable_correlation_id(mut request: Request) -> Request {
+    if text(request.headers(), CORRELATION_ID).is_err() {
+        request.headers_mut().remove(CORRELATION_ID);
+    }
+    request
+}
+
+/// UUIDv7: correlation ids sort by the time their request arrived.
+#[derive(Debug, Clone, Copy)]
+struct NewCorrelationId;
+
+impl MakeRequestId for NewCorrelationId {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        HeaderValue::try_from(Uuid::now_v7().to_string())
+            .ok()
+            .map(RequestId::new)
     }
 }
 
@@ -147,6 +188,59 @@ pub fn digest(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_usable_correlation_id_is_kept_and_any_other_replaced_by_a_new_one() {
+        use tower::ServiceExt;
+        let app = correlation_ids(Router::new().route(
+            "/",
+            axum::routing::get(|headers: HeaderMap| async move {
+                headers
+                    .get(CORRELATION_ID)
+                    .map(|value| value.as_bytes().to_vec())
+                    .unwrap_or_default()
+            }),
+        ));
+        let long = [b'x'; 256];
+        let cases: [(Option<&[u8]>, bool); 5] = [
+            (None, false),
+            (Some(b"corr-1"), true),
+            (Some(b"   "), false),
+            (Some(&long), false),
+            (Some(b"caf\xc3\xa9"), false),
+        ];
+        for (sent, kept) in cases {
+            let mut request = axum::http::Request::get("/");
+            if let Some(sent) = sent {
+                request = request.header(CORRELATION_ID, sent);
+            }
+            let response = app
+                .clone()
+                .oneshot(request.body(axum::body::Body::empty()).expect("request"))
+                .await
+                .expect("response");
+            let answered = response
+                .headers()
+                .get(CORRELATION_ID)
+                .and_then(|value| value.to_str().ok())
+                .expect("a correlation id in the answer")
+                .to_owned();
+            let seen = axum::body::to_bytes(response.into_body(), 1024)
+                .await
+                .expect("body");
+            assert_eq!(
+                seen,
+                answered.as_bytes(),
+                "the handler sees the answered id"
+            );
+            if kept {
+                assert_eq!(Some(answered.as_bytes()), sent);
+            } else {
+                let id = Uuid::parse_str(&answered).expect("a UUID");
+                assert_eq!(id.get_version_num(), 7, "{answered} for {sent:?}");
+            }
+        }
+    }
 
     #[test]
     fn an_idempotency_key_is_scoped_to_its_actor() {

@@ -1,6 +1,7 @@
-//! `/metrics` exposes the named series, and every part answers `/health/live`,
-//! `/health/ready` and `/metrics`.
+//! `/metrics` exposes the named series and every series README.md documents, in the Prometheus
+//! text format, and every part answers `/health/live`, `/health/ready` and `/metrics`.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use platform::Part;
@@ -115,12 +116,228 @@ async fn metrics_expose_commands_by_outcome_latency_lag_parking_conflicts_and_sa
         appended(".stock.events"),
         "no receipt append timed in:\n{metrics}"
     );
-    // Every sample line is `name{labels} number` or `name number`.
-    for line in metrics.lines().filter(|line| !line.starts_with('#')) {
-        let value = line.rsplit(' ').next().expect("value");
-        assert!(value.parse::<f64>().is_ok(), "not a sample: {line}");
+    // Every series README.md lists is there, with the labels it lists, and has samples.
+    let exposition = Exposition::parse(&metrics);
+    let documented = documented_series();
+    assert!(
+        documented.len() >= 10,
+        "README.md's observability section lists fewer series than it should: {documented:?}"
+    );
+    for (name, labels) in documented {
+        let Some(kind) = exposition.types.get(&name) else {
+            panic!("README.md documents {name}, which /metrics does not declare:\n{metrics}");
+        };
+        let samples: Vec<&Sample> = exposition
+            .samples
+            .iter()
+            .filter(|sample| sample.family == name)
+            .collect();
+        assert!(!samples.is_empty(), "no sample of {name} in:\n{metrics}");
+        if let Some(labels) = labels {
+            for sample in samples {
+                let mut names: Vec<&str> = sample
+                    .labels
+                    .iter()
+                    .map(|(label, _)| label.as_str())
+                    .filter(|label| !(kind == "histogram" && *label == "le"))
+                    .collect();
+                names.sort_unstable();
+                let mut expected: Vec<&str> = labels.iter().map(String::as_str).collect();
+                expected.sort_unstable();
+                assert_eq!(names, expected, "labels of {name} (README.md): {sample:?}");
+            }
+        }
     }
     app.stop().await;
+}
+
+/// The series README.md's observability section lists for `/metrics` (the parts' own; the
+/// gateway's are `platform_gateway_*`), each with the labels it names (`name{a,b}`), if any.
+fn documented_series() -> Vec<(String, Option<Vec<String>>)> {
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .split("\n### Observability\n")
+        .nth(1)
+        .and_then(|section| section.split("`--log-json`").next())
+        .expect("README.md has an Observability section that lists the /metrics series");
+    section
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|code| code.starts_with("platform_") && !code.ends_with('*'))
+        .map(|code| match code.split_once('{') {
+            Some((name, labels)) => (
+                name.to_owned(),
+                Some(
+                    labels
+                        .trim_end_matches('}')
+                        .split(',')
+                        .map(str::to_owned)
+                        .collect(),
+                ),
+            ),
+            None => (code.to_owned(), None),
+        })
+        .collect()
+}
+
+/// One sample of an exposition: its family (the name a `# TYPE` line declares), its own name
+/// and labels.
+#[derive(Debug)]
+struct Sample {
+    family: String,
+    name: String,
+    labels: Vec<(String, String)>,
+}
+
+/// A Prometheus text exposition (format 0.0.4), parsed by that format's rules; a line that
+/// breaks one fails the test.
+#[derive(Debug)]
+struct Exposition {
+    /// Family name → type, from the `# TYPE` lines.
+    types: HashMap<String, String>,
+    samples: Vec<Sample>,
+}
+
+impl Exposition {
+    fn parse(text: &str) -> Exposition {
+        assert!(text.ends_with('\n'), "an exposition ends with a line feed");
+        let mut types = HashMap::new();
+        let mut samples = Vec::new();
+        let mut series = HashSet::new();
+        for line in text.lines().filter(|line| !line.is_empty()) {
+            if let Some(comment) = line.strip_prefix('#') {
+                let mut words = comment.trim_start().splitn(3, ' ');
+                match (words.next(), words.next(), words.next()) {
+                    (Some("TYPE"), Some(name), Some(kind)) => {
+                        assert!(is_metric_name(name), "bad metric name: {line}");
+                        assert!(
+                            ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                            "bad type: {line}"
+                        );
+                        assert!(
+                            !samples.iter().any(|sample: &Sample| sample.family == name),
+                            "TYPE after the family's samples: {line}"
+                        );
+                        let earlier = types.insert(name.to_owned(), kind.to_owned());
+                        assert!(earlier.is_none(), "a second TYPE line: {line}");
+                    }
+                    (Some("HELP"), Some(name), _) => {
+                        assert!(is_metric_name(name), "bad metric name: {line}");
+                    }
+                    (Some("TYPE" | "HELP"), ..) => panic!("incomplete: {line}"),
+                    _ => {}
+                }
+                continue;
+            }
+            let sample = parse_sample(line);
+            let family = family_of(&sample.name, &types)
+                .unwrap_or_else(|| panic!("a sample of no declared family: {line}"));
+            if types[&family] == "histogram" && sample.name.ends_with("_bucket") {
+                assert!(
+                    sample.labels.iter().any(|(label, _)| label == "le"),
+                    "a bucket without le: {line}"
+                );
+            }
+            let mut key = sample.labels.clone();
+            key.sort();
+            assert!(
+                series.insert((sample.name.clone(), key)),
+                "a series twice: {line}"
+            );
+            samples.push(Sample { family, ..sample });
+        }
+        Exposition { types, samples }
+    }
+}
+
+/// The declared family a sample belongs to: its own name, or a histogram's or summary's that
+/// its `_bucket`, `_sum` or `_count` suffix extends.
+fn family_of(name: &str, types: &HashMap<String, String>) -> Option<String> {
+    if types.contains_key(name) {
+        return Some(name.to_owned());
+    }
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .filter_map(|suffix| name.strip_suffix(suffix))
+        .find(|base| {
+            types
+                .get(*base)
+                .is_some_and(|kind| kind == "histogram" || kind == "summary")
+        })
+        .map(str::to_owned)
+}
+
+fn is_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|first| first.is_ascii_alphabetic() || first == '_' || first == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+fn is_label_name(name: &str) -> bool {
+    is_metric_name(name) && !name.contains(':')
+}
+
+/// `name{label="value",...} value [timestamp]`, label values escaped (`\\`, `\"`, `\n`).
+fn parse_sample(line: &str) -> Sample {
+    let end = line
+        .find(['{', ' '])
+        .unwrap_or_else(|| panic!("a sample without a value: {line}"));
+    let name = &line[..end];
+    assert!(is_metric_name(name), "bad metric name: {line}");
+    let mut rest = &line[end..];
+    let mut labels = Vec::new();
+    if let Some(inner) = rest.strip_prefix('{') {
+        rest = inner;
+        loop {
+            if let Some(after) = rest.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            let (label, after) = rest
+                .split_once("=\"")
+                .unwrap_or_else(|| panic!("bad label: {line}"));
+            assert!(is_label_name(label), "bad label name {label:?}: {line}");
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let closed = loop {
+                match chars.next() {
+                    Some((_, '\\')) => match chars.next() {
+                        Some((_, '\\')) => value.push('\\'),
+                        Some((_, '"')) => value.push('"'),
+                        Some((_, 'n')) => value.push('\n'),
+                        _ => panic!("bad escape in a label value: {line}"),
+                    },
+                    Some((at, '"')) => break at,
+                    Some((_, c)) => value.push(c),
+                    None => panic!("an unclosed label value: {line}"),
+                }
+            };
+            labels.push((label.to_owned(), value));
+            rest = &after[closed + 1..];
+            rest = rest.strip_prefix(',').unwrap_or(rest);
+        }
+    }
+    let mut fields = rest
+        .strip_prefix(' ')
+        .unwrap_or_else(|| panic!("no space before the value: {line}"))
+        .split(' ');
+    let value = fields.next().unwrap_or_default();
+    assert!(
+        matches!(value, "+Inf" | "-Inf" | "NaN") || value.parse::<f64>().is_ok_and(f64::is_finite),
+        "bad value {value:?}: {line}"
+    );
+    if let Some(timestamp) = fields.next() {
+        assert!(timestamp.parse::<i64>().is_ok(), "bad timestamp: {line}");
+    }
+    assert!(fields.next().is_none(), "trailing fields: {line}");
+    Sample {
+        family: String::new(),
+        name: name.to_owned(),
+        labels,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,6 +382,22 @@ async fn every_part_answers_health_and_metrics() {
             }
             assert_eq!(status, 200, "{part} {path}");
         }
+        let response = client
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .expect("metrics");
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "{part}: {content_type}"
+        );
+        Exposition::parse(&response.text().await.expect("text"));
     }
     gateway.stop().await;
     for app in running {
