@@ -7,7 +7,8 @@
 //!   transaction stores the new state and puts the commands it decided in the outbox.
 //! - A ticker fires due deadlines the same way (load, react, store + outbox, one transaction).
 //! - A relay publishes the outbox to the command topics, in order per aggregate, and marks rows
-//!   sent.
+//!   sent. On a stop it flushes: it publishes what the worker and the ticker commit until they
+//!   have ended (bounded by [`FLUSH_LIMIT`]); what is left is published at the next start.
 //! - The relay and the ticker are woken by this process's commits ([`Wakes`]): the relay when
 //!   commands were committed to the outbox, the ticker when a deadline earlier than the one it
 //!   sleeps until was committed; otherwise the ticker sleeps until its next deadline. Each also
@@ -38,6 +39,7 @@ use projections::runtime::{ApplyError, Event, Projection};
 use serde::Serialize;
 use sql_store::{Db, DbError, Kind, Migrations, Tx, Value, write_rows, write_rows_returning};
 use tokio::sync::{Notify, watch};
+use tokio_util::task::TaskTracker;
 
 use crate::saga::{Action, Input, Saga, SagaConfig, SagaEvent, react};
 
@@ -610,8 +612,24 @@ pub async fn run_ticker(
     }
 }
 
+/// How long the relay goes on publishing once the process is told to stop: the commands the
+/// saga's worker and ticker committed up to their end are published by this process when the
+/// log takes them within it, and by the next start otherwise. Shorter than the platform's bound
+/// on a stop's tasks, so the process exits within that bound whatever the log does.
+pub const FLUSH_LIMIT: Duration = Duration::from_secs(3);
+
+/// How often the relay looks at the outbox during a stop while its producers still run, for a
+/// commit whose wake-up it missed.
+const FLUSH_RESCAN: Duration = Duration::from_millis(50);
+
 /// Publishes the outbox until `shutdown`: in order per aggregate, then marks rows sent. Woken
 /// by this process's commits to the outbox, and looks on its own every `rescan` ([`RESCAN`]).
+///
+/// On the stop it flushes: it publishes what is in the outbox until `producers` (the tasks of
+/// this process that write it: the saga's worker finishing its batch, the ticker) have ended
+/// and the outbox is empty, for at most [`FLUSH_LIMIT`]. `producers` must be closed once they
+/// are all tracked. What is left (the log refused it, or the limit passed) stays unsent in the
+/// outbox and is published at the next start.
 pub async fn run_relay(
     db: Db,
     log: SharedLog,
@@ -619,9 +637,18 @@ pub async fn run_relay(
     wakes: Arc<Wakes>,
     rescan: Duration,
     mut shutdown: watch::Receiver<bool>,
+    producers: TaskTracker,
 ) {
     let mut backoff = Duration::ZERO;
+    // Set at the stop: until when the relay goes on publishing.
+    let mut flush_until: Option<tokio::time::Instant> = None;
     loop {
+        if flush_until.is_none() && *shutdown.borrow() {
+            flush_until = Some(tokio::time::Instant::now() + FLUSH_LIMIT);
+        }
+        // Looked at before the rows: an outbox found empty after the producers ended stays
+        // empty, as far as this process is concerned.
+        let producers_ended = producers.is_closed() && producers.is_empty();
         let rows = match db
             .fetch_all(
                 "SELECT command_id, service, aggregate_id, message FROM saga_outbox
@@ -636,15 +663,50 @@ pub async fn run_relay(
                 Vec::new()
             }
         };
-        if rows.is_empty() || !backoff.is_zero() {
-            let wait = if rows.is_empty() { rescan } else { backoff };
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = wakes.outbox.notified(), if rows.is_empty() => {}
-                _ = tokio::time::sleep(wait) => {}
+        match flush_until {
+            None => {
+                if rows.is_empty() || !backoff.is_zero() {
+                    let wait = if rows.is_empty() { rescan } else { backoff };
+                    tokio::select! {
+                        // A dropped sender is a stop too.
+                        _ = shutdown.changed() => {
+                            flush_until = Some(tokio::time::Instant::now() + FLUSH_LIMIT);
+                            continue;
+                        }
+                        _ = wakes.outbox.notified(), if rows.is_empty() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    if rows.is_empty() {
+                        continue;
+                    }
+                }
             }
-            if rows.is_empty() {
-                continue;
+            Some(until) => {
+                if rows.is_empty() && producers_ended {
+                    return;
+                }
+                if tokio::time::Instant::now() >= until {
+                    tracing::warn!(
+                        "the saga's outbox was not flushed within {FLUSH_LIMIT:?} of the stop; what is left unsent is published at the next start"
+                    );
+                    return;
+                }
+                if rows.is_empty() || !backoff.is_zero() {
+                    let wait = if rows.is_empty() {
+                        FLUSH_RESCAN
+                    } else {
+                        backoff
+                    };
+                    let wake_at = (tokio::time::Instant::now() + wait).min(until);
+                    tokio::select! {
+                        _ = producers.wait(), if rows.is_empty() => {}
+                        _ = wakes.outbox.notified(), if rows.is_empty() => {}
+                        _ = tokio::time::sleep_until(wake_at) => {}
+                    }
+                    if rows.is_empty() || tokio::time::Instant::now() >= until {
+                        continue;
+                    }
+                }
             }
         }
         let mut by_aggregate: BTreeMap<(String, String), Vec<(String, String)>> = BTreeMap::new();
@@ -719,9 +781,6 @@ pub async fn run_relay(
                 // They will be sent again: participants dedupe by command id.
                 tracing::warn!(%error, "cannot mark saga commands sent");
             }
-        }
-        if *shutdown.borrow() {
-            return;
         }
     }
 }
@@ -823,8 +882,15 @@ mod tests {
         db: Db,
         log: SharedLog,
         projection: SagaProjection,
-        _stop: watch::Sender<bool>,
+        stop: watch::Sender<bool>,
         shutdown: watch::Receiver<bool>,
+    }
+
+    /// No producers: a relay given these flushes only what is in the outbox when it stops.
+    fn ended() -> TaskTracker {
+        let producers = TaskTracker::new();
+        producers.close();
+        producers
     }
 
     async fn rig(config: SagaConfig) -> Rig {
@@ -853,7 +919,7 @@ mod tests {
             db,
             log,
             projection,
-            _stop: stop,
+            stop,
             shutdown,
         }
     }
@@ -924,6 +990,7 @@ mod tests {
             rig.projection.wakes.clone(),
             NEVER,
             rig.shutdown.clone(),
+            ended(),
         ));
         // The relay has looked once and found nothing; it now waits for a wake-up.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -940,6 +1007,59 @@ mod tests {
             }
         }
         relay.abort();
+    }
+
+    /// A stop flushes the outbox: what the saga's worker commits while it finishes its batch
+    /// after the stop is published before the relay ends, though the relay was asleep with
+    /// nothing to do when the stop came.
+    #[tokio::test]
+    async fn on_a_stop_the_relay_publishes_what_its_producers_commit_before_they_end() {
+        let rig = rig(SagaConfig::default()).await;
+        let producers = TaskTracker::new();
+        let mut stopped = rig.shutdown.clone();
+        let worker = producers.track_future(async {
+            let _ = stopped.changed().await;
+            place(&rig).await;
+        });
+        producers.close();
+        let relay = run_relay(
+            rig.db.clone(),
+            rig.log.clone(),
+            "t".into(),
+            rig.projection.wakes.clone(),
+            NEVER,
+            rig.shutdown.clone(),
+            producers,
+        );
+        let stop = async {
+            // The relay has looked once and found nothing; it now waits for a wake-up.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            rig.stop.send(true).expect("the stop is heard");
+        };
+        tokio::time::timeout(FLUSH_LIMIT + PATIENCE, async {
+            tokio::join!(worker, relay, stop)
+        })
+        .await
+        .expect("the relay did not end after the stop");
+        let end = rig
+            .log
+            .end_offset(&topics::commands("t", "inventory"), 0)
+            .await
+            .expect("end");
+        assert_eq!(
+            end, 1,
+            "the reservation committed during the stop was not published"
+        );
+        let unsent = rig
+            .db
+            .fetch_optional(
+                "SELECT COUNT(*) AS n FROM saga_outbox WHERE sent_at IS NULL",
+                &[],
+            )
+            .await
+            .expect("count")
+            .map_or(0, |row| row.int("n"));
+        assert_eq!(unsent, 0, "the published reservation is not marked sent");
     }
 
     /// The ticker, asleep until its rescan, wakes for a deadline committed sooner, sleeps until

@@ -10,6 +10,7 @@ use projections::ReadBackend;
 use projections::runtime::{Projection, Worker, WorkerState, migrate};
 use sql_store::{Db, DbError};
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use crate::driver::{RESCAN, SagaProjection, Wakes, run_relay, run_ticker};
 use crate::saga::SagaConfig;
@@ -62,6 +63,7 @@ impl SagaSide {
 
     /// Starts the event consumer (a member of the saga's consumer group), the deadline ticker
     /// and the outbox relay, each under `supervisor` (`saga worker`, `saga ticker`, `saga relay`).
+    /// On the stop, the relay publishes what the other two commit until they have ended.
     pub fn start(&self, shutdown: watch::Receiver<bool>, supervisor: &supervisor::Supervisor) {
         let topics: Vec<String> = self
             .projection
@@ -81,17 +83,23 @@ impl SagaSide {
             topics,
             state: self.state.clone(),
         };
-        supervisor.spawn("saga worker", worker.run(shutdown.clone()));
+        // What writes the outbox, for the relay to know when nothing more can come.
+        let producers = TaskTracker::new();
+        supervisor.spawn(
+            "saga worker",
+            producers.track_future(worker.run(shutdown.clone())),
+        );
         supervisor.spawn(
             "saga ticker",
-            run_ticker(
+            producers.track_future(run_ticker(
                 self.db.clone(),
                 self.projection.config.clone(),
                 self.projection.wakes.clone(),
                 RESCAN,
                 shutdown.clone(),
-            ),
+            )),
         );
+        producers.close();
         supervisor.spawn(
             "saga relay",
             run_relay(
@@ -101,6 +109,7 @@ impl SagaSide {
                 self.projection.wakes.clone(),
                 RESCAN,
                 shutdown,
+                producers,
             ),
         );
     }

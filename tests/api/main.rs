@@ -13,6 +13,7 @@ mod concurrency;
 mod concurrent_starts;
 mod durability;
 mod durable_topics;
+mod graceful_stop;
 mod helpers;
 mod openapi;
 mod ownership;
