@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use command_services::store::{CommandStore, SqlStore};
 use event_log::SharedLog;
-use event_log::embedded::EmbeddedLog;
+use event_log::embedded::{Durability, EmbeddedLog};
 use event_log::kafka::{KafkaLog, KafkaSettings};
 
 use crate::error::{Error, Result};
-use crate::settings::Settings;
+use crate::settings::{Settings, StoreSettings};
 
 /// The log and stores every part runs on.
 #[derive(Clone)]
@@ -28,42 +28,66 @@ impl std::fmt::Debug for Backend {
 /// The Kafka client settings the platform runs with (also used by `platform-bench`, so its raw
 /// produce baseline uses exactly the platform's producer configuration).
 pub fn kafka_settings(brokers: &str, settings: &Settings) -> KafkaSettings {
-    let mut kafka = KafkaSettings::new(brokers);
+    let mut kafka = reader_kafka_settings(brokers, &settings.store);
     kafka.linger_ms = settings.kafka_linger_ms;
     kafka.fetch_wait_max_ms = settings.kafka_fetch_wait_ms;
-    kafka.background_fetch_wait_ms = settings.kafka_background_fetch_wait_ms;
     kafka.idle_check_ms = settings.kafka_idle_check_ms;
     kafka.replication_factor = settings.replication_factor;
+    kafka
+}
+
+/// The Kafka client settings of an operator tool, which reads the log in the background and
+/// never produces, tails a topic or creates one.
+fn reader_kafka_settings(brokers: &str, store: &StoreSettings) -> KafkaSettings {
+    let mut kafka = KafkaSettings::new(brokers);
+    kafka.background_fetch_wait_ms = store.kafka_background_fetch_wait_ms;
     kafka.delivery_timeout = Duration::from_secs(15);
     kafka
 }
 
 impl Backend {
+    /// The backend `platform serve` runs on.
     pub async fn open(settings: &Settings) -> Result<Self> {
-        let log: SharedLog = match &settings.kafka {
-            Some(brokers) => {
-                let kafka = kafka_settings(brokers, settings);
-                Arc::new(
-                    KafkaLog::connect(kafka)
-                        .await
-                        .map_err(Error::log("connecting to Kafka"))?,
-                )
-            }
+        let kafka = settings
+            .kafka
+            .as_deref()
+            .map(|brokers| kafka_settings(brokers, settings));
+        Self::open_with(&settings.store, kafka, settings.durability.into()).await
+    }
+
+    /// The backend an operator tool opens beside the serving processes. It appends nothing to
+    /// the log, so the durability of appends is the embedded log's default.
+    pub async fn open_for_tool(store: &StoreSettings) -> Result<Self> {
+        let kafka = store
+            .kafka
+            .as_deref()
+            .map(|brokers| reader_kafka_settings(brokers, store));
+        Self::open_with(store, kafka, Durability::default()).await
+    }
+
+    async fn open_with(
+        store: &StoreSettings,
+        kafka: Option<KafkaSettings>,
+        durability: Durability,
+    ) -> Result<Self> {
+        let log: SharedLog = match kafka {
+            Some(kafka) => Arc::new(
+                KafkaLog::connect(kafka)
+                    .await
+                    .map_err(Error::log("connecting to Kafka"))?,
+            ),
             None => Arc::new(
-                EmbeddedLog::open_with(
-                    settings.data_dir.join("log.db"),
-                    settings.durability.into(),
-                )
-                .await
-                .map_err(Error::log(format!(
-                    "opening the embedded log in {}",
-                    settings.data_dir.display()
-                )))?,
+                EmbeddedLog::open_with(store.data_dir.join("log.db"), durability)
+                    .await
+                    .map_err(Error::log(format!(
+                        "opening the embedded log in {}",
+                        store.data_dir.display()
+                    )))?,
             ),
         };
-        let command_store: Arc<dyn CommandStore> = match (&settings.database_url, &settings.kafka) {
+        let command_store: Arc<dyn CommandStore> = match (&store.database_url, &store.kafka) {
             (Some(url), _) => Arc::new(
-                SqlStore::postgres(url, &format!("{}command_side", settings.schema_prefix)).await?,
+                SqlStore::postgres(url, &format!("{}command_side", store.schema_prefix)).await?,
             ),
             (None, Some(_)) => {
                 return Err(Error::Refused(
@@ -71,11 +95,11 @@ impl Backend {
                 ));
             }
             (None, None) => {
-                std::fs::create_dir_all(&settings.data_dir).map_err(Error::io(format!(
+                std::fs::create_dir_all(&store.data_dir).map_err(Error::io(format!(
                     "creating {}",
-                    settings.data_dir.display()
+                    store.data_dir.display()
                 )))?;
-                Arc::new(SqlStore::sqlite(settings.data_dir.join("command-side.db")).await?)
+                Arc::new(SqlStore::sqlite(store.data_dir.join("command-side.db")).await?)
             }
         };
         Ok(Backend { log, command_store })

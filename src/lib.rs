@@ -5,7 +5,8 @@
 //! part as its own process on Kafka and Postgres.
 //!
 //! # Layout
-//! - [`settings`]: the typed settings, from flags with environment fallbacks.
+//! - [`settings`]: the typed settings, from flags with environment fallbacks: the backend's
+//!   (every command), the saga's (`serve`, `sagas`), and the rest of `serve`'s.
 //! - [`backend`]: opening the event log and the stores for the chosen backend.
 //! - [`error`]: why the platform could not start or a tool could not finish, causes kept.
 //! - [`server`]: [`Platform::build`] binds and starts the parts; `run_until_stopped` serves.
@@ -15,7 +16,8 @@
 //!   outcome, latency) and saga states in `/metrics`.
 //! - `platform serve gateway`, the single entry point (registry, health checks, partition-aware
 //!   routing, retries, circuit breakers), is the `gateway` crate.
-//! - [`ops`]: operator commands (`projections status`, `parked list|retry|skip`).
+//! - [`ops`]: operator commands (`projections status`, `parked list|retry|skip`,
+//!   `sagas list|show|retry`, `recover`) and the plain-text tables they print.
 //! - [`tools`]: `platform replay` and `platform audit`.
 
 pub mod backend;

@@ -1,15 +1,17 @@
-//! Operator commands: `platform projections status`, `platform parked list|retry|skip` and
-//! `platform sagas list|show|retry`. They open the same backend as the services (by the same
-//! flags) and run no worker: a saga retry goes into the saga's outbox, which the running
-//! orchestrator's relay publishes.
+//! Operator commands: `platform projections status`, `platform parked list|retry|skip`,
+//! `platform sagas list|show|retry` and `platform recover`. They open the same backend as the
+//! services (by the same flags, [`StoreSettings`]) and run no worker: a saga retry goes into the
+//! saga's outbox, which the running orchestrator's relay publishes. Their tables are plain text
+//! ([`table`]), for a terminal and for scripts alike.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, SecondsFormat, Utc};
+use comfy_table::{CellAlignment, Table};
 use event_log::Position;
+use projections::ReadSide;
 use projections::parked::{self, Resolution};
-use projections::{ReadBackend, ReadSide};
 
 use saga_orchestrator::driver;
 use saga_orchestrator::side::SagaSide;
@@ -20,7 +22,24 @@ use crate::backend::Backend;
 /// The actor of what an operator does with this CLI (the saga's commands after a retry are
 /// sent on its behalf).
 const OPERATOR_CLI: &str = "operator:platform-cli";
-use crate::settings::Settings;
+use crate::settings::{SagaSettings, StoreSettings};
+
+/// A table as the operator commands print it, to a terminal or a pipe alike: a header row, no
+/// borders, no colours and no wrapping, columns two spaces apart, those at `right` (0-based)
+/// aligned right. Printed with [`Table::trim_fmt`], its lines have no trailing spaces.
+pub(crate) fn table<const N: usize>(header: [&str; N], right: &[usize]) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_header(header);
+    for (index, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((0, 2));
+        if right.contains(&index) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table
+}
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ProjectionsCommand {
@@ -109,29 +128,17 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
         .map_err(|error| format!("{raw:?} is not a duration such as 90s, 5m or 2h 30m: {error}"))
 }
 
-async fn open_saga(settings: &Settings) -> anyhow::Result<SagaSide> {
-    let backend = Backend::open(settings).await?;
+async fn open_saga(store: &StoreSettings, saga: &SagaSettings) -> anyhow::Result<SagaSide> {
+    let backend = Backend::open_for_tool(store).await?;
     SagaSide::open(
         backend.log,
-        &read_backend(settings),
-        &settings.topic_prefix,
-        settings.saga_config(),
+        &store.read_backend(),
+        &store.topic_prefix,
+        saga.config(),
     )
     .await
     .map_err(anyhow::Error::msg)
     .context("opening the saga orchestrator's database")
-}
-
-fn read_backend(settings: &Settings) -> ReadBackend {
-    match &settings.database_url {
-        Some(url) => ReadBackend::Postgres {
-            url: url.clone(),
-            schema_prefix: settings.schema_prefix.clone(),
-        },
-        None => ReadBackend::Sqlite {
-            dir: settings.data_dir.clone(),
-        },
-    }
 }
 
 fn time(time: Option<DateTime<Utc>>) -> String {
@@ -181,9 +188,11 @@ fn print_saga(saga: &Saga, revision: i64) {
     println!("updated   {}", time(saga.updated_at));
     println!("deadline  {}", time(saga.deadline));
     println!();
-    println!(
-        "{:<22} {:>7} {:<24} {:<24} {:<24} OUTCOME",
-        "STEP", "ATTEMPT", "STARTED", "FINISHED", "DEADLINE"
+    let mut steps = table(
+        [
+            "STEP", "ATTEMPT", "STARTED", "FINISHED", "DEADLINE", "OUTCOME",
+        ],
+        &[1],
     );
     for step in &saga.history {
         let outcome = match &step.outcome {
@@ -193,20 +202,24 @@ fn print_saga(saga: &Saga, revision: i64) {
             None if step.parked_at.is_some() => "parked".into(),
             None => "waiting".into(),
         };
-        println!(
-            "{:<22} {:>7} {:<24} {:<24} {:<24} {}",
+        steps.add_row([
             step.step.to_string(),
-            step.attempt,
+            step.attempt.to_string(),
             time(Some(step.started_at)),
             time(step.finished_at),
             time(step.deadline),
-            outcome
-        );
+            outcome,
+        ]);
     }
+    println!("{}", steps.trim_fmt());
 }
 
-pub async fn sagas(command: SagasCommand, settings: Settings) -> anyhow::Result<()> {
-    let side = open_saga(&settings).await?;
+pub async fn sagas(
+    command: SagasCommand,
+    store: &StoreSettings,
+    saga: &SagaSettings,
+) -> anyhow::Result<()> {
+    let side = open_saga(store, saga).await?;
     match command {
         SagasCommand::List {
             state,
@@ -230,20 +243,17 @@ pub async fn sagas(command: SagasCommand, settings: Settings) -> anyhow::Result<
                 println!("no sagas");
                 return Ok(());
             }
-            println!(
-                "{:<36} {:<20} {:<24} {:<24} DEADLINE",
-                "ORDER", "STATE", "UPDATED", "STARTED"
-            );
+            let mut rows = table(["ORDER", "STATE", "UPDATED", "STARTED", "DEADLINE"], &[]);
             for saga in &sagas {
-                println!(
-                    "{:<36} {:<20} {:<24} {:<24} {}",
-                    saga.order_id,
-                    saga.state,
-                    saga.updated_at,
-                    saga.started_at,
-                    saga.deadline.as_deref().unwrap_or("-")
-                );
+                rows.add_row([
+                    saga.order_id.to_string(),
+                    saga.state.to_string(),
+                    saga.updated_at.to_string(),
+                    saga.started_at.to_string(),
+                    saga.deadline.clone().unwrap_or_else(|| "-".into()),
+                ]);
             }
+            println!("{}", rows.trim_fmt());
             Ok(())
         }
         SagasCommand::Show { id, json } => {
@@ -309,40 +319,48 @@ pub async fn sagas(command: SagasCommand, settings: Settings) -> anyhow::Result<
     }
 }
 
-async fn open(settings: &Settings) -> anyhow::Result<ReadSide> {
-    let backend = Backend::open(settings).await?;
-    ReadSide::open(backend.log, &read_backend(settings), &settings.topic_prefix)
+async fn open(store: &StoreSettings) -> anyhow::Result<ReadSide> {
+    let backend = Backend::open_for_tool(store).await?;
+    ReadSide::open(backend.log, &store.read_backend(), &store.topic_prefix)
         .await
         .map_err(anyhow::Error::msg)
         .context("opening the read models")
 }
 
-pub async fn projections(command: ProjectionsCommand, settings: Settings) -> anyhow::Result<()> {
+pub async fn projections(command: ProjectionsCommand, store: &StoreSettings) -> anyhow::Result<()> {
     let ProjectionsCommand::Status { json } = command;
-    let read = open(&settings).await?;
+    let read = open(store).await?;
     let statuses = read.status().await.map_err(anyhow::Error::msg)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&statuses)?);
         return Ok(());
     }
-    println!(
-        "{:<10} {:<34} {:>9} {:>10} {:>10} {:>10} {:>9}",
-        "PROJECTION", "TOPIC", "PARTITION", "APPLIED", "END", "LAG", "LAG (s)"
+    let mut rows = table(
+        [
+            "PROJECTION",
+            "TOPIC",
+            "PARTITION",
+            "APPLIED",
+            "END",
+            "LAG",
+            "LAG (s)",
+        ],
+        &[2, 3, 4, 5, 6],
     );
     for status in &statuses {
         for lag in &status.partitions {
-            println!(
-                "{:<10} {:<34} {:>9} {:>10} {:>10} {:>10} {:>9.1}",
-                status.projection,
-                lag.topic,
-                lag.partition,
-                lag.applied,
-                lag.end,
-                lag.lag_events,
-                lag.lag_seconds
-            );
+            rows.add_row([
+                status.projection.to_string(),
+                lag.topic.clone(),
+                lag.partition.to_string(),
+                lag.applied.to_string(),
+                lag.end.to_string(),
+                lag.lag_events.to_string(),
+                format!("{:.1}", lag.lag_seconds),
+            ]);
         }
     }
+    println!("{}", rows.trim_fmt());
     println!();
     for status in &statuses {
         println!(
@@ -356,8 +374,8 @@ pub async fn projections(command: ProjectionsCommand, settings: Settings) -> any
     Ok(())
 }
 
-pub async fn parked(command: ParkedCommand, settings: Settings) -> anyhow::Result<()> {
-    let read = open(&settings).await?;
+pub async fn parked(command: ParkedCommand, store: &StoreSettings) -> anyhow::Result<()> {
+    let read = open(store).await?;
     match command {
         ParkedCommand::List {
             projection,
@@ -384,21 +402,32 @@ pub async fn parked(command: ParkedCommand, settings: Settings) -> anyhow::Resul
                 println!("no parked events");
                 return Ok(());
             }
+            let mut rows = table(
+                [
+                    "PROJECTION",
+                    "POSITION",
+                    "AGGREGATE",
+                    "ID",
+                    "VERSION",
+                    "EVENT",
+                    "STATUS",
+                    "ERROR",
+                ],
+                &[4],
+            );
             for event in &events {
-                println!(
-                    "{:<10} {}:{}:{}  {} {} v{}  {}  [{}] {}",
-                    event.projection,
-                    event.topic,
-                    event.partition,
-                    event.offset,
-                    event.aggregate_type,
-                    event.aggregate_id,
-                    event.aggregate_version,
-                    event.event_type,
-                    event.status,
-                    event.error
-                );
+                rows.add_row([
+                    event.projection.to_string(),
+                    format!("{}:{}:{}", event.topic, event.partition, event.offset),
+                    event.aggregate_type.to_string(),
+                    event.aggregate_id.to_string(),
+                    event.aggregate_version.to_string(),
+                    event.event_type.to_string(),
+                    event.status.to_string(),
+                    event.error.to_string(),
+                ]);
             }
+            println!("{}", rows.trim_fmt());
             Ok(())
         }
         ParkedCommand::Retry {
@@ -457,13 +486,13 @@ pub struct RecoverArgs {
 /// log itself is the one to trust (a recreated topic, a broker restored from an older backup).
 /// Projections with a position ahead of the log stop that partition and are rebuilt with
 /// `platform replay --projection <name> --restart`.
-pub async fn recover(args: RecoverArgs, settings: Settings) -> anyhow::Result<()> {
+pub async fn recover(args: RecoverArgs, store: &StoreSettings) -> anyhow::Result<()> {
     use command_services::services::command_consumer;
     use event_log::topics;
 
-    let backend = Backend::open(&settings).await?;
+    let backend = Backend::open_for_tool(store).await?;
     let log = &backend.log;
-    let store = &backend.command_store;
+    let command_store = &backend.command_store;
     let mut ahead = 0;
     for (service, aggregate) in [
         ("order", "order"),
@@ -471,8 +500,8 @@ pub async fn recover(args: RecoverArgs, settings: Settings) -> anyhow::Result<()
         ("inventory", "stock"),
     ] {
         for (topic, is_events) in [
-            (topics::events(&settings.topic_prefix, aggregate), true),
-            (topics::commands(&settings.topic_prefix, service), false),
+            (topics::events(&store.topic_prefix, aggregate), true),
+            (topics::commands(&store.topic_prefix, service), false),
         ] {
             let partitions = match log.partition_count(&topic).await {
                 Ok(count) => count,
@@ -482,12 +511,12 @@ pub async fn recover(args: RecoverArgs, settings: Settings) -> anyhow::Result<()
             for partition in 0..partitions {
                 let end = log.end_offset(&topic, partition).await?;
                 let stored = if is_events {
-                    store
+                    command_store
                         .load_snapshot(&topic, partition)
                         .await?
                         .map(|snapshot| snapshot.next_offset)
                 } else {
-                    store
+                    command_store
                         .load_position(&command_consumer(service), &topic, partition)
                         .await?
                 };
@@ -499,11 +528,11 @@ pub async fn recover(args: RecoverArgs, settings: Settings) -> anyhow::Result<()
                 let done = match (args.apply, is_events) {
                     (false, _) => "",
                     (true, true) => {
-                        store.drop_snapshot(&topic, partition).await?;
+                        command_store.drop_snapshot(&topic, partition).await?;
                         " -> dropped (rebuilt from the log at the next start)"
                     }
                     (true, false) => {
-                        store
+                        command_store
                             .reset_position(&command_consumer(service), &topic, partition, end)
                             .await?;
                         " -> moved back to the topic's end"

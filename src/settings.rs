@@ -1,8 +1,21 @@
-//! One typed settings struct, filled from command-line flags with environment fallbacks. The
-//! doc comment of each field is its `--help` text.
+//! The typed settings, filled from command-line flags with environment fallbacks. The doc
+//! comment of each field is its `--help` text, and its default is written once, in its `#[arg]`
+//! attribute ([`Settings::embedded`] starts from those defaults too).
+//!
+//! Each command takes only the flags it uses:
+//! - [`StoreSettings`], where the log and the stores are: every command (`serve` and the
+//!   operator tools) opens them by the same flags.
+//! - [`SagaSettings`], the saga's timeouts and retries: `serve`, and `sagas` (a retry schedules
+//!   the compensation's resends by them).
+//! - [`Settings`], all of `serve`: the two above, plus the address, the partitions and their
+//!   owners, the Kafka producer's and consumers' tuning, snapshots, idempotency, readiness,
+//!   security, the gateway's upstreams and the HTTP server's limits.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+
+use clap::{Args, FromArgMatches};
+use projections::ReadBackend;
 
 pub use gateway::GatewaySettings;
 pub use http_edge::security::{Secret, SecuritySettings, Toggle};
@@ -29,57 +42,128 @@ pub enum Part {
     Gateway,
 }
 
+/// Where the log and the stores are: what every command opens.
 #[derive(Debug, Clone, clap::Args)]
-pub struct Settings {
+pub struct StoreSettings {
     /// Kafka bootstrap servers (`host:port,...`). Without it the embedded log in --data-dir is
     /// used and no server is needed.
-    #[arg(long, global = true, env = "PLATFORM_KAFKA")]
+    #[arg(long, env = "PLATFORM_KAFKA")]
     pub kafka: Option<String>,
 
     /// Postgres URL for the command side's snapshots, the read models and the saga's state.
     /// Required with --kafka. Never logged.
-    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
     /// Where the embedded backend keeps its SQLite files.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_DATA_DIR",
-        default_value = "./data"
-    )]
+    #[arg(long, env = "PLATFORM_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
-
-    /// The address the HTTP API listens on (port 0 picks a free port).
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_HTTP_ADDR",
-        default_value = "127.0.0.1:8080"
-    )]
-    pub http_addr: SocketAddr,
 
     /// Prefix of every topic name (`<prefix>.order.events`), so tenants and tests can share a
     /// cluster.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_TOPIC_PREFIX",
-        default_value = "fulfilment"
-    )]
+    #[arg(long, env = "PLATFORM_TOPIC_PREFIX", default_value = "fulfilment")]
     pub topic_prefix: String,
 
     /// Prefix of every Postgres schema the platform creates.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_SCHEMA_PREFIX",
-        default_value = ""
-    )]
+    #[arg(long, env = "PLATFORM_SCHEMA_PREFIX", default_value = "")]
     pub schema_prefix: String,
 
+    /// Kafka `fetch.wait.max.ms` of background readers: replays, rebuilds, the command-topic
+    /// readers of `--assignment static` (plain readers never pause when idle) and whatever else
+    /// nobody waits on to the millisecond. Longer waits spare the broker fetches (a broker such
+    /// as nisshi holds every fetch for its full wait).
+    #[arg(
+        long,
+        env = "PLATFORM_KAFKA_BACKGROUND_FETCH_WAIT_MS",
+        default_value_t = event_log::kafka::DEFAULT_BACKGROUND_FETCH_WAIT_MS
+    )]
+    pub kafka_background_fetch_wait_ms: u32,
+}
+
+impl StoreSettings {
+    /// Kafka or Postgres: a deployment rather than a developer's machine.
+    pub fn distributed(&self) -> bool {
+        self.kafka.is_some() || self.database_url.is_some()
+    }
+
+    /// Where the read models and the saga's state are.
+    pub fn read_backend(&self) -> ReadBackend {
+        match &self.database_url {
+            Some(url) => ReadBackend::Postgres {
+                url: url.clone(),
+                schema_prefix: self.schema_prefix.clone(),
+            },
+            None => ReadBackend::Sqlite {
+                dir: self.data_dir.clone(),
+            },
+        }
+    }
+}
+
+/// The saga's timeouts and retries.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SagaSettings {
+    /// How long the saga waits for a reservation, an authorisation or a confirmation before it
+    /// compensates (ms).
+    #[arg(
+        long = "saga-timeout-ms",
+        value_name = "SAGA_TIMEOUT_MS",
+        env = "PLATFORM_SAGA_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub timeout_ms: u64,
+
+    /// How long the saga waits for a compensation's acknowledgement before sending it again (ms);
+    /// it backs off exponentially from there (adding a fifth of it, doubling per resend).
+    #[arg(
+        long = "saga-compensation-timeout-ms",
+        value_name = "SAGA_COMPENSATION_TIMEOUT_MS",
+        env = "PLATFORM_SAGA_COMPENSATION_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub compensation_timeout_ms: u64,
+
+    /// Sends of a compensation before the saga is parked as needs_attention.
+    #[arg(
+        long = "saga-max-attempts",
+        value_name = "SAGA_MAX_ATTEMPTS",
+        env = "PLATFORM_SAGA_MAX_ATTEMPTS",
+        default_value_t = 5
+    )]
+    pub max_attempts: u32,
+}
+
+impl SagaSettings {
+    /// The orchestrator's configuration.
+    pub fn config(&self) -> saga_orchestrator::SagaConfig {
+        let step = std::time::Duration::from_millis(self.timeout_ms);
+        saga_orchestrator::SagaConfig {
+            reservation_timeout: step,
+            payment_timeout: step,
+            confirmation_timeout: step,
+            compensation_timeout: std::time::Duration::from_millis(self.compensation_timeout_ms),
+            // A fifth of the compensation timeout (1 s with the defaults): resends wait 5, 6, 7,
+            // 9, 13 s by default, and proportionally less with a shorter timeout.
+            backoff_base: std::time::Duration::from_millis(self.compensation_timeout_ms / 5),
+            max_attempts: self.max_attempts,
+        }
+    }
+}
+
+/// Everything `platform serve` runs with. It holds [`StoreSettings`] and reads as if it were
+/// one flat struct with them (`settings.kafka` is `settings.store.kafka`, by `Deref`), since
+/// every part and every caller that builds one uses them throughout.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    #[command(flatten)]
+    pub store: StoreSettings,
+
+    /// The address the HTTP API listens on (port 0 picks a free port).
+    #[arg(long, env = "PLATFORM_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+
     /// Partitions of each topic, used when the topics are created.
-    #[arg(long, global = true, env = "PLATFORM_PARTITIONS", default_value_t = 8)]
+    #[arg(long, env = "PLATFORM_PARTITIONS", default_value_t = 8)]
     pub partitions: u32,
 
     /// How a command service's instance learns which partitions it owns. `group`: the
@@ -88,14 +172,17 @@ pub struct Settings {
     /// instance dies moves on after the group's session timeout (6 s). `static`: instance
     /// `--instance` of `--instances` owns the partitions p with p % instances == instance;
     /// nothing takes over the partitions of an instance that is gone.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_ASSIGNMENT",
-        value_enum,
-        default_value = "group"
-    )]
+    #[arg(long, env = "PLATFORM_ASSIGNMENT", value_enum, default_value = "group")]
     pub assignment: AssignmentMode,
+
+    /// With `--assignment static`: this instance's index (0-based); it owns the partitions p
+    /// with p % instances == instance.
+    #[arg(long, env = "PLATFORM_INSTANCE", default_value_t = 0)]
+    pub instance: u32,
+
+    /// With `--assignment static`: how many instances of each command service run.
+    #[arg(long, env = "PLATFORM_INSTANCES", default_value_t = 1)]
+    pub instances: u32,
 
     /// When the embedded log acknowledges an append: `fsync` once its group commit is synced
     /// to disk (an acknowledged command survives a power loss, and no read model, saga or
@@ -103,23 +190,8 @@ pub struct Settings {
     /// survives a crash of the process but not of the machine: a power loss, kernel crash or
     /// VM reset loses what was acknowledged since the last checkpoint (up to 1000 pages of
     /// log). For tests and throwaway data only.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_DURABILITY",
-        value_enum,
-        default_value = "fsync"
-    )]
+    #[arg(long, env = "PLATFORM_DURABILITY", value_enum, default_value = "fsync")]
     pub durability: DurabilityMode,
-
-    /// With `--assignment static`: this instance's index (0-based); it owns the partitions p
-    /// with p % instances == instance.
-    #[arg(long, global = true, env = "PLATFORM_INSTANCE", default_value_t = 0)]
-    pub instance: u32,
-
-    /// With `--assignment static`: how many instances of each command service run.
-    #[arg(long, global = true, env = "PLATFORM_INSTANCES", default_value_t = 1)]
-    pub instances: u32,
 
     /// How long the Kafka producer lingers to fill a batch when other appends are in flight,
     /// in ms. Longer means fewer, larger produce requests under load: less work for the broker
@@ -128,7 +200,6 @@ pub struct Settings {
     /// same p50 (BENCHMARKS.md, Commands).
     #[arg(
         long,
-        global = true,
         env = "PLATFORM_KAFKA_LINGER_MS",
         default_value_t = event_log::kafka::DEFAULT_LINGER_MS
     )]
@@ -141,23 +212,10 @@ pub struct Settings {
     /// saturating on idle fetches (5 ms cut the saga's throughput tenfold, BENCHMARKS.md).
     #[arg(
         long,
-        global = true,
         env = "PLATFORM_KAFKA_FETCH_WAIT_MS",
         default_value_t = event_log::kafka::DEFAULT_FETCH_WAIT_MS
     )]
     pub kafka_fetch_wait_ms: u32,
-
-    /// Kafka `fetch.wait.max.ms` of background readers: replays, rebuilds, the command-topic
-    /// readers of `--assignment static` (plain readers never pause when idle) and whatever else
-    /// nobody waits on to the millisecond. Longer waits spare the broker fetches (a broker such
-    /// as nisshi holds every fetch for its full wait).
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_KAFKA_BACKGROUND_FETCH_WAIT_MS",
-        default_value_t = event_log::kafka::DEFAULT_BACKGROUND_FETCH_WAIT_MS
-    )]
-    pub kafka_background_fetch_wait_ms: u32,
 
     /// A consumer stops fetching each partition that gave nothing for a second and waits on its
     /// end instead (one request per process per check: the first 100 ms after one went idle,
@@ -167,7 +225,6 @@ pub struct Settings {
     /// fetch until data arrives (Apache Kafka).
     #[arg(
         long,
-        global = true,
         env = "PLATFORM_KAFKA_IDLE_CHECK_MS",
         default_value_t = event_log::kafka::DEFAULT_IDLE_CHECK_MS
     )]
@@ -182,7 +239,6 @@ pub struct Settings {
     /// replicas is reported at start.
     #[arg(
         long,
-        global = true,
         env = "PLATFORM_REPLICATION_FACTOR",
         default_value_t = event_log::kafka::DEFAULT_REPLICATION_FACTOR,
         value_parser = clap::value_parser!(u32).range(1..=i64::from(i16::MAX))
@@ -190,12 +246,7 @@ pub struct Settings {
     pub replication_factor: u32,
 
     /// Take a partition's snapshot after this many new events.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_SNAPSHOT_EVERY",
-        default_value_t = 5000
-    )]
+    #[arg(long, env = "PLATFORM_SNAPSHOT_EVERY", default_value_t = 5000)]
     pub snapshot_every: u64,
 
     /// How long a command's outcome is remembered, in seconds of the partition's log time: a
@@ -204,49 +255,17 @@ pub struct Settings {
     /// anew. Bounds the memory and snapshots the command services keep for idempotency.
     #[arg(
         long,
-        global = true,
         env = "PLATFORM_IDEMPOTENCY_WINDOW_SECS",
         default_value_t = 86_400
     )]
     pub idempotency_window_secs: u64,
 
     /// /health/ready answers 503 while a projection lags more than this many seconds.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_MAX_LAG_SECONDS",
-        default_value_t = 30.0
-    )]
+    #[arg(long, env = "PLATFORM_MAX_LAG_SECONDS", default_value_t = 30.0)]
     pub max_lag_seconds: f64,
 
-    /// How long the saga waits for a reservation, an authorisation or a confirmation before it
-    /// compensates (ms).
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_SAGA_TIMEOUT_MS",
-        default_value_t = 10_000
-    )]
-    pub saga_timeout_ms: u64,
-
-    /// How long the saga waits for a compensation's acknowledgement before sending it again (ms);
-    /// it backs off exponentially from there (adding a fifth of it, doubling per resend).
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_SAGA_COMPENSATION_TIMEOUT_MS",
-        default_value_t = 5_000
-    )]
-    pub saga_compensation_timeout_ms: u64,
-
-    /// Sends of a compensation before the saga is parked as needs_attention.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_SAGA_MAX_ATTEMPTS",
-        default_value_t = 5
-    )]
-    pub saga_max_attempts: u32,
+    #[command(flatten)]
+    pub saga: SagaSettings,
 
     #[command(flatten)]
     pub security: SecuritySettings,
@@ -256,6 +275,20 @@ pub struct Settings {
 
     #[command(flatten)]
     pub http: HttpSettings,
+}
+
+impl std::ops::Deref for Settings {
+    type Target = StoreSettings;
+
+    fn deref(&self) -> &StoreSettings {
+        &self.store
+    }
+}
+
+impl std::ops::DerefMut for Settings {
+    fn deref_mut(&mut self) -> &mut StoreSettings {
+        &mut self.store
+    }
 }
 
 impl Settings {
@@ -274,60 +307,24 @@ impl Settings {
 
     /// The saga's timeouts and retries.
     pub fn saga_config(&self) -> saga_orchestrator::SagaConfig {
-        let step = std::time::Duration::from_millis(self.saga_timeout_ms);
-        saga_orchestrator::SagaConfig {
-            reservation_timeout: step,
-            payment_timeout: step,
-            confirmation_timeout: step,
-            compensation_timeout: std::time::Duration::from_millis(
-                self.saga_compensation_timeout_ms,
-            ),
-            // A fifth of the compensation timeout (1 s with the defaults): resends wait 5, 6, 7,
-            // 9, 13 s by default, and proportionally less with a shorter timeout.
-            backoff_base: std::time::Duration::from_millis(self.saga_compensation_timeout_ms / 5),
-            max_attempts: self.saga_max_attempts,
-        }
+        self.saga.config()
     }
 
-    /// Kafka or Postgres: a deployment rather than a developer's machine.
-    pub fn distributed(&self) -> bool {
-        self.kafka.is_some() || self.database_url.is_some()
-    }
-
-    /// Defaults for tests and tools: embedded backend in `data_dir`, a free port.
+    /// For tests, benchmarks and tools: every flag's default (neither the command line nor the
+    /// environment is read), on the embedded backend in `data_dir`, on a free port, with
+    /// authentication off (tests/infra turns it on where it is the subject).
     pub fn embedded(data_dir: impl Into<PathBuf>) -> Self {
-        Settings {
-            kafka: None,
-            database_url: None,
-            data_dir: data_dir.into(),
-            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            topic_prefix: "fulfilment".into(),
-            schema_prefix: String::new(),
-            partitions: 8,
-            assignment: AssignmentMode::Group,
-            durability: DurabilityMode::Fsync,
-            instance: 0,
-            instances: 1,
-            kafka_linger_ms: event_log::kafka::DEFAULT_LINGER_MS,
-            kafka_fetch_wait_ms: event_log::kafka::DEFAULT_FETCH_WAIT_MS,
-            kafka_background_fetch_wait_ms: event_log::kafka::DEFAULT_BACKGROUND_FETCH_WAIT_MS,
-            kafka_idle_check_ms: event_log::kafka::DEFAULT_IDLE_CHECK_MS,
-            replication_factor: event_log::kafka::DEFAULT_REPLICATION_FACTOR,
-            snapshot_every: 5000,
-            idempotency_window_secs: 86_400,
-            max_lag_seconds: 30.0,
-            saga_timeout_ms: 10_000,
-            saga_compensation_timeout_ms: 5_000,
-            saga_max_attempts: 5,
-            // Tests and tools drive their platforms without credentials, on either backend;
-            // tests/infra turns authentication on where it is the subject.
-            security: SecuritySettings {
-                auth: Some(Toggle::Off),
-                ..SecuritySettings::default()
-            },
-            gateway: GatewaySettings::default(),
-            http: HttpSettings::default(),
-        }
+        let command = Settings::augment_args(clap::Command::new("platform").no_binary_name(true))
+            .mut_args(|arg| arg.env(None::<&str>));
+        let matches = command
+            .try_get_matches_from(std::iter::empty::<String>())
+            .expect("every setting has a default");
+        let mut settings =
+            Settings::from_arg_matches(&matches).expect("the defaults are valid settings");
+        settings.data_dir = data_dir.into();
+        settings.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        settings.security.auth = Some(Toggle::Off);
+        settings
     }
 }
 

@@ -1,18 +1,20 @@
 //! Operator tools over the log and the read models: `platform replay` and `platform audit`.
-//! Like the other operator commands they open the backend by the same flags as the services and
-//! run no worker; a replay runs beside a live platform, which keeps answering queries.
+//! Like the other operator commands they open the backend by the same flags as the services
+//! ([`StoreSettings`]) and run no worker; a replay runs beside a live platform, which keeps
+//! answering queries.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use projections::ReadSide;
 use projections::audit::{self, AsOf, Trace, TraceStep};
 use projections::replay::{self, Filter, Progress, ReplayOptions, ReplayReport};
-use projections::{ReadBackend, ReadSide};
 
 use crate::backend::Backend;
-use crate::settings::Settings;
+use crate::ops::table;
+use crate::settings::StoreSettings;
 
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
@@ -114,21 +116,9 @@ pub enum AuditCommand {
     },
 }
 
-fn read_backend(settings: &Settings) -> ReadBackend {
-    match &settings.database_url {
-        Some(url) => ReadBackend::Postgres {
-            url: url.clone(),
-            schema_prefix: settings.schema_prefix.clone(),
-        },
-        None => ReadBackend::Sqlite {
-            dir: settings.data_dir.clone(),
-        },
-    }
-}
-
-async fn open(settings: &Settings) -> anyhow::Result<ReadSide> {
-    let backend = Backend::open(settings).await?;
-    ReadSide::open(backend.log, &read_backend(settings), &settings.topic_prefix)
+async fn open(store: &StoreSettings) -> anyhow::Result<ReadSide> {
+    let backend = Backend::open_for_tool(store).await?;
+    ReadSide::open(backend.log, &store.read_backend(), &store.topic_prefix)
         .await
         .map_err(anyhow::Error::msg)
         .context("opening the read models")
@@ -226,8 +216,14 @@ fn print_summary(report: &ReplayReport, options: &ReplayOptions) {
             ""
         },
     );
-    for (event_type, count) in &report.by_type {
-        println!("    {event_type:<30} {count:>10}");
+    if !report.by_type.is_empty() {
+        let mut by_type = table(["EVENT", "COUNT"], &[1]);
+        for (event_type, count) in &report.by_type {
+            by_type.add_row([event_type.clone(), count.to_string()]);
+        }
+        for line in by_type.trim_fmt().lines() {
+            println!("    {line}");
+        }
     }
     if report.swapped {
         println!(
@@ -262,8 +258,8 @@ fn print_summary(report: &ReplayReport, options: &ReplayOptions) {
 }
 
 /// `platform replay`
-pub async fn replay(args: ReplayArgs, settings: Settings) -> anyhow::Result<()> {
-    let read = open(&settings).await?;
+pub async fn replay(args: ReplayArgs, store: &StoreSettings) -> anyhow::Result<()> {
+    let read = open(store).await?;
     let all = read.projection_names();
     for name in &args.projections {
         if !all.contains(&name.as_str()) {
@@ -282,7 +278,7 @@ pub async fn replay(args: ReplayArgs, settings: Settings) -> anyhow::Result<()> 
         restart: args.restart,
         batch: args.batch.max(1),
     };
-    let backend = read_backend(&settings);
+    let backend = store.read_backend();
     let mut reports = Vec::new();
     for name in all {
         if !args.projections.is_empty() && !args.projections.iter().any(|wanted| wanted == name) {
@@ -294,7 +290,7 @@ pub async fn replay(args: ReplayArgs, settings: Settings) -> anyhow::Result<()> 
         let report = replay::replay(
             &read.log(),
             &backend,
-            &settings.topic_prefix,
+            &store.topic_prefix,
             live,
             projection,
             &options,
@@ -388,8 +384,8 @@ fn print_trace(trace: &Trace) {
 }
 
 /// `platform audit`
-pub async fn audit(command: AuditCommand, settings: Settings) -> anyhow::Result<()> {
-    let read = open(&settings).await?;
+pub async fn audit(command: AuditCommand, store: &StoreSettings) -> anyhow::Result<()> {
+    let read = open(store).await?;
     let db = read.db("audit").context("no audit read model")?;
     let fail = |error: audit::AuditError| anyhow::anyhow!("{error}");
     match command {
@@ -455,30 +451,31 @@ async fn timeline(
         println!("{}", serde_json::to_string_pretty(&timeline)?);
         return Ok(());
     }
-    // As wide as the longest actor (`saga on behalf of key:…` is long), at least 10.
-    let actor_width = timeline
-        .events
-        .iter()
-        .map(|entry| entry.actor.chars().count())
-        .max()
-        .unwrap_or(0)
-        .max(10);
-    println!(
-        "{:>3}  {:<24}  {:<27}  {:<actor_width$}  {:<13}  {:<13}  {:<13}  WHAT CHANGED",
-        "V", "TIME", "EVENT", "ACTOR", "COMMAND", "CORRELATION", "CAUSATION"
+    let mut rows = table(
+        [
+            "V",
+            "TIME",
+            "EVENT",
+            "ACTOR",
+            "COMMAND",
+            "CORRELATION",
+            "CAUSATION",
+            "WHAT CHANGED",
+        ],
+        &[0],
     );
     for entry in &timeline.events {
-        println!(
-            "{:>3}  {:<24}  {:<27}  {:<actor_width$}  {:<13}  {:<13}  {:<13}  {}",
-            entry.version,
-            entry.occurred_at,
-            entry.event_type,
-            entry.actor,
+        rows.add_row([
+            entry.version.to_string(),
+            entry.occurred_at.clone(),
+            entry.event_type.clone(),
+            entry.actor.clone(),
             short(&entry.command_id),
             short(&entry.correlation_id),
             short(&entry.causation_id),
-            clip(&entry.summary, 100)
-        );
+            clip(&entry.summary, 100),
+        ]);
     }
+    println!("{}", rows.trim_fmt());
     Ok(())
 }

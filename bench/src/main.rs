@@ -15,7 +15,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "platform-bench",
     version,
-    about = "Load generators that measure the platform against raw baselines taken in the same run"
+    about = "Load generators that measure the platform against raw baselines taken in the same run",
+    // The platform's flags go before or after the benchmark's name.
+    mut_args = |arg: clap::Arg| arg.global(true)
 )]
 struct Cli {
     #[command(subcommand)]

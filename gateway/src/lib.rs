@@ -92,45 +92,24 @@ pub struct GatewaySettings {
     /// Instances of the order service: `http://host:port` base URLs, comma separated, and/or
     /// `dns://name:port` (every address the name resolves to, re-resolved at each health
     /// check).
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_ORDER",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "PLATFORM_GATEWAY_ORDER", value_delimiter = ',')]
     pub gateway_order: Vec<String>,
 
     /// Instances of the inventory service (same form as --gateway-order).
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_INVENTORY",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "PLATFORM_GATEWAY_INVENTORY", value_delimiter = ',')]
     pub gateway_inventory: Vec<String>,
 
     /// Instances of the query API (`serve projections`), same form.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_QUERY",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "PLATFORM_GATEWAY_QUERY", value_delimiter = ',')]
     pub gateway_query: Vec<String>,
 
     /// Instances of the saga API (`serve saga`), same form.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_SAGA",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "PLATFORM_GATEWAY_SAGA", value_delimiter = ',')]
     pub gateway_saga: Vec<String>,
 
     /// Timeout of one attempt at a command (ms).
     #[arg(
         long,
-        global = true,
         env = "PLATFORM_GATEWAY_COMMAND_TIMEOUT_MS",
         default_value_t = 10_000
     )]
@@ -139,7 +118,6 @@ pub struct GatewaySettings {
     /// Timeout of one attempt at a read (ms); a read-your-writes query waits up to 5 s.
     #[arg(
         long,
-        global = true,
         env = "PLATFORM_GATEWAY_READ_TIMEOUT_MS",
         default_value_t = 8_000
     )]
@@ -147,36 +125,24 @@ pub struct GatewaySettings {
 
     /// Extra attempts, on another instance, for an idempotent request (a GET, or a command with
     /// an Idempotency-Key) that failed to connect, timed out or answered 502/503/504.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_RETRIES",
-        default_value_t = 2
-    )]
+    #[arg(long, env = "PLATFORM_GATEWAY_RETRIES", default_value_t = 2)]
     pub gateway_retries: u32,
 
     /// How often each upstream instance's /health/ready is polled (ms).
     #[arg(
         long,
-        global = true,
         env = "PLATFORM_GATEWAY_HEALTH_INTERVAL_MS",
         default_value_t = 2_000
     )]
     pub gateway_health_interval_ms: u64,
 
     /// Consecutive failures that open an instance's circuit breaker.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_GATEWAY_BREAKER_FAILURES",
-        default_value_t = 5
-    )]
+    #[arg(long, env = "PLATFORM_GATEWAY_BREAKER_FAILURES", default_value_t = 5)]
     pub gateway_breaker_failures: u32,
 
     /// How long an open breaker refuses requests before letting one probe through (ms).
     #[arg(
         long,
-        global = true,
         env = "PLATFORM_GATEWAY_BREAKER_OPEN_MS",
         default_value_t = 10_000
     )]

@@ -128,41 +128,26 @@ pub struct SecuritySettings {
     /// Require credentials (`on`/`off`). Default: off on the embedded backend (a developer's
     /// machine), on with --kafka or --database-url. /health/*, /metrics and /openapi.json stay
     /// open.
-    #[arg(long, global = true, env = "PLATFORM_AUTH", value_enum)]
+    #[arg(long, env = "PLATFORM_AUTH", value_enum)]
     pub auth: Option<Toggle>,
 
     /// API keys as `role:key` pairs, comma separated (roles: client, operator, auditor), sent as
     /// `Authorization: Bearer <key>` or `X-Api-Key: <key>`. Never logged.
-    #[arg(long, global = true, env = "PLATFORM_API_KEYS", hide_env_values = true)]
+    #[arg(long, env = "PLATFORM_API_KEYS", hide_env_values = true)]
     pub api_keys: Option<Secret>,
 
     /// HMAC secret (HS256) of JWT bearer tokens; their `role` (or `roles`) claim names the
     /// role, `sub` the caller, `exp` is required. Never logged.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_JWT_SECRET",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "PLATFORM_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<Secret>,
 
     /// Requests per second each caller (key, token subject, or client address when
     /// authentication is off) may make on average.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_RATE_LIMIT",
-        default_value_t = 100.0
-    )]
+    #[arg(long, env = "PLATFORM_RATE_LIMIT", default_value_t = 100.0)]
     pub rate_limit: f64,
 
     /// Requests a caller may make in a burst above the average rate.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_RATE_BURST",
-        default_value_t = 200
-    )]
+    #[arg(long, env = "PLATFORM_RATE_BURST", default_value_t = 200)]
     pub rate_burst: u32,
 }
 

@@ -21,7 +21,6 @@ pub struct HttpSettings {
     /// headers a byte at a time (slowloris), holds a connection no longer than this.
     #[arg(
         long,
-        global = true,
         env = "PLATFORM_HTTP_HEADER_TIMEOUT_MS",
         default_value_t = 10_000
     )]
@@ -31,7 +30,6 @@ pub struct HttpSettings {
     /// A command sent with an `Idempotency-Key` may then be sent again safely.
     #[arg(
         long,
-        global = true,
         env = "PLATFORM_HTTP_REQUEST_TIMEOUT_MS",
         default_value_t = 30_000
     )]
@@ -39,12 +37,7 @@ pub struct HttpSettings {
 
     /// Connections served at once; further ones wait in the kernel's accept queue until one
     /// closes.
-    #[arg(
-        long,
-        global = true,
-        env = "PLATFORM_HTTP_MAX_CONNECTIONS",
-        default_value_t = 1024
-    )]
+    #[arg(long, env = "PLATFORM_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
     pub http_max_connections: usize,
 }
 

@@ -116,11 +116,11 @@ pub(crate) async fn start(settings: &platform::Settings, name: &'static str, por
         .arg("--partitions")
         .arg(settings.partitions.to_string())
         .arg("--saga-timeout-ms")
-        .arg(settings.saga_timeout_ms.to_string())
+        .arg(settings.saga.timeout_ms.to_string())
         .arg("--saga-compensation-timeout-ms")
-        .arg(settings.saga_compensation_timeout_ms.to_string())
+        .arg(settings.saga.compensation_timeout_ms.to_string())
         .arg("--saga-max-attempts")
-        .arg(settings.saga_max_attempts.to_string())
+        .arg(settings.saga.max_attempts.to_string())
         // The test's clients carry no credentials (authentication has its own tests).
         .arg("--auth")
         .arg("off")
@@ -613,9 +613,9 @@ async fn run(backend: Backend) {
     settings.partitions = 4;
     // Long enough that a kill of a participant seldom gives a healthy order up; tok_timeout
     // orders are compensated after it.
-    settings.saga_timeout_ms = 10_000;
-    settings.saga_compensation_timeout_ms = 3_000;
-    settings.saga_max_attempts = 6;
+    settings.saga.timeout_ms = 10_000;
+    settings.saga.compensation_timeout_ms = 3_000;
+    settings.saga.max_attempts = 6;
     let topology = start_topology(backend, &settings).await;
     eprintln!(
         "chaos {backend:?}: started ({:.1} s)",

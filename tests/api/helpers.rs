@@ -56,7 +56,7 @@ pub fn settings(backend: Backend, dir: &std::path::Path) -> Settings {
     settings.partitions = 4;
     // The saga acts on every order a test places; it waits this long for a payment that never
     // answers (`tok_timeout`), so such an order stays pending for the test unless it says so.
-    settings.saga_timeout_ms = 120_000;
+    settings.saga.timeout_ms = 120_000;
     if backend == Backend::Kafka {
         settings.kafka = std::env::var("TEST_KAFKA_BROKERS").ok();
         settings.database_url = std::env::var("TEST_DATABASE_URL").ok();

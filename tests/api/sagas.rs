@@ -15,8 +15,8 @@ use crate::helpers::{Backend, TestApp, backends, platform_binary, settings};
 async fn spawn_impatient(backend: Backend) -> TestApp {
     let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
     let mut settings = settings(backend, dir.path());
-    settings.saga_timeout_ms = 1_500;
-    settings.saga_compensation_timeout_ms = 1_000;
+    settings.saga.timeout_ms = 1_500;
+    settings.saga.compensation_timeout_ms = 1_000;
     TestApp::spawn_with(backend, settings, dir).await
 }
 
@@ -353,7 +353,7 @@ async fn sagas_cli(app: &TestApp, args: &[&str]) -> (bool, String) {
         .arg("--schema-prefix")
         .arg(&settings.schema_prefix)
         .arg("--saga-compensation-timeout-ms")
-        .arg(settings.saga_compensation_timeout_ms.to_string())
+        .arg(settings.saga.compensation_timeout_ms.to_string())
         .env("RUST_LOG", "error")
         .env_remove("DATABASE_URL")
         .env_remove("PLATFORM_KAFKA");
@@ -378,9 +378,9 @@ async fn a_refund_that_keeps_failing_is_parked_until_an_operator_retries_it() {
     for backend in backends() {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
         let mut settings = settings(backend, dir.path());
-        settings.saga_timeout_ms = 5_000;
+        settings.saga.timeout_ms = 5_000;
         // Resends after 0.3, 0.36, 0.42, 0.54 s: parked about 2 s after the first refund.
-        settings.saga_compensation_timeout_ms = 300;
+        settings.saga.compensation_timeout_ms = 300;
         let app = TestApp::spawn_with(backend, settings, dir).await;
         app.receive("SKU-H", 10).await.expect(200);
         // Two orders whose refunds fail at the provider: one retried over HTTP, one by the CLI.

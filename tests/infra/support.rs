@@ -83,7 +83,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SpanCollector {
 pub fn settings(dir: &std::path::Path) -> Settings {
     let mut settings = Settings::embedded(dir);
     settings.partitions = 4;
-    settings.saga_timeout_ms = 120_000;
+    settings.saga.timeout_ms = 120_000;
     settings
 }
 
