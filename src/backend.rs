@@ -49,6 +49,7 @@ impl Backend {
     /// The backend `platform serve` runs on.
     pub async fn open(settings: &Settings) -> Result<Self> {
         let kafka = settings
+            .store
             .kafka
             .as_deref()
             .map(|brokers| kafka_settings(brokers, settings));
@@ -95,10 +96,8 @@ impl Backend {
                 ));
             }
             (None, None) => {
-                std::fs::create_dir_all(&store.data_dir).map_err(Error::io(format!(
-                    "creating {}",
-                    store.data_dir.display()
-                )))?;
+                std::fs::create_dir_all(&store.data_dir)
+                    .map_err(Error::io(format!("creating {}", store.data_dir.display())))?;
                 Arc::new(SqlStore::sqlite(store.data_dir.join("command-side.db")).await?)
             }
         };

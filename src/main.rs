@@ -392,7 +392,7 @@ mod tests {
         let cli = Cli::try_parse_from(["platform", "--topic-prefix", "t", "--partitions", "2"])
             .expect("serve all's flags without a command");
         assert!(cli.command.is_none());
-        assert_eq!(cli.serve.settings.topic_prefix, "t");
+        assert_eq!(cli.serve.settings.store.topic_prefix, "t");
         assert_eq!(cli.serve.settings.partitions, 2);
 
         for refused in [

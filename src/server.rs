@@ -123,8 +123,8 @@ async fn ensure_topics(log: &event_log::SharedLog, settings: &Settings) -> Resul
         ("inventory", "stock"),
     ] {
         for topic in [
-            event_log::topics::events(&settings.topic_prefix, aggregate),
-            event_log::topics::commands(&settings.topic_prefix, service),
+            event_log::topics::events(&settings.store.topic_prefix, aggregate),
+            event_log::topics::commands(&settings.store.topic_prefix, service),
         ] {
             log.ensure_topic(&topic, settings.partitions)
                 .await
@@ -154,11 +154,13 @@ impl Platform {
         }
         let security = Arc::new(Security::from_settings(
             &settings.security,
-            settings.distributed(),
+            settings.store.distributed(),
         )?);
         // Before anything is opened: a second process on the directory changes nothing.
-        let data_dir = if settings.kafka.is_none() {
-            Some(crate::backend::DataDirLock::acquire(&settings.data_dir)?)
+        let data_dir = if settings.store.kafka.is_none() {
+            Some(crate::backend::DataDirLock::acquire(
+                &settings.store.data_dir,
+            )?)
         } else {
             None
         };
@@ -183,7 +185,7 @@ impl Platform {
             },
             Part::Projections | Part::Saga | Part::Gateway => ServiceSet::NONE,
         };
-        let mut command_settings = CommandSettings::new(settings.topic_prefix.clone());
+        let mut command_settings = CommandSettings::new(settings.store.topic_prefix.clone());
         command_settings.partitions = settings.partitions;
         command_settings.services = services;
         command_settings.assignment = settings.assignment.into();
@@ -209,20 +211,20 @@ impl Platform {
             &supervisor,
         )
         .await?;
-        let read_backend = match &settings.database_url {
+        let read_backend = match &settings.store.database_url {
             Some(url) => ReadBackend::Postgres {
                 url: url.clone(),
-                schema_prefix: settings.schema_prefix.clone(),
+                schema_prefix: settings.store.schema_prefix.clone(),
             },
             None => ReadBackend::Sqlite {
-                dir: settings.data_dir.clone(),
+                dir: settings.store.data_dir.clone(),
             },
         };
         let saga = if matches!(part, Part::All | Part::Saga) {
             let saga = SagaSide::open(
                 backend.log.clone(),
                 &read_backend,
-                &settings.topic_prefix,
+                &settings.store.topic_prefix,
                 settings.saga_config(),
             )
             .await
@@ -233,9 +235,13 @@ impl Platform {
             None
         };
         let read = if matches!(part, Part::All | Part::Projections) {
-            let read = ReadSide::open(backend.log.clone(), &read_backend, &settings.topic_prefix)
-                .await
-                .map_err(Error::db("opening the read models"))?;
+            let read = ReadSide::open(
+                backend.log.clone(),
+                &read_backend,
+                &settings.store.topic_prefix,
+            )
+            .await
+            .map_err(Error::db("opening the read models"))?;
             read.start_workers(shutdown.subscribe(), &supervisor);
             Some(read)
         } else {
@@ -281,12 +287,15 @@ impl Platform {
         if saga.is_some() {
             parts.push("saga orchestrator (GET /sagas)".to_owned());
         }
-        let storage = match (&settings.kafka, &settings.database_url) {
+        let storage = match (&settings.store.kafka, &settings.store.database_url) {
             (Some(brokers), _) => format!("Kafka at {brokers}, Postgres"),
-            (None, Some(_)) => format!("embedded log in {}, Postgres", settings.data_dir.display()),
+            (None, Some(_)) => format!(
+                "embedded log in {}, Postgres",
+                settings.store.data_dir.display()
+            ),
             (None, None) => format!(
                 "embedded log and SQLite stores in {}",
-                settings.data_dir.display()
+                settings.store.data_dir.display()
             ),
         };
         Ok(Platform {

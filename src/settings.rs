@@ -277,28 +277,14 @@ pub struct Settings {
     pub http: HttpSettings,
 }
 
-impl std::ops::Deref for Settings {
-    type Target = StoreSettings;
-
-    fn deref(&self) -> &StoreSettings {
-        &self.store
-    }
-}
-
-impl std::ops::DerefMut for Settings {
-    fn deref_mut(&mut self) -> &mut StoreSettings {
-        &mut self.store
-    }
-}
-
 impl Settings {
     /// What `platform serve gateway` is built from.
     pub fn gateway_config(&self) -> gateway::Config {
         gateway::Config {
             http_addr: self.http_addr,
-            topic_prefix: self.topic_prefix.clone(),
+            topic_prefix: self.store.topic_prefix.clone(),
             partitions: self.partitions,
-            distributed: self.distributed(),
+            distributed: self.store.distributed(),
             gateway: self.gateway.clone(),
             security: self.security.clone(),
             http: self.http.clone(),
@@ -321,7 +307,7 @@ impl Settings {
             .expect("every setting has a default");
         let mut settings =
             Settings::from_arg_matches(&matches).expect("the defaults are valid settings");
-        settings.data_dir = data_dir.into();
+        settings.store.data_dir = data_dir.into();
         settings.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         settings.security.auth = Some(Toggle::Off);
         settings

@@ -1076,9 +1076,9 @@ impl RawTopics {
 /// platform (p50 7.4 and 13.6 ms in turns, against 2.2 and 3.1 ms one after the other).
 /// Also a description for the report.
 async fn open_raw_log(settings: &Settings) -> anyhow::Result<(SharedLog, String)> {
-    std::fs::create_dir_all(&settings.data_dir)
-        .with_context(|| format!("creating {}", settings.data_dir.display()))?;
-    Ok(match &settings.kafka {
+    std::fs::create_dir_all(&settings.store.data_dir)
+        .with_context(|| format!("creating {}", settings.store.data_dir.display()))?;
+    Ok(match &settings.store.kafka {
         Some(brokers) => (
             timed_log::timed(Arc::new(
                 KafkaLog::connect(kafka_settings(brokers, settings))
@@ -1093,7 +1093,7 @@ async fn open_raw_log(settings: &Settings) -> anyhow::Result<(SharedLog, String)
             ),
         ),
         None => {
-            let path = settings.data_dir.join("raw-log.db");
+            let path = settings.store.data_dir.join("raw-log.db");
             (
                 timed_log::timed(Arc::new(
                     EmbeddedLog::open_with(&path, settings.durability.into())
@@ -1158,7 +1158,7 @@ async fn start_part(
 ) -> anyhow::Result<(Running, Option<f64>)> {
     eprintln!(
         "bench: starting the platform ({part:?}, topic prefix {})",
-        settings.topic_prefix
+        settings.store.topic_prefix
     );
     let platform = Platform::build_with(settings, part, timed_log::timed)
         .await
@@ -1313,13 +1313,13 @@ async fn commands(
     let command = command_line();
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     // A fresh directory under --data-dir (so the disk is the user's choice), removed afterwards.
-    let data_dir = base_settings.data_dir.join(format!("bench-{run_id}"));
-    let created_parent = !base_settings.data_dir.exists();
+    let data_dir = base_settings.store.data_dir.join(format!("bench-{run_id}"));
+    let created_parent = !base_settings.store.data_dir.exists();
     let mut settings = base_settings.clone();
-    settings.data_dir = data_dir.clone();
+    settings.store.data_dir = data_dir.clone();
     settings.http_addr = SocketAddr::new(base_settings.http_addr.ip(), 0);
-    settings.topic_prefix = format!("{}-bench-{run_id}", base_settings.topic_prefix);
-    settings.schema_prefix = format!("{}bench_{run_id}_", base_settings.schema_prefix);
+    settings.store.topic_prefix = format!("{}-bench-{run_id}", base_settings.store.topic_prefix);
+    settings.store.schema_prefix = format!("{}bench_{run_id}_", base_settings.store.schema_prefix);
     // Every part of every service runs in this one process.
     settings.instance = 0;
     settings.instances = 1;
@@ -1344,7 +1344,7 @@ async fn commands(
 
     let (raw_log, backend) = open_raw_log(&settings).await?;
     let raw_topics =
-        RawTopics::create(&raw_log, &settings.topic_prefix, settings.partitions).await?;
+        RawTopics::create(&raw_log, &settings.store.topic_prefix, settings.partitions).await?;
 
     // Informative: the log on its own, before the platform's readers exist.
     eprintln!("bench: raw append before the platform starts, {clients} tasks");
@@ -1388,22 +1388,22 @@ async fn commands(
     let drained = wait_quiet(idle, drain_timeout).await;
     running.stop().await;
     let mut fresh = settings.clone();
-    fresh.data_dir = data_dir.join("half-load");
-    fresh.topic_prefix = format!("{}-2", settings.topic_prefix);
-    fresh.schema_prefix = format!("{}2_", settings.schema_prefix);
+    fresh.store.data_dir = data_dir.join("half-load");
+    fresh.store.topic_prefix = format!("{}-2", settings.store.topic_prefix);
+    fresh.store.schema_prefix = format!("{}2_", settings.store.schema_prefix);
     // On the embedded backend the raw baseline starts a fresh file too, beside the fresh
     // platform's (the first one now holds a large log, and its checkpoints would stall the
     // baseline).
-    let raw_log = if settings.kafka.is_some() {
+    let raw_log = if settings.store.kafka.is_some() {
         raw_log
     } else {
         drop(raw_log);
         let (log, _) = open_raw_log(&fresh).await?;
-        RawTopics::create(&log, &settings.topic_prefix, settings.partitions).await?;
+        RawTopics::create(&log, &settings.store.topic_prefix, settings.partitions).await?;
         log
     };
     // The platform's topics are `<prefix>.<aggregate type>.<kind>`.
-    let platform_topics = format!("{}.", fresh.topic_prefix);
+    let platform_topics = format!("{}.", fresh.store.topic_prefix);
     let (running, idle_half) = start_part(fresh, part, &http).await?;
     let lean = client::Client::new(running.addr, clients * 4);
     let half = commands.rate() / 2.0;
@@ -1444,7 +1444,7 @@ async fn commands(
     let _ = std::fs::remove_dir_all(&data_dir);
     if created_parent {
         // Only succeeds when empty: never removes anything but what this run created.
-        let _ = std::fs::remove_dir(&base_settings.data_dir);
+        let _ = std::fs::remove_dir(&base_settings.store.data_dir);
     }
 
     // The report.

@@ -1020,7 +1020,7 @@ async fn command_phase(
         duration: Duration::from_secs(options.duration),
         watched: &options.watch_pid,
     };
-    let topic_prefix = settings.topic_prefix.clone();
+    let topic_prefix = settings.store.topic_prefix.clone();
     let sum_log = log.clone();
     let window_from = Instant::now() + timing.warmup;
     let window_to = window_from + timing.duration;
@@ -1097,20 +1097,20 @@ pub(super) fn cpu_columns(cpu: Option<&CpuUse>, watched: usize) -> String {
 }
 
 pub(super) async fn run(options: ProjectionsBench, base: Settings) -> anyhow::Result<()> {
-    let url = base.database_url.clone().context(
+    let url = base.store.database_url.clone().context(
         "platform-bench projections measures the Postgres read models: pass --database-url",
     )?;
     anyhow::ensure!(options.orders > 0, "--orders must be at least 1");
     anyhow::ensure!(options.skus > 0, "--skus must be at least 1");
     let command = command_line();
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let data_dir = base.data_dir.join(format!("bench-{run_id}"));
-    let created_parent = !base.data_dir.exists();
+    let data_dir = base.store.data_dir.join(format!("bench-{run_id}"));
+    let created_parent = !base.store.data_dir.exists();
     let mut settings = base.clone();
-    settings.data_dir = data_dir.clone();
+    settings.store.data_dir = data_dir.clone();
     settings.http_addr = SocketAddr::new(base.http_addr.ip(), 0);
-    settings.topic_prefix = format!("{}-pbench-{run_id}", base.topic_prefix);
-    settings.schema_prefix = format!("{}pbench_{run_id}_", base.schema_prefix);
+    settings.store.topic_prefix = format!("{}-pbench-{run_id}", base.store.topic_prefix);
+    settings.store.schema_prefix = format!("{}pbench_{run_id}_", base.store.schema_prefix);
     settings.instance = 0;
     settings.instances = 1;
     let load_before = load_average();
@@ -1127,7 +1127,7 @@ pub(super) async fn run(options: ProjectionsBench, base: Settings) -> anyhow::Re
     let preload_started = Instant::now();
     let (written, ends) = append_preload(
         &log,
-        &settings.topic_prefix,
+        &settings.store.topic_prefix,
         settings.partitions,
         &preload,
         options.in_flight,
@@ -1143,7 +1143,7 @@ pub(super) async fn run(options: ProjectionsBench, base: Settings) -> anyhow::Re
     eprintln!("bench: raw batched upsert");
     let upsert = raw_phase(
         &url,
-        &format!("{}raw_upsert_", settings.schema_prefix),
+        &format!("{}raw_upsert_", settings.store.schema_prefix),
         &work,
         false,
         &watched,
@@ -1152,7 +1152,7 @@ pub(super) async fn run(options: ProjectionsBench, base: Settings) -> anyhow::Re
     eprintln!("bench: raw COPY");
     let copy = raw_phase(
         &url,
-        &format!("{}raw_copy_", settings.schema_prefix),
+        &format!("{}raw_copy_", settings.store.schema_prefix),
         &work,
         true,
         &watched,
@@ -1163,8 +1163,8 @@ pub(super) async fn run(options: ProjectionsBench, base: Settings) -> anyhow::Re
         log.clone(),
         Target {
             url: &url,
-            schema_prefix: &settings.schema_prefix,
-            topic_prefix: &settings.topic_prefix,
+            schema_prefix: &settings.store.schema_prefix,
+            topic_prefix: &settings.store.topic_prefix,
         },
         &ends,
         &events_per_projection,
@@ -1178,16 +1178,16 @@ pub(super) async fn run(options: ProjectionsBench, base: Settings) -> anyhow::Re
         None => {
             eprintln!("bench: commands, {} clients", options.clients);
             let mut commands = settings.clone();
-            commands.topic_prefix = format!("{}-cmd", settings.topic_prefix);
-            commands.schema_prefix = format!("{}cmd_", settings.schema_prefix);
-            commands.data_dir = data_dir.join("commands");
+            commands.store.topic_prefix = format!("{}-cmd", settings.store.topic_prefix);
+            commands.store.schema_prefix = format!("{}cmd_", settings.store.schema_prefix);
+            commands.store.data_dir = data_dir.join("commands");
             Ok(command_phase(&commands, &options).await?)
         }
     };
     let load_after = load_average();
     let _ = std::fs::remove_dir_all(&data_dir);
     if created_parent {
-        let _ = std::fs::remove_dir(&base.data_dir);
+        let _ = std::fs::remove_dir(&base.store.data_dir);
     }
 
     // The report.
@@ -1198,7 +1198,7 @@ pub(super) async fn run(options: ProjectionsBench, base: Settings) -> anyhow::Re
     println!("  command:   {command}");
     println!(
         "  backend:   {backend}; read models in Postgres (schemas {}*)",
-        settings.schema_prefix
+        settings.store.schema_prefix
     );
     println!(
         "  preload:   {} order lifecycles over {} SKUs = {} events ({}), {} partitions; appended in {:.1} s ({:.0}/s, {} in flight)",

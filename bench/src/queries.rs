@@ -173,22 +173,22 @@ fn print_row(name: &str, stats: &Stats, watched: usize) {
 }
 
 pub(super) async fn run(options: QueriesBench, base: Settings) -> anyhow::Result<()> {
-    let url = base
-        .database_url
-        .clone()
-        .context("platform-bench queries measures the Postgres read models: pass --database-url")?;
+    let url =
+        base.store.database_url.clone().context(
+            "platform-bench queries measures the Postgres read models: pass --database-url",
+        )?;
     anyhow::ensure!(options.orders > 0, "--orders must be at least 1");
     anyhow::ensure!(options.clients > 0, "--clients must be at least 1");
     anyhow::ensure!(options.duration > 0, "--duration must be at least 1");
     let command = command_line();
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let data_dir = base.data_dir.join(format!("bench-{run_id}"));
-    let created_parent = !base.data_dir.exists();
+    let data_dir = base.store.data_dir.join(format!("bench-{run_id}"));
+    let created_parent = !base.store.data_dir.exists();
     let mut settings = base.clone();
-    settings.data_dir = data_dir.clone();
+    settings.store.data_dir = data_dir.clone();
     settings.http_addr = SocketAddr::new(base.http_addr.ip(), 0);
-    settings.topic_prefix = format!("{}-qbench-{run_id}", base.topic_prefix);
-    settings.schema_prefix = format!("{}qbench_{run_id}_", base.schema_prefix);
+    settings.store.topic_prefix = format!("{}-qbench-{run_id}", base.store.topic_prefix);
+    settings.store.schema_prefix = format!("{}qbench_{run_id}_", base.store.schema_prefix);
     settings.instance = 0;
     settings.instances = 1;
     let load_before = load_average();
@@ -204,7 +204,7 @@ pub(super) async fn run(options: QueriesBench, base: Settings) -> anyhow::Result
     let (log, backend) = open_raw_log(&settings).await?;
     append_preload(
         &log,
-        &settings.topic_prefix,
+        &settings.store.topic_prefix,
         settings.partitions,
         &preload,
         2048,
@@ -224,9 +224,9 @@ pub(super) async fn run(options: QueriesBench, base: Settings) -> anyhow::Result
         open_raw_log(&settings).await?.0,
         &::projections::ReadBackend::Postgres {
             url: url.clone(),
-            schema_prefix: settings.schema_prefix.clone(),
+            schema_prefix: settings.store.schema_prefix.clone(),
         },
-        &settings.topic_prefix,
+        &settings.store.topic_prefix,
     )
     .await
     .context("opening the read models")?;
@@ -242,7 +242,7 @@ pub(super) async fn run(options: QueriesBench, base: Settings) -> anyhow::Result
         "bench: initialising pgbench (scale {})",
         options.pgbench_scale
     );
-    let pgbench_schema = format!("{}pgbench", settings.schema_prefix);
+    let pgbench_schema = format!("{}pgbench", settings.store.schema_prefix);
     // Creates the schema.
     let schema_db = ::projections::db::Db::postgres(&url, &pgbench_schema, 1).await?;
     run_pgbench(
@@ -312,7 +312,7 @@ pub(super) async fn run(options: QueriesBench, base: Settings) -> anyhow::Result
     tx.commit().await?;
     let _ = std::fs::remove_dir_all(&data_dir);
     if created_parent {
-        let _ = std::fs::remove_dir(&base.data_dir);
+        let _ = std::fs::remove_dir(&base.store.data_dir);
     }
 
     let cores = std::thread::available_parallelism()
@@ -322,7 +322,7 @@ pub(super) async fn run(options: QueriesBench, base: Settings) -> anyhow::Result
     println!("  command:   {command}");
     println!(
         "  backend:   {backend}; read models in Postgres (schemas {}*)",
-        settings.schema_prefix
+        settings.store.schema_prefix
     );
     println!(
         "  workload:  {} clients; {} preloaded orders ({} events), each request a random one; {} s warm-up + {} s measured per HTTP phase",

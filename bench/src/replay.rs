@@ -165,23 +165,23 @@ fn rate(count: u64, elapsed: Duration) -> f64 {
 pub(super) async fn run(options: ReplayBench, base: Settings) -> anyhow::Result<()> {
     let unique = uuid::Uuid::new_v4().simple().to_string();
     let mut settings = base.clone();
-    settings.topic_prefix = format!("bench{}", &unique[..8]);
-    settings.schema_prefix = format!("bench{}_", &unique[..8]);
+    settings.store.topic_prefix = format!("bench{}", &unique[..8]);
+    settings.store.schema_prefix = format!("bench{}_", &unique[..8]);
     let scratch = tempdir_in(&base)?;
-    if settings.database_url.is_none() {
-        settings.data_dir = scratch.clone();
+    if settings.store.database_url.is_none() {
+        settings.store.data_dir = scratch.clone();
     }
     let backend = Backend::open(&settings).await?;
     let log = backend.log.clone();
-    let topic = topics::events(&settings.topic_prefix, "stock");
+    let topic = topics::events(&settings.store.topic_prefix, "stock");
     let partitions = log.ensure_topic(&topic, settings.partitions).await?;
-    let read_backend = match &settings.database_url {
+    let read_backend = match &settings.store.database_url {
         Some(url) => ReadBackend::Postgres {
             url: url.clone(),
-            schema_prefix: settings.schema_prefix.clone(),
+            schema_prefix: settings.store.schema_prefix.clone(),
         },
         None => ReadBackend::Sqlite {
-            dir: settings.data_dir.clone(),
+            dir: settings.store.data_dir.clone(),
         },
     };
     println!(
@@ -223,15 +223,22 @@ pub(super) async fn run(options: ReplayBench, base: Settings) -> anyhow::Result<
     drop(decoded);
     let columns = audit_rows.columns.join(", ");
     let rows = audit_rows.rows;
-    let raw_db = match &settings.database_url {
-        Some(url) => Db::postgres(url, &format!("{}raw_audit", settings.schema_prefix), 2).await?,
+    let raw_db = match &settings.store.database_url {
+        Some(url) => {
+            Db::postgres(
+                url,
+                &format!("{}raw_audit", settings.store.schema_prefix),
+                2,
+            )
+            .await?
+        }
         None => Db::sqlite(&scratch.join("raw-audit.db")).await?,
     };
     projections::runtime::migrate(&raw_db, &Audit).await?;
     let copy_time = raw_write(&raw_db, &columns, &rows, options.batch).await?;
     drop(rows);
 
-    let read = ReadSide::open(log.clone(), &read_backend, &settings.topic_prefix)
+    let read = ReadSide::open(log.clone(), &read_backend, &settings.store.topic_prefix)
         .await
         .map_err(anyhow::Error::msg)?;
     let replay_options = ReplayOptions {
@@ -244,7 +251,7 @@ pub(super) async fn run(options: ReplayBench, base: Settings) -> anyhow::Result<
         let report = replay::replay(
             &log,
             &read_backend,
-            &settings.topic_prefix,
+            &settings.store.topic_prefix,
             read.db(name).context("no such projection")?,
             read.projection(name).context("no such projection")?,
             &replay_options,
@@ -317,14 +324,14 @@ pub(super) async fn run(options: ReplayBench, base: Settings) -> anyhow::Result<
                 .execute(
                     &format!(
                         "DROP SCHEMA IF EXISTS \"{}{schema}\" CASCADE",
-                        settings.schema_prefix
+                        settings.store.schema_prefix
                     ),
                     &[],
                 )
                 .await;
         }
     }
-    if settings.database_url.is_none() {
+    if settings.store.database_url.is_none() {
         let _ = std::fs::remove_dir_all(&scratch);
     }
     Ok(())
@@ -333,6 +340,7 @@ pub(super) async fn run(options: ReplayBench, base: Settings) -> anyhow::Result<
 /// A scratch directory under the data directory (the embedded log and read models go there).
 fn tempdir_in(base: &Settings) -> anyhow::Result<std::path::PathBuf> {
     let dir = base
+        .store
         .data_dir
         .join(format!("bench-replay-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

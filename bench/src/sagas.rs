@@ -377,12 +377,15 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
     );
     let command = command_line();
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let data_dir = base_settings.data_dir.join(format!("bench-sagas-{run_id}"));
+    let data_dir = base_settings
+        .store
+        .data_dir
+        .join(format!("bench-sagas-{run_id}"));
     let mut settings = base_settings.clone();
-    settings.data_dir = data_dir.clone();
+    settings.store.data_dir = data_dir.clone();
     settings.http_addr = SocketAddr::new(base_settings.http_addr.ip(), 0);
-    settings.topic_prefix = format!("{}-sagas-{run_id}", base_settings.topic_prefix);
-    settings.schema_prefix = format!("{}sagas_{run_id}_", base_settings.schema_prefix);
+    settings.store.topic_prefix = format!("{}-sagas-{run_id}", base_settings.store.topic_prefix);
+    settings.store.schema_prefix = format!("{}sagas_{run_id}_", base_settings.store.schema_prefix);
     settings.instance = 0;
     settings.instances = 1;
     // The load comes from one address and measures the saga, not the gate in front of it.
@@ -392,7 +395,7 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let load_before = load_average();
-    let backend_name = if settings.kafka.is_some() {
+    let backend_name = if settings.store.kafka.is_some() {
         "kafka + postgres"
     } else {
         "embedded (SQLite)"
@@ -406,7 +409,7 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
         .context("building the HTTP client")?;
     eprintln!(
         "bench: starting the platform (topic prefix {})",
-        settings.topic_prefix
+        settings.store.topic_prefix
     );
     let platform = Platform::build(settings.clone(), Part::All)
         .await
@@ -455,7 +458,7 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
     let (stop_tracker, stopped) = watch::channel(false);
     let tracker = tokio::spawn(track(
         log,
-        topics::events(&settings.topic_prefix, "order"),
+        topics::events(&settings.store.topic_prefix, "order"),
         book.clone(),
         stopped,
     ));
@@ -654,7 +657,7 @@ pub async fn run(options: SagasBench, base_settings: Settings) -> anyhow::Result
     println!();
     let unloaded_p50 = ms(&unloaded.happy, 0.5);
     let unloaded_p99 = ms(&unloaded.happy, 0.99);
-    match settings.kafka.as_ref() {
+    match settings.store.kafka.as_ref() {
         None => println!(
             "target: unloaded placed->confirmed p50 <= 20 ms and p99 <= 50 ms: p50 {unloaded_p50:.1} ms, \
              p99 {unloaded_p99:.1} ms -> {}",

@@ -12,12 +12,16 @@ use crate::helpers::{Backend, TestApp, backends, http_client, platform_binary};
 
 async fn command_store(backend: Backend, settings: &Settings) -> SqlStore {
     match backend {
-        Backend::Embedded => SqlStore::sqlite(settings.data_dir.join("command-side.db"))
+        Backend::Embedded => SqlStore::sqlite(settings.store.data_dir.join("command-side.db"))
             .await
             .expect("open the command-side store"),
         Backend::Kafka => SqlStore::postgres(
-            settings.database_url.as_deref().expect("database url"),
-            &format!("{}command_side", settings.schema_prefix),
+            settings
+                .store
+                .database_url
+                .as_deref()
+                .expect("database url"),
+            &format!("{}command_side", settings.store.schema_prefix),
         )
         .await
         .expect("open the command-side store"),
@@ -30,11 +34,11 @@ fn recover(backend: Backend, settings: &Settings, apply: bool) -> String {
     command
         .arg("recover")
         .arg("--data-dir")
-        .arg(&settings.data_dir)
+        .arg(&settings.store.data_dir)
         .arg("--topic-prefix")
-        .arg(&settings.topic_prefix)
+        .arg(&settings.store.topic_prefix)
         .arg("--schema-prefix")
-        .arg(&settings.schema_prefix)
+        .arg(&settings.store.schema_prefix)
         .env("RUST_LOG", "off")
         .env_remove("DATABASE_URL")
         .env_remove("PLATFORM_KAFKA");
@@ -44,9 +48,15 @@ fn recover(backend: Backend, settings: &Settings, apply: bool) -> String {
     if backend == Backend::Kafka {
         command
             .arg("--kafka")
-            .arg(settings.kafka.as_deref().expect("kafka"))
+            .arg(settings.store.kafka.as_deref().expect("kafka"))
             .arg("--database-url")
-            .arg(settings.database_url.as_deref().expect("database url"));
+            .arg(
+                settings
+                    .store
+                    .database_url
+                    .as_deref()
+                    .expect("database url"),
+            );
     }
     let output = command.output().expect("run platform recover");
     assert!(
@@ -63,7 +73,7 @@ async fn a_snapshot_ahead_of_the_log_is_refused_named_and_recovered() {
         let app = TestApp::spawn(backend).await;
         app.receive("SKU-AHEAD", 5).await.expect(200);
         let (settings, dir) = app.stop().await;
-        let topic = event_log::topics::events(&settings.topic_prefix, "stock");
+        let topic = event_log::topics::events(&settings.store.topic_prefix, "stock");
         let partition = event_log::partition_for("SKU-AHEAD", settings.partitions);
         let log = crate::helpers::open_log(backend, &settings).await;
         let end = log.end_offset(&topic, partition).await.expect("end");

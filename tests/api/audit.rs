@@ -113,13 +113,13 @@ async fn the_trace_of_a_compensated_saga_lists_every_step_in_causal_order() {
         command
             .args(["audit", "trace", &correlation])
             .arg("--data-dir")
-            .arg(&app.settings.data_dir)
-            .args(["--topic-prefix", &app.settings.topic_prefix])
-            .args(["--schema-prefix", &app.settings.schema_prefix]);
-        if let Some(kafka) = &app.settings.kafka {
+            .arg(&app.settings.store.data_dir)
+            .args(["--topic-prefix", &app.settings.store.topic_prefix])
+            .args(["--schema-prefix", &app.settings.store.schema_prefix]);
+        if let Some(kafka) = &app.settings.store.kafka {
             command.args(["--kafka", kafka]);
         }
-        if let Some(url) = &app.settings.database_url {
+        if let Some(url) = &app.settings.store.database_url {
             command.args(["--database-url", url]);
         }
         let output = tokio::task::spawn_blocking(move || command.output())

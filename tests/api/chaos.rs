@@ -106,13 +106,13 @@ pub(crate) async fn start(settings: &platform::Settings, name: &'static str, por
         .arg("serve")
         .arg(name)
         .arg("--data-dir")
-        .arg(&settings.data_dir)
+        .arg(&settings.store.data_dir)
         .arg("--http-addr")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--topic-prefix")
-        .arg(&settings.topic_prefix)
+        .arg(&settings.store.topic_prefix)
         .arg("--schema-prefix")
-        .arg(&settings.schema_prefix)
+        .arg(&settings.store.schema_prefix)
         .arg("--partitions")
         .arg(settings.partitions.to_string())
         .arg("--saga-timeout-ms")
@@ -147,7 +147,7 @@ pub(crate) async fn start(settings: &platform::Settings, name: &'static str, por
     if std::env::var("TEST_LOG").is_err() {
         command.stderr(Stdio::null());
     }
-    if let (Some(kafka), Some(url)) = (&settings.kafka, &settings.database_url) {
+    if let (Some(kafka), Some(url)) = (&settings.store.kafka, &settings.store.database_url) {
         command
             .arg("--kafka")
             .arg(kafka)
@@ -551,7 +551,7 @@ async fn fold(backend: Backend, settings: &platform::Settings) -> Folded {
     let mut folded = Folded::default();
     let mut commands = HashSet::new();
     for aggregate in ["order", "payment", "stock"] {
-        let topic = event_log::topics::events(&settings.topic_prefix, aggregate);
+        let topic = event_log::topics::events(&settings.store.topic_prefix, aggregate);
         let records: Vec<(event_log::Position, Envelope)> =
             read_topic(&log, &topic, settings.partitions).await;
         let mut history = EffectiveHistory::new();

@@ -12,7 +12,7 @@ use crate::helpers::{TestApp, backends};
 
 async fn stock_events(app: &TestApp, sku: &str) -> Vec<Envelope> {
     let log = app.log().await;
-    let topic = event_log::topics::events(&app.settings.topic_prefix, "stock");
+    let topic = event_log::topics::events(&app.settings.store.topic_prefix, "stock");
     let partition = partition_for(sku, app.settings.partitions);
     let end = log.end_offset(&topic, partition).await.expect("end");
     let mut reader = log.reader(&topic, &[(partition, 0)]).await.expect("reader");
@@ -56,7 +56,7 @@ async fn a_reservation_sent_on_the_command_topic_is_decided_once_even_when_redel
         let app = TestApp::spawn(backend).await;
         app.receive("SKU-C", 5).await.expect(200);
         let log = app.log().await;
-        let topic = event_log::topics::commands(&app.settings.topic_prefix, "inventory");
+        let topic = event_log::topics::commands(&app.settings.store.topic_prefix, "inventory");
         let order_id = OrderId(uuid::Uuid::now_v7());
         let message = CommandMessage {
             command_id: uuid::Uuid::now_v7(),

@@ -10,7 +10,7 @@ use crate::helpers::{Backend, TestApp, backends, settings};
 
 async fn total_records(app: &TestApp, aggregate: &str) -> u64 {
     let log = app.log().await;
-    let topic = event_log::topics::events(&app.settings.topic_prefix, aggregate);
+    let topic = event_log::topics::events(&app.settings.store.topic_prefix, aggregate);
     let mut total = 0;
     for partition in 0..app.settings.partitions {
         total += log.end_offset(&topic, partition).await.expect("end offset");
@@ -144,13 +144,14 @@ async fn a_repeated_idempotency_key_returns_the_original_response_and_appends_no
 
 /// The command side's store of a stopped platform, as the platform opens it.
 async fn command_store(app_settings: &platform::Settings) -> SqlStore {
-    match &app_settings.database_url {
-        Some(url) => {
-            SqlStore::postgres(url, &format!("{}command_side", app_settings.schema_prefix))
-                .await
-                .expect("open the command side's Postgres schema")
-        }
-        None => SqlStore::sqlite(app_settings.data_dir.join("command-side.db"))
+    match &app_settings.store.database_url {
+        Some(url) => SqlStore::postgres(
+            url,
+            &format!("{}command_side", app_settings.store.schema_prefix),
+        )
+        .await
+        .expect("open the command side's Postgres schema"),
+        None => SqlStore::sqlite(app_settings.store.data_dir.join("command-side.db"))
             .await
             .expect("open the command side's SQLite file"),
     }
@@ -185,7 +186,7 @@ async fn only_outcomes_a_client_can_ask_for_again_are_kept() {
         // The graceful stop writes every partition's last snapshot.
         let (settings, _dir) = app.stop().await;
         let store = command_store(&settings).await;
-        let topic = event_log::topics::events(&settings.topic_prefix, "stock");
+        let topic = event_log::topics::events(&settings.store.topic_prefix, "stock");
         let partition = event_log::partition_for("SKU-K", settings.partitions);
         let snapshot = store
             .load_snapshot(&topic, partition)

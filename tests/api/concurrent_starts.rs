@@ -25,8 +25,12 @@ const PARTS: [&str; 6] = [
 /// Each schema of `settings`' prefix with migrations: how often each migration is recorded,
 /// which must be once.
 async fn assert_migrated_once(settings: &Settings) {
-    let url = settings.database_url.as_deref().expect("a database URL");
-    let prefix = &settings.schema_prefix;
+    let url = settings
+        .store
+        .database_url
+        .as_deref()
+        .expect("a database URL");
+    let prefix = &settings.store.schema_prefix;
     let any = Db::postgres(url, &format!("{prefix}command_side"), 1)
         .await
         .expect("connect");
@@ -168,15 +172,21 @@ fn spawn(settings: &Settings, name: &'static str, index: usize, dir: &std::path:
         .arg("--http-addr")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--topic-prefix")
-        .arg(&settings.topic_prefix)
+        .arg(&settings.store.topic_prefix)
         .arg("--schema-prefix")
-        .arg(&settings.schema_prefix)
+        .arg(&settings.store.schema_prefix)
         .arg("--partitions")
         .arg(settings.partitions.to_string())
         .arg("--kafka")
-        .arg(settings.kafka.as_deref().expect("brokers"))
+        .arg(settings.store.kafka.as_deref().expect("brokers"))
         .arg("--database-url")
-        .arg(settings.database_url.as_deref().expect("a database URL"))
+        .arg(
+            settings
+                .store
+                .database_url
+                .as_deref()
+                .expect("a database URL"),
+        )
         // The test's client carries no credentials (authentication has its own tests).
         .arg("--auth")
         .arg("off")

@@ -115,13 +115,13 @@ pub async fn start_process(settings: &platform::Settings) -> Process {
     command
         .arg("serve")
         .arg("--data-dir")
-        .arg(&settings.data_dir)
+        .arg(&settings.store.data_dir)
         .arg("--http-addr")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--topic-prefix")
-        .arg(&settings.topic_prefix)
+        .arg(&settings.store.topic_prefix)
         .arg("--schema-prefix")
-        .arg(&settings.schema_prefix)
+        .arg(&settings.store.schema_prefix)
         .arg("--partitions")
         .arg(settings.partitions.to_string())
         .env(
@@ -137,7 +137,7 @@ pub async fn start_process(settings: &platform::Settings) -> Process {
     if std::env::var("TEST_LOG").is_err() {
         command.stderr(Stdio::null());
     }
-    if let (Some(kafka), Some(url)) = (&settings.kafka, &settings.database_url) {
+    if let (Some(kafka), Some(url)) = (&settings.store.kafka, &settings.store.database_url) {
         command
             .arg("--kafka")
             .arg(kafka)
@@ -273,7 +273,7 @@ async fn a_kill_during_load_loses_no_acknowledged_command_and_duplicates_none() 
 
         // The log, read by the shared rule.
         let log = open_log(backend, &settings).await;
-        let topic = event_log::topics::events(&settings.topic_prefix, "stock");
+        let topic = event_log::topics::events(&settings.store.topic_prefix, "stock");
         let records = read_topic(&log, &topic, settings.partitions).await;
         let mut history = EffectiveHistory::new();
         let mut effective: HashMap<Position, (String, u64)> = HashMap::new();
@@ -354,16 +354,16 @@ async fn a_second_process_on_a_data_directory_is_refused_and_changes_nothing() {
         .await
         .expect("receipt");
     assert_eq!(received.status(), 200);
-    let files_before = directory_listing(&settings.data_dir);
-    let log_before = std::fs::read(settings.data_dir.join("log.db")).expect("read log.db");
+    let files_before = directory_listing(&settings.store.data_dir);
+    let log_before = std::fs::read(settings.store.data_dir.join("log.db")).expect("read log.db");
 
     let mut second = Command::new(platform_binary())
         .arg("serve")
         .arg("--data-dir")
-        .arg(&settings.data_dir)
+        .arg(&settings.store.data_dir)
         .arg("--http-addr")
         .arg(format!("127.0.0.1:{}", free_port()))
-        .args(["--topic-prefix", &settings.topic_prefix])
+        .args(["--topic-prefix", &settings.store.topic_prefix])
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -387,13 +387,13 @@ async fn a_second_process_on_a_data_directory_is_refused_and_changes_nothing() {
         .expect("read stderr");
     assert!(!status.success(), "the second process must not start");
     assert!(
-        stderr.contains(&settings.data_dir.display().to_string())
+        stderr.contains(&settings.store.data_dir.display().to_string())
             && stderr.contains(&format!("pid {}", first.child.id())),
         "the error names the directory and the holder: {stderr}"
     );
-    assert_eq!(directory_listing(&settings.data_dir), files_before);
+    assert_eq!(directory_listing(&settings.store.data_dir), files_before);
     assert_eq!(
-        std::fs::read(settings.data_dir.join("log.db")).expect("read log.db"),
+        std::fs::read(settings.store.data_dir.join("log.db")).expect("read log.db"),
         log_before,
         "the second process changed the log"
     );

@@ -27,12 +27,16 @@ const ROWS_BEFORE_THE_STOP: i64 = 40;
 /// The saga's database, as the process keeps it.
 async fn saga_db(backend: Backend, settings: &Settings) -> Db {
     match backend {
-        Backend::Embedded => Db::sqlite(&settings.data_dir.join("saga.db"))
+        Backend::Embedded => Db::sqlite(&settings.store.data_dir.join("saga.db"))
             .await
             .expect("open the saga's database"),
         Backend::Kafka => Db::postgres(
-            settings.database_url.as_deref().expect("a database URL"),
-            &format!("{}saga", settings.schema_prefix),
+            settings
+                .store
+                .database_url
+                .as_deref()
+                .expect("a database URL"),
+            &format!("{}saga", settings.store.schema_prefix),
             1,
         )
         .await
@@ -75,7 +79,7 @@ async fn outbox_size(db: &Db) -> i64 {
 async fn published(log: &SharedLog, settings: &Settings) -> HashSet<String> {
     let mut ids = HashSet::new();
     for service in ["order", "payment", "inventory"] {
-        let topic = topics::commands(&settings.topic_prefix, service);
+        let topic = topics::commands(&settings.store.topic_prefix, service);
         for partition in 0..settings.partitions {
             let end = log.end_offset(&topic, partition).await.expect("end offset");
             if end == 0 {

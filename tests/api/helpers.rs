@@ -51,15 +51,15 @@ fn init_logging() {
 pub fn settings(backend: Backend, dir: &std::path::Path) -> Settings {
     let unique = uuid::Uuid::new_v4().simple().to_string();
     let mut settings = Settings::embedded(dir);
-    settings.topic_prefix = format!("t{}", &unique[..12]);
-    settings.schema_prefix = format!("t{}_", &unique[..12]);
+    settings.store.topic_prefix = format!("t{}", &unique[..12]);
+    settings.store.schema_prefix = format!("t{}_", &unique[..12]);
     settings.partitions = 4;
     // The saga acts on every order a test places; it waits this long for a payment that never
     // answers (`tok_timeout`), so such an order stays pending for the test unless it says so.
     settings.saga.timeout_ms = 120_000;
     if backend == Backend::Kafka {
-        settings.kafka = std::env::var("TEST_KAFKA_BROKERS").ok();
-        settings.database_url = std::env::var("TEST_DATABASE_URL").ok();
+        settings.store.kafka = std::env::var("TEST_KAFKA_BROKERS").ok();
+        settings.store.database_url = std::env::var("TEST_DATABASE_URL").ok();
     }
     settings
 }
@@ -210,13 +210,13 @@ impl Drop for TestApp {
 pub async fn open_log(backend: Backend, settings: &Settings) -> SharedLog {
     match backend {
         Backend::Embedded => Arc::new(
-            EmbeddedLog::open(settings.data_dir.join("log.db"))
+            EmbeddedLog::open(settings.store.data_dir.join("log.db"))
                 .await
                 .expect("open the embedded log"),
         ),
         Backend::Kafka => Arc::new(
             KafkaLog::connect(KafkaSettings::new(
-                settings.kafka.clone().expect("kafka brokers"),
+                settings.store.kafka.clone().expect("kafka brokers"),
             ))
             .await
             .expect("connect to Kafka"),

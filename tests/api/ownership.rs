@@ -288,7 +288,7 @@ async fn send_receipts(
 /// up to is exactly what was acknowledged. Returns it, per SKU.
 async fn check_log(settings: &Settings, seen: &Seen) -> BTreeMap<String, i64> {
     let log = open_log(Backend::Kafka, settings).await;
-    let topic = event_log::topics::events(&settings.topic_prefix, "stock");
+    let topic = event_log::topics::events(&settings.store.topic_prefix, "stock");
     let mut effective: HashMap<Position, (String, u64)> = HashMap::new();
     let mut on_hand: BTreeMap<String, i64> = BTreeMap::new();
     for partition in 0..settings.partitions {

@@ -37,7 +37,7 @@ impl Fixture {
         let dir = tempfile::tempdir().expect("temp dir");
         let settings = settings(backend, dir.path());
         let log = open_log(backend, &settings).await;
-        let topic = topics::events(&settings.topic_prefix, "stock");
+        let topic = topics::events(&settings.store.topic_prefix, "stock");
         log.ensure_topic(&topic, 1).await.expect("create the topic");
         Fixture {
             backend,
@@ -55,14 +55,15 @@ impl Fixture {
             Backend::Embedded => Db::sqlite(
                 &self
                     .settings
+                    .store
                     .data_dir
                     .join(format!("inventory-{unique}.db")),
             )
             .await
             .expect("sqlite"),
             Backend::Kafka => Db::postgres(
-                self.settings.database_url.as_deref().expect("url"),
-                &format!("{}{unique}_inventory", self.settings.schema_prefix),
+                self.settings.store.database_url.as_deref().expect("url"),
+                &format!("{}{unique}_inventory", self.settings.store.schema_prefix),
                 4,
             )
             .await
@@ -287,7 +288,10 @@ async fn a_worker_whose_stored_position_moved_back_reads_the_log_again_from_ther
         let mut versions = [0; 2];
         fixture.receive(0, 20, &mut versions).await;
         let db = fixture.database().await;
-        let worker = fixture.worker(&db, &format!("{}.fence", fixture.settings.topic_prefix));
+        let worker = fixture.worker(
+            &db,
+            &format!("{}.fence", fixture.settings.store.topic_prefix),
+        );
         let (stop, stopped) = watch::channel(false);
         let running = tokio::spawn(worker.run(stopped));
         let wait_for = |target: u64, what: &'static str| {
@@ -344,11 +348,16 @@ async fn a_worker_whose_stored_position_moved_back_reads_the_log_again_from_ther
 fn read_backend(app: &TestApp) -> ReadBackend {
     match app.backend {
         Backend::Embedded => ReadBackend::Sqlite {
-            dir: app.settings.data_dir.clone(),
+            dir: app.settings.store.data_dir.clone(),
         },
         Backend::Kafka => ReadBackend::Postgres {
-            url: app.settings.database_url.clone().expect("database url"),
-            schema_prefix: app.settings.schema_prefix.clone(),
+            url: app
+                .settings
+                .store
+                .database_url
+                .clone()
+                .expect("database url"),
+            schema_prefix: app.settings.store.schema_prefix.clone(),
         },
     }
 }
@@ -370,7 +379,7 @@ async fn a_stored_position_beyond_the_log_end_stops_its_partition_until_a_replay
 
         // The log loses its tail (or the topic is recreated under the same prefix): the stored
         // position of the SKU's partition is now beyond the log's end. The platform restarts.
-        let topic = topics::events(&app.settings.topic_prefix, "stock");
+        let topic = topics::events(&app.settings.store.topic_prefix, "stock");
         let partition = partition_for(sku, app.settings.partitions);
         let end = app
             .log()
@@ -447,7 +456,7 @@ async fn a_stored_position_beyond_the_log_end_stops_its_partition_until_a_replay
         let report = replay::replay(
             &read.log(),
             &read_backend(&app),
-            &app.settings.topic_prefix,
+            &app.settings.store.topic_prefix,
             &db,
             read.projection("inventory").expect("projection"),
             &ReplayOptions {
@@ -504,7 +513,10 @@ async fn a_worker_does_not_start_a_partition_whose_stored_position_is_beyond_the
         )
         .await
         .expect("a position beyond the end");
-        let worker = fixture.worker(&db, &format!("{}.beyond", fixture.settings.topic_prefix));
+        let worker = fixture.worker(
+            &db,
+            &format!("{}.beyond", fixture.settings.store.topic_prefix),
+        );
         let state = worker.state.clone();
         let (stop, stopped) = watch::channel(false);
         let running = tokio::spawn(worker.run(stopped));
@@ -551,7 +563,10 @@ async fn a_running_worker_stops_a_partition_whose_stored_position_jumped_beyond_
         let mut versions = [0; 2];
         fixture.receive(0, 10, &mut versions).await;
         let db = fixture.database().await;
-        let worker = fixture.worker(&db, &format!("{}.jump", fixture.settings.topic_prefix));
+        let worker = fixture.worker(
+            &db,
+            &format!("{}.jump", fixture.settings.store.topic_prefix),
+        );
         let state = worker.state.clone();
         let (stop, stopped) = watch::channel(false);
         let running = tokio::spawn(worker.run(stopped));

@@ -28,11 +28,11 @@ const TABLES: &[(&str, &str, &str)] = &[
 fn read_backend(backend: Backend, settings: &platform::Settings) -> ReadBackend {
     match backend {
         Backend::Embedded => ReadBackend::Sqlite {
-            dir: settings.data_dir.clone(),
+            dir: settings.store.data_dir.clone(),
         },
         Backend::Kafka => ReadBackend::Postgres {
-            url: settings.database_url.clone().expect("database url"),
-            schema_prefix: settings.schema_prefix.clone(),
+            url: settings.store.database_url.clone().expect("database url"),
+            schema_prefix: settings.store.schema_prefix.clone(),
         },
     }
 }
@@ -45,13 +45,13 @@ async fn fresh_replay(
     let dir = tempfile::tempdir().expect("temp dir");
     let mut fresh = settings.clone();
     let unique = uuid::Uuid::new_v4().simple().to_string();
-    fresh.data_dir = dir.path().to_owned();
-    fresh.schema_prefix = format!("r{}_", &unique[..12]);
+    fresh.store.data_dir = dir.path().to_owned();
+    fresh.store.schema_prefix = format!("r{}_", &unique[..12]);
     let log = open_log(backend, settings).await;
     let read = ReadSide::open_in_group(
         log,
         &read_backend(backend, &fresh),
-        &settings.topic_prefix,
+        &settings.store.topic_prefix,
         &format!("replay-{unique}"),
     )
     .await
@@ -138,7 +138,7 @@ async fn read_your_writes_holds_right_after_a_command() {
 async fn a_consistency_token_the_read_model_cannot_reach_is_a_503_with_retry_after() {
     let app = TestApp::spawn(Backend::Embedded).await;
     app.receive("SKU-1", 1).await.expect(200);
-    let topic = event_log::topics::events(&app.settings.topic_prefix, "stock");
+    let topic = event_log::topics::events(&app.settings.store.topic_prefix, "stock");
     let partition = partition_for("SKU-1", app.settings.partitions);
     let started = std::time::Instant::now();
     let reply = app
@@ -323,7 +323,7 @@ async fn a_redelivered_batch_changes_nothing() {
 
         // Deliver every record again to the inventory projection, as a redelivery would.
         let log = app.log().await;
-        let topic = event_log::topics::events(&app.settings.topic_prefix, "stock");
+        let topic = event_log::topics::events(&app.settings.store.topic_prefix, "stock");
         let mut records = Vec::new();
         for partition in 0..app.settings.partitions {
             let end = log.end_offset(&topic, partition).await.expect("end");
@@ -413,7 +413,7 @@ async fn a_redelivered_batch_changes_nothing() {
                 .await
                 .expect("sqlite"),
             Backend::Kafka => projections::db::Db::postgres(
-                app.settings.database_url.as_deref().expect("url"),
+                app.settings.store.database_url.as_deref().expect("url"),
                 &format!(
                     "k{}_inventory",
                     &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -543,7 +543,7 @@ async fn a_poison_event_is_parked_its_aggregate_waits_and_the_rest_go_on() {
         let app = TestApp::spawn(backend).await;
         let read = app.read.clone().expect("read side");
         let log = app.log().await;
-        let topic = event_log::topics::events(&app.settings.topic_prefix, "order");
+        let topic = event_log::topics::events(&app.settings.store.topic_prefix, "order");
         // An order that was never placed gets confirmed, then shipped: the orders projection
         // cannot apply either. Written straight to the log, as a buggy producer might.
         let ghost = uuid::Uuid::now_v7().to_string();
@@ -698,7 +698,7 @@ async fn two_workers_in_one_group_split_the_partitions_and_take_over_on_stop() {
         let second = ReadSide::open(
             log,
             &read_backend(backend, &app.settings),
-            &app.settings.topic_prefix,
+            &app.settings.store.topic_prefix,
         )
         .await
         .expect("open");
@@ -832,7 +832,7 @@ async fn after_a_kill_the_read_models_equal_a_fresh_replay_row_for_row() {
         let live = ReadSide::open(
             log,
             &read_backend(backend, &settings),
-            &settings.topic_prefix,
+            &settings.store.topic_prefix,
         )
         .await
         .expect("open the live read models");

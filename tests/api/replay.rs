@@ -26,11 +26,16 @@ const TABLES: &[(&str, &str, &str)] = &[
 fn read_backend(app: &TestApp) -> ReadBackend {
     match app.backend {
         Backend::Embedded => ReadBackend::Sqlite {
-            dir: app.settings.data_dir.clone(),
+            dir: app.settings.store.data_dir.clone(),
         },
         Backend::Kafka => ReadBackend::Postgres {
-            url: app.settings.database_url.clone().expect("database url"),
-            schema_prefix: app.settings.schema_prefix.clone(),
+            url: app
+                .settings
+                .store
+                .database_url
+                .clone()
+                .expect("database url"),
+            schema_prefix: app.settings.store.schema_prefix.clone(),
         },
     }
 }
@@ -175,7 +180,7 @@ async fn run(app: &TestApp, projection: &str, options: &ReplayOptions) -> Replay
     let report = replay::replay(
         &read.log(),
         &read_backend(app),
-        &app.settings.topic_prefix,
+        &app.settings.store.topic_prefix,
         read.db(projection).expect("live db"),
         read.projection(projection).expect("projection"),
         options,
@@ -261,7 +266,7 @@ async fn an_interrupted_replay_resumes_when_run_again_and_swaps_in_a_whole_read_
         let interrupted = replay::replay(
             &read.log(),
             &read_backend(&app),
-            &app.settings.topic_prefix,
+            &app.settings.store.topic_prefix,
             read.db("audit").expect("live db"),
             Arc::new(BreaksOff {
                 inner: read.projection("audit").expect("projection"),
@@ -356,13 +361,13 @@ async fn diff_reports_a_deliberately_corrupted_row_and_exits_non_zero() {
         command
             .args(["replay", "--diff", "--projection", "inventory"])
             .arg("--data-dir")
-            .arg(&app.settings.data_dir)
-            .args(["--topic-prefix", &app.settings.topic_prefix])
-            .args(["--schema-prefix", &app.settings.schema_prefix]);
-        if let Some(kafka) = &app.settings.kafka {
+            .arg(&app.settings.store.data_dir)
+            .args(["--topic-prefix", &app.settings.store.topic_prefix])
+            .args(["--schema-prefix", &app.settings.store.schema_prefix]);
+        if let Some(kafka) = &app.settings.store.kafka {
             command.args(["--kafka", kafka]);
         }
-        if let Some(url) = &app.settings.database_url {
+        if let Some(url) = &app.settings.store.database_url {
             command.args(["--database-url", url]);
         }
         let output = tokio::task::spawn_blocking(move || command.output())
@@ -444,7 +449,7 @@ async fn a_dry_run_counts_per_event_type_what_a_filtered_replay_would_apply_and_
         let refused = replay::replay(
             &read.log(),
             &read_backend(&app),
-            &app.settings.topic_prefix,
+            &app.settings.store.topic_prefix,
             read.db("audit").expect("db"),
             read.projection("audit").expect("projection"),
             &ReplayOptions {

@@ -347,17 +347,17 @@ async fn sagas_cli(app: &TestApp, args: &[&str]) -> (bool, String) {
         .arg("sagas")
         .args(args)
         .arg("--data-dir")
-        .arg(&settings.data_dir)
+        .arg(&settings.store.data_dir)
         .arg("--topic-prefix")
-        .arg(&settings.topic_prefix)
+        .arg(&settings.store.topic_prefix)
         .arg("--schema-prefix")
-        .arg(&settings.schema_prefix)
+        .arg(&settings.store.schema_prefix)
         .arg("--saga-compensation-timeout-ms")
         .arg(settings.saga.compensation_timeout_ms.to_string())
         .env("RUST_LOG", "error")
         .env_remove("DATABASE_URL")
         .env_remove("PLATFORM_KAFKA");
-    if let (Some(kafka), Some(url)) = (&settings.kafka, &settings.database_url) {
+    if let (Some(kafka), Some(url)) = (&settings.store.kafka, &settings.store.database_url) {
         command
             .arg("--kafka")
             .arg(kafka)

@@ -60,7 +60,7 @@ async fn two_owners_of_one_partition_never_acknowledge_a_write_readers_skip() {
 
         // Readers decide by the shared rule; every acknowledged write must be effective there.
         let log = a.log().await;
-        let topic = event_log::topics::events(&settings.topic_prefix, "stock");
+        let topic = event_log::topics::events(&settings.store.topic_prefix, "stock");
         let partition = event_log::partition_for("SKU-CONTESTED", settings.partitions);
         let mut history = EffectiveHistory::new();
         let mut effective = HashMap::new();
@@ -265,7 +265,7 @@ async fn an_owner_reads_another_writers_record_without_a_tail() {
 /// returns its partition.
 async fn foreign_append(app: &TestApp, sku: &str, epoch: Option<u64>) -> u32 {
     let log = app.log().await;
-    let topic = event_log::topics::events(&app.settings.topic_prefix, "stock");
+    let topic = event_log::topics::events(&app.settings.store.topic_prefix, "stock");
     let partition = event_log::partition_for(sku, app.settings.partitions);
     let last = read_partition(&log, &topic, partition)
         .await

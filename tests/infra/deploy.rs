@@ -260,11 +260,11 @@ fn docker_compose_runs_every_part_on_kafka_in_kraft_mode_and_postgres() {
             "{context}: listens on all interfaces"
         );
         assert!(
-            settings.kafka.is_some() && settings.database_url.is_some(),
+            settings.store.kafka.is_some() && settings.store.database_url.is_some(),
             "{context}"
         );
         assert!(
-            settings.security.auth_enabled(settings.distributed()),
+            settings.security.auth_enabled(settings.store.distributed()),
             "{context}: auth on"
         );
         let depends = service["depends_on"].as_mapping().expect("depends_on");
@@ -507,7 +507,7 @@ fn kubernetes_manifests_run_every_part_with_probes_and_real_settings() {
         }
         let settings = parse_env(&context, &env);
         assert!(
-            settings.security.auth_enabled(settings.distributed()),
+            settings.security.auth_enabled(settings.store.distributed()),
             "{context}: auth on"
         );
         let replicas = workload["spec"]["replicas"].as_u64().expect("replicas") as u32;
