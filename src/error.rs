@@ -48,6 +48,13 @@ pub enum Error {
     #[error(transparent)]
     Replay(#[from] projections::replay::ReplayError),
     #[error(transparent)]
+    Status(#[from] projections::read_side::StatusError),
+    #[error(transparent)]
+    Parked(#[from] projections::parked::ResolveError),
+    /// A report could not be written as JSON.
+    #[error("writing JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
     Audit(#[from] projections::audit::AuditError),
     #[error(transparent)]
     Gateway(#[from] gateway::Error),

@@ -210,10 +210,16 @@ async fn main() -> anyhow::Result<()> {
         // The batch processor's thread exports what is left; not on a runtime worker.
         let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
     }
-    result
+    // Each error's text already ends with its causes'; printing the chain again would repeat
+    // them.
+    if let Err(error) = result {
+        eprintln!("Error: {error}");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+async fn run(command: Command) -> Result<(), platform::Error> {
     match command {
         Command::Serve {
             part: Part::Gateway,

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use chrono::{DateTime, SecondsFormat, Utc};
 use comfy_table::{CellAlignment, Table};
 use event_log::Position;
@@ -18,6 +17,7 @@ use saga_orchestrator::side::SagaSide;
 use saga_orchestrator::{Input, Saga, SagaState, StepOutcome};
 
 use crate::backend::Backend;
+use crate::error::{Error, Result};
 
 /// The actor of what an operator does with this CLI (the saga's commands after a retry are
 /// sent on its behalf).
@@ -128,7 +128,7 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
         .map_err(|error| format!("{raw:?} is not a duration such as 90s, 5m or 2h 30m: {error}"))
 }
 
-async fn open_saga(store: &StoreSettings, saga: &SagaSettings) -> anyhow::Result<SagaSide> {
+async fn open_saga(store: &StoreSettings, saga: &SagaSettings) -> Result<SagaSide> {
     let backend = Backend::open_for_tool(store).await?;
     SagaSide::open(
         backend.log,
@@ -137,8 +137,7 @@ async fn open_saga(store: &StoreSettings, saga: &SagaSettings) -> anyhow::Result
         saga.config(),
     )
     .await
-    .map_err(anyhow::Error::msg)
-    .context("opening the saga orchestrator's database")
+    .map_err(Error::db("opening the saga orchestrator's database"))
 }
 
 fn time(time: Option<DateTime<Utc>>) -> String {
@@ -147,10 +146,10 @@ fn time(time: Option<DateTime<Utc>>) -> String {
 }
 
 /// The saga's id from an order id or a correlation id.
-async fn find_saga(side: &SagaSide, id: &str) -> anyhow::Result<Option<(Saga, i64)>> {
+async fn find_saga(side: &SagaSide, id: &str) -> Result<Option<(Saga, i64)>> {
     if let Some(found) = driver::show(side.db(), id)
         .await
-        .map_err(anyhow::Error::msg)?
+        .map_err(Error::db("reading the saga"))?
     {
         return Ok(Some(found));
     }
@@ -161,12 +160,12 @@ async fn find_saga(side: &SagaSide, id: &str) -> anyhow::Result<Option<(Saga, i6
             &[id.into()],
         )
         .await
-        .map_err(anyhow::Error::msg)?;
+        .map_err(Error::db("finding the saga by correlation id"))?;
     match row {
         None => Ok(None),
         Some(row) => driver::show(side.db(), &row.text("order_id"))
             .await
-            .map_err(anyhow::Error::msg),
+            .map_err(Error::db("reading the saga")),
     }
 }
 
@@ -218,7 +217,7 @@ pub async fn sagas(
     command: SagasCommand,
     store: &StoreSettings,
     saga: &SagaSettings,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let side = open_saga(store, saga).await?;
     match command {
         SagasCommand::List {
@@ -234,7 +233,7 @@ pub async fn sagas(
                 limit.clamp(1, 10_000),
             )
             .await
-            .map_err(anyhow::Error::msg)?;
+            .map_err(Error::db("listing the sagas"))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&sagas)?);
                 return Ok(());
@@ -258,7 +257,9 @@ pub async fn sagas(
         }
         SagasCommand::Show { id, json } => {
             let Some((saga, revision)) = find_saga(&side, &id).await? else {
-                anyhow::bail!("no saga for {id:?} (neither an order id nor a correlation id)");
+                return Err(Error::Refused(format!(
+                    "no saga for {id:?} (neither an order id nor a correlation id)"
+                )));
             };
             if json {
                 println!(
@@ -274,14 +275,14 @@ pub async fn sagas(
         }
         SagasCommand::Retry { id, json } => {
             let Some((before, _)) = find_saga(&side, &id).await? else {
-                anyhow::bail!("no saga for {id:?}");
+                return Err(Error::Refused(format!("no saga for {id:?}")));
             };
             let order_id = before.order_id.to_string();
             if before.state != SagaState::NeedsAttention {
-                anyhow::bail!(
+                return Err(Error::Refused(format!(
                     "saga {order_id} is {}, not needs_attention: nothing to retry",
                     before.state
-                );
+                )));
             }
             let Some(after) = driver::poke(
                 side.db(),
@@ -292,13 +293,15 @@ pub async fn sagas(
                 side.wakes(),
             )
             .await
-            .map_err(anyhow::Error::msg)?
+            .map_err(Error::db("retrying the saga"))?
             else {
-                anyhow::bail!("saga {order_id} changed while retrying; look again and retry");
+                return Err(Error::Refused(format!(
+                    "saga {order_id} changed while retrying; look again and retry"
+                )));
             };
             let (_, revision) = driver::show(side.db(), &order_id)
                 .await
-                .map_err(anyhow::Error::msg)?
+                .map_err(Error::db("reading the saga"))?
                 .unwrap_or((after.clone(), 0));
             if json {
                 println!(
@@ -319,18 +322,17 @@ pub async fn sagas(
     }
 }
 
-async fn open(store: &StoreSettings) -> anyhow::Result<ReadSide> {
+async fn open(store: &StoreSettings) -> Result<ReadSide> {
     let backend = Backend::open_for_tool(store).await?;
     ReadSide::open(backend.log, &store.read_backend(), &store.topic_prefix)
         .await
-        .map_err(anyhow::Error::msg)
-        .context("opening the read models")
+        .map_err(Error::db("opening the read models"))
 }
 
-pub async fn projections(command: ProjectionsCommand, store: &StoreSettings) -> anyhow::Result<()> {
+pub async fn projections(command: ProjectionsCommand, store: &StoreSettings) -> Result<()> {
     let ProjectionsCommand::Status { json } = command;
     let read = open(store).await?;
-    let statuses = read.status().await.map_err(anyhow::Error::msg)?;
+    let statuses = read.status().await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&statuses)?);
         return Ok(());
@@ -374,7 +376,7 @@ pub async fn projections(command: ProjectionsCommand, store: &StoreSettings) -> 
     Ok(())
 }
 
-pub async fn parked(command: ParkedCommand, store: &StoreSettings) -> anyhow::Result<()> {
+pub async fn parked(command: ParkedCommand, store: &StoreSettings) -> Result<()> {
     let read = open(store).await?;
     match command {
         ParkedCommand::List {
@@ -387,11 +389,11 @@ pub async fn parked(command: ParkedCommand, store: &StoreSettings) -> anyhow::Re
                 if projection.as_deref().is_some_and(|wanted| wanted != name) {
                     continue;
                 }
-                let db = read.db(name).context("no such projection")?;
+                let Some(db) = read.db(name) else { continue };
                 events.extend(
                     parked::list(db, name, all)
                         .await
-                        .map_err(anyhow::Error::msg)?,
+                        .map_err(Error::db(format!("listing the events {name} parked")))?,
                 );
             }
             if json {
@@ -446,17 +448,15 @@ async fn resolve(
     projection: &str,
     position: &str,
     resolution: Resolution,
-) -> anyhow::Result<()> {
-    let position: Position = position.parse().map_err(anyhow::Error::msg)?;
-    let db = read.db(projection).with_context(|| {
-        format!("no projection {projection:?} (orders, inventory, payments, audit)")
-    })?;
-    let model = read
-        .projection(projection)
-        .with_context(|| format!("no projection {projection:?}"))?;
-    let resolved = parked::resolve(db, model.as_ref(), &position, resolution)
-        .await
-        .map_err(anyhow::Error::msg)?;
+) -> Result<()> {
+    let position: Position = position.parse().map_err(Error::Refused)?;
+    let (Some(db), Some(model)) = (read.db(projection), read.projection(projection)) else {
+        return Err(Error::Refused(format!(
+            "no projection {projection:?} ({})",
+            read.projection_names().join(", ")
+        )));
+    };
+    let resolved = parked::resolve(db, model.as_ref(), &position, resolution).await?;
     if let Some(offset) = resolved.skipped {
         println!("skipped the event at offset {offset}");
     }
@@ -465,7 +465,7 @@ async fn resolve(
     }
     if let Some((offset, error)) = &resolved.still_parked {
         println!("the event at offset {offset} is still parked: {error}");
-        anyhow::bail!("an event is still parked");
+        return Err(Error::Refused("an event is still parked".into()));
     }
     Ok(())
 }
@@ -486,7 +486,7 @@ pub struct RecoverArgs {
 /// log itself is the one to trust (a recreated topic, a broker restored from an older backup).
 /// Projections with a position ahead of the log stop that partition and are rebuilt with
 /// `platform replay --projection <name> --restart`.
-pub async fn recover(args: RecoverArgs, store: &StoreSettings) -> anyhow::Result<()> {
+pub async fn recover(args: RecoverArgs, store: &StoreSettings) -> Result<()> {
     use command_services::services::command_consumer;
     use event_log::topics;
 
@@ -506,10 +506,13 @@ pub async fn recover(args: RecoverArgs, store: &StoreSettings) -> anyhow::Result
             let partitions = match log.partition_count(&topic).await {
                 Ok(count) => count,
                 Err(event_log::LogError::UnknownTopic(_)) => continue,
-                Err(error) => return Err(error).with_context(|| format!("reading {topic}")),
+                Err(error) => return Err(Error::log(format!("reading {topic}"))(error)),
             };
             for partition in 0..partitions {
-                let end = log.end_offset(&topic, partition).await?;
+                let end = log
+                    .end_offset(&topic, partition)
+                    .await
+                    .map_err(Error::log(format!("reading the end of {topic}")))?;
                 let stored = if is_events {
                     command_store
                         .load_snapshot(&topic, partition)

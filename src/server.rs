@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use utoipa::OpenApi;
 
-use projections::read_side::ProjectionStatus;
+use projections::read_side::{ProjectionStatus, StatusError};
 use projections::{ReadBackend, ReadSide};
 use saga_orchestrator::side::SagaSide;
 
@@ -72,7 +72,7 @@ struct AppState {
     max_lag_seconds: f64,
     /// The projections' lag, which `/health/ready` and `/metrics` show: measuring it asks the
     /// log where every partition ends and reads the oldest unapplied records.
-    projection_status: Arc<Cached<Result<Vec<ProjectionStatus>, String>>>,
+    projection_status: Arc<Cached<Result<Vec<ProjectionStatus>, StatusError>>>,
     /// The sagas by state, which `/metrics` shows: a count over the whole saga table.
     saga_counts: Arc<Cached<Vec<(String, i64)>>>,
     /// The parts' long-running tasks; one that died makes this process not ready.

@@ -6,13 +6,13 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use projections::ReadSide;
 use projections::audit::{self, AsOf, Trace, TraceStep};
 use projections::replay::{self, Filter, Progress, ReplayOptions, ReplayReport};
 
 use crate::backend::Backend;
+use crate::error::{Error, Result};
 use crate::ops::table;
 use crate::settings::StoreSettings;
 
@@ -116,12 +116,11 @@ pub enum AuditCommand {
     },
 }
 
-async fn open(store: &StoreSettings) -> anyhow::Result<ReadSide> {
+async fn open(store: &StoreSettings) -> Result<ReadSide> {
     let backend = Backend::open_for_tool(store).await?;
     ReadSide::open(backend.log, &store.read_backend(), &store.topic_prefix)
         .await
-        .map_err(anyhow::Error::msg)
-        .context("opening the read models")
+        .map_err(Error::db("opening the read models"))
 }
 
 /// Shows progress: a bar with events/s and ETA on a terminal, a line every few seconds
@@ -258,12 +257,15 @@ fn print_summary(report: &ReplayReport, options: &ReplayOptions) {
 }
 
 /// `platform replay`
-pub async fn replay(args: ReplayArgs, store: &StoreSettings) -> anyhow::Result<()> {
+pub async fn replay(args: ReplayArgs, store: &StoreSettings) -> Result<()> {
     let read = open(store).await?;
     let all = read.projection_names();
     for name in &args.projections {
         if !all.contains(&name.as_str()) {
-            anyhow::bail!("no projection {name:?} (one of {})", all.join(", "));
+            return Err(Error::Refused(format!(
+                "no projection {name:?} (one of {})",
+                all.join(", ")
+            )));
         }
     }
     let options = ReplayOptions {
@@ -284,8 +286,9 @@ pub async fn replay(args: ReplayArgs, store: &StoreSettings) -> anyhow::Result<(
         if !args.projections.is_empty() && !args.projections.iter().any(|wanted| wanted == name) {
             continue;
         }
-        let projection = read.projection(name).context("no such projection")?;
-        let live = read.db(name).context("no such projection")?;
+        let (Some(projection), Some(live)) = (read.projection(name), read.db(name)) else {
+            continue;
+        };
         let mut reporter = Reporter::new(name);
         let report = replay::replay(
             &read.log(),
@@ -296,9 +299,7 @@ pub async fn replay(args: ReplayArgs, store: &StoreSettings) -> anyhow::Result<(
             &options,
             &mut |progress| reporter.update(progress),
         )
-        .await
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("replaying {name}"))?;
+        .await?;
         reporter.finish();
         if !args.json {
             print_summary(&report, &options);
@@ -310,7 +311,9 @@ pub async fn replay(args: ReplayArgs, store: &StoreSettings) -> anyhow::Result<(
     }
     let differing: usize = reports.iter().map(|report| report.differences.len()).sum();
     if differing > 0 {
-        anyhow::bail!("{differing} rows of the rebuild differ from the live read models");
+        return Err(Error::Refused(format!(
+            "{differing} rows of the rebuild differ from the live read models"
+        )));
     }
     Ok(())
 }
@@ -384,10 +387,11 @@ fn print_trace(trace: &Trace) {
 }
 
 /// `platform audit`
-pub async fn audit(command: AuditCommand, store: &StoreSettings) -> anyhow::Result<()> {
+pub async fn audit(command: AuditCommand, store: &StoreSettings) -> Result<()> {
     let read = open(store).await?;
-    let db = read.db("audit").context("no audit read model")?;
-    let fail = |error: audit::AuditError| anyhow::anyhow!("{error}");
+    let Some(db) = read.db("audit") else {
+        return Err(Error::Refused("no audit read model".into()));
+    };
     match command {
         AuditCommand::Order { id, json } => timeline(db, "order", &id, json).await,
         AuditCommand::Payment { id, json } => timeline(db, "payment", &id, json).await,
@@ -396,7 +400,7 @@ pub async fn audit(command: AuditCommand, store: &StoreSettings) -> anyhow::Resu
             correlation_id,
             json,
         } => {
-            let trace = audit::trace(db, &correlation_id).await.map_err(fail)?;
+            let trace = audit::trace(db, &correlation_id).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&trace)?);
             } else {
@@ -412,11 +416,9 @@ pub async fn audit(command: AuditCommand, store: &StoreSettings) -> anyhow::Resu
         } => {
             let as_of = match as_of {
                 None => AsOf::Latest,
-                Some(raw) => raw.parse().map_err(anyhow::Error::msg)?,
+                Some(raw) => raw.parse().map_err(Error::Refused)?,
             };
-            let state = audit::state_as_of(db, kind.name(), &id, as_of)
-                .await
-                .map_err(fail)?;
+            let state = audit::state_as_of(db, kind.name(), &id, as_of).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&state)?);
             } else {
@@ -443,10 +445,8 @@ async fn timeline(
     aggregate_type: &str,
     id: &str,
     json: bool,
-) -> anyhow::Result<()> {
-    let timeline = audit::timeline(db, aggregate_type, id)
-        .await
-        .map_err(|error| anyhow::anyhow!("{error}"))?;
+) -> Result<()> {
+    let timeline = audit::timeline(db, aggregate_type, id).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&timeline)?);
         return Ok(());

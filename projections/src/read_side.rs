@@ -39,6 +39,16 @@ struct Running {
 }
 
 /// The read models of this process; cheap to clone.
+/// Why the projections' status could not be measured; the database's or the log's error is
+/// the source.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StatusError {
+    #[error("read models: {0}")]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Log(#[from] event_log::LogError),
+}
+
 #[derive(Clone)]
 pub struct ReadSide {
     log: SharedLog,
@@ -196,7 +206,7 @@ impl ReadSide {
     }
 
     /// Waits until every projection has applied everything the log held when called.
-    pub async fn wait_caught_up(&self, limit: Duration) -> Result<bool, String> {
+    pub async fn wait_caught_up(&self, limit: Duration) -> Result<bool, StatusError> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let statuses = self.status().await?;
@@ -302,14 +312,13 @@ impl ReadSide {
 
     /// Lag of every projection on every partition it reads, with what keeps one from going on
     /// (see the module documentation).
-    pub async fn status(&self) -> Result<Vec<ProjectionStatus>, String> {
+    pub async fn status(&self) -> Result<Vec<ProjectionStatus>, StatusError> {
         let mut statuses = Vec::new();
         let mut beyond: BTreeMap<(&str, String, u32), BeyondLogEnd> = BTreeMap::new();
         for running in self.running.iter() {
             let name = running.projection.name();
             let stored: BTreeMap<(String, u32), u64> = stored_positions(&running.db, name)
-                .await
-                .map_err(|error| error.to_string())?
+                .await?
                 .into_iter()
                 .map(|progress| ((progress.topic, progress.partition), progress.next_offset))
                 .collect();
@@ -318,15 +327,11 @@ impl ReadSide {
                 let count = match self.log.partition_count(topic).await {
                     Ok(count) => count,
                     Err(event_log::LogError::UnknownTopic(_)) => continue,
-                    Err(error) => return Err(error.to_string()),
+                    Err(error) => return Err(error.into()),
                 };
                 let mut lagging = Vec::new();
                 for partition in 0..count {
-                    let end = self
-                        .log
-                        .end_offset(topic, partition)
-                        .await
-                        .map_err(|error| error.to_string())?;
+                    let end = self.log.end_offset(topic, partition).await?;
                     let applied = stored
                         .get(&(topic.clone(), partition))
                         .copied()
@@ -376,8 +381,7 @@ impl ReadSide {
                     "SELECT COUNT(*) AS parked FROM parked_events WHERE projection = $1 AND status = 'parked'",
                     &[name.into()],
                 )
-                .await
-                .map_err(|error| error.to_string())?
+                .await?
                 .map(|row| row.int("parked") as u64)
                 .unwrap_or(0);
             statuses.push(ProjectionStatus {
