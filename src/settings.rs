@@ -14,7 +14,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, FromArgMatches};
 use projections::ReadBackend;
 
 pub use gateway::GatewaySettings;
@@ -300,13 +299,7 @@ impl Settings {
     /// environment is read), on the embedded backend in `data_dir`, on a free port, with
     /// authentication off (tests/infra turns it on where it is the subject).
     pub fn embedded(data_dir: impl Into<PathBuf>) -> Self {
-        let command = Settings::augment_args(clap::Command::new("platform").no_binary_name(true))
-            .mut_args(|arg| arg.env(None::<&str>));
-        let matches = command
-            .try_get_matches_from(std::iter::empty::<String>())
-            .expect("every setting has a default");
-        let mut settings =
-            Settings::from_arg_matches(&matches).expect("the defaults are valid settings");
+        let mut settings: Settings = http_edge::flag_defaults();
         settings.store.data_dir = data_dir.into();
         settings.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         settings.security.auth = Some(Toggle::Off);

@@ -151,18 +151,7 @@ pub struct GatewaySettings {
 
 impl Default for GatewaySettings {
     fn default() -> Self {
-        GatewaySettings {
-            gateway_order: Vec::new(),
-            gateway_inventory: Vec::new(),
-            gateway_query: Vec::new(),
-            gateway_saga: Vec::new(),
-            gateway_command_timeout_ms: 10_000,
-            gateway_read_timeout_ms: 8_000,
-            gateway_retries: 2,
-            gateway_health_interval_ms: 2_000,
-            gateway_breaker_failures: 5,
-            gateway_breaker_open_ms: 10_000,
-        }
+        http_edge::flag_defaults()
     }
 }
 

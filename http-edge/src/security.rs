@@ -163,13 +163,7 @@ impl SecuritySettings {
 
 impl Default for SecuritySettings {
     fn default() -> Self {
-        SecuritySettings {
-            auth: None,
-            api_keys: None,
-            jwt_secret: None,
-            rate_limit: 100.0,
-            rate_burst: 200,
-        }
+        crate::flag_defaults()
     }
 }
 

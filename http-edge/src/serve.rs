@@ -43,11 +43,7 @@ pub struct HttpSettings {
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        HttpSettings {
-            http_header_timeout_ms: 10_000,
-            http_request_timeout_ms: 30_000,
-            http_max_connections: 1024,
-        }
+        crate::flag_defaults()
     }
 }
 
