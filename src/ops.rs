@@ -14,7 +14,7 @@ use projections::parked::{self, Resolution};
 
 use saga_orchestrator::driver;
 use saga_orchestrator::side::SagaSide;
-use saga_orchestrator::{Input, Saga, SagaState, StepOutcome};
+use saga_orchestrator::{Input, Saga, SagaState};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -194,20 +194,13 @@ fn print_saga(saga: &Saga, revision: i64) {
         &[1],
     );
     for step in &saga.history {
-        let outcome = match &step.outcome {
-            Some(StepOutcome::Answered { event_type, .. }) => event_type.clone(),
-            Some(StepOutcome::TimedOut) => "timed out".into(),
-            Some(StepOutcome::Abandoned) => "abandoned".into(),
-            None if step.parked_at.is_some() => "parked".into(),
-            None => "waiting".into(),
-        };
         steps.add_row([
             step.step.to_string(),
             step.attempt.to_string(),
             time(Some(step.started_at)),
             time(step.finished_at),
             time(step.deadline),
-            outcome,
+            step.outcome_text(),
         ]);
     }
     println!("{}", steps.trim_fmt());

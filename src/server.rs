@@ -409,6 +409,12 @@ fn app(state: AppState) -> Router {
     if let Some(saga) = &state.saga {
         router = router.merge(saga_orchestrator::http::router().with_state(saga.clone()));
     }
+    if state.read.is_some() || state.saga.is_some() {
+        router = router.merge(console::router(console::Console::new(
+            state.read.clone(),
+            state.saga.clone(),
+        )));
+    }
     // Probes and scrapers carry no credentials: open, cheap (cached statuses) and bounded by
     // the server's connection cap.
     let open = Router::new()

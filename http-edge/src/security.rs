@@ -34,6 +34,10 @@ use sha2::{Digest, Sha256};
 use crate::error::ApiError;
 use crate::headers::Actor;
 
+/// The cookie a browser presents its credentials to the console in (`HttpOnly`,
+/// `SameSite=Strict`, path `/console`): the API key or token given at the console's sign-in.
+pub const CONSOLE_COOKIE: &str = "platform_console";
+
 /// Longest request target accepted (path and query).
 pub const MAX_URI_BYTES: usize = 4096;
 /// Largest total size of the request headers accepted.
@@ -49,16 +53,28 @@ pub enum RouteClass {
     Read,
     Operator,
     Audit,
+    /// The operator console's pages and actions: operators.
+    Console,
+    /// The console's audit pages: operators and auditors.
+    ConsoleAudit,
 }
 
 impl RouteClass {
-    pub const ALL: [RouteClass; 5] = [
+    pub const ALL: [RouteClass; 7] = [
         RouteClass::Open,
         RouteClass::Command,
         RouteClass::Read,
         RouteClass::Operator,
         RouteClass::Audit,
+        RouteClass::Console,
+        RouteClass::ConsoleAudit,
     ];
+
+    /// The console's classes, whose callers may present their credentials in the console's
+    /// cookie ([`CONSOLE_COOKIE`]) as well as in headers.
+    pub fn is_console(self) -> bool {
+        matches!(self, RouteClass::Console | RouteClass::ConsoleAudit)
+    }
 
     fn describe(self) -> &'static str {
         match self {
@@ -67,6 +83,8 @@ impl RouteClass {
             RouteClass::Read => "read",
             RouteClass::Operator => "operator",
             RouteClass::Audit => "audit",
+            RouteClass::Console => "console",
+            RouteClass::ConsoleAudit => "console audit",
         }
     }
 }
@@ -101,6 +119,9 @@ impl Role {
                 | (Role::Client, RouteClass::Command)
                 | (Role::Operator, RouteClass::Operator)
                 | (Role::Auditor, RouteClass::Audit)
+                | (Role::Operator, RouteClass::Console)
+                | (Role::Operator, RouteClass::ConsoleAudit)
+                | (Role::Auditor, RouteClass::ConsoleAudit)
         )
     }
 }
@@ -329,6 +350,19 @@ impl Security {
         }
     }
 
+    /// The console's cookie in `headers`, if any.
+    pub fn console_cookie(headers: &HeaderMap) -> Option<&str> {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(name, _)| *name == CONSOLE_COOKIE)
+            .map(|(_, value)| value.trim())
+            .filter(|value| !value.is_empty())
+    }
+
     /// Who the request's credentials name.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
         let token = Self::credential(headers)?.ok_or_else(|| {
@@ -336,6 +370,11 @@ impl Security {
                 "credentials required: Authorization: Bearer <API key or token>".into(),
             )
         })?;
+        self.verify(token)
+    }
+
+    /// Who `token` (an API key or a JWT) names.
+    pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
         if let Some(principal) = self.keys.get(&digest(token)) {
             return Ok(principal.clone());
         }
@@ -407,7 +446,14 @@ impl Security {
         if !self.enabled || class == RouteClass::Open {
             return Ok(None);
         }
-        let principal = self.authenticate(headers)?;
+        let principal = match Self::console_cookie(headers) {
+            // A browser's console session; never for the API's routes, which a cookie would
+            // open to cross-site requests.
+            Some(token) if class.is_console() && Self::credential(headers)?.is_none() => {
+                self.verify(token)?
+            }
+            _ => self.authenticate(headers)?,
+        };
         if !principal.roles.iter().any(|role| role.may(class)) {
             return Err(ApiError::Forbidden(format!(
                 "{} routes need another role than {:?}",

@@ -440,6 +440,11 @@ impl Step {
         )
     }
 
+    /// Undoes an earlier step: a release, void, refund or the rejection ending a compensation.
+    pub fn is_compensation(&self) -> bool {
+        !self.is_forward()
+    }
+
     fn first_wait(&self, config: &SagaConfig) -> Duration {
         match self {
             Step::Reserve(_) => config.reservation_timeout,
@@ -718,6 +723,18 @@ pub struct StepRecord {
 impl StepRecord {
     pub fn is_open(&self) -> bool {
         self.finished_at.is_none()
+    }
+
+    /// How the step ended, in a word or the answering event's type: `stock.reserved`,
+    /// `timed out`, `abandoned`, `parked` (waiting for an operator) or `waiting`.
+    pub fn outcome_text(&self) -> String {
+        match &self.outcome {
+            Some(StepOutcome::Answered { event_type, .. }) => event_type.clone(),
+            Some(StepOutcome::TimedOut) => "timed out".into(),
+            Some(StepOutcome::Abandoned) => "abandoned".into(),
+            None if self.parked_at.is_some() => "parked".into(),
+            None => "waiting".into(),
+        }
     }
 }
 

@@ -11,6 +11,7 @@ mod command_topics;
 mod commands;
 mod concurrency;
 mod concurrent_starts;
+mod console;
 mod durability;
 mod durable_topics;
 mod graceful_stop;

@@ -526,7 +526,7 @@ async fn a_redelivered_batch_changes_nothing() {
     }
 }
 
-fn crafted(order_id: &str, version: u64, event: &OrderEvent) -> Record {
+pub(crate) fn crafted(order_id: &str, version: u64, event: &OrderEvent) -> Record {
     let envelope = Envelope::new::<OrderAggregate>(
         order_id,
         version,

@@ -1,0 +1,861 @@
+//! The operator console, served at `/console` by the process that runs the parts it shows:
+//! server-rendered pages (askama templates in `templates/`, compiled into the binary) with htmx
+//! (vendored in `static/`, served by the platform) for the overview's live refresh. No build
+//! step, no CDN.
+//!
+//! - `/console`: sagas by state, those needing attention or stuck, projection lag and parked
+//!   events, refreshed every 2 s;
+//! - `/console/sagas`, `/console/sagas/{order_id}`: sagas by state and age; one saga's steps,
+//!   compensations marked, and a retry of a parked step (the operation of
+//!   `POST /sagas/{order_id}/retry`);
+//! - `/console/projections`: lag per projection and partition, parked events with retry and
+//!   skip (the operations of `platform parked`);
+//! - `/console/audit`: search by order id, SKU, payment or correlation id; an aggregate's
+//!   timeline and its state as of a version; a correlation's flow as a causation tree.
+//!
+//! Access follows the platform's roles: operators may use every page (class
+//! [`RouteClass::Console`]), auditors the audit pages ([`RouteClass::ConsoleAudit`]), clients
+//! none. With authentication on, a browser signs in at `/console/login` with an API key or
+//! token, kept in an `HttpOnly`, `SameSite=Strict` cookie that only the console's routes accept.
+//! Every action is a POST carrying a token that must equal the one in the console's own
+//! `SameSite=Strict` cookie (double submit), so another site cannot make a browser act; every
+//! page is `Cache-Control: no-store`.
+
+use std::time::Duration;
+
+use askama::Template;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Form, Router};
+use chrono::{DateTime, SecondsFormat, Utc};
+use http_edge::headers::Actor;
+use http_edge::security::{CONSOLE_COOKIE, RouteClass, Security, routes};
+use projections::ReadSide;
+use projections::audit::{self, AsOf, AuditError, Timeline, Trace};
+use projections::parked::{self, ParkedEvent, Resolution};
+use projections::read_side::PartitionLag;
+use saga_orchestrator::driver::{self, SagaSummary};
+use saga_orchestrator::side::SagaSide;
+use saga_orchestrator::{Input, SagaState};
+use serde::Deserialize;
+
+/// The cookie holding the console's anti-forgery token.
+const CSRF_COOKIE: &str = "console_csrf";
+
+/// How long unchanged an unfinished saga must be for the overview to call it stuck.
+const STUCK_MINUTES: u64 = 5;
+
+/// What the console shows: the parts this process runs.
+#[derive(Debug, Clone)]
+pub struct Console {
+    read: Option<ReadSide>,
+    saga: Option<SagaSide>,
+}
+
+impl Console {
+    pub fn new(read: Option<ReadSide>, saga: Option<SagaSide>) -> Console {
+        Console { read, saga }
+    }
+}
+
+/// The console's routes, each declaring its class, and its static files (open).
+pub fn router<S: Clone + Send + Sync + 'static>(console: Console) -> Router<S> {
+    let operator = Router::new()
+        .route("/console", get(overview))
+        .route("/console/overview", get(overview_fragment))
+        .route("/console/sagas", get(sagas))
+        .route("/console/sagas/{order_id}", get(saga))
+        .route("/console/sagas/{order_id}/retry", post(retry_saga))
+        .route("/console/projections", get(projections_page))
+        .route("/console/parked", post(resolve_parked));
+    let audit = Router::new()
+        .route("/console/audit", get(audit_search))
+        .route("/console/audit/{aggregate_type}/{id}", get(aggregate));
+    let open = Router::new()
+        .route("/console/login", get(login_page).post(login))
+        .route("/console/logout", post(logout))
+        .route("/console/static/htmx.min.js", get(htmx))
+        .route("/console/static/console.css", get(css));
+    let pages = routes(operator, RouteClass::Console)
+        .merge(routes(audit, RouteClass::ConsoleAudit))
+        .layer(axum::middleware::from_fn(pages));
+    pages
+        .merge(routes(open, RouteClass::Open))
+        .with_state(console)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Page plumbing: anti-forgery token, no caching, sign-in for browsers
+
+/// The anti-forgery token of this browser, for the page's forms.
+#[derive(Debug, Clone)]
+struct Csrf(String);
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.trim())
+        .filter(|value| !value.is_empty())
+}
+
+/// Around every console page and action: hands the page this browser's anti-forgery token
+/// (made and set as a cookie when it has none), keeps answers out of every cache, and sends a
+/// browser that is not signed in to the sign-in page.
+async fn pages(mut request: Request, next: Next) -> Response {
+    let existing = cookie(request.headers(), CSRF_COOKIE)
+        .filter(|token| token.len() == 32 && token.chars().all(|c| c.is_ascii_hexdigit()))
+        .map(str::to_owned);
+    let token = existing
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    request.extensions_mut().insert(Csrf(token.clone()));
+    let is_get = request.method() == axum::http::Method::GET;
+    let mut response = next.run(request).await;
+    if response.status() == StatusCode::UNAUTHORIZED && is_get {
+        response = Redirect::to("/console/login").into_response();
+    }
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if existing.is_none()
+        && let Ok(value) = HeaderValue::from_str(&format!(
+            "{CSRF_COOKIE}={token}; Path=/console; HttpOnly; SameSite=Strict"
+        ))
+    {
+        headers.append(header::SET_COOKIE, value);
+    }
+    response
+}
+
+/// An action's form carries the token its page was given; a request from another site has no
+/// cookie to match (`SameSite=Strict`) and says so in `Sec-Fetch-Site` as well.
+fn check_csrf(headers: &HeaderMap, sent: &str) -> Result<(), Failure> {
+    let cross_site = headers
+        .get("sec-fetch-site")
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|site| site == "cross-site");
+    match cookie(headers, CSRF_COOKIE) {
+        Some(expected) if !cross_site && !sent.is_empty() && expected == sent => Ok(()),
+        _ => Err(Failure::Forbidden(
+            "the form's anti-forgery token does not match this browser's: reload the page and try again"
+                .into(),
+        )),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage {
+    error: Option<String>,
+}
+
+async fn login_page() -> Result<Response, Failure> {
+    page(StatusCode::OK, &LoginPage { error: None })
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+/// Checks the key or token as the API would and keeps it in the console's cookie.
+async fn login(
+    security: Option<Extension<std::sync::Arc<Security>>>,
+    Form(form): Form<LoginForm>,
+) -> Result<Response, Failure> {
+    let token = form.token.trim();
+    let refused = |error: String| page(StatusCode::UNAUTHORIZED, &LoginPage { error: Some(error) });
+    if let Some(Extension(security)) = &security
+        && security.enabled()
+    {
+        if token.is_empty() || token.contains([';', ',', ' ']) || !token.is_ascii() {
+            return refused("that is not an API key or token".into());
+        }
+        if let Err(error) = security.verify(token) {
+            return refused(error.to_string());
+        }
+    }
+    let mut response = Redirect::to("/console").into_response();
+    if let Ok(value) = HeaderValue::from_str(&format!(
+        "{CONSOLE_COOKIE}={token}; Path=/console; HttpOnly; SameSite=Strict"
+    )) {
+        response.headers_mut().append(header::SET_COOKIE, value);
+    }
+    Ok(response)
+}
+
+async fn logout() -> Response {
+    let mut response = Redirect::to("/console/login").into_response();
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        HeaderValue::from_static(
+            "platform_console=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0",
+        ),
+    );
+    response
+}
+
+async fn htmx() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        include_str!("../static/htmx.min.js"),
+    )
+        .into_response()
+}
+
+async fn css() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        include_str!("../static/console.css"),
+    )
+        .into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failures, as pages
+
+/// Why a page could not be shown, shown as a page with the matching status.
+#[derive(Debug)]
+enum Failure {
+    NotFound(String),
+    BadRequest(String),
+    Forbidden(String),
+    /// A database or the log did not answer; the cause is logged, not shown.
+    Unavailable(String),
+}
+
+#[derive(Template)]
+#[template(path = "message.html")]
+struct MessagePage<'a> {
+    heading: &'a str,
+    lines: Vec<String>,
+    back: &'a str,
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let (status, heading, line) = match self {
+            Failure::NotFound(line) => (StatusCode::NOT_FOUND, "Not found", line),
+            Failure::BadRequest(line) => (StatusCode::BAD_REQUEST, "Not understood", line),
+            Failure::Forbidden(line) => (StatusCode::FORBIDDEN, "Refused", line),
+            Failure::Unavailable(cause) => {
+                tracing::warn!(%cause, "a console page could not be read");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Unavailable",
+                    "the data behind this page did not answer; try again shortly".to_owned(),
+                )
+            }
+        };
+        let body = MessagePage {
+            heading,
+            lines: vec![line],
+            back: "/console",
+        }
+        .render()
+        .unwrap_or_else(|_| heading.to_owned());
+        (status, Html(body)).into_response()
+    }
+}
+
+fn unavailable(error: impl std::fmt::Display) -> Failure {
+    Failure::Unavailable(error.to_string())
+}
+
+fn page(status: StatusCode, template: &impl Template) -> Result<Response, Failure> {
+    let body = template.render().map_err(unavailable)?;
+    Ok((status, Html(body)).into_response())
+}
+
+fn time(time: Option<DateTime<Utc>>) -> String {
+    time.map(|time| time.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn saga_side(console: &Console) -> Result<&SagaSide, Failure> {
+    console.saga.as_ref().ok_or_else(|| {
+        Failure::NotFound("the saga orchestrator does not run in this process".into())
+    })
+}
+
+fn read_side(console: &Console) -> Result<&ReadSide, Failure> {
+    console
+        .read
+        .as_ref()
+        .ok_or_else(|| Failure::NotFound("the projections do not run in this process".into()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Overview
+
+struct ProjectionRow {
+    projection: String,
+    lag_events: u64,
+    lag_seconds: String,
+    parked: u64,
+}
+
+#[derive(Template)]
+#[template(path = "overview_fragment.html")]
+struct OverviewFragment {
+    now: String,
+    sagas: Option<Vec<(String, i64)>>,
+    attention: i64,
+    stuck: usize,
+    stuck_minutes: u64,
+    projections: Option<Vec<ProjectionRow>>,
+    problems: Vec<String>,
+}
+
+#[derive(Template)]
+#[template(path = "overview.html")]
+struct OverviewPage {
+    fragment: String,
+}
+
+async fn overview_body(console: &Console) -> Result<String, Failure> {
+    let mut fragment = OverviewFragment {
+        now: time(Some(Utc::now())),
+        sagas: None,
+        attention: 0,
+        stuck: 0,
+        stuck_minutes: STUCK_MINUTES,
+        projections: None,
+        problems: Vec::new(),
+    };
+    if let Some(side) = &console.saga {
+        let rows = side
+            .db()
+            .fetch_all(
+                "SELECT state, COUNT(*) AS sagas FROM sagas GROUP BY state ORDER BY state",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        let states: Vec<(String, i64)> = rows
+            .iter()
+            .map(|row| (row.text("state"), row.int("sagas")))
+            .collect();
+        fragment.attention = states
+            .iter()
+            .find(|(state, _)| state == SagaState::NeedsAttention.as_str())
+            .map_or(0, |(_, count)| *count);
+        fragment.stuck = driver::list(
+            side.db(),
+            None,
+            Some(Duration::from_secs(STUCK_MINUTES * 60)),
+            1000,
+        )
+        .await
+        .map_err(unavailable)?
+        .len();
+        fragment.sagas = Some(states);
+    }
+    if let Some(read) = &console.read {
+        let statuses = read.status().await.map_err(unavailable)?;
+        fragment.problems = statuses
+            .iter()
+            .flat_map(|status| status.problems.iter().cloned())
+            .collect();
+        fragment.projections = Some(
+            statuses
+                .into_iter()
+                .map(|status| ProjectionRow {
+                    projection: status.projection,
+                    lag_events: status.lag_events,
+                    lag_seconds: format!("{:.1}", status.lag_seconds),
+                    parked: status.parked,
+                })
+                .collect(),
+        );
+    }
+    fragment.render().map_err(unavailable)
+}
+
+async fn overview(State(console): State<Console>) -> Result<Response, Failure> {
+    let fragment = overview_body(&console).await?;
+    page(StatusCode::OK, &OverviewPage { fragment })
+}
+
+async fn overview_fragment(State(console): State<Console>) -> Result<Response, Failure> {
+    Ok(Html(overview_body(&console).await?).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sagas
+
+#[derive(Debug, Deserialize)]
+struct SagaFilter {
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    stuck_minutes: Option<String>,
+    #[serde(default)]
+    limit: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "sagas.html")]
+struct SagasPage {
+    /// Each state, and whether the filter names it.
+    states: Vec<(&'static str, bool)>,
+    stuck_minutes: Option<u64>,
+    limit: i64,
+    sagas: Vec<SagaSummary>,
+}
+
+/// A whole number from a form field that may be left empty.
+fn number(
+    field: &str,
+    raw: Option<&str>,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Option<u64>, Failure> {
+    match raw.map(str::trim).filter(|raw| !raw.is_empty()) {
+        None => Ok(None),
+        Some(raw) => raw
+            .parse::<u64>()
+            .ok()
+            .filter(|value| range.contains(value))
+            .map(Some)
+            .ok_or_else(|| {
+                Failure::BadRequest(format!(
+                    "{field} must be a whole number from {} to {}",
+                    range.start(),
+                    range.end()
+                ))
+            }),
+    }
+}
+
+async fn sagas(
+    State(console): State<Console>,
+    Query(filter): Query<SagaFilter>,
+) -> Result<Response, Failure> {
+    let side = saga_side(&console)?;
+    let states: Vec<&'static str> = SagaState::STARTED
+        .iter()
+        .map(|state| state.as_str())
+        .collect();
+    let state = filter
+        .state
+        .as_deref()
+        .map(str::trim)
+        .filter(|state| !state.is_empty());
+    if let Some(state) = state
+        && !states.contains(&state)
+    {
+        return Err(Failure::BadRequest(format!(
+            "no saga state {state:?} (one of {})",
+            states.join(", ")
+        )));
+    }
+    let stuck_minutes = number(
+        "stuck_minutes",
+        filter.stuck_minutes.as_deref(),
+        1..=525_600,
+    )?;
+    let limit = number("limit", filter.limit.as_deref(), 1..=1000)?.unwrap_or(100) as i64;
+    let found = driver::list(
+        side.db(),
+        state,
+        stuck_minutes.map(|minutes| Duration::from_secs(minutes * 60)),
+        limit,
+    )
+    .await
+    .map_err(unavailable)?;
+    page(
+        StatusCode::OK,
+        &SagasPage {
+            states: states
+                .iter()
+                .map(|name| (*name, Some(*name) == state))
+                .collect(),
+            stuck_minutes,
+            limit,
+            sagas: found,
+        },
+    )
+}
+
+struct StepRow {
+    step: String,
+    compensation: bool,
+    attempt: u32,
+    started: String,
+    finished: String,
+    deadline: String,
+    outcome: String,
+    answered_by: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "saga.html")]
+struct SagaPage {
+    order_id: String,
+    state: String,
+    revision: i64,
+    reason: Option<String>,
+    attention: Option<String>,
+    started: String,
+    updated: String,
+    deadline: String,
+    needs_attention: bool,
+    csrf: String,
+    steps: Vec<StepRow>,
+    body: String,
+}
+
+async fn saga(
+    State(console): State<Console>,
+    Path(order_id): Path<String>,
+    Extension(Csrf(csrf)): Extension<Csrf>,
+) -> Result<Response, Failure> {
+    let side = saga_side(&console)?;
+    let Some((saga, revision)) = driver::show(side.db(), &order_id)
+        .await
+        .map_err(unavailable)?
+    else {
+        return Err(Failure::NotFound(format!("no saga for order {order_id}")));
+    };
+    let steps = saga
+        .history
+        .iter()
+        .map(|step| StepRow {
+            step: step.step.to_string(),
+            compensation: step.step.is_compensation(),
+            attempt: step.attempt,
+            started: time(Some(step.started_at)),
+            finished: time(step.finished_at),
+            deadline: time(step.deadline),
+            outcome: step.outcome_text(),
+            answered_by: match &step.outcome {
+                Some(saga_orchestrator::StepOutcome::Answered { event_id, .. }) => {
+                    Some(event_id.to_string())
+                }
+                _ => None,
+            },
+        })
+        .collect();
+    let body = serde_json::to_string_pretty(&saga).map_err(unavailable)?;
+    page(
+        StatusCode::OK,
+        &SagaPage {
+            order_id: saga.order_id.to_string(),
+            state: saga.state.to_string(),
+            revision,
+            reason: saga.reason.clone(),
+            attention: saga.attention.as_ref().map(|attention| {
+                format!(
+                    "{} since {}: {}",
+                    attention.step,
+                    time(Some(attention.since)),
+                    attention.reason
+                )
+            }),
+            started: time(saga.started_at),
+            updated: time(saga.updated_at),
+            deadline: time(saga.deadline),
+            needs_attention: saga.state == SagaState::NeedsAttention,
+            csrf,
+            steps,
+            body,
+        },
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct ActionForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// The operator's retry of a parked step: as `POST /sagas/{order_id}/retry`, by this caller.
+async fn retry_saga(
+    State(console): State<Console>,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+    actor: Option<Extension<Actor>>,
+    Form(form): Form<ActionForm>,
+) -> Result<Response, Failure> {
+    check_csrf(&headers, &form.csrf)?;
+    let side = saga_side(&console)?;
+    let Some((before, _)) = driver::show(side.db(), &order_id)
+        .await
+        .map_err(unavailable)?
+    else {
+        return Err(Failure::NotFound(format!("no saga for order {order_id}")));
+    };
+    if before.state != SagaState::NeedsAttention {
+        return Err(Failure::BadRequest(format!(
+            "saga {order_id} is {}, not needs_attention: nothing to retry",
+            before.state
+        )));
+    }
+    let actor = actor.map_or_else(|| "operator:console".to_owned(), |Extension(actor)| actor.0);
+    driver::poke(
+        side.db(),
+        side.config(),
+        &order_id,
+        Input::OperatorRetry,
+        &actor,
+        side.wakes(),
+    )
+    .await
+    .map_err(unavailable)?
+    .ok_or_else(|| Failure::Unavailable("the saga changed concurrently".into()))?;
+    Ok(Redirect::to(&format!("/console/sagas/{order_id}")).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Projections and parked events
+
+struct ProjectionSection {
+    name: String,
+    lag_events: u64,
+    lag_seconds: String,
+    problems: Vec<String>,
+    partitions: Vec<PartitionLagRow>,
+    parked: Vec<ParkedEvent>,
+}
+
+struct PartitionLagRow {
+    topic: String,
+    partition: u32,
+    applied: u64,
+    end: u64,
+    lag_events: u64,
+    lag_seconds: String,
+}
+
+impl From<PartitionLag> for PartitionLagRow {
+    fn from(lag: PartitionLag) -> Self {
+        PartitionLagRow {
+            topic: lag.topic,
+            partition: lag.partition,
+            applied: lag.applied,
+            end: lag.end,
+            lag_events: lag.lag_events,
+            lag_seconds: format!("{:.1}", lag.lag_seconds),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "projections.html")]
+struct ProjectionsPage {
+    projections: Vec<ProjectionSection>,
+    csrf: String,
+}
+
+async fn projections_page(
+    State(console): State<Console>,
+    Extension(Csrf(csrf)): Extension<Csrf>,
+) -> Result<Response, Failure> {
+    let read = read_side(&console)?;
+    let mut sections = Vec::new();
+    for status in read.status().await.map_err(unavailable)? {
+        let parked = match read.db(&status.projection) {
+            Some(db) => parked::list(db, &status.projection, false)
+                .await
+                .map_err(unavailable)?,
+            None => Vec::new(),
+        };
+        sections.push(ProjectionSection {
+            name: status.projection,
+            lag_events: status.lag_events,
+            lag_seconds: format!("{:.1}", status.lag_seconds),
+            problems: status.problems,
+            partitions: status.partitions.into_iter().map(Into::into).collect(),
+            parked,
+        });
+    }
+    page(
+        StatusCode::OK,
+        &ProjectionsPage {
+            projections: sections,
+            csrf,
+        },
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct ParkedForm {
+    #[serde(default)]
+    csrf: String,
+    projection: String,
+    position: String,
+    action: String,
+}
+
+/// Retry or skip a parked event: the operations of `platform parked retry|skip`.
+async fn resolve_parked(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    Form(form): Form<ParkedForm>,
+) -> Result<Response, Failure> {
+    check_csrf(&headers, &form.csrf)?;
+    let read = read_side(&console)?;
+    let resolution = match form.action.as_str() {
+        "retry" => Resolution::Retry,
+        "skip" => Resolution::Skip,
+        other => {
+            return Err(Failure::BadRequest(format!(
+                "no action {other:?} (retry or skip)"
+            )));
+        }
+    };
+    let position: event_log::Position = form
+        .position
+        .parse()
+        .map_err(|error: String| Failure::BadRequest(error))?;
+    let (Some(db), Some(model)) = (read.db(&form.projection), read.projection(&form.projection))
+    else {
+        return Err(Failure::NotFound(format!(
+            "no projection {:?}",
+            form.projection
+        )));
+    };
+    let resolved = parked::resolve(db, model.as_ref(), &position, resolution)
+        .await
+        .map_err(|error| match error {
+            parked::ResolveError::Db(error) => unavailable(error),
+            other => Failure::BadRequest(other.to_string()),
+        })?;
+    let mut lines = Vec::new();
+    if let Some(offset) = resolved.skipped {
+        lines.push(format!("Skipped the event at offset {offset}."));
+    }
+    for offset in &resolved.applied {
+        lines.push(format!("Applied the event at offset {offset}."));
+    }
+    if let Some((offset, error)) = &resolved.still_parked {
+        lines.push(format!(
+            "The event at offset {offset} is still parked: {error}"
+        ));
+    }
+    page(
+        StatusCode::OK,
+        &MessagePage {
+            heading: "Parked event",
+            lines,
+            back: "/console/projections",
+        },
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Audit
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    #[serde(default)]
+    q: String,
+}
+
+#[derive(Template)]
+#[template(path = "audit.html")]
+struct AuditPage {
+    query: String,
+    timelines: Vec<Timeline>,
+    trace: Option<Trace>,
+}
+
+/// Whatever the id names: an order's and its payment's timelines, a stock item's, or a
+/// correlation's flow.
+async fn audit_search(
+    State(console): State<Console>,
+    Query(query): Query<AuditQuery>,
+) -> Result<Response, Failure> {
+    let read = read_side(&console)?;
+    let db = read
+        .db("audit")
+        .ok_or_else(|| Failure::NotFound("no audit read model in this process".into()))?;
+    let id = query.q.trim().to_owned();
+    let mut timelines = Vec::new();
+    let mut trace = None;
+    if !id.is_empty() {
+        for aggregate_type in ["order", "payment", "stock"] {
+            match audit::timeline(db, aggregate_type, &id).await {
+                Ok(timeline) if !timeline.events.is_empty() => timelines.push(timeline),
+                Ok(_) | Err(AuditError::NotFound(_) | AuditError::UnknownType(_)) => {}
+                Err(error) => return Err(unavailable(error)),
+            }
+        }
+        match audit::trace(db, &id).await {
+            Ok(found) if !found.steps.is_empty() => trace = Some(found),
+            Ok(_) | Err(AuditError::NotFound(_)) => {}
+            Err(error) => return Err(unavailable(error)),
+        }
+    }
+    page(
+        StatusCode::OK,
+        &AuditPage {
+            query: id,
+            timelines,
+            trace,
+        },
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct VersionQuery {
+    #[serde(default)]
+    version: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "aggregate.html")]
+struct AggregatePage {
+    timeline: Timeline,
+    state_version: i64,
+    state_at: Option<String>,
+    state: String,
+}
+
+async fn aggregate(
+    State(console): State<Console>,
+    Path((aggregate_type, id)): Path<(String, String)>,
+    Query(query): Query<VersionQuery>,
+) -> Result<Response, Failure> {
+    let read = read_side(&console)?;
+    let db = read
+        .db("audit")
+        .ok_or_else(|| Failure::NotFound("no audit read model in this process".into()))?;
+    let as_of = match number("version", query.version.as_deref(), 1..=i64::MAX as u64)? {
+        None => AsOf::Latest,
+        Some(version) => AsOf::Version(version),
+    };
+    let known = |error: AuditError| match error {
+        AuditError::NotFound(message) => Failure::NotFound(message),
+        AuditError::UnknownType(message) => Failure::NotFound(message),
+        other => unavailable(other),
+    };
+    let timeline = audit::timeline(db, &aggregate_type, &id)
+        .await
+        .map_err(known)?;
+    let state = audit::state_as_of(db, &aggregate_type, &id, as_of)
+        .await
+        .map_err(known)?;
+    page(
+        StatusCode::OK,
+        &AggregatePage {
+            timeline,
+            state_version: state.version,
+            state_at: state.occurred_at,
+            state: serde_json::to_string_pretty(&state.state).map_err(unavailable)?,
+        },
+    )
+}
