@@ -354,8 +354,11 @@ impl Platform {
             http,
             parts,
             storage,
+            read,
+            saga,
             ..
         } = self;
+        let console = read.is_some() || saga.is_some();
         let url = format!(
             "http://{}",
             listener
@@ -365,8 +368,13 @@ impl Platform {
         for part in &parts {
             tracing::info!("{url}: {part}");
         }
+        let console = if console {
+            format!(", console {url}/console")
+        } else {
+            String::new()
+        };
         tracing::info!(
-            "serving HTTP at {url} (readiness {url}/health/ready, API {url}/openapi.json); data: {storage}"
+            "serving HTTP at {url} (readiness {url}/health/ready, API {url}/openapi.json{console}); data: {storage}"
         );
         serve_http(listener, router, &http, signal)
             .await
