@@ -45,8 +45,12 @@ pub enum Error {
     Store(#[from] command_services::store::StoreError),
     #[error("starting the command services: {0}")]
     Commands(#[from] command_services::services::StartError),
-    #[error(transparent)]
-    Replay(#[from] projections::replay::ReplayError),
+    #[error("replaying {projection}: {source}")]
+    Replay {
+        projection: String,
+        #[source]
+        source: projections::replay::ReplayError,
+    },
     #[error(transparent)]
     Status(#[from] projections::read_side::StatusError),
     #[error(transparent)]

@@ -210,13 +210,27 @@ async fn main() -> anyhow::Result<()> {
         // The batch processor's thread exports what is left; not on a runtime worker.
         let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
     }
-    // Each error's text already ends with its causes'; printing the chain again would repeat
-    // them.
     if let Err(error) = result {
-        eprintln!("Error: {error}");
+        eprintln!("Error: {}", with_causes(&error));
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// An error's text followed by those of its causes that it does not already contain (most of
+/// the platform's errors end with their cause's text; some, such as a failed bind, do not).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(source) = cause {
+        let said = source.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = source.source();
+    }
+    text
 }
 
 async fn run(command: Command) -> Result<(), platform::Error> {
@@ -254,6 +268,30 @@ mod tests {
     use clap::{Args, CommandFactory};
 
     use super::*;
+
+    #[test]
+    fn an_error_is_printed_with_the_causes_its_text_does_not_already_give() {
+        let bind = platform::Error::Io {
+            what: "binding 0.0.0.0:8080".into(),
+            source: std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use"),
+        };
+        // The text already ends with the cause: printed once.
+        assert_eq!(
+            with_causes(&bind),
+            "binding 0.0.0.0:8080: Address already in use"
+        );
+        #[derive(Debug, thiserror::Error)]
+        #[error("binding 0.0.0.0:8080")]
+        struct Bind(#[source] std::io::Error);
+        let quiet = Bind(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "Address already in use",
+        ));
+        assert_eq!(
+            with_causes(&quiet),
+            "binding 0.0.0.0:8080: Address already in use"
+        );
+    }
 
     /// The long flags `command` takes (its parents' global ones included, once built), less
     /// --help and --version.

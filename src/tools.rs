@@ -299,7 +299,11 @@ pub async fn replay(args: ReplayArgs, store: &StoreSettings) -> Result<()> {
             &options,
             &mut |progress| reporter.update(progress),
         )
-        .await?;
+        .await
+        .map_err(|source| Error::Replay {
+            projection: name.to_owned(),
+            source,
+        })?;
         reporter.finish();
         if !args.json {
             print_summary(&report, &options);

@@ -32,7 +32,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Form, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
 use http_edge::headers::Actor;
-use http_edge::security::{CONSOLE_COOKIE, RouteClass, Security, routes};
+use http_edge::security::{CONSOLE_COOKIE, RouteClass, Security, cookie, routes};
 use projections::ReadSide;
 use projections::audit::{self, AsOf, AuditError, Timeline, Trace};
 use projections::parked::{self, ParkedEvent, Resolution};
@@ -48,16 +48,30 @@ const CSRF_COOKIE: &str = "console_csrf";
 /// How long unchanged an unfinished saga must be for the overview to call it stuck.
 const STUCK_MINUTES: u64 = 5;
 
+/// How long a measured overview is shown again: open tabs refresh every 2 s, and however many
+/// there are, the sagas are counted and the projections' lag measured at most once a second.
+const OVERVIEW_TTL: Duration = Duration::from_secs(1);
+
+/// Parked events listed per projection; the page says how many more there are.
+const PARKED_SHOWN: usize = 100;
+
 /// What the console shows: the parts this process runs.
 #[derive(Debug, Clone)]
 pub struct Console {
     read: Option<ReadSide>,
     saga: Option<SagaSide>,
+    /// The last overview and when it was measured; its lock makes one request measure while
+    /// the others wait for its answer.
+    overview: std::sync::Arc<tokio::sync::Mutex<Option<(std::time::Instant, String)>>>,
 }
 
 impl Console {
     pub fn new(read: Option<ReadSide>, saga: Option<SagaSide>) -> Console {
-        Console { read, saga }
+        Console {
+            read,
+            saga,
+            overview: Default::default(),
+        }
     }
 }
 
@@ -94,18 +108,6 @@ pub fn router<S: Clone + Send + Sync + 'static>(console: Console) -> Router<S> {
 #[derive(Debug, Clone)]
 struct Csrf(String);
 
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(key, _)| *key == name)
-        .map(|(_, value)| value.trim())
-        .filter(|value| !value.is_empty())
-}
-
 /// Around every console page and action: hands the page this browser's anti-forgery token
 /// (made and set as a cookie when it has none), keeps answers out of every cache, and sends a
 /// browser that is not signed in to the sign-in page.
@@ -134,15 +136,38 @@ async fn pages(mut request: Request, next: Next) -> Response {
     response
 }
 
-/// An action's form carries the token its page was given; a request from another site has no
-/// cookie to match (`SameSite=Strict`) and says so in `Sec-Fetch-Site` as well.
+/// Whether a POST comes from the console's own pages: a browser says so in `Sec-Fetch-Site`
+/// (`same-origin`, or `none` for what the user typed); one that does not send it must send an
+/// `Origin` naming this host, if any. A sibling subdomain (`same-site`) is refused: it could
+/// have planted cookies for this one.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    match text("sec-fetch-site") {
+        Some(site) => site == "same-origin" || site == "none",
+        None => match (text("origin"), text("host")) {
+            (None, _) => true,
+            (Some(origin), Some(host)) => origin
+                .split_once("://")
+                .is_some_and(|(_, authority)| authority == host),
+            (Some(_), None) => false,
+        },
+    }
+}
+
+/// An action's form carries the token its page was given, which must equal the one cookie of
+/// that name (several mean another site set one), and come from the console's own pages.
 fn check_csrf(headers: &HeaderMap, sent: &str) -> Result<(), Failure> {
-    let cross_site = headers
-        .get("sec-fetch-site")
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|site| site == "cross-site");
-    match cookie(headers, CSRF_COOKIE) {
-        Some(expected) if !cross_site && !sent.is_empty() && expected == sent => Ok(()),
+    let tokens: Vec<&str> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(|(key, _)| *key == CSRF_COOKIE)
+        .map(|(_, value)| value.trim())
+        .collect();
+    match tokens.as_slice() {
+        [expected] if same_origin(headers) && !sent.is_empty() && *expected == sent => Ok(()),
         _ => Err(Failure::Forbidden(
             "the form's anti-forgery token does not match this browser's: reload the page and try again"
                 .into(),
@@ -168,19 +193,28 @@ struct LoginForm {
 /// Checks the key or token as the API would and keeps it in the console's cookie.
 async fn login(
     security: Option<Extension<std::sync::Arc<Security>>>,
+    headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Result<Response, Failure> {
+    if !same_origin(&headers) {
+        return Err(Failure::Forbidden(
+            "sign in from the console's own page".into(),
+        ));
+    }
     let token = form.token.trim();
     let refused = |error: String| page(StatusCode::UNAUTHORIZED, &LoginPage { error: Some(error) });
+    if token.is_empty()
+        || !token
+            .chars()
+            .all(|c| c.is_ascii_graphic() && !matches!(c, ';' | ',' | '"' | '\\'))
+    {
+        return refused("that is not an API key or token".into());
+    }
     if let Some(Extension(security)) = &security
         && security.enabled()
+        && let Err(error) = security.verify(token)
     {
-        if token.is_empty() || token.contains([';', ',', ' ']) || !token.is_ascii() {
-            return refused("that is not an API key or token".into());
-        }
-        if let Err(error) = security.verify(token) {
-            return refused(error.to_string());
-        }
+        return refused(error.to_string());
     }
     let mut response = Redirect::to("/console").into_response();
     if let Ok(value) = HeaderValue::from_str(&format!(
@@ -191,7 +225,10 @@ async fn login(
     Ok(response)
 }
 
-async fn logout() -> Response {
+async fn logout(headers: HeaderMap) -> Response {
+    if !same_origin(&headers) {
+        return Failure::Forbidden("sign out from the console's own page".into()).into_response();
+    }
     let mut response = Redirect::to("/console/login").into_response();
     response.headers_mut().append(
         header::SET_COOKIE,
@@ -233,6 +270,9 @@ enum Failure {
     NotFound(String),
     BadRequest(String),
     Forbidden(String),
+    /// The action does not fit the current state (an earlier event of the aggregate is still
+    /// parked).
+    Conflict(String),
     /// A database or the log did not answer; the cause is logged, not shown.
     Unavailable(String),
 }
@@ -251,6 +291,7 @@ impl IntoResponse for Failure {
             Failure::NotFound(line) => (StatusCode::NOT_FOUND, "Not found", line),
             Failure::BadRequest(line) => (StatusCode::BAD_REQUEST, "Not understood", line),
             Failure::Forbidden(line) => (StatusCode::FORBIDDEN, "Refused", line),
+            Failure::Conflict(line) => (StatusCode::CONFLICT, "Not now", line),
             Failure::Unavailable(cause) => {
                 tracing::warn!(%cause, "a console page could not be read");
                 (
@@ -314,7 +355,7 @@ struct OverviewFragment {
     now: String,
     sagas: Option<Vec<(String, i64)>>,
     attention: i64,
-    stuck: usize,
+    stuck: i64,
     stuck_minutes: u64,
     projections: Option<Vec<ProjectionRow>>,
     problems: Vec<String>,
@@ -327,6 +368,18 @@ struct OverviewPage {
 }
 
 async fn overview_body(console: &Console) -> Result<String, Failure> {
+    let mut cached = console.overview.lock().await;
+    if let Some((at, body)) = cached.as_ref()
+        && at.elapsed() < OVERVIEW_TTL
+    {
+        return Ok(body.clone());
+    }
+    let body = measure_overview(console).await?;
+    *cached = Some((std::time::Instant::now(), body.clone()));
+    Ok(body)
+}
+
+async fn measure_overview(console: &Console) -> Result<String, Failure> {
     let mut fragment = OverviewFragment {
         now: time(Some(Utc::now())),
         sagas: None,
@@ -353,15 +406,9 @@ async fn overview_body(console: &Console) -> Result<String, Failure> {
             .iter()
             .find(|(state, _)| state == SagaState::NeedsAttention.as_str())
             .map_or(0, |(_, count)| *count);
-        fragment.stuck = driver::list(
-            side.db(),
-            None,
-            Some(Duration::from_secs(STUCK_MINUTES * 60)),
-            1000,
-        )
-        .await
-        .map_err(unavailable)?
-        .len();
+        fragment.stuck = driver::count_stuck(side.db(), Duration::from_secs(STUCK_MINUTES * 60))
+            .await
+            .map_err(unavailable)?;
         fragment.sagas = Some(states);
     }
     if let Some(read) = &console.read {
@@ -629,6 +676,8 @@ struct ProjectionSection {
     problems: Vec<String>,
     partitions: Vec<PartitionLagRow>,
     parked: Vec<ParkedEvent>,
+    /// Parked events beyond those listed.
+    more_parked: usize,
 }
 
 struct PartitionLagRow {
@@ -667,12 +716,14 @@ async fn projections_page(
     let read = read_side(&console)?;
     let mut sections = Vec::new();
     for status in read.status().await.map_err(unavailable)? {
-        let parked = match read.db(&status.projection) {
+        let mut parked = match read.db(&status.projection) {
             Some(db) => parked::list(db, &status.projection, false)
                 .await
                 .map_err(unavailable)?,
             None => Vec::new(),
         };
+        let more_parked = parked.len().saturating_sub(PARKED_SHOWN);
+        parked.truncate(PARKED_SHOWN);
         sections.push(ProjectionSection {
             name: status.projection,
             lag_events: status.lag_events,
@@ -680,6 +731,7 @@ async fn projections_page(
             problems: status.problems,
             partitions: status.partitions.into_iter().map(Into::into).collect(),
             parked,
+            more_parked,
         });
     }
     page(
@@ -732,7 +784,10 @@ async fn resolve_parked(
         .await
         .map_err(|error| match error {
             parked::ResolveError::Db(error) => unavailable(error),
-            other => Failure::BadRequest(other.to_string()),
+            missing @ parked::ResolveError::NotFound { .. } => {
+                Failure::NotFound(missing.to_string())
+            }
+            other => Failure::Conflict(other.to_string()),
         })?;
     let mut lines = Vec::new();
     if let Some(offset) = resolved.skipped {

@@ -38,6 +38,19 @@ use crate::headers::Actor;
 /// `SameSite=Strict`, path `/console`): the API key or token given at the console's sign-in.
 pub const CONSOLE_COOKIE: &str = "platform_console";
 
+/// The value of the cookie `name` the request carries, if any and not empty.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.trim())
+        .filter(|value| !value.is_empty())
+}
+
 /// Longest request target accepted (path and query).
 pub const MAX_URI_BYTES: usize = 4096;
 /// Largest total size of the request headers accepted.
@@ -352,15 +365,7 @@ impl Security {
 
     /// The console's cookie in `headers`, if any.
     pub fn console_cookie(headers: &HeaderMap) -> Option<&str> {
-        headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(name, _)| *name == CONSOLE_COOKIE)
-            .map(|(_, value)| value.trim())
-            .filter(|value| !value.is_empty())
+        cookie(headers, CONSOLE_COOKIE)
     }
 
     /// Who the request's credentials name.

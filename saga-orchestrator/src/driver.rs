@@ -820,10 +820,7 @@ pub async fn list(
     }
     if let Some(stuck_for) = stuck_for {
         args.push((Utc::now().timestamp_millis() - stuck_for.as_millis() as i64).into());
-        sql.push_str(&format!(
-            " AND updated_at <= ${} AND state NOT IN ('confirmed', 'completed', 'rejected', 'cancelled')",
-            args.len()
-        ));
+        sql.push_str(&format!(" AND {}", stuck_since(args.len())));
     }
     args.push(limit.into());
     sql.push_str(&format!(
@@ -843,6 +840,28 @@ pub async fn list(
             correlation_id: row.text("correlation_id"),
         })
         .collect())
+}
+
+/// The condition "unfinished and unchanged since the time in parameter `$n`".
+fn stuck_since(n: usize) -> String {
+    format!(
+        "updated_at <= ${n} AND state NOT IN ('confirmed', 'completed', 'rejected', 'cancelled')"
+    )
+}
+
+/// How many sagas [`list`] would find stuck for `stuck_for`, counted by the database.
+pub async fn count_stuck(db: &Db, stuck_for: Duration) -> Result<i64, DbError> {
+    let since = Utc::now().timestamp_millis() - stuck_for.as_millis() as i64;
+    let row = db
+        .fetch_optional(
+            &format!(
+                "SELECT COUNT(*) AS stuck FROM sagas WHERE {}",
+                stuck_since(1)
+            ),
+            &[since.into()],
+        )
+        .await?;
+    Ok(row.map_or(0, |row| row.int("stuck")))
 }
 
 /// One saga, whole.

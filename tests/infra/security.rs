@@ -560,3 +560,174 @@ fn secrets_never_show_in_debug_output() {
         "{shown}"
     );
 }
+
+/// The console with authentication on: a browser signs in with a key; operators get every
+/// page, auditors the audit pages, clients none; the console's cookie opens no API route; an
+/// action from another site, or without the page's token, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_follows_the_roles_and_its_cookie_opens_only_the_console() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = support::settings(dir.path());
+    settings.security.auth = Some(Toggle::On);
+    settings.security.api_keys = Some(Secret::from(format!(
+        "client:{CLIENT},operator:{OPERATOR},auditor:{AUDITOR}"
+    )));
+    let app = support::platform(settings, Part::All).await;
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let url = app.url();
+
+    // Not signed in: the pages send the browser to the sign-in page.
+    let page = browser
+        .get(format!("{url}/console"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(page.status(), 303, "a browser not signed in is redirected");
+    assert_eq!(page.headers()["location"], "/console/login");
+
+    let sign_in = |key: &'static str| {
+        let browser = browser.clone();
+        let url = url.clone();
+        async move {
+            let answer = browser
+                .post(format!("{url}/console/login"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("sec-fetch-site", "same-origin")
+                .body(format!("token={key}"))
+                .send()
+                .await
+                .expect("POST");
+            let status = answer.status().as_u16();
+            let cookie = answer
+                .headers()
+                .get_all("set-cookie")
+                .iter()
+                .map(|value| value.to_str().expect("cookie").to_owned())
+                .find(|value| value.starts_with("platform_console="));
+            (status, cookie)
+        }
+    };
+    let (status, _) = sign_in("not-a-key-0123456789").await;
+    assert_eq!(status, 401, "an unknown key does not sign in");
+
+    let session = |cookie: Option<String>| {
+        let cookie = cookie.expect("a sign-in cookie");
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+            "{cookie}"
+        );
+        cookie.split(';').next().expect("pair").to_owned()
+    };
+    let get = |path: &str, cookie: &str| {
+        browser
+            .get(format!("{url}{path}"))
+            .header("cookie", cookie.to_owned())
+            .send()
+    };
+    let (status, operator) = sign_in(OPERATOR).await;
+    assert_eq!(status, 303);
+    let operator = session(operator);
+    let (_, auditor) = sign_in(AUDITOR).await;
+    let auditor = session(auditor);
+    let (_, client) = sign_in(CLIENT).await;
+    let client = session(client);
+
+    for (who, cookie, console, audit) in [
+        ("operator", &operator, 200, 200),
+        ("auditor", &auditor, 403, 200),
+        ("client", &client, 403, 403),
+    ] {
+        for path in ["/console", "/console/sagas", "/console/projections"] {
+            let status = get(path, cookie).await.expect("GET").status();
+            assert_eq!(status, console, "{who} on {path}");
+        }
+        let status = get("/console/audit?q=x", cookie)
+            .await
+            .expect("GET")
+            .status();
+        assert_eq!(status, audit, "{who} on the audit pages");
+    }
+
+    // The console's cookie is no credential for the API, not even the operator's.
+    let api = browser
+        .post(format!("{url}/sagas/some-order/retry"))
+        .header("cookie", operator.clone())
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(api.status(), 401, "the cookie opens no API route");
+    let read = get("/sagas", &operator).await.expect("GET");
+    assert_eq!(read.status(), 401, "nor a read route");
+
+    // An action needs this browser's page token and must come from the console's own pages.
+    let page = get("/console/projections", &operator).await.expect("GET");
+    let csrf = page
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .find_map(|value| value.strip_prefix("console_csrf="))
+        .and_then(|value| value.split(';').next())
+        .expect("a page token")
+        .to_owned();
+    let cookies = format!("{operator}; console_csrf={csrf}");
+    let action = |site: &'static str, cookies: String, token: String| {
+        browser
+            .post(format!("{url}/console/parked"))
+            .header("cookie", cookies)
+            .header("sec-fetch-site", site)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "csrf={token}&projection=orders&position=t%3A0%3A0&action=skip"
+            ))
+            .send()
+    };
+    let status = |answer: reqwest::Response| answer.status().as_u16();
+    assert_eq!(
+        status(
+            action("cross-site", cookies.clone(), csrf.clone())
+                .await
+                .expect("POST")
+        ),
+        403,
+        "another site"
+    );
+    assert_eq!(
+        status(
+            action("same-site", cookies.clone(), csrf.clone())
+                .await
+                .expect("POST")
+        ),
+        403,
+        "a sibling subdomain"
+    );
+    assert_eq!(
+        status(
+            action("same-origin", cookies.clone(), "0".repeat(32))
+                .await
+                .expect("POST")
+        ),
+        403,
+        "another token"
+    );
+    let planted = format!("{cookies}; console_csrf={}", "0".repeat(32));
+    assert_eq!(
+        status(
+            action("same-origin", planted, csrf.clone())
+                .await
+                .expect("POST")
+        ),
+        403,
+        "a second token cookie"
+    );
+    // With the token, from the page: the action runs (no such parked event: 404).
+    assert_eq!(
+        status(action("same-origin", cookies, csrf).await.expect("POST")),
+        404,
+        "the operator's own action"
+    );
+    app.stop().await;
+}
