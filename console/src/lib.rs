@@ -16,7 +16,8 @@
 //! Access follows the platform's roles: operators may use every page (class
 //! [`RouteClass::Console`]), auditors the audit pages ([`RouteClass::ConsoleAudit`]), clients
 //! none. With authentication on, a browser signs in at `/console/login` with an API key or
-//! token, kept in an `HttpOnly`, `SameSite=Strict` cookie that only the console's routes accept.
+//! token; it gets a session id (8 hours, kept by this process) in an `HttpOnly`,
+//! `SameSite=Strict` cookie that only the console's routes accept, never the key itself.
 //! Every action is a POST carrying a token that must equal the one in the console's own
 //! `SameSite=Strict` cookie (double submit), so another site cannot make a browser act; every
 //! page is `Cache-Control: no-store`.
@@ -210,24 +211,35 @@ async fn login(
     {
         return refused("that is not an API key or token".into());
     }
-    if let Some(Extension(security)) = &security
-        && security.enabled()
-        && let Err(error) = security.verify(token)
-    {
-        return refused(error.to_string());
-    }
     let mut response = Redirect::to("/console").into_response();
+    // Without authentication every page is open: there is nothing to sign in to.
+    let Some(Extension(security)) = security.filter(|security| security.enabled()) else {
+        return Ok(response);
+    };
+    let session = match security.open_session(token) {
+        Ok(session) => session,
+        Err(error) => return refused(error.to_string()),
+    };
     if let Ok(value) = HeaderValue::from_str(&format!(
-        "{CONSOLE_COOKIE}={token}; Path=/console; HttpOnly; SameSite=Strict"
+        "{CONSOLE_COOKIE}={session}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}",
+        http_edge::security::CONSOLE_SESSION.as_secs()
     )) {
         response.headers_mut().append(header::SET_COOKIE, value);
     }
     Ok(response)
 }
 
-async fn logout(headers: HeaderMap) -> Response {
+async fn logout(
+    security: Option<Extension<std::sync::Arc<Security>>>,
+    headers: HeaderMap,
+) -> Response {
     if !same_origin(&headers) {
         return Failure::Forbidden("sign out from the console's own page".into()).into_response();
+    }
+    if let (Some(Extension(security)), Some(session)) =
+        (&security, Security::console_cookie(&headers))
+    {
+        security.close_session(session);
     }
     let mut response = Redirect::to("/console/login").into_response();
     response.headers_mut().append(

@@ -34,9 +34,15 @@ use sha2::{Digest, Sha256};
 use crate::error::ApiError;
 use crate::headers::Actor;
 
-/// The cookie a browser presents its credentials to the console in (`HttpOnly`,
-/// `SameSite=Strict`, path `/console`): the API key or token given at the console's sign-in.
+/// The cookie a browser presents its console session in (`HttpOnly`, `SameSite=Strict`, path
+/// `/console`): the id [`Security::open_session`] gave it at sign-in.
 pub const CONSOLE_COOKIE: &str = "platform_console";
+
+/// How long a console sign-in lasts.
+pub const CONSOLE_SESSION: Duration = Duration::from_secs(8 * 3600);
+
+/// Console sessions one process keeps at most (expired ones are forgotten first).
+const MAX_CONSOLE_SESSIONS: usize = 10_000;
 
 /// The value of the cookie `name` the request carries, if any and not empty.
 pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -229,6 +235,8 @@ pub struct Security {
     rate: f64,
     burst: u32,
     limiter: Limiter,
+    /// The console's sign-ins, by session id: who, and until when.
+    sessions: std::sync::Mutex<HashMap<String, (Principal, std::time::Instant)>>,
 }
 
 impl std::fmt::Debug for Security {
@@ -334,6 +342,7 @@ impl Security {
             rate: settings.rate_limit,
             burst: burst.get(),
             limiter: RateLimiter::keyed(quota.allow_burst(burst)),
+            sessions: std::sync::Mutex::default(),
         })
     }
 
@@ -360,6 +369,48 @@ impl Security {
                 .map(|key| Some(key.trim()))
                 .map_err(|_| ApiError::Unauthorized("malformed X-Api-Key header".into())),
             None => Ok(None),
+        }
+    }
+
+    /// Signs a browser in to the console: checks `token` as the API would and returns the id of
+    /// a session that names its caller for [`CONSOLE_SESSION`]. The browser keeps only that id,
+    /// never the key or token; the session lives in this process.
+    pub fn open_session(&self, token: &str) -> Result<String, ApiError> {
+        let principal = self.verify(token)?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let now = std::time::Instant::now();
+        let mut sessions = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        sessions.retain(|_, (_, until)| *until > now);
+        if sessions.len() >= MAX_CONSOLE_SESSIONS {
+            return Err(ApiError::Unavailable(
+                "too many console sessions are open; try again later".into(),
+            ));
+        }
+        sessions.insert(id.clone(), (principal, now + CONSOLE_SESSION));
+        Ok(id)
+    }
+
+    /// Signs a console session out.
+    pub fn close_session(&self, id: &str) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(id);
+    }
+
+    fn session(&self, id: &str) -> Result<Principal, ApiError> {
+        let sessions = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match sessions.get(id) {
+            Some((principal, until)) if *until > std::time::Instant::now() => Ok(principal.clone()),
+            _ => Err(ApiError::Unauthorized(
+                "the console session has ended or is unknown: sign in again".into(),
+            )),
         }
     }
 
@@ -454,8 +505,8 @@ impl Security {
         let principal = match Self::console_cookie(headers) {
             // A browser's console session; never for the API's routes, which a cookie would
             // open to cross-site requests.
-            Some(token) if class.is_console() && Self::credential(headers)?.is_none() => {
-                self.verify(token)?
+            Some(session) if class.is_console() && Self::credential(headers)?.is_none() => {
+                self.session(session)?
             }
             _ => self.authenticate(headers)?,
         };

@@ -619,6 +619,12 @@ async fn the_console_follows_the_roles_and_its_cookie_opens_only_the_console() {
             cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
             "{cookie}"
         );
+        for key in [CLIENT, OPERATOR, AUDITOR] {
+            assert!(
+                !cookie.contains(key),
+                "the cookie holds a session id, not the key"
+            );
+        }
         cookie.split(';').next().expect("pair").to_owned()
     };
     let get = |path: &str, cookie: &str| {
@@ -728,6 +734,22 @@ async fn the_console_follows_the_roles_and_its_cookie_opens_only_the_console() {
         status(action("same-origin", cookies, csrf).await.expect("POST")),
         404,
         "the operator's own action"
+    );
+
+    // Signed out, the session opens nothing any more.
+    let out = browser
+        .post(format!("{url}/console/logout"))
+        .header("cookie", operator.clone())
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(out.status(), 303);
+    let after = get("/console", &operator).await.expect("GET");
+    assert_eq!(
+        after.status(),
+        303,
+        "a signed-out session is sent to sign in"
     );
     app.stop().await;
 }
