@@ -905,6 +905,29 @@ mod tests {
         assert!(reopened.syncs_each_commit());
     }
 
+    /// A log file a newer binary migrated further is refused, not opened as if it were known.
+    #[tokio::test]
+    async fn a_log_file_from_a_newer_binary_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("log.db");
+        drop(EmbeddedLog::open(&path).await.expect("open"));
+        let mut connection = SqliteConnection::connect_with(&options(&path))
+            .await
+            .expect("connect");
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (99, 'from the future', TRUE, x'00', 0)",
+        )
+        .execute(&mut connection)
+        .await
+        .expect("record a newer migration");
+        connection.close().await.expect("close");
+        let error = EmbeddedLog::open(&path)
+            .await
+            .expect_err("a newer log file must be refused");
+        assert!(error.to_string().contains("99"), "{error}");
+    }
+
     /// A log file written before the records moved to a rowid table (migration 2) keeps its
     /// records, in order, and takes new appends after them.
     #[tokio::test]

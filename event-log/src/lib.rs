@@ -356,6 +356,7 @@ mod migrations {
             "../migrations/embedded/0001_log.sql",
             "../migrations/embedded/0002_records_by_rowid.sql",
         )
+        .alone()
     });
 
     /// The embedded log's file.

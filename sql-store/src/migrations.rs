@@ -81,6 +81,14 @@ impl Migrations {
         self.owner
     }
 
+    /// For a database this owner has to itself (the embedded log's file): a version recorded
+    /// there that these migrations do not know (a newer binary's) is refused at start, not
+    /// ignored.
+    pub fn alone(mut self) -> Migrations {
+        self.migrator.set_ignore_missing(false);
+        self
+    }
+
     /// sqlx's migrator of them, for a file that [`migrate`] does not open (the embedded log's).
     pub fn migrator(&self) -> &Migrator {
         &self.migrator
