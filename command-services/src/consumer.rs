@@ -152,7 +152,9 @@ where
             let aggregate = message.aggregate_id.clone();
             let mut pending = Some((message, partition, offset));
             while let Some(item) = pending.take() {
+                let mut opened = false;
                 let lane = self.lanes.entry(aggregate.clone()).or_insert_with(|| {
+                    opened = true;
                     let (sender, receiver) = mpsc::unbounded_channel();
                     tokio::spawn(run_lane(
                         receiver,
@@ -164,6 +166,14 @@ where
                 // A lane closed for idleness refuses the item: drop it, open another.
                 if let Err(mpsc::error::SendError(refused)) = lane.send(item) {
                     self.lanes.remove(&aggregate);
+                    if opened {
+                        // A lane that refuses at once never ran: the runtime is shutting down
+                        // and drops what is spawned. Opening more would spin for good; the
+                        // command stays in flight, so its position is not saved past it, and
+                        // it is read again at the next start.
+                        tracing::debug!(%aggregate, "no lane can run (the runtime is stopping); dispatch ends");
+                        return;
+                    }
                     pending = Some(refused);
                 }
             }
@@ -509,5 +519,64 @@ where
             owner.release(partition).await;
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use event_schema::commands::ServiceCommand;
+
+    fn record(offset: u64) -> LogRecord {
+        let message = CommandMessage {
+            command_id: uuid::Uuid::now_v7(),
+            correlation_id: "c".into(),
+            causation_id: None,
+            actor: "test".into(),
+            aggregate_id: "order-1".into(),
+            issued_at: chrono::Utc::now(),
+            traceparent: None,
+            attempt: None,
+            command: ServiceCommand::ConfirmOrder,
+        };
+        LogRecord {
+            position: event_log::Position {
+                topic: "t".into(),
+                partition: 0,
+                offset,
+            },
+            timestamp_ms: 0,
+            record: message.to_record(),
+        }
+    }
+
+    /// On a runtime that is shutting down, spawned lanes never run and refuse every item:
+    /// dispatching gives up instead of opening lanes for ever (which hung a stopping process
+    /// at full CPU), and the command stays in flight, so its position is not saved past it.
+    #[test]
+    fn dispatch_ends_when_no_lane_can_run() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let handle = runtime.handle().clone();
+        drop(runtime);
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _entered = handle.enter();
+            let mut dispatcher = Dispatcher::new(|_message: CommandMessage| async {});
+            dispatcher.start(0, 0);
+            dispatcher.dispatch(vec![record(0)]);
+            let in_flight = lock(&dispatcher.in_flight).offsets.get(&0).cloned();
+            let _ = done.send(in_flight);
+        });
+        let in_flight = finished
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("dispatch returned");
+        assert_eq!(
+            in_flight.map(|offsets| offsets.into_iter().collect::<Vec<_>>()),
+            Some(vec![0]),
+            "the undispatched command stays in flight"
+        );
     }
 }
