@@ -33,7 +33,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Form, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
 use http_edge::headers::Actor;
-use http_edge::security::{CONSOLE_COOKIE, RouteClass, Security, cookie, routes};
+use http_edge::security::{CONSOLE_COOKIE, RouteClass, Security, cookie, cookies, routes};
 use projections::ReadSide;
 use projections::audit::{self, AsOf, AuditError, Timeline, Trace};
 use projections::parked::{self, ParkedEvent, Resolution};
@@ -158,15 +158,7 @@ fn same_origin(headers: &HeaderMap) -> bool {
 /// An action's form carries the token its page was given, which must equal the one cookie of
 /// that name (several mean another site set one), and come from the console's own pages.
 fn check_csrf(headers: &HeaderMap, sent: &str) -> Result<(), Failure> {
-    let tokens: Vec<&str> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .filter(|(key, _)| *key == CSRF_COOKIE)
-        .map(|(_, value)| value.trim())
-        .collect();
+    let tokens: Vec<&str> = cookies(headers, CSRF_COOKIE).collect();
     match tokens.as_slice() {
         [expected] if same_origin(headers) && !sent.is_empty() && *expected == sent => Ok(()),
         _ => Err(Failure::Forbidden(
@@ -195,7 +187,7 @@ struct LoginForm {
 async fn login(
     security: Option<Extension<std::sync::Arc<Security>>>,
     headers: HeaderMap,
-    Form(form): Form<LoginForm>,
+    PageForm(form): PageForm<LoginForm>,
 ) -> Result<Response, Failure> {
     if !same_origin(&headers) {
         return Err(Failure::Forbidden(
@@ -274,6 +266,48 @@ async fn css() -> Response {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Extractors whose rejections are console pages, not axum's plain text
+
+/// A query string, or a page saying what is wrong with it.
+struct PageQuery<T>(T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for PageQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Failure;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Failure> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(value)| PageQuery(value))
+            .map_err(|rejection| Failure::Rejected(rejection.status(), rejection.body_text()))
+    }
+}
+
+/// A form body, or a page saying what is wrong with it.
+struct PageForm<T>(T);
+
+impl<T, S> axum::extract::FromRequest<S> for PageForm<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Failure;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Failure> {
+        Form::<T>::from_request(request, state)
+            .await
+            .map(|Form(value)| PageForm(value))
+            .map_err(|rejection| Failure::Rejected(rejection.status(), rejection.body_text()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Failures, as pages
 
 /// Why a page could not be shown, shown as a page with the matching status.
@@ -285,6 +319,9 @@ enum Failure {
     /// The action does not fit the current state (an earlier event of the aggregate is still
     /// parked).
     Conflict(String),
+    /// A request whose query string or form could not be read, with the status that says why
+    /// (400, 415, 422).
+    Rejected(StatusCode, String),
     /// A database or the log did not answer; the cause is logged, not shown.
     Unavailable(String),
 }
@@ -304,6 +341,7 @@ impl IntoResponse for Failure {
             Failure::BadRequest(line) => (StatusCode::BAD_REQUEST, "Not understood", line),
             Failure::Forbidden(line) => (StatusCode::FORBIDDEN, "Refused", line),
             Failure::Conflict(line) => (StatusCode::CONFLICT, "Not now", line),
+            Failure::Rejected(status, line) => (status, "Not understood", line),
             Failure::Unavailable(cause) => {
                 tracing::warn!(%cause, "a console page could not be read");
                 (
@@ -501,7 +539,7 @@ fn number(
 
 async fn sagas(
     State(console): State<Console>,
-    Query(filter): Query<SagaFilter>,
+    PageQuery(filter): PageQuery<SagaFilter>,
 ) -> Result<Response, Failure> {
     let side = saga_side(&console)?;
     let states: Vec<&'static str> = SagaState::STARTED
@@ -647,7 +685,7 @@ async fn retry_saga(
     Path(order_id): Path<String>,
     headers: HeaderMap,
     actor: Option<Extension<Actor>>,
-    Form(form): Form<ActionForm>,
+    PageForm(form): PageForm<ActionForm>,
 ) -> Result<Response, Failure> {
     check_csrf(&headers, &form.csrf)?;
     let side = saga_side(&console)?;
@@ -768,7 +806,7 @@ struct ParkedForm {
 async fn resolve_parked(
     State(console): State<Console>,
     headers: HeaderMap,
-    Form(form): Form<ParkedForm>,
+    PageForm(form): PageForm<ParkedForm>,
 ) -> Result<Response, Failure> {
     check_csrf(&headers, &form.csrf)?;
     let read = read_side(&console)?;
@@ -844,7 +882,7 @@ struct AuditPage {
 /// correlation's flow.
 async fn audit_search(
     State(console): State<Console>,
-    Query(query): Query<AuditQuery>,
+    PageQuery(query): PageQuery<AuditQuery>,
 ) -> Result<Response, Failure> {
     let read = read_side(&console)?;
     let db = read
@@ -895,7 +933,7 @@ struct AggregatePage {
 async fn aggregate(
     State(console): State<Console>,
     Path((aggregate_type, id)): Path<(String, String)>,
-    Query(query): Query<VersionQuery>,
+    PageQuery(query): PageQuery<VersionQuery>,
 ) -> Result<Response, Failure> {
     let read = read_side(&console)?;
     let db = read

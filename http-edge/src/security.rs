@@ -44,16 +44,22 @@ pub const CONSOLE_SESSION: Duration = Duration::from_secs(8 * 3600);
 /// Console sessions one process keeps at most (expired ones are forgotten first).
 const MAX_CONSOLE_SESSIONS: usize = 10_000;
 
-/// The value of the cookie `name` the request carries, if any and not empty.
-pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// The values of every cookie named `name` the request carries, in order.
+pub fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(key, _)| *key == name)
+        .filter(move |(key, _)| *key == name)
         .map(|(_, value)| value.trim())
+}
+
+/// The value of the cookie `name` the request carries, if any and not empty.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &'a str) -> Option<&'a str> {
+    cookies(headers, name)
+        .next()
         .filter(|value| !value.is_empty())
 }
 

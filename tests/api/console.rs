@@ -284,6 +284,37 @@ async fn an_operator_follows_a_parked_saga_in_the_console_and_retries_it_there()
         expect(&missing, 404, &["no saga"], "an unknown saga");
         let missing = browser.get("/console/audit/order/no-such-order").await;
         assert_eq!(missing.status, 404, "{}", missing.body);
+        // Malformed query strings and forms get the console's own page, not plain text.
+        for (page, status, what) in [
+            (
+                browser.get("/console/sagas?state=a&state=b").await,
+                400,
+                "a repeated parameter",
+            ),
+            (
+                browser.get("/console/audit?q=a&q=b").await,
+                400,
+                "a repeated search",
+            ),
+            (
+                browser
+                    .post("/console/parked", &[("csrf", csrf.as_str())])
+                    .await,
+                422,
+                "a form without its fields",
+            ),
+        ] {
+            assert_eq!(page.status, status, "{what}: {}", page.body);
+            assert!(
+                page.headers["content-type"]
+                    .to_str()
+                    .expect("type")
+                    .starts_with("text/html")
+                    && page.body.contains("Not understood"),
+                "{what} gets a console page: {}",
+                page.body
+            );
+        }
         app.stop().await;
     }
 }
