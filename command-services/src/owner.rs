@@ -550,7 +550,7 @@ where
     /// taken up (it may be empty), so it is ready to answer (and to send elsewhere).
     pub fn mark_ready(&self) {
         if !self.inner.ready.swap(true, Ordering::AcqRel) {
-            tracing::info!(topic = %self.inner.config.topic, "owner ready");
+            tracing::debug!(topic = %self.inner.config.topic, "owner ready");
         }
     }
 
