@@ -508,13 +508,16 @@ impl Security {
         if !self.enabled || class == RouteClass::Open {
             return Ok(None);
         }
-        let principal = match Self::console_cookie(headers) {
-            // A browser's console session; never for the API's routes, which a cookie would
-            // open to cross-site requests.
-            Some(session) if class.is_console() && Self::credential(headers)?.is_none() => {
-                self.session(session)?
-            }
-            _ => self.authenticate(headers)?,
+        // A browser's console session counts for the console's routes only (a cookie would open
+        // the API's to cross-site requests), and only without credentials in headers.
+        let session = if class.is_console() && Self::credential(headers)?.is_none() {
+            Self::console_cookie(headers)
+        } else {
+            None
+        };
+        let principal = match session {
+            Some(session) => self.session(session)?,
+            None => self.authenticate(headers)?,
         };
         if !principal.roles.iter().any(|role| role.may(class)) {
             return Err(ApiError::Forbidden(format!(

@@ -16,7 +16,7 @@ use projections::db::Db;
 use serde_json::json;
 
 use crate::durability::start_process;
-use crate::helpers::{Backend, backends, http_client, open_log, settings};
+use crate::helpers::{Backend, backends, http_client, open_log, read_records, settings};
 
 const SKUS: [&str; 4] = ["SKU-S1", "SKU-S2", "SKU-S3", "SKU-S4"];
 
@@ -81,28 +81,10 @@ async fn published(log: &SharedLog, settings: &Settings) -> HashSet<String> {
     for service in ["order", "payment", "inventory"] {
         let topic = topics::commands(&settings.store.topic_prefix, service);
         for partition in 0..settings.partitions {
-            let end = log.end_offset(&topic, partition).await.expect("end offset");
-            if end == 0 {
-                continue;
-            }
-            let mut reader = log.reader(&topic, &[(partition, 0)]).await.expect("reader");
-            let mut read = 0;
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            while read < end {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{topic}:{partition} was not read to its end"
-                );
-                for record in reader
-                    .poll(1000, Duration::from_millis(300))
-                    .await
-                    .expect("poll")
-                {
-                    read = record.position.offset + 1;
-                    let message = CommandMessage::from_record(&record.record)
-                        .unwrap_or_else(|error| panic!("{topic}: an unreadable command: {error}"));
-                    ids.insert(message.command_id.to_string());
-                }
+            for record in read_records(log, &topic, partition).await {
+                let message = CommandMessage::from_record(&record.record)
+                    .unwrap_or_else(|error| panic!("{topic}: an unreadable command: {error}"));
+                ids.insert(message.command_id.to_string());
             }
         }
     }

@@ -308,9 +308,28 @@ pub async fn read_partition(
     topic: &str,
     partition: u32,
 ) -> Vec<(Position, Envelope)> {
+    read_records(log, topic, partition)
+        .await
+        .into_iter()
+        .map(|record| {
+            let envelope = Envelope::try_from(&record.record).expect("decode");
+            (record.position, envelope)
+        })
+        .collect()
+}
+
+/// Every record of a partition, from its start to its end as it is when called.
+pub async fn read_records(
+    log: &SharedLog,
+    topic: &str,
+    partition: u32,
+) -> Vec<event_log::LogRecord> {
     let end = log.end_offset(topic, partition).await.expect("end");
-    let mut reader = log.reader(topic, &[(partition, 0)]).await.expect("reader");
     let mut records = Vec::new();
+    if end == 0 {
+        return records;
+    }
+    let mut reader = log.reader(topic, &[(partition, 0)]).await.expect("reader");
     let mut read = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     while read < end {
@@ -324,8 +343,7 @@ pub async fn read_partition(
             .expect("poll")
         {
             read = record.position.offset + 1;
-            let envelope = Envelope::try_from(&record.record).expect("decode");
-            records.push((record.position, envelope));
+            records.push(record);
         }
     }
     records
