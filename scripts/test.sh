@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # THE one command that runs the whole test suite, on a fresh machine too:
-#   installs the nisshi broker and schemathesis if missing, makes sure Postgres is up, starts a
+#   installs the nisshi broker, schemathesis and headless Chromium if missing, makes sure Postgres is up, starts a
 #   throwaway broker, then runs `cargo test --workspace --all-targets [ARGS...]` and
 #   `cargo test --workspace --doc`.
 # Tests needing Kafka or Postgres fail (instead of skipping) because TEST_REQUIRE_BACKENDS=1.
@@ -22,6 +22,7 @@ fi
 
 "$here/kafka.sh" install
 "$here/schemathesis.sh" install
+"$here/chromium.sh" install
 "$here/postgres.sh" ensure
 
 kafka_dir="$(mktemp -d "${TMPDIR:-/tmp}/test-kafka.XXXXXX")"
@@ -53,6 +54,7 @@ echo "cargo:  $(cargo --version)"
 echo "rustc:  $(rustc --version)"
 echo "nisshi: $("${NISSHI_ROOT:-$HOME/.local/nisshi}/bin/nisshi" --version 2>&1 | head -n 1)"
 echo "TEST_KAFKA_BROKERS=$TEST_KAFKA_BROKERS (broker log: $kafka_dir/broker.log, kept on failure)"
+echo "chromium: $(/usr/bin/chromium --version 2>/dev/null | head -n 1)"
 echo "TEST_DATABASE_URL=$TEST_DATABASE_URL"
 echo "TEST_REQUIRE_BACKENDS=$TEST_REQUIRE_BACKENDS"
 

@@ -68,6 +68,8 @@ struct AppState {
     commands: CommandState,
     read: Option<ReadSide>,
     saga: Option<SagaSide>,
+    /// The saga store the console shows: the orchestrator's, or opened for the console alone.
+    console_saga: Option<SagaSide>,
     backend: &'static str,
     max_lag_seconds: f64,
     /// The projections' lag, which `/health/ready` and `/metrics` show: measuring it asks the
@@ -247,6 +249,26 @@ impl Platform {
         } else {
             None
         };
+        // The projections part's console shows the sagas too, so that one console (the query
+        // API's, behind the gateway) covers the platform: it reads the orchestrator's store and
+        // records an operator's retry there, as `platform sagas retry` does; the orchestrator
+        // sends the commands.
+        let console_saga = match (&saga, &read) {
+            (Some(saga), _) => Some(saga.clone()),
+            (None, Some(_)) => Some(
+                SagaSide::open(
+                    backend.log.clone(),
+                    &read_backend,
+                    &settings.store.topic_prefix,
+                    settings.saga_config(),
+                )
+                .await
+                .map_err(Error::db(
+                    "opening the saga orchestrator's database for the console",
+                ))?,
+            ),
+            (None, None) => None,
+        };
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .map_err(Error::io(format!("binding {}", settings.http_addr)))?;
@@ -255,6 +277,7 @@ impl Platform {
                 commands: commands.clone(),
                 read: read.clone(),
                 saga: saga.clone(),
+                console_saga,
                 backend: backend.log.backend(),
                 max_lag_seconds: settings.max_lag_seconds,
                 projection_status: Arc::default(),
@@ -417,10 +440,10 @@ fn app(state: AppState) -> Router {
     if let Some(saga) = &state.saga {
         router = router.merge(saga_orchestrator::http::router().with_state(saga.clone()));
     }
-    if state.read.is_some() || state.saga.is_some() {
+    if state.read.is_some() || state.console_saga.is_some() {
         router = router.merge(console::router(console::Console::new(
             state.read.clone(),
-            state.saga.clone(),
+            state.console_saga.clone(),
         )));
     }
     // Probes and scrapers carry no credentials: open, cheap (cached statuses) and bounded by

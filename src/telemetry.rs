@@ -185,17 +185,7 @@ pub async fn track(mut request: Request, next: Next) -> Response {
 
 /// The saga instances per state, for `platform_saga_instances`; none when the count fails.
 pub async fn saga_instances(saga: &saga_orchestrator::side::SagaSide) -> Vec<(String, i64)> {
-    let rows = saga
-        .db()
-        .fetch_all(
-            "SELECT state, COUNT(*) AS n FROM sagas GROUP BY state ORDER BY state",
-            &[],
-        )
-        .await;
-    rows.map(|rows| {
-        rows.iter()
-            .map(|row| (row.text("state"), row.int("n")))
-            .collect()
-    })
-    .unwrap_or_default()
+    saga_orchestrator::driver::count_by_state(saga.db())
+        .await
+        .unwrap_or_default()
 }

@@ -111,6 +111,7 @@ use platform::backend::kafka_settings;
 use platform::{Part, Platform, Settings};
 
 mod client;
+mod console;
 mod projections;
 mod queries;
 mod replay;
@@ -134,6 +135,9 @@ pub enum Bench {
     /// The fulfilment saga under load: completed sagas/s and order-placed → confirmed latency,
     /// against the command throughput of the same run (`bench/src/sagas.rs`).
     Sagas(sagas::SagasBench),
+    /// Every console page's answer time with `--orders` orders in the read models
+    /// (`bench/src/console.rs`).
+    Console(console::ConsoleBench),
 }
 
 /// Options of `platform-bench commands`. The backend and its tuning come from the global
@@ -200,6 +204,7 @@ pub async fn run(bench: Bench, settings: Settings) -> anyhow::Result<()> {
         Bench::Projections(options) => projections::run(options, settings).await,
         Bench::Queries(options) => queries::run(options, settings).await,
         Bench::Sagas(options) => sagas::run(options, settings).await,
+        Bench::Console(options) => console::run(options, settings).await,
     }
 }
 

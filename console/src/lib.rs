@@ -16,11 +16,16 @@
 //! Access follows the platform's roles: operators may use every page (class
 //! [`RouteClass::Console`]), auditors the audit pages ([`RouteClass::ConsoleAudit`]), clients
 //! none. With authentication on, a browser signs in at `/console/login` with an API key or
-//! token; it gets a session id (8 hours, kept by this process) in an `HttpOnly`,
-//! `SameSite=Strict` cookie that only the console's routes accept, never the key itself.
+//! token; it gets a signed session (8 hours; caller and roles, never the key) in an `HttpOnly`,
+//! `SameSite=Strict` cookie that only the console's routes accept. Every process of the
+//! deployment and the gateway accept the session: it is signed with a key derived from the
+//! deployment's API keys and JWT secret. Signing out ends it at the process that served the
+//! sign-out and removes the cookie.
 //! Every action is a POST carrying a token that must equal the one in the console's own
 //! `SameSite=Strict` cookie (double submit), so another site cannot make a browser act; every
 //! page is `Cache-Control: no-store`.
+
+mod chart;
 
 use std::time::Duration;
 
@@ -52,6 +57,23 @@ const STUCK_MINUTES: u64 = 5;
 /// How long a measured overview is shown again: open tabs refresh every 2 s, and however many
 /// there are, the sagas are counted and the projections' lag measured at most once a second.
 const OVERVIEW_TTL: Duration = Duration::from_secs(1);
+
+/// The overview's charts: the last 10 minutes in 10-second intervals.
+const CHART_INTERVAL_MS: i64 = 10_000;
+const CHART_INTERVALS: usize = 60;
+
+/// The saga states in the overview's chart, in stacking order, with their CSS class.
+const SAGA_SERIES: [(&str, &str); 9] = [
+    ("confirmed", "s-ok"),
+    ("completed", "s-done"),
+    ("reserving_stock", "s-busy"),
+    ("authorising_payment", "s-busy"),
+    ("confirming", "s-busy"),
+    ("compensating", "s-undo"),
+    ("rejected", "s-off"),
+    ("cancelled", "s-off"),
+    ("needs_attention", "s-alert"),
+];
 
 /// Parked events listed per projection; the page says how many more there are.
 const PARKED_SHOWN: usize = 100;
@@ -124,6 +146,19 @@ async fn pages(mut request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     if response.status() == StatusCode::UNAUTHORIZED && is_get {
         response = Redirect::to("/console/login").into_response();
+    } else if response.status() == StatusCode::FORBIDDEN && is_problem(&response) {
+        // The security layer's refusal (a role without access), as a console page.
+        let body = axum::body::to_bytes(std::mem::take(response.body_mut()), 64 * 1024)
+            .await
+            .unwrap_or_default();
+        let detail = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|problem| problem["detail"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "this page needs another role".to_owned());
+        response = Failure::Forbidden(format!(
+            "{detail}. Sign in with another key at /console/login."
+        ))
+        .into_response();
     }
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -135,6 +170,13 @@ async fn pages(mut request: Request, next: Next) -> Response {
         headers.append(header::SET_COOKIE, value);
     }
     response
+}
+
+fn is_problem(response: &Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/problem+json"))
 }
 
 /// Whether a POST comes from the console's own pages: a browser says so in `Sec-Fetch-Site`
@@ -409,6 +451,7 @@ struct OverviewFragment {
     stuck_minutes: u64,
     projections: Option<Vec<ProjectionRow>>,
     problems: Vec<String>,
+    charts: Vec<chart::Chart>,
 }
 
 #[derive(Template)]
@@ -438,20 +481,43 @@ async fn measure_overview(console: &Console) -> Result<String, Failure> {
         stuck_minutes: STUCK_MINUTES,
         projections: None,
         problems: Vec::new(),
+        charts: Vec::new(),
     };
-    if let Some(side) = &console.saga {
-        let rows = side
-            .db()
-            .fetch_all(
-                "SELECT state, COUNT(*) AS sagas FROM sagas GROUP BY state ORDER BY state",
-                &[],
-            )
+    let window = chart::Window::ending_at(Utc::now(), CHART_INTERVAL_MS, CHART_INTERVALS);
+    if let Some(db) = console.read.as_ref().and_then(|read| read.db("audit")) {
+        let points = audit::commands_per_interval(db, window.first_ms, window.interval_ms)
             .await
             .map_err(unavailable)?;
-        let states: Vec<(String, i64)> = rows
+        let points: Vec<(i64, &str, i64)> = points
             .iter()
-            .map(|row| (row.text("state"), row.int("sagas")))
+            .map(|(start, commands)| (*start, "commands", *commands))
             .collect();
+        fragment.charts.push(chart::stacked(
+            "Commands decided per second (each command that appended events), last 10 minutes",
+            window,
+            &[("commands", "s-busy")],
+            &points,
+            true,
+        ));
+    }
+    if let Some(side) = &console.saga {
+        let changes = driver::changes_per_interval(side.db(), window.first_ms, window.interval_ms)
+            .await
+            .map_err(unavailable)?;
+        let points: Vec<(i64, &str, i64)> = changes
+            .iter()
+            .map(|(start, state, sagas)| (*start, state.as_str(), *sagas))
+            .collect();
+        fragment.charts.push(chart::stacked(
+            "Sagas by the state they reached, per 10 s of their last change, last 10 minutes",
+            window,
+            &SAGA_SERIES,
+            &points,
+            false,
+        ));
+        let states = driver::count_by_state(side.db())
+            .await
+            .map_err(unavailable)?;
         fragment.attention = states
             .iter()
             .find(|(state, _)| state == SagaState::NeedsAttention.as_str())
@@ -500,8 +566,17 @@ struct SagaFilter {
     state: Option<String>,
     #[serde(default)]
     stuck_minutes: Option<String>,
+    /// Changed at or after (a date and time in UTC).
+    #[serde(default)]
+    from: Option<String>,
+    /// Changed before (a date and time in UTC).
+    #[serde(default)]
+    to: Option<String>,
     #[serde(default)]
     limit: Option<String>,
+    /// Where the previous page ended.
+    #[serde(default)]
+    after: Option<String>,
 }
 
 #[derive(Template)]
@@ -510,8 +585,16 @@ struct SagasPage {
     /// Each state, and whether the filter names it.
     states: Vec<(&'static str, bool)>,
     stuck_minutes: Option<u64>,
+    from: String,
+    to: String,
     limit: i64,
     sagas: Vec<SagaSummary>,
+    /// The link to the next page, when there is one.
+    next: Option<String>,
+    /// Whether this is a later page (a link back to the first).
+    paged: bool,
+    /// The first page's link.
+    first: String,
 }
 
 /// A whole number from a form field that may be left empty.
@@ -535,6 +618,41 @@ fn number(
                 ))
             }),
     }
+}
+
+/// A date and time in UTC from a form field that may be left empty: what a `datetime-local`
+/// input sends (`2026-12-07T21:30`, seconds optional), or RFC 3339.
+fn moment(field: &str, raw: Option<&str>) -> Result<Option<DateTime<Utc>>, Failure> {
+    let Some(raw) = raw.map(str::trim).filter(|raw| !raw.is_empty()) else {
+        return Ok(None);
+    };
+    if let Ok(time) = DateTime::parse_from_rfc3339(raw) {
+        return Ok(Some(time.with_timezone(&Utc)));
+    }
+    [
+        "%Y-%m-%dT%H:%M",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%dT%H:%M:%S%.f",
+    ]
+    .iter()
+    .find_map(|format| chrono::NaiveDateTime::parse_from_str(raw, format).ok())
+    .map(|time| Some(time.and_utc()))
+    .ok_or_else(|| {
+        Failure::BadRequest(format!(
+            "{field} must be a date and time such as 2026-12-07T21:30 (UTC)"
+        ))
+    })
+}
+
+/// A query string of `pairs`, the empty values left out.
+fn query_string(pairs: &[(&str, String)]) -> String {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for (key, value) in pairs {
+        if !value.is_empty() {
+            query.append_pair(key, value);
+        }
+    }
+    query.finish()
 }
 
 async fn sagas(
@@ -564,15 +682,47 @@ async fn sagas(
         filter.stuck_minutes.as_deref(),
         1..=525_600,
     )?;
+    let from = moment("from", filter.from.as_deref())?;
+    let to = moment("to", filter.to.as_deref())?;
     let limit = number("limit", filter.limit.as_deref(), 1..=1000)?.unwrap_or(100) as i64;
-    let found = driver::list(
+    let after = match filter.after.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(raw) => Some(raw.parse::<driver::Cursor>().map_err(Failure::BadRequest)?),
+    };
+    let paged = after.is_some();
+    let (found, next) = driver::list_page(
         side.db(),
-        state,
-        stuck_minutes.map(|minutes| Duration::from_secs(minutes * 60)),
-        limit,
+        &driver::ListFilter {
+            state,
+            stuck_for: stuck_minutes.map(|minutes| Duration::from_secs(minutes * 60)),
+            updated_from: from.map(|time| time.timestamp_millis()),
+            updated_to: to.map(|time| time.timestamp_millis()),
+            after,
+            limit,
+        },
     )
     .await
     .map_err(unavailable)?;
+    let field = |time: Option<DateTime<Utc>>| {
+        time.map(|time| time.format("%Y-%m-%dT%H:%M:%S").to_string())
+            .unwrap_or_default()
+    };
+    let (from, to) = (field(from), field(to));
+    let filters = vec![
+        ("state", state.unwrap_or_default().to_owned()),
+        (
+            "stuck_minutes",
+            stuck_minutes.map(|m| m.to_string()).unwrap_or_default(),
+        ),
+        ("from", from.clone()),
+        ("to", to.clone()),
+        ("limit", limit.to_string()),
+    ];
+    let link = |after: Option<String>| {
+        let mut pairs = filters.clone();
+        pairs.push(("after", after.unwrap_or_default()));
+        format!("/console/sagas?{}", query_string(&pairs))
+    };
     page(
         StatusCode::OK,
         &SagasPage {
@@ -581,8 +731,13 @@ async fn sagas(
                 .map(|name| (*name, Some(*name) == state))
                 .collect(),
             stuck_minutes,
+            from,
+            to,
             limit,
             sagas: found,
+            next: next.map(|cursor| link(Some(cursor.to_string()))),
+            paged,
+            first: link(None),
         },
     )
 }
@@ -919,6 +1074,9 @@ async fn audit_search(
 struct VersionQuery {
     #[serde(default)]
     version: Option<String>,
+    /// A date and time in UTC, when no version is given.
+    #[serde(default)]
+    at: Option<String>,
 }
 
 #[derive(Template)]
@@ -939,9 +1097,13 @@ async fn aggregate(
     let db = read
         .db("audit")
         .ok_or_else(|| Failure::NotFound("no audit read model in this process".into()))?;
-    let as_of = match number("version", query.version.as_deref(), 1..=i64::MAX as u64)? {
-        None => AsOf::Latest,
-        Some(version) => AsOf::Version(version),
+    let as_of = match (
+        number("version", query.version.as_deref(), 1..=i64::MAX as u64)?,
+        moment("at", query.at.as_deref())?,
+    ) {
+        (Some(version), _) => AsOf::Version(version),
+        (None, Some(time)) => AsOf::Time(time),
+        (None, None) => AsOf::Latest,
     };
     let known = |error: AuditError| match error {
         AuditError::NotFound(message) => Failure::NotFound(message),

@@ -58,6 +58,10 @@ pub fn class(method: &Method, path: &str) -> RouteClass {
     let read = method == Method::GET || method == Method::HEAD;
     match parts.first().map(String::as_str).unwrap_or_default() {
         "openapi.json" => RouteClass::Open,
+        // The console checks its callers itself (its session cookie, its roles) and answers a
+        // browser with pages: a sign-in page instead of a 401 problem, a page saying what a
+        // role may not see instead of a 403 one.
+        "console" => RouteClass::Open,
         "audit" => RouteClass::Audit,
         "sagas" if !read => RouteClass::Operator,
         "orders" | "inventory" if !read => RouteClass::Command,
@@ -105,6 +109,12 @@ pub fn route(
         }),
         "orders" | "inventory" | "payments" => read.then(|| to(Upstream::Query)),
         "audit" | "openapi.json" => Some(to(Upstream::Query)),
+        // The query API's console shows every part (it reads the saga store too); its actions
+        // are not retried by the gateway.
+        "console" => Some(Route {
+            command: !read,
+            ..to(Upstream::Query)
+        }),
         "sagas" => Some(Route {
             command: !read,
             ..to(Upstream::Saga)
@@ -158,5 +168,27 @@ mod tests {
         );
         assert_eq!(route(&get, "/nowhere", None, None), None);
         assert_eq!(route(&post, "/payments/x", None, None), None);
+    }
+
+    #[test]
+    fn the_console_goes_to_the_query_api_which_checks_its_callers() {
+        let (get, post) = (Method::GET, Method::POST);
+        for (method, path) in [
+            (&get, "/console"),
+            (&get, "/console/sagas/x"),
+            (&post, "/console/sagas/x/retry"),
+            (&post, "/console/parked"),
+            (&get, "/console/audit/order/x"),
+            (&post, "/console/login"),
+        ] {
+            assert_eq!(class(method, path), RouteClass::Open, "{method} {path}");
+            let route = route(method, path, None, None).expect("a route");
+            assert_eq!(route.upstream, Upstream::Query, "{path}");
+            assert_eq!(
+                route.command,
+                method == Method::POST,
+                "actions are not retried"
+            );
+        }
     }
 }

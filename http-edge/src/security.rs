@@ -35,14 +35,17 @@ use crate::error::ApiError;
 use crate::headers::Actor;
 
 /// The cookie a browser presents its console session in (`HttpOnly`, `SameSite=Strict`, path
-/// `/console`): the id [`Security::open_session`] gave it at sign-in.
+/// `/console`): the signed session [`Security::open_session`] gave it at sign-in.
 pub const CONSOLE_COOKIE: &str = "platform_console";
 
 /// How long a console sign-in lasts.
 pub const CONSOLE_SESSION: Duration = Duration::from_secs(8 * 3600);
 
-/// Console sessions one process keeps at most (expired ones are forgotten first).
-const MAX_CONSOLE_SESSIONS: usize = 10_000;
+/// The audience of console sessions: a session is no API token, and an API token no session.
+const SESSION_AUDIENCE: &str = "platform-console";
+
+/// Sign-outs one process remembers at most (until their sessions would have ended anyway).
+const MAX_SIGNED_OUT: usize = 100_000;
 
 /// The values of every cookie named `name` the request carries, in order.
 pub fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> {
@@ -125,6 +128,14 @@ pub enum Role {
 
 impl Role {
     pub const ALL: [Role; 3] = [Role::Client, Role::Operator, Role::Auditor];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Operator => "operator",
+            Role::Auditor => "auditor",
+        }
+    }
 
     pub fn parse(raw: &str) -> Option<Role> {
         match raw.trim() {
@@ -229,6 +240,50 @@ struct Claims {
     roles: Vec<String>,
 }
 
+/// A console session: who signed in, with which roles, until when. Signed (HS256) with a key
+/// derived from the deployment's API keys and JWT secret, so every process of the deployment
+/// (and the gateway) accepts it, and changing those secrets ends every session.
+#[derive(Debug, serde::Serialize, Deserialize)]
+struct SessionClaims {
+    sub: String,
+    roles: Vec<String>,
+    exp: u64,
+    aud: String,
+    /// The session's id, for sign-outs.
+    jti: String,
+}
+
+/// What signs and checks console sessions.
+struct SessionKeys {
+    encoding: jsonwebtoken::EncodingKey,
+    decoding: jsonwebtoken::DecodingKey,
+    validation: jsonwebtoken::Validation,
+}
+
+impl SessionKeys {
+    fn derive(settings: &SecuritySettings) -> SessionKeys {
+        let mut hasher = Sha256::new();
+        hasher.update(b"platform console session\0");
+        for secret in [&settings.api_keys, &settings.jwt_secret] {
+            let secret = secret
+                .as_ref()
+                .map(|secret| secret.expose_secret().as_bytes());
+            hasher.update((secret.map_or(0, <[u8]>::len) as u64).to_be_bytes());
+            hasher.update(secret.unwrap_or_default());
+        }
+        let key: [u8; 32] = hasher.finalize().into();
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        validation.set_audience(&[SESSION_AUDIENCE]);
+        validation.leeway = 0;
+        SessionKeys {
+            encoding: jsonwebtoken::EncodingKey::from_secret(&key),
+            decoding: jsonwebtoken::DecodingKey::from_secret(&key),
+            validation,
+        }
+    }
+}
+
 /// Each caller's rate (governor's keyed GCRA limiter: a token bucket of `--rate-burst` refilled
 /// at `--rate-limit` per second).
 type Limiter = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>;
@@ -241,8 +296,10 @@ pub struct Security {
     rate: f64,
     burst: u32,
     limiter: Limiter,
-    /// The console's sign-ins, by session id: who, and until when.
-    sessions: std::sync::Mutex<HashMap<String, (Principal, std::time::Instant)>>,
+    /// Signs and checks the console's sessions.
+    sessions: SessionKeys,
+    /// The sessions signed out at this process, by id, with when they would have ended.
+    signed_out: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for Security {
@@ -348,7 +405,8 @@ impl Security {
             rate: settings.rate_limit,
             burst: burst.get(),
             limiter: RateLimiter::keyed(quota.allow_burst(burst)),
-            sessions: std::sync::Mutex::default(),
+            sessions: SessionKeys::derive(settings),
+            signed_out: std::sync::Mutex::default(),
         })
     }
 
@@ -378,46 +436,96 @@ impl Security {
         }
     }
 
-    /// Signs a browser in to the console: checks `token` as the API would and returns the id of
-    /// a session that names its caller for [`CONSOLE_SESSION`]. The browser keeps only that id,
-    /// never the key or token; the session lives in this process.
+    /// Signs a browser in to the console: checks `token` (an API key or JWT) as the API would
+    /// and returns the session for its cookie. The session names the caller and its roles,
+    /// never the key, and lasts [`CONSOLE_SESSION`].
     pub fn open_session(&self, token: &str) -> Result<String, ApiError> {
         let principal = self.verify(token)?;
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let now = std::time::Instant::now();
-        let mut sessions = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        sessions.retain(|_, (_, until)| *until > now);
-        if sessions.len() >= MAX_CONSOLE_SESSIONS {
-            return Err(ApiError::Unavailable(
-                "too many console sessions are open; try again later".into(),
-            ));
-        }
-        sessions.insert(id.clone(), (principal, now + CONSOLE_SESSION));
-        Ok(id)
+        let claims = SessionClaims {
+            sub: principal.caller,
+            roles: principal
+                .roles
+                .iter()
+                .map(|role| role.name().to_owned())
+                .collect(),
+            exp: jsonwebtoken::get_current_timestamp() + CONSOLE_SESSION.as_secs(),
+            aud: SESSION_AUDIENCE.to_owned(),
+            jti: uuid::Uuid::new_v4().simple().to_string(),
+        };
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &self.sessions.encoding,
+        )
+        .map_err(|error| ApiError::Internal(format!("signing a console session: {error}")))
     }
 
-    /// Signs a console session out.
-    pub fn close_session(&self, id: &str) {
-        self.sessions
+    fn session_claims(&self, session: &str) -> Result<SessionClaims, ApiError> {
+        jsonwebtoken::decode::<SessionClaims>(
+            session,
+            &self.sessions.decoding,
+            &self.sessions.validation,
+        )
+        .map(|data| data.claims)
+        .map_err(|_| {
+            ApiError::Unauthorized(
+                "the console session has ended or is not valid: sign in again".into(),
+            )
+        })
+    }
+
+    /// Signs a console session out: this process refuses it from now on (the browser drops
+    /// its cookie; other processes accept the session until it ends).
+    pub fn close_session(&self, session: &str) {
+        let Ok(claims) = self.session_claims(session) else {
+            return;
+        };
+        let now = jsonwebtoken::get_current_timestamp();
+        let mut signed_out = self
+            .signed_out
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if signed_out.len() >= MAX_SIGNED_OUT {
+            signed_out.retain(|_, until| *until > now);
+        }
+        if signed_out.len() < MAX_SIGNED_OUT {
+            signed_out.insert(claims.jti, claims.exp);
+        }
+    }
+
+    /// Who a console session names. A key's session takes the key's roles as configured now:
+    /// a key removed from `--api-keys` ends its sessions.
+    fn session(&self, session: &str) -> Result<Principal, ApiError> {
+        let claims = self.session_claims(session)?;
+        let signed_out = self
+            .signed_out
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(id);
-    }
-
-    fn session(&self, id: &str) -> Result<Principal, ApiError> {
-        let sessions = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match sessions.get(id) {
-            Some((principal, until)) if *until > std::time::Instant::now() => Ok(principal.clone()),
-            _ => Err(ApiError::Unauthorized(
-                "the console session has ended or is unknown: sign in again".into(),
-            )),
+            .contains_key(&claims.jti);
+        let ended = || {
+            ApiError::Unauthorized(
+                "the console session has ended or is not valid: sign in again".into(),
+            )
+        };
+        if signed_out {
+            return Err(ended());
         }
+        if claims.sub.starts_with("key:") {
+            return self
+                .keys
+                .values()
+                .find(|principal| principal.caller == claims.sub)
+                .cloned()
+                .ok_or_else(ended);
+        }
+        Ok(Principal {
+            caller: claims.sub,
+            roles: claims
+                .roles
+                .iter()
+                .filter_map(|role| Role::parse(role))
+                .collect(),
+        })
     }
 
     /// The console's cookie in `headers`, if any.

@@ -803,33 +803,119 @@ fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// Sagas, filtered by state and by how long they have not moved.
+/// Sagas, filtered by state and by how long they have not moved, most recently changed first.
 pub async fn list(
     db: &Db,
     state: Option<&str>,
     stuck_for: Option<Duration>,
     limit: i64,
 ) -> Result<Vec<SagaSummary>, DbError> {
+    let filter = ListFilter {
+        state,
+        stuck_for,
+        limit,
+        ..ListFilter::default()
+    };
+    Ok(list_page(db, &filter).await?.0)
+}
+
+/// Where a page of [`list_page`] ended: the last saga's update time and order id. Its text
+/// form (`<updated ms>.<order id>`) goes into links to the next page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub updated_ms: i64,
+    pub order_id: String,
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.updated_ms, self.order_id)
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Cursor, String> {
+        text.split_once('.')
+            .and_then(|(ms, order_id)| {
+                Some(Cursor {
+                    updated_ms: ms.parse().ok()?,
+                    order_id: order_id.to_owned(),
+                })
+            })
+            .filter(|cursor| !cursor.order_id.is_empty())
+            .ok_or_else(|| format!("{text:?} is not a page position (<milliseconds>.<order id>)"))
+    }
+}
+
+/// Which sagas [`list_page`] shows.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter<'a> {
+    pub state: Option<&'a str>,
+    /// Unfinished and unchanged for at least this long.
+    pub stuck_for: Option<Duration>,
+    /// Changed at or after this time (milliseconds since the epoch).
+    pub updated_from: Option<i64>,
+    /// Changed before this time (milliseconds since the epoch).
+    pub updated_to: Option<i64>,
+    /// Start after this saga (the previous page's end).
+    pub after: Option<Cursor>,
+    pub limit: i64,
+}
+
+/// One page of sagas, most recently changed first, and where the next page starts when there
+/// is one. Pages are keyed by (update time, order id), so a saga that changes while someone
+/// pages moves to the front instead of shifting every later page.
+pub async fn list_page(
+    db: &Db,
+    filter: &ListFilter<'_>,
+) -> Result<(Vec<SagaSummary>, Option<Cursor>), DbError> {
     let mut sql = String::from(
         "SELECT order_id, state, deadline, started_at, updated_at, correlation_id FROM sagas WHERE 1 = 1",
     );
     let mut args: Vec<Value> = Vec::new();
-    if let Some(state) = state {
+    if let Some(state) = filter.state {
         args.push(state.into());
         sql.push_str(&format!(" AND state = ${}", args.len()));
     }
-    if let Some(stuck_for) = stuck_for {
+    if let Some(stuck_for) = filter.stuck_for {
         args.push((Utc::now().timestamp_millis() - stuck_for.as_millis() as i64).into());
         sql.push_str(&format!(" AND {}", stuck_since(args.len())));
     }
-    args.push(limit.into());
+    if let Some(from) = filter.updated_from {
+        args.push(from.into());
+        sql.push_str(&format!(" AND updated_at >= ${}", args.len()));
+    }
+    if let Some(to) = filter.updated_to {
+        args.push(to.into());
+        sql.push_str(&format!(" AND updated_at < ${}", args.len()));
+    }
+    if let Some(after) = &filter.after {
+        args.push(after.updated_ms.into());
+        args.push(after.order_id.as_str().into());
+        let (ms, id) = (args.len() - 1, args.len());
+        sql.push_str(&format!(
+            " AND (updated_at < ${ms} OR (updated_at = ${ms} AND order_id > ${id}))"
+        ));
+    }
+    // One more than asked: whether a next page exists.
+    args.push((filter.limit + 1).into());
     sql.push_str(&format!(
         " ORDER BY updated_at DESC, order_id LIMIT ${}",
         args.len()
     ));
-    Ok(db
-        .fetch_all(&sql, &args)
-        .await?
+    let mut rows = db.fetch_all(&sql, &args).await?;
+    let more = rows.len() as i64 > filter.limit;
+    rows.truncate(filter.limit.max(0) as usize);
+    let next = match rows.last() {
+        Some(last) if more => Some(Cursor {
+            updated_ms: last.int("updated_at"),
+            order_id: last.text("order_id"),
+        }),
+        _ => None,
+    };
+    let sagas = rows
         .into_iter()
         .map(|row| SagaSummary {
             order_id: row.text("order_id"),
@@ -838,6 +924,46 @@ pub async fn list(
             started_at: rfc3339(row.int("started_at")),
             updated_at: rfc3339(row.int("updated_at")),
             correlation_id: row.text("correlation_id"),
+        })
+        .collect();
+    Ok((sagas, next))
+}
+
+/// How many sagas are in each state, by state name.
+pub async fn count_by_state(db: &Db) -> Result<Vec<(String, i64)>, DbError> {
+    Ok(db
+        .fetch_all(
+            "SELECT state, COUNT(*) AS sagas FROM sagas GROUP BY state ORDER BY state",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| (row.text("state"), row.int("sagas")))
+        .collect())
+}
+
+/// The sagas last changed since `since_ms`, counted per interval of `bucket_ms` and per state
+/// they are in now: (interval start in ms, state, sagas). A saga counts once, in the interval
+/// of its last change, so the intervals show where sagas finished or got stuck.
+pub async fn changes_per_interval(
+    db: &Db,
+    since_ms: i64,
+    bucket_ms: i64,
+) -> Result<Vec<(i64, String, i64)>, DbError> {
+    Ok(db
+        .fetch_all(
+            "SELECT updated_at / $2 AS bucket, state, COUNT(*) AS sagas FROM sagas
+             WHERE updated_at >= $1 GROUP BY 1, 2",
+            &[since_ms.into(), bucket_ms.max(1).into()],
+        )
+        .await?
+        .iter()
+        .map(|row| {
+            (
+                row.int("bucket") * bucket_ms,
+                row.text("state"),
+                row.int("sagas"),
+            )
         })
         .collect())
 }

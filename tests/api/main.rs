@@ -12,6 +12,7 @@ mod commands;
 mod concurrency;
 mod concurrent_starts;
 mod console;
+mod console_browser;
 mod durability;
 mod durable_topics;
 mod graceful_stop;

@@ -506,3 +506,217 @@ async fn the_gateway_starts_a_trace_and_passes_the_correlation_id_on() {
     gateway.stop().await;
     upstream.stop().await;
 }
+
+/// The console behind the gateway, on Kafka + Postgres with each part in its own server: the
+/// projections part's console shows the saga part's sagas, and an operator's retry made there
+/// is carried out by the saga part. With authentication on, one sign-in at the gateway opens
+/// the console of every instance behind it (the session is signed, not kept by one process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_works_behind_the_gateway_across_parts_and_instances() {
+    let (Ok(brokers), Ok(database)) = (
+        std::env::var("TEST_KAFKA_BROKERS"),
+        std::env::var("TEST_DATABASE_URL"),
+    ) else {
+        assert!(
+            std::env::var("TEST_REQUIRE_BACKENDS").as_deref() != Ok("1"),
+            "TEST_REQUIRE_BACKENDS=1 but TEST_KAFKA_BROKERS / TEST_DATABASE_URL are not set"
+        );
+        return;
+    };
+    const OPERATOR: &str = "operator-key-0123456789abcdef";
+    const CLIENT: &str = "client-key-0123456789abcdef";
+    let dir = tempfile::tempdir().expect("dir");
+    let unique = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let mut settings = gateway_settings(dir.path());
+    settings.store.kafka = Some(brokers);
+    settings.store.database_url = Some(database);
+    settings.store.topic_prefix = format!("t{unique}");
+    settings.store.schema_prefix = format!("t{unique}_");
+    settings.security.auth = Some(platform::settings::Toggle::On);
+    settings.security.api_keys = Some(platform::settings::Secret::from(format!(
+        "client:{CLIENT},operator:{OPERATOR}"
+    )));
+    // A refund's resends are parked after about 2 s.
+    settings.saga.compensation_timeout_ms = 300;
+    let part = |part| {
+        let mut settings = settings.clone();
+        settings.http_addr = localhost();
+        support::platform(settings, part)
+    };
+    let commands = part(Part::Commands).await;
+    let saga = part(Part::Saga).await;
+    let projections = [part(Part::Projections).await, part(Part::Projections).await];
+    let mut gateway = settings.clone();
+    gateway.http_addr = localhost();
+    gateway.gateway.gateway_order = vec![commands.url()];
+    gateway.gateway.gateway_inventory = vec![commands.url()];
+    gateway.gateway.gateway_saga = vec![saga.url()];
+    gateway.gateway.gateway_query = projections.iter().map(|part| part.url()).collect();
+    let gateway = support::gateway(gateway).await;
+    let url = gateway.url();
+    let api = reqwest::Client::new();
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+
+    // An order whose refund keeps failing, cancelled once confirmed: its saga needs attention.
+    let (status, _, body) = read(
+        api.post(format!("{url}/inventory/SKU-G/receipts"))
+            .header("x-api-key", CLIENT)
+            .json(&json!({"quantity": 5}))
+            .send()
+            .await
+            .expect("receive"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = read(
+        api.post(format!("{url}/orders"))
+            .header("x-api-key", CLIENT)
+            .json(&json!({"customer_id": "c-1", "currency": "EUR", "payment_token": "tok_refund_fails",
+                          "lines": [{"sku": "SKU-G", "quantity": 1, "unit_price_minor": 100}]}))
+            .send()
+            .await
+            .expect("place"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let order_id = body["order_id"].as_str().expect("id").to_owned();
+    let saga_state = || async {
+        let (_, _, body) = read(
+            api.get(format!("{url}/sagas/{order_id}"))
+                .header("x-api-key", OPERATOR)
+                .send()
+                .await
+                .expect("saga"),
+        )
+        .await;
+        body["saga"]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let until = |wanted: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let state = saga_state().await;
+            if state == wanted {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the saga is {state}, never {wanted}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    until("confirmed").await;
+    let (status, _, body) = read(
+        api.post(format!("{url}/orders/{order_id}/cancel"))
+            .header("x-api-key", CLIENT)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("cancel"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    until("needs_attention").await;
+
+    // One sign-in at the gateway.
+    let signed_in = browser
+        .post(format!("{url}/console/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("sec-fetch-site", "same-origin")
+        .body(format!("token={OPERATOR}"))
+        .send()
+        .await
+        .expect("sign in");
+    assert_eq!(signed_in.status(), 303);
+    let session = signed_in
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .find(|value| value.starts_with("platform_console="))
+        .and_then(|value| value.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    // The saga's page, from either projections instance: the same session opens both.
+    let mut csrf = None;
+    for _ in 0..4 {
+        let page = browser
+            .get(format!("{url}/console/sagas/{order_id}"))
+            .header("cookie", session.clone())
+            .send()
+            .await
+            .expect("page");
+        assert_eq!(page.status(), 200, "every instance accepts the session");
+        if let Some(token) = page
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .find_map(|value| value.strip_prefix("console_csrf="))
+            .and_then(|value| value.split(';').next())
+        {
+            csrf = Some(token.to_owned());
+        }
+        let body = page.text().await.expect("text");
+        assert!(
+            body.contains("needs_attention") && body.contains("Retry the parked step"),
+            "{body}"
+        );
+    }
+    let csrf = csrf.expect("a page token");
+    let overview = browser
+        .get(format!("{url}/console"))
+        .header("cookie", session.clone())
+        .send()
+        .await
+        .expect("overview");
+    assert_eq!(overview.status(), 200);
+    let overview = overview.text().await.expect("text");
+    assert!(
+        overview.contains("1 need attention") && overview.contains("Projections"),
+        "the overview covers sagas and projections: {overview}"
+    );
+
+    // The retry, made at a projections instance, carried out by the saga part.
+    let retried = browser
+        .post(format!("{url}/console/sagas/{order_id}/retry"))
+        .header("cookie", format!("{session}; console_csrf={csrf}"))
+        .header("sec-fetch-site", "same-origin")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}"))
+        .send()
+        .await
+        .expect("retry");
+    assert_eq!(
+        retried.status(),
+        303,
+        "{}",
+        retried.text().await.unwrap_or_default()
+    );
+    until("cancelled").await;
+
+    // Without the session, or with a forged one: the console's sign-in page.
+    for cookie in [String::new(), format!("{session}x")] {
+        let page = browser
+            .get(format!("{url}/console"))
+            .header("cookie", cookie.clone())
+            .send()
+            .await
+            .expect("page");
+        assert_eq!(page.status(), 303, "{cookie:?} is sent to sign in");
+        assert_eq!(page.headers()["location"], "/console/login");
+    }
+
+    gateway.stop().await;
+    for part in projections {
+        part.stop().await;
+    }
+    saga.stop().await;
+    commands.stop().await;
+}
