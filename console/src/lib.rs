@@ -768,6 +768,51 @@ struct SagaPage {
     csrf: String,
     steps: Vec<StepRow>,
     body: String,
+    /// The order, its payment and its SKUs' stock as the read models hold them, when this
+    /// process runs the projections.
+    read_models: Option<ReadModels>,
+}
+
+struct ReadModels {
+    order: Option<projections::query::OrderView>,
+    payment: Option<projections::query::PaymentView>,
+    stock: Vec<projections::query::StockView>,
+}
+
+/// The order, payment and stock read models for a saga's page.
+async fn read_models(
+    read: &ReadSide,
+    order_id: &str,
+    skus: &[String],
+) -> Result<ReadModels, Failure> {
+    let order = match read.db("orders") {
+        Some(db) => projections::query::order(db, order_id)
+            .await
+            .map_err(unavailable)?,
+        None => None,
+    };
+    let payment = match read.db("payments") {
+        Some(db) => projections::query::payment(db, order_id)
+            .await
+            .map_err(unavailable)?,
+        None => None,
+    };
+    let mut stock = Vec::new();
+    if let Some(db) = read.db("inventory") {
+        for sku in skus {
+            if let Some(level) = projections::query::stock(db, sku)
+                .await
+                .map_err(unavailable)?
+            {
+                stock.push(level);
+            }
+        }
+    }
+    Ok(ReadModels {
+        order,
+        payment,
+        stock,
+    })
 }
 
 async fn saga(
@@ -802,6 +847,11 @@ async fn saga(
         })
         .collect();
     let body = serde_json::to_string_pretty(&saga).map_err(unavailable)?;
+    let skus: Vec<String> = saga.lines.iter().map(|line| line.sku.to_string()).collect();
+    let read_models = match &console.read {
+        Some(read) => Some(read_models(read, &order_id, &skus).await?),
+        None => None,
+    };
     page(
         StatusCode::OK,
         &SagaPage {
@@ -824,6 +874,7 @@ async fn saga(
             csrf,
             steps,
             body,
+            read_models,
         },
     )
 }

@@ -63,6 +63,8 @@ pub struct TimelineEntry {
     pub occurred_at: String,
     pub event_type: String,
     pub actor: String,
+    /// The command that produced the event (`place_order`, `reserve_stock`, ...).
+    pub command: String,
     pub command_id: String,
     pub correlation_id: String,
     pub causation_id: String,
@@ -323,6 +325,7 @@ pub async fn timeline(
             occurred_at: rfc3339(row.int("occurred_at")),
             event_type: row.text("event_type"),
             actor: row.text("actor"),
+            command: command_of(&row.text("event_type")).to_owned(),
             command_id: row.text("command_id"),
             correlation_id: row.text("correlation_id"),
             causation_id: row.text("causation_id"),

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::ReadSide;
-use crate::db::{Db, Row, Value};
+use crate::db::{Db, DbError, Row, Value};
 
 /// How long a read-your-writes query waits for the read model.
 pub const CONSISTENCY_WAIT: Duration = Duration::from_secs(5);
@@ -345,9 +345,18 @@ pub async fn get_order(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     consistent(&read, "orders", &headers, consistency.after.as_deref()).await?;
+    let view = order(db(&read, "orders")?, &id)
+        .await
+        .map_err(infra)?
+        .ok_or_else(|| ApiError::NotFound(format!("order {id} does not exist")))?;
+    Ok(respond(&headers, &view))
+}
+
+/// An order as the orders read model holds it, if it has one.
+pub async fn order(db: &Db, id: &str) -> Result<Option<OrderView>, DbError> {
     // One round trip: the summary with its payment status, one row per reservation (or one
     // row with none).
-    let rows = db(&read, "orders")?
+    let rows = db
         .fetch_all(
             "SELECT s.*, p.status AS payment_status, r.sku AS reservation_sku,
                     r.status AS reservation_status
@@ -355,13 +364,12 @@ pub async fn get_order(
              LEFT JOIN order_payment p ON p.order_id = s.order_id
              LEFT JOIN order_reservations r ON r.order_id = s.order_id
              WHERE s.order_id = $1",
-            &[id.as_str().into()],
+            &[id.into()],
         )
-        .await
-        .map_err(infra)?;
-    let first = rows
-        .first()
-        .ok_or_else(|| ApiError::NotFound(format!("order {id} does not exist")))?;
+        .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
     let reservations: Vec<(String, String)> = rows
         .iter()
         .filter_map(|row| {
@@ -372,10 +380,7 @@ pub async fn get_order(
         })
         .collect();
     let payment = first.get("payment_status").text().map(str::to_owned);
-    Ok(respond(
-        &headers,
-        &order_view(first, payment, &reservations),
-    ))
+    Ok(Some(order_view(first, payment, &reservations)))
 }
 
 const STATUSES: [&str; 5] = ["pending", "confirmed", "rejected", "cancelled", "shipped"];
@@ -500,15 +505,19 @@ pub async fn get_stock(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     consistent(&read, "inventory", &headers, consistency.after.as_deref()).await?;
-    let row = db(&read, "inventory")?
-        .fetch_optional(
-            "SELECT * FROM stock_levels WHERE sku = $1",
-            &[sku.as_str().into()],
-        )
+    let view = stock(db(&read, "inventory")?, &sku)
         .await
         .map_err(infra)?
         .ok_or_else(|| ApiError::NotFound(format!("sku {sku} has no stock record")))?;
-    Ok(respond(&headers, &stock_view(&row)))
+    Ok(respond(&headers, &view))
+}
+
+/// A SKU's stock as the inventory read model holds it, if it has a record.
+pub async fn stock(db: &Db, sku: &str) -> Result<Option<StockView>, DbError> {
+    Ok(db
+        .fetch_optional("SELECT * FROM stock_levels WHERE sku = $1", &[sku.into()])
+        .await?
+        .map(|row| stock_view(&row)))
 }
 
 /// The low-stock list: SKUs whose available stock is below a threshold, lowest first.
@@ -572,25 +581,31 @@ pub async fn get_payment(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     consistent(&read, "payments", &headers, consistency.after.as_deref()).await?;
-    let row = db(&read, "payments")?
-        .fetch_optional(
-            "SELECT * FROM payments WHERE order_id = $1",
-            &[order_id.as_str().into()],
-        )
+    let view = payment(db(&read, "payments")?, &order_id)
         .await
         .map_err(infra)?
         .ok_or_else(|| ApiError::NotFound(format!("order {order_id} has no payment")))?;
-    let view = PaymentView {
-        order_id: row.text("order_id"),
-        status: row.text("status"),
-        currency: row.get("currency").text().map(str::to_owned),
-        authorised_minor: row.int("authorised_minor"),
-        captured_minor: row.int("captured_minor"),
-        refunded_minor: row.int("refunded_minor"),
-        reason: row.get("reason").text().map(str::to_owned),
-        version: row.int("version"),
-    };
     Ok(respond(&headers, &view))
+}
+
+/// An order's payment as the payments read model holds it, if it has one.
+pub async fn payment(db: &Db, order_id: &str) -> Result<Option<PaymentView>, DbError> {
+    Ok(db
+        .fetch_optional(
+            "SELECT * FROM payments WHERE order_id = $1",
+            &[order_id.into()],
+        )
+        .await?
+        .map(|row| PaymentView {
+            order_id: row.text("order_id"),
+            status: row.text("status"),
+            currency: row.get("currency").text().map(str::to_owned),
+            authorised_minor: row.int("authorised_minor"),
+            captured_minor: row.int("captured_minor"),
+            refunded_minor: row.int("refunded_minor"),
+            reason: row.get("reason").text().map(str::to_owned),
+            version: row.int("version"),
+        }))
 }
 
 /// The query routes, of the read class.

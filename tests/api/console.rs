@@ -280,6 +280,38 @@ async fn an_operator_follows_a_parked_saga_in_the_console_and_retries_it_there()
         expect(&bad, 400, &["no saga state"], "an unknown state");
         let bad = browser.get("/console/sagas?limit=0").await;
         expect(&bad, 400, &["limit"], "a limit of 0");
+        let bad = browser.get("/console/sagas?from=yesterday").await;
+        expect(&bad, 400, &["date and time"], "a time that is none");
+        let bad = browser.get("/console/sagas?after=nowhere").await;
+        expect(
+            &bad,
+            400,
+            &["page position"],
+            "a page position that is none",
+        );
+        // The time filter: nothing changed in the future, this saga changed since an hour ago.
+        let later = (chrono::Utc::now() + chrono::Duration::hours(1))
+            .format("%Y-%m-%dT%H:%M")
+            .to_string();
+        let none = browser.get(&format!("/console/sagas?from={later}")).await;
+        expect(
+            &none,
+            200,
+            &["No saga matches"],
+            "sagas changed in the future",
+        );
+        let earlier = (chrono::Utc::now() - chrono::Duration::hours(1))
+            .format("%Y-%m-%dT%H:%M:%S")
+            .to_string();
+        let some = browser
+            .get(&format!("/console/sagas?from={earlier}&to={later}"))
+            .await;
+        expect(
+            &some,
+            200,
+            &[order_id.as_str()],
+            "sagas changed in the last hour",
+        );
         let missing = browser.get("/console/sagas/no-such-order").await;
         expect(&missing, 404, &["no saga"], "an unknown saga");
         let missing = browser.get("/console/audit/order/no-such-order").await;

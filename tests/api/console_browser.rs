@@ -404,6 +404,10 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
         )
         .await;
     assert!(saga.contains("release:SKU-B"), "{saga}");
+    assert!(
+        saga.contains("Order, payment and stock now") && saga.contains("captured"),
+        "the saga's page shows its order, payment and stock: {saga}"
+    );
     let compensations = browser
         .client
         .find_all(Locator::Css("tr.compensation"))
