@@ -68,8 +68,9 @@ struct AppState {
     commands: CommandState,
     read: Option<ReadSide>,
     saga: Option<SagaSide>,
-    /// The saga store the console shows: the orchestrator's, or opened for the console alone.
-    console_saga: Option<SagaSide>,
+    /// The console, when this process runs the projections or the saga: it shows the
+    /// orchestrator's saga store, or one opened for the console alone.
+    console: Option<console::Console>,
     backend: &'static str,
     max_lag_seconds: f64,
     /// The projections' lag, which `/health/ready` and `/metrics` show: measuring it asks the
@@ -269,6 +270,11 @@ impl Platform {
             ),
             (None, None) => None,
         };
+        let console = (read.is_some() || console_saga.is_some()).then(|| {
+            let console = console::Console::new(read.clone(), console_saga);
+            console.start(shutdown.subscribe(), &supervisor);
+            console
+        });
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .map_err(Error::io(format!("binding {}", settings.http_addr)))?;
@@ -277,7 +283,7 @@ impl Platform {
                 commands: commands.clone(),
                 read: read.clone(),
                 saga: saga.clone(),
-                console_saga,
+                console,
                 backend: backend.log.backend(),
                 max_lag_seconds: settings.max_lag_seconds,
                 projection_status: Arc::default(),
@@ -440,11 +446,8 @@ fn app(state: AppState) -> Router {
     if let Some(saga) = &state.saga {
         router = router.merge(saga_orchestrator::http::router().with_state(saga.clone()));
     }
-    if state.read.is_some() || state.console_saga.is_some() {
-        router = router.merge(console::router(console::Console::new(
-            state.read.clone(),
-            state.console_saga.clone(),
-        )));
+    if let Some(console) = &state.console {
+        router = router.merge(console::router(console.clone()));
     }
     // Probes and scrapers carry no credentials: open, cheap (cached statuses) and bounded by
     // the server's connection cap.

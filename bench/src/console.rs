@@ -184,45 +184,32 @@ pub async fn run(options: ConsoleBench, base_settings: Settings) -> anyhow::Resu
         placing.as_secs_f64()
     );
     let drain_by = Instant::now() + Duration::from_secs(options.drain_timeout);
-    // Ship or cancel each approved order once its saga has confirmed it.
-    let mut pending: Vec<(u64, String)> = approved;
-    while !pending.is_empty() {
-        anyhow::ensure!(
-            Instant::now() < drain_by,
-            "{} sagas did not end in time",
-            pending.len()
-        );
-        let mut waiting = Vec::new();
-        let mut work = JoinSet::new();
-        for chunk in pending.chunks(pending.len().div_ceil(options.clients).max(1)) {
-            let (http, base, chunk) = (http.clone(), base.clone(), chunk.to_vec());
-            work.spawn(async move {
-                let mut left = Vec::new();
-                for (n, id) in chunk {
-                    let action = if n % 5 == 1 { "cancel" } else { "ship" };
-                    let response = http
-                        .post(format!("{base}/orders/{id}/{action}"))
-                        .json(&serde_json::json!({}))
-                        .send()
-                        .await?;
-                    // 409 while the order is not confirmed yet: try it again later.
-                    match response.status().as_u16() {
-                        200 => {}
-                        409 | 422 => left.push((n, id)),
-                        status => anyhow::bail!("{action} of order {id}: HTTP {status}"),
-                    }
-                }
-                Ok::<_, anyhow::Error>(left)
-            });
-        }
-        while let Some(result) = work.join_next().await {
-            waiting.extend(result??);
-        }
-        if !waiting.is_empty() {
-            eprintln!("bench: {} orders not confirmed yet", waiting.len());
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-        pending = waiting;
+    // Once every saga has settled, ship or cancel each confirmed order (a cancellation
+    // compensates: refund, release; a shipment completes the saga).
+    wait_drained(&http, &base, drain_by).await?;
+    eprintln!("bench: sagas settled; shipping and cancelling the confirmed orders");
+    let mut work = JoinSet::new();
+    for chunk in approved.chunks(approved.len().div_ceil(options.clients).max(1)) {
+        let (http, base, chunk) = (http.clone(), base.clone(), chunk.to_vec());
+        work.spawn(async move {
+            for (n, id) in chunk {
+                let action = if n % 5 == 1 { "cancel" } else { "ship" };
+                let response = http
+                    .post(format!("{base}/orders/{id}/{action}"))
+                    .json(&serde_json::json!({}))
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    response.status() == 200,
+                    "{action} of order {id}: HTTP {}",
+                    response.status()
+                );
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(result) = work.join_next().await {
+        result??;
     }
     wait_drained(&http, &base, drain_by).await?;
     eprintln!(

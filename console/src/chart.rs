@@ -1,6 +1,7 @@
 //! The overview's small charts: stacked bar charts over fixed intervals, drawn by the server as
 //! inline SVG (no script). Every bar carries a `<title>` with its figures, and the chart an
-//! `aria-label` with its totals, so the figures are readable without seeing the colours.
+//! `aria-label` with its totals (or its latest figures), so the figures are readable without
+//! seeing the colours.
 
 use chrono::{DateTime, Utc};
 
@@ -60,23 +61,38 @@ impl Window {
 const WIDTH: u32 = 600;
 const HEIGHT: u32 = 100;
 
+/// What a chart's figures are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Figures {
+    /// Counts of what happened in each interval, shown as rates (count ÷ interval); the
+    /// summary gives the window's totals.
+    Rates,
+    /// How many there were at the end of each interval; the summary gives the latest.
+    Levels,
+}
+
 /// A stacked bar chart of `points` (interval start, series, count). `series` gives each
-/// series' name and CSS class in stacking order; points of other series are left out.
-/// `per_second` labels the figures as rates (count ÷ interval) instead of counts.
+/// series' name and CSS class in stacking order; points of other series are left out. Points
+/// of one series in one interval add up for [`Figures::Rates`]; for [`Figures::Levels`] the
+/// last one counts.
 pub fn stacked(
     caption: &str,
     window: Window,
     series: &[(&str, &'static str)],
     points: &[(i64, &str, i64)],
-    per_second: bool,
+    figures: Figures,
 ) -> Chart {
+    let per_second = figures == Figures::Rates;
     let mut counts = vec![vec![0i64; series.len()]; window.intervals];
     for (start, name, count) in points {
         if let (Some(index), Some(which)) = (
             window.index(*start),
             series.iter().position(|(series, _)| series == name),
         ) {
-            counts[index][which] += count;
+            match figures {
+                Figures::Rates => counts[index][which] += count,
+                Figures::Levels => counts[index][which] = *count,
+            }
         }
     }
     let seconds = window.interval_ms as f64 / 1000.0;
@@ -116,19 +132,30 @@ pub fn stacked(
             });
         }
     }
+    // Levels: the latest interval that has any figure.
+    let latest = counts
+        .iter()
+        .rposition(|interval| interval.iter().any(|count| *count != 0));
     let totals: Vec<String> = series
         .iter()
         .enumerate()
         .map(|(which, (name, _))| {
-            let total: i64 = counts.iter().map(|interval| interval[which]).sum();
+            let total: i64 = match figures {
+                Figures::Rates => counts.iter().map(|interval| interval[which]).sum(),
+                Figures::Levels => latest.map_or(0, |index| counts[index][which]),
+            };
             format!("{name} {total}")
         })
         .collect();
+    let totals_are = match figures {
+        Figures::Rates => "in all",
+        Figures::Levels => "latest",
+    };
     let end = window.first_ms + window.interval_ms * window.intervals as i64;
     Chart {
         caption: caption.to_owned(),
         summary: format!(
-            "{caption}, {} to {}: {}",
+            "{caption}, {} to {}, {totals_are}: {}",
             clock(window.first_ms),
             clock(end),
             totals.join(", ")
@@ -179,9 +206,9 @@ mod tests {
                 (1_060_000, "confirmed", 50),
                 (1_020_000, "reserving_stock", 9),
             ],
-            false,
+            Figures::Rates,
         );
-        assert_eq!(chart.peak, "4");
+        assert_eq!(chart.peak, "0.4/s", "4 in the 10-s interval");
         let first: Vec<(u32, u32, &str)> = chart
             .bars
             .iter()
@@ -198,7 +225,7 @@ mod tests {
         assert_eq!(third, vec![50]);
         assert_eq!(chart.bars.len(), 3);
         assert!(
-            chart.summary.contains("confirmed 5, rejected 1"),
+            chart.summary.contains("in all: confirmed 5, rejected 1"),
             "{}",
             chart.summary
         );
@@ -211,7 +238,7 @@ mod tests {
             window(),
             &[("commands", "ok")],
             &[(1_010_000, "commands", 25)],
-            true,
+            Figures::Rates,
         );
         assert_eq!(chart.peak, "2.5/s");
         assert!(chart.bars[0].title.ends_with("2.5/s commands"));
@@ -219,9 +246,37 @@ mod tests {
 
     #[test]
     fn an_empty_window_draws_no_bars() {
-        let chart = stacked("Commands", window(), &[("commands", "ok")], &[], true);
+        let chart = stacked(
+            "Commands",
+            window(),
+            &[("commands", "ok")],
+            &[],
+            Figures::Rates,
+        );
         assert!(chart.bars.is_empty());
         assert_eq!(chart.peak, "0.0/s");
+    }
+
+    #[test]
+    fn levels_keep_the_last_figure_of_an_interval_and_summarise_the_latest() {
+        let chart = stacked(
+            "In flight",
+            window(),
+            &[("waiting", "ok"), ("stuck", "off")],
+            &[
+                (1_000_000, "waiting", 7),
+                (1_000_000, "waiting", 3),
+                (1_030_000, "waiting", 2),
+                (1_030_000, "stuck", 1),
+            ],
+            Figures::Levels,
+        );
+        assert_eq!(chart.peak, "3");
+        assert!(
+            chart.summary.contains("latest: waiting 2, stuck 1"),
+            "{}",
+            chart.summary
+        );
     }
 
     #[test]

@@ -62,18 +62,22 @@ const OVERVIEW_TTL: Duration = Duration::from_secs(1);
 const CHART_INTERVAL_MS: i64 = 10_000;
 const CHART_INTERVALS: usize = 60;
 
-/// The saga states in the overview's chart, in stacking order, with their CSS class.
-const SAGA_SERIES: [(&str, &str); 9] = [
-    ("confirmed", "s-ok"),
-    ("completed", "s-done"),
+/// How often the console samples the log and the sagas for its charts when no overview is
+/// open (an open overview samples at each of its measurements): the charts' interval, so that
+/// each interval has a figure.
+const SAMPLE_EVERY: Duration = Duration::from_millis(CHART_INTERVAL_MS as u64);
+
+/// The saga states the chart of sagas in flight stacks, with their CSS class.
+const IN_FLIGHT: [(&str, &str); 5] = [
     ("reserving_stock", "s-busy"),
-    ("authorising_payment", "s-busy"),
-    ("confirming", "s-busy"),
+    ("authorising_payment", "s-ok"),
+    ("confirming", "s-done"),
     ("compensating", "s-undo"),
-    ("rejected", "s-off"),
-    ("cancelled", "s-off"),
     ("needs_attention", "s-alert"),
 ];
+
+/// The states a saga rests in once it has finished (or until a shipment or cancellation).
+const FINISHED: [&str; 4] = ["confirmed", "completed", "rejected", "cancelled"];
 
 /// Parked events listed per projection; the page says how many more there are.
 const PARKED_SHOWN: usize = 100;
@@ -86,6 +90,17 @@ pub struct Console {
     /// The last overview and when it was measured; its lock makes one request measure while
     /// the others wait for its answer.
     overview: std::sync::Arc<tokio::sync::Mutex<Option<(std::time::Instant, String)>>>,
+    /// The charts' samples, oldest first, as far back as the charts reach.
+    samples: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Sample>>>,
+}
+
+/// What the console saw at one moment: how many events the log held (every aggregate's
+/// topics), and how many sagas were in each state.
+#[derive(Debug, Clone)]
+struct Sample {
+    at_ms: i64,
+    events: Option<u64>,
+    sagas: Option<Vec<(String, i64)>>,
 }
 
 impl Console {
@@ -94,7 +109,148 @@ impl Console {
             read,
             saga,
             overview: Default::default(),
+            samples: Default::default(),
         }
+    }
+
+    /// Samples the log's end and the sagas by state every [`SAMPLE_EVERY`] for the charts,
+    /// under `supervisor` (`console sampler`), until `shutdown`. Counting over the events or
+    /// sagas of the charts' window instead would read every row of it each time: hundreds of
+    /// thousands under load.
+    pub fn start(
+        &self,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        supervisor: &supervisor::Supervisor,
+    ) {
+        let console = self.clone();
+        supervisor.spawn("console sampler", async move {
+            loop {
+                if let Err(error) = console.sample().await {
+                    tracing::debug!(?error, "the console's sample failed");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(SAMPLE_EVERY) => {}
+                    _ = shutdown.wait_for(|stopped| *stopped) => return,
+                }
+            }
+        });
+    }
+
+    /// Takes one sample; what it could not read stays out of it.
+    async fn sample(&self) -> Result<(), Failure> {
+        let events = match &self.read {
+            Some(read) => read
+                .status()
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .find(|status| status.projection == "audit")
+                .map(|audit| audit.partitions.iter().map(|lag| lag.end).sum()),
+            None => None,
+        };
+        let sagas = match &self.saga {
+            Some(side) => Some(
+                driver::count_by_state(side.db())
+                    .await
+                    .map_err(unavailable)?,
+            ),
+            None => None,
+        };
+        self.record(Sample {
+            at_ms: Utc::now().timestamp_millis(),
+            events,
+            sagas,
+        });
+        Ok(())
+    }
+
+    fn record(&self, sample: Sample) {
+        let mut samples = self
+            .samples
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let horizon = sample.at_ms - CHART_INTERVAL_MS * (CHART_INTERVALS as i64 + 1);
+        while samples.front().is_some_and(|oldest| oldest.at_ms < horizon) {
+            samples.pop_front();
+        }
+        samples.push_back(sample);
+    }
+
+    /// The overview's charts from the samples.
+    fn charts(&self) -> Vec<chart::Chart> {
+        let samples: Vec<Sample> = self
+            .samples
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let window = chart::Window::ending_at(Utc::now(), CHART_INTERVAL_MS, CHART_INTERVALS);
+        // A figure between two samples belongs to the interval of the later one.
+        let interval_of = |at_ms: i64| at_ms.div_euclid(CHART_INTERVAL_MS) * CHART_INTERVAL_MS;
+        let mut charts = Vec::new();
+        if self.read.is_some() {
+            let points: Vec<(i64, &str, i64)> = samples
+                .windows(2)
+                .filter_map(|pair| {
+                    let appended = pair[1].events?.checked_sub(pair[0].events?)?;
+                    Some((interval_of(pair[1].at_ms), "events", appended as i64))
+                })
+                .collect();
+            charts.push(chart::stacked(
+                "Events appended per second (each decided command appends one or more)",
+                window,
+                &[("events", "s-busy")],
+                &points,
+                chart::Figures::Rates,
+            ));
+        }
+        if self.saga.is_some() {
+            let finished = |sample: &Sample| -> Option<i64> {
+                Some(
+                    sample
+                        .sagas
+                        .as_ref()?
+                        .iter()
+                        .filter(|(state, _)| FINISHED.contains(&state.as_str()))
+                        .map(|(_, count)| count)
+                        .sum(),
+                )
+            };
+            let points: Vec<(i64, &str, i64)> = samples
+                .windows(2)
+                .filter_map(|pair| {
+                    let more = finished(&pair[1])? - finished(&pair[0])?;
+                    Some((interval_of(pair[1].at_ms), "finished", more.max(0)))
+                })
+                .collect();
+            charts.push(chart::stacked(
+                "Sagas finished per second (confirmed, completed, rejected or cancelled)",
+                window,
+                &[("finished", "s-ok")],
+                &points,
+                chart::Figures::Rates,
+            ));
+            let mut levels: Vec<(i64, &str, i64)> = Vec::new();
+            for sample in &samples {
+                let Some(sagas) = &sample.sagas else { continue };
+                for (state, _) in IN_FLIGHT {
+                    let count = sagas
+                        .iter()
+                        .find(|(name, _)| name == state)
+                        .map_or(0, |(_, count)| *count);
+                    levels.push((interval_of(sample.at_ms), state, count));
+                }
+            }
+            charts.push(chart::stacked(
+                "Sagas in flight, by state",
+                window,
+                &IN_FLIGHT,
+                &levels,
+                chart::Figures::Levels,
+            ));
+        }
+        charts
     }
 }
 
@@ -483,38 +639,7 @@ async fn measure_overview(console: &Console) -> Result<String, Failure> {
         problems: Vec::new(),
         charts: Vec::new(),
     };
-    let window = chart::Window::ending_at(Utc::now(), CHART_INTERVAL_MS, CHART_INTERVALS);
-    if let Some(db) = console.read.as_ref().and_then(|read| read.db("audit")) {
-        let points = audit::commands_per_interval(db, window.first_ms, window.interval_ms)
-            .await
-            .map_err(unavailable)?;
-        let points: Vec<(i64, &str, i64)> = points
-            .iter()
-            .map(|(start, commands)| (*start, "commands", *commands))
-            .collect();
-        fragment.charts.push(chart::stacked(
-            "Commands decided per second (each command that appended events), last 10 minutes",
-            window,
-            &[("commands", "s-busy")],
-            &points,
-            true,
-        ));
-    }
     if let Some(side) = &console.saga {
-        let changes = driver::changes_per_interval(side.db(), window.first_ms, window.interval_ms)
-            .await
-            .map_err(unavailable)?;
-        let points: Vec<(i64, &str, i64)> = changes
-            .iter()
-            .map(|(start, state, sagas)| (*start, state.as_str(), *sagas))
-            .collect();
-        fragment.charts.push(chart::stacked(
-            "Sagas by the state they reached, per 10 s of their last change, last 10 minutes",
-            window,
-            &SAGA_SERIES,
-            &points,
-            false,
-        ));
         let states = driver::count_by_state(side.db())
             .await
             .map_err(unavailable)?;
@@ -527,8 +652,13 @@ async fn measure_overview(console: &Console) -> Result<String, Failure> {
             .map_err(unavailable)?;
         fragment.sagas = Some(states);
     }
+    let mut events = None;
     if let Some(read) = &console.read {
         let statuses = read.status().await.map_err(unavailable)?;
+        events = statuses
+            .iter()
+            .find(|status| status.projection == "audit")
+            .map(|audit| audit.partitions.iter().map(|lag| lag.end).sum());
         fragment.problems = statuses
             .iter()
             .flat_map(|status| status.problems.iter().cloned())
@@ -545,6 +675,13 @@ async fn measure_overview(console: &Console) -> Result<String, Failure> {
                 .collect(),
         );
     }
+    // What this measurement saw is also a sample for the charts.
+    console.record(Sample {
+        at_ms: Utc::now().timestamp_millis(),
+        events,
+        sagas: fragment.sagas.clone(),
+    });
+    fragment.charts = console.charts();
     fragment.render().map_err(unavailable)
 }
 

@@ -420,26 +420,6 @@ fn is_compensation(command: &str, actor: &str) -> bool {
         )
 }
 
-/// Commands decided since `since_ms` that appended events, counted per interval of
-/// `bucket_ms`: (interval start in ms, commands). A command counts once however many events it
-/// appended; a refused command appends none and is not counted.
-pub async fn commands_per_interval(
-    db: &Db,
-    since_ms: i64,
-    bucket_ms: i64,
-) -> Result<Vec<(i64, i64)>, DbError> {
-    Ok(db
-        .fetch_all(
-            "SELECT occurred_at / $2 AS bucket, COUNT(DISTINCT command_id) AS commands
-             FROM audit_events WHERE occurred_at >= $1 GROUP BY 1",
-            &[since_ms.into(), bucket_ms.max(1).into()],
-        )
-        .await?
-        .iter()
-        .map(|row| (row.int("bucket") * bucket_ms, row.int("commands")))
-        .collect())
-}
-
 /// One correlation's flow as a causation tree: each event under the event whose saga step sent
 /// its command; roots are client requests (and saga deadlines).
 pub async fn trace(db: &Db, correlation_id: &str) -> Result<Trace, AuditError> {

@@ -942,32 +942,6 @@ pub async fn count_by_state(db: &Db) -> Result<Vec<(String, i64)>, DbError> {
         .collect())
 }
 
-/// The sagas last changed since `since_ms`, counted per interval of `bucket_ms` and per state
-/// they are in now: (interval start in ms, state, sagas). A saga counts once, in the interval
-/// of its last change, so the intervals show where sagas finished or got stuck.
-pub async fn changes_per_interval(
-    db: &Db,
-    since_ms: i64,
-    bucket_ms: i64,
-) -> Result<Vec<(i64, String, i64)>, DbError> {
-    Ok(db
-        .fetch_all(
-            "SELECT updated_at / $2 AS bucket, state, COUNT(*) AS sagas FROM sagas
-             WHERE updated_at >= $1 GROUP BY 1, 2",
-            &[since_ms.into(), bucket_ms.max(1).into()],
-        )
-        .await?
-        .iter()
-        .map(|row| {
-            (
-                row.int("bucket") * bucket_ms,
-                row.text("state"),
-                row.int("sagas"),
-            )
-        })
-        .collect())
-}
-
 /// The condition "unfinished and unchanged since the time in parameter `$n`".
 fn stuck_since(n: usize) -> String {
     format!(
