@@ -45,7 +45,11 @@ use crate::saga::{Action, Input, Saga, SagaConfig, SagaEvent, react};
 
 /// The orchestrator's tables (`migrations/saga/`).
 pub static MIGRATIONS: LazyLock<Migrations> = LazyLock::new(|| {
-    sql_store::migrations!("saga", "../migrations/saga/20261207000601_sagas_outbox.sql")
+    sql_store::migrations!(
+        "saga",
+        "../migrations/saga/20261207000601_sagas_outbox.sql",
+        "../migrations/saga/20261208000601_sagas_by_update.sql",
+    )
 });
 
 /// How often the relay and the ticker look for work no commit of this process announced:
