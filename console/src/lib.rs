@@ -54,17 +54,24 @@ const CSRF_COOKIE: &str = "console_csrf";
 /// How long unchanged an unfinished saga must be for the overview to call it stuck.
 const STUCK_MINUTES: u64 = 5;
 
-/// How long a measured overview is shown again: open tabs refresh every 2 s, and however many
-/// there are, the sagas are counted and the projections' lag measured at most once a second.
-const OVERVIEW_TTL: Duration = Duration::from_secs(1);
+/// How often the sampler measures the overview while someone looks at it (a request within
+/// [`VIEWED_FOR`]): open tabs refresh every 2 s, and however many there are, the sagas are
+/// counted and the projections' lag measured once a second.
+const MEASURE_VIEWED: Duration = Duration::from_secs(1);
+
+/// How long after its last request the overview counts as looked at.
+const VIEWED_FOR: Duration = Duration::from_secs(10);
+
+/// How long a first request waits for the sampler's first measurement before measuring itself.
+const FIRST_MEASUREMENT: Duration = Duration::from_secs(5);
 
 /// The overview's charts: the last 10 minutes in 10-second intervals.
 const CHART_INTERVAL_MS: i64 = 10_000;
 const CHART_INTERVALS: usize = 60;
 
-/// How often the console samples the log and the sagas for its charts when no overview is
-/// open (an open overview samples at each of its measurements): the charts' interval, so that
-/// each interval has a figure.
+/// How often the sampler measures the overview (and so samples the log's end and the sagas
+/// for the charts) when no one looks at it: the charts' interval, so that each interval has a
+/// figure.
 const SAMPLE_EVERY: Duration = Duration::from_millis(CHART_INTERVAL_MS as u64);
 
 /// The saga states the chart of sagas in flight stacks, with their CSS class.
@@ -87,9 +94,15 @@ const PARKED_SHOWN: usize = 100;
 pub struct Console {
     read: Option<ReadSide>,
     saga: Option<SagaSide>,
-    /// The last overview and when it was measured; its lock makes one request measure while
-    /// the others wait for its answer.
-    overview: std::sync::Arc<tokio::sync::Mutex<Option<(std::time::Instant, String)>>>,
+    /// The sampler's latest overview and when it was measured. Requests answer with it and
+    /// never wait for a measurement (counting sagas by state reads every saga's index entry:
+    /// tens of milliseconds at 100,000 sagas, hundreds right after a burst of writes on
+    /// Postgres, before vacuum has marked the pages visible); its "As of" says its age.
+    overview: tokio::sync::watch::Sender<Option<(std::time::Instant, String)>>,
+    /// When the overview was last requested (ms since the epoch), and what wakes the sampler
+    /// when a request finds it older than [`MEASURE_VIEWED`].
+    viewed_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    wake: std::sync::Arc<tokio::sync::Notify>,
     /// The charts' samples, oldest first, as far back as the charts reach.
     samples: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Sample>>>,
 }
@@ -108,15 +121,17 @@ impl Console {
         Console {
             read,
             saga,
-            overview: Default::default(),
+            overview: tokio::sync::watch::Sender::new(None),
+            viewed_ms: Default::default(),
+            wake: Default::default(),
             samples: Default::default(),
         }
     }
 
-    /// Samples the log's end and the sagas by state every [`SAMPLE_EVERY`] for the charts,
-    /// under `supervisor` (`console sampler`), until `shutdown`. Counting over the events or
-    /// sagas of the charts' window instead would read every row of it each time: hundreds of
-    /// thousands under load.
+    /// Measures the overview (sagas by state, stuck sagas, projection lag; a sample of the
+    /// log's end and the sagas for the charts) under `supervisor` (`console sampler`) until
+    /// `shutdown`: every [`MEASURE_VIEWED`] while someone looks at the overview, every
+    /// [`SAMPLE_EVERY`] otherwise, and at once when a request finds the last one stale.
     pub fn start(
         &self,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -125,43 +140,25 @@ impl Console {
         let console = self.clone();
         supervisor.spawn("console sampler", async move {
             loop {
-                if let Err(error) = console.sample().await {
-                    tracing::debug!(?error, "the console's sample failed");
+                match measure_overview(&console).await {
+                    Ok(body) => {
+                        console
+                            .overview
+                            .send_replace(Some((std::time::Instant::now(), body)));
+                    }
+                    Err(error) => tracing::debug!(?error, "the console's measurement failed"),
                 }
+                let viewed = Utc::now().timestamp_millis()
+                    - console.viewed_ms.load(std::sync::atomic::Ordering::Relaxed)
+                    < VIEWED_FOR.as_millis() as i64;
+                let next = if viewed { MEASURE_VIEWED } else { SAMPLE_EVERY };
                 tokio::select! {
-                    _ = tokio::time::sleep(SAMPLE_EVERY) => {}
+                    _ = tokio::time::sleep(next) => {}
+                    _ = console.wake.notified(), if !viewed => {}
                     _ = shutdown.wait_for(|stopped| *stopped) => return,
                 }
             }
         });
-    }
-
-    /// Takes one sample; what it could not read stays out of it.
-    async fn sample(&self) -> Result<(), Failure> {
-        let events = match &self.read {
-            Some(read) => read
-                .status()
-                .await
-                .map_err(unavailable)?
-                .iter()
-                .find(|status| status.projection == "audit")
-                .map(|audit| audit.partitions.iter().map(|lag| lag.end).sum()),
-            None => None,
-        };
-        let sagas = match &self.saga {
-            Some(side) => Some(
-                driver::count_by_state(side.db())
-                    .await
-                    .map_err(unavailable)?,
-            ),
-            None => None,
-        };
-        self.record(Sample {
-            at_ms: Utc::now().timestamp_millis(),
-            events,
-            sagas,
-        });
-        Ok(())
     }
 
     fn record(&self, sample: Sample) {
@@ -616,16 +613,36 @@ struct OverviewPage {
     fragment: String,
 }
 
+/// The sampler's latest overview. A request marks the overview as looked at (so that the
+/// sampler measures it every second) and wakes the sampler when the overview is stale; only a
+/// first request, before any measurement, waits for one.
 async fn overview_body(console: &Console) -> Result<String, Failure> {
-    let mut cached = console.overview.lock().await;
-    if let Some((at, body)) = cached.as_ref()
-        && at.elapsed() < OVERVIEW_TTL
-    {
-        return Ok(body.clone());
+    console.viewed_ms.store(
+        Utc::now().timestamp_millis(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let mut latest = console.overview.subscribe();
+    let current = latest.borrow().clone();
+    if let Some((at, body)) = current {
+        if at.elapsed() > MEASURE_VIEWED * 2 {
+            console.wake.notify_one();
+        }
+        return Ok(body);
     }
-    let body = measure_overview(console).await?;
-    *cached = Some((std::time::Instant::now(), body.clone()));
-    Ok(body)
+    console.wake.notify_one();
+    let measured = tokio::time::timeout(FIRST_MEASUREMENT, async {
+        latest
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|measured| measured.as_ref().map(|(_, body)| body.clone()))
+    })
+    .await;
+    if let Ok(Some(body)) = measured {
+        return Ok(body);
+    }
+    // No sampler runs (or it failed): measure here.
+    measure_overview(console).await
 }
 
 async fn measure_overview(console: &Console) -> Result<String, Failure> {

@@ -24,7 +24,10 @@ fn every_migration_file_is_listed_in_its_crate() {
         .expect("the workspace")
         .to_owned();
     let mut checked = 0;
-    for member in std::fs::read_dir(&workspace).expect("the workspace").flatten() {
+    for member in std::fs::read_dir(&workspace)
+        .expect("the workspace")
+        .flatten()
+    {
         let migrations = member.path().join("migrations");
         if !migrations.is_dir() {
             continue;
@@ -39,7 +42,7 @@ fn every_migration_file_is_listed_in_its_crate() {
             .collect();
         for file in sql {
             let relative = file
-                .strip_prefix(&member.path())
+                .strip_prefix(member.path())
                 .expect("under the crate")
                 .to_string_lossy()
                 .into_owned();

@@ -540,6 +540,11 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
     browser
         .until_shows(&[ghost.as_str(), "Parked events"], true)
         .await;
+    browser
+        .client
+        .execute("document.querySelector('h3').scrollIntoView();", vec![])
+        .await
+        .expect("scroll to the parked events");
     browser.screenshot("projections").await;
     let row = format!("//tr[td[contains(., '{ghost}')]]");
     browser

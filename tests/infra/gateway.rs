@@ -670,18 +670,26 @@ async fn the_console_works_behind_the_gateway_across_parts_and_instances() {
         );
     }
     let csrf = csrf.expect("a page token");
-    let overview = browser
-        .get(format!("{url}/console"))
-        .header("cookie", session.clone())
-        .send()
-        .await
-        .expect("overview");
-    assert_eq!(overview.status(), 200);
-    let overview = overview.text().await.expect("text");
-    assert!(
-        overview.contains("1 need attention") && overview.contains("Projections"),
-        "the overview covers sagas and projections: {overview}"
-    );
+    // The overview (measured every second while looked at) covers sagas and projections.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let overview = browser
+            .get(format!("{url}/console/overview"))
+            .header("cookie", session.clone())
+            .send()
+            .await
+            .expect("overview");
+        assert_eq!(overview.status(), 200);
+        let overview = overview.text().await.expect("text");
+        if overview.contains("1 need attention") && overview.contains("Lag (events)") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the overview never covered the saga needing attention and the projections: {overview}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     // The retry, made at a projections instance, carried out by the saga part.
     let retried = browser
