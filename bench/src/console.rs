@@ -306,7 +306,7 @@ pub async fn run(options: ConsoleBench, base_settings: Settings) -> anyhow::Resu
         let answered = chrono::Utc::now();
         let as_of = body
             .split_once("As of ")
-            .and_then(|(_, rest)| rest.split_once('.').map(|(stamp, rest)| (stamp, rest)))
+            .and_then(|(_, rest)| rest.split_once('.'))
             .and_then(|(seconds, rest)| {
                 let millis = rest.get(..4)?;
                 chrono::DateTime::parse_from_rfc3339(&format!("{seconds}.{millis}")).ok()
