@@ -12,9 +12,9 @@ use event_log::Position;
 use projections::ReadSide;
 use projections::parked::{self, Resolution};
 
+use saga_orchestrator::Saga;
 use saga_orchestrator::driver;
 use saga_orchestrator::side::SagaSide;
-use saga_orchestrator::{Input, Saga, SagaState};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -271,26 +271,30 @@ pub async fn sagas(
                 return Err(Error::Refused(format!("no saga for {id:?}")));
             };
             let order_id = before.order_id.to_string();
-            if before.state != SagaState::NeedsAttention {
-                return Err(Error::Refused(format!(
-                    "saga {order_id} is {}, not needs_attention: nothing to retry",
-                    before.state
-                )));
-            }
-            let Some(after) = driver::poke(
+            let after = match driver::retry(
                 side.db(),
                 side.config(),
                 &order_id,
-                Input::OperatorRetry,
                 OPERATOR_CLI,
                 side.wakes(),
             )
             .await
             .map_err(Error::db("retrying the saga"))?
-            else {
-                return Err(Error::Refused(format!(
-                    "saga {order_id} changed while retrying; look again and retry"
-                )));
+            {
+                driver::Retry::Retried(after) => *after,
+                driver::Retry::NoSaga => {
+                    return Err(Error::Refused(format!("no saga for {id:?}")));
+                }
+                driver::Retry::NothingToRetry(state) => {
+                    return Err(Error::Refused(format!(
+                        "saga {order_id} is {state}, not needs_attention: nothing to retry"
+                    )));
+                }
+                driver::Retry::Changed => {
+                    return Err(Error::Refused(format!(
+                        "saga {order_id} changed while retrying; look again and retry"
+                    )));
+                }
             };
             let (_, revision) = driver::show(side.db(), &order_id)
                 .await

@@ -43,9 +43,9 @@ use projections::ReadSide;
 use projections::audit::{self, AsOf, AuditError, Timeline, Trace};
 use projections::parked::{self, ParkedEvent, Resolution};
 use projections::read_side::PartitionLag;
+use saga_orchestrator::SagaState;
 use saga_orchestrator::driver::{self, SagaSummary};
 use saga_orchestrator::side::SagaSide;
-use saga_orchestrator::{Input, SagaState};
 use serde::Deserialize;
 
 /// The cookie holding the console's anti-forgery token.
@@ -1049,30 +1049,26 @@ async fn retry_saga(
 ) -> Result<Response, Failure> {
     check_csrf(&headers, &form.csrf)?;
     let side = saga_side(&console)?;
-    let Some((before, _)) = driver::show(side.db(), &order_id)
+    let actor = actor.map_or_else(|| "operator:console".to_owned(), |Extension(actor)| actor.0);
+    match driver::retry(side.db(), side.config(), &order_id, &actor, side.wakes())
         .await
         .map_err(unavailable)?
-    else {
-        return Err(Failure::NotFound(format!("no saga for order {order_id}")));
-    };
-    if before.state != SagaState::NeedsAttention {
-        return Err(Failure::BadRequest(format!(
-            "saga {order_id} is {}, not needs_attention: nothing to retry",
-            before.state
-        )));
+    {
+        driver::Retry::Retried(_) => {}
+        driver::Retry::NoSaga => {
+            return Err(Failure::NotFound(format!("no saga for order {order_id}")));
+        }
+        driver::Retry::NothingToRetry(state) => {
+            return Err(Failure::Conflict(format!(
+                "saga {order_id} is {state}, not needs_attention: nothing to retry"
+            )));
+        }
+        driver::Retry::Changed => {
+            return Err(Failure::Conflict(format!(
+                "saga {order_id} changed meanwhile: look at it again"
+            )));
+        }
     }
-    let actor = actor.map_or_else(|| "operator:console".to_owned(), |Extension(actor)| actor.0);
-    driver::poke(
-        side.db(),
-        side.config(),
-        &order_id,
-        Input::OperatorRetry,
-        &actor,
-        side.wakes(),
-    )
-    .await
-    .map_err(unavailable)?
-    .ok_or_else(|| Failure::Unavailable("the saga changed concurrently".into()))?;
     Ok(Redirect::to(&format!("/console/sagas/{order_id}")).into_response())
 }
 

@@ -41,7 +41,7 @@ use sql_store::{Db, DbError, Kind, Migrations, Tx, Value, write_rows, write_rows
 use tokio::sync::{Notify, watch};
 use tokio_util::task::TaskTracker;
 
-use crate::saga::{Action, Input, Saga, SagaConfig, SagaEvent, react};
+use crate::saga::{Action, Input, Saga, SagaConfig, SagaEvent, SagaState, react};
 
 /// The orchestrator's tables (`migrations/saga/`).
 pub static MIGRATIONS: LazyLock<Migrations> = LazyLock::new(|| {
@@ -489,11 +489,66 @@ pub async fn poke(
     actor: &str,
     wakes: &Wakes,
 ) -> Result<Option<Saga>, DbError> {
+    Ok(
+        match poke_if(db, config, order_id, input, actor, wakes, |_| true).await? {
+            Retry::Retried(saga) => Some(*saga),
+            _ => None,
+        },
+    )
+}
+
+/// What an operator's [`retry`] did.
+#[derive(Debug)]
+pub enum Retry {
+    /// No saga for the order.
+    NoSaga,
+    /// The saga does not need attention: nothing was retried.
+    NothingToRetry(SagaState),
+    /// The saga moved on while the retry was decided: nothing was retried.
+    Changed,
+    /// The parked step is tried again; the saga as it is now.
+    Retried(Box<Saga>),
+}
+
+/// An operator's retry of the parked step of a saga that needs attention (`POST
+/// /sagas/{id}/retry`, the console's button, `platform sagas retry`): checked and applied in
+/// one transaction, so a saga that moved on meanwhile is not retried.
+pub async fn retry(
+    db: &Db,
+    config: &SagaConfig,
+    order_id: &str,
+    actor: &str,
+    wakes: &Wakes,
+) -> Result<Retry, DbError> {
+    poke_if(
+        db,
+        config,
+        order_id,
+        Input::OperatorRetry,
+        actor,
+        wakes,
+        |saga| saga.state == SagaState::NeedsAttention,
+    )
+    .await
+}
+
+async fn poke_if(
+    db: &Db,
+    config: &SagaConfig,
+    order_id: &str,
+    input: Input,
+    actor: &str,
+    wakes: &Wakes,
+    applies: impl Fn(&Saga) -> bool,
+) -> Result<Retry, DbError> {
     let mut tx = db.begin().await?;
     let mut sagas = load(&mut tx, &[order_id.to_owned()]).await?;
     let Some(stored) = sagas.get_mut(order_id) else {
-        return Ok(None);
+        return Ok(Retry::NoSaga);
     };
+    if !applies(&stored.saga) {
+        return Ok(Retry::NothingToRetry(stored.saga.state));
+    }
     let now = Utc::now();
     let deadline_before = stored.saga.deadline;
     let (saga, actions) = react(&stored.saga, &input, now, config);
@@ -509,7 +564,7 @@ pub async fn poke(
     };
     if save_all(&mut tx, &[stored], now).await?.is_empty() {
         // Someone else moved the saga on; the next tick looks again.
-        return Ok(None);
+        return Ok(Retry::Changed);
     }
     let mut outbox = Vec::new();
     outbox_rows(
@@ -534,7 +589,7 @@ pub async fn poke(
     {
         wakes.deadline_committed(deadline.timestamp_millis());
     }
-    Ok(Some(stored.saga.clone()))
+    Ok(Retry::Retried(Box::new(stored.saga.clone())))
 }
 
 /// Fires due deadlines until `shutdown`: sleeps until the earliest stored deadline, woken

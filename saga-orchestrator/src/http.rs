@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::driver::{self, SagaSummary};
-use crate::saga::{Input, SagaState};
+use crate::saga::SagaState;
 use crate::side::SagaSide;
 
 fn infra(error: impl std::fmt::Display) -> ApiError {
@@ -143,6 +143,7 @@ pub async fn list_sagas(
     responses(
         (status = 200, description = "The saga after the retry", body = SagaView),
         (status = 404, description = "No saga for the order", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The saga does not need attention: nothing to retry", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Saga database down, or changed concurrently", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -151,24 +152,26 @@ pub async fn retry_saga(
     Path(order_id): Path<String>,
     actor: Option<Extension<Actor>>,
 ) -> Result<Response, ApiError> {
-    if driver::show(side.db(), &order_id)
+    let actor = actor.as_ref().map_or(ANONYMOUS, |actor| actor.0.0.as_str());
+    let saga = match driver::retry(side.db(), side.config(), &order_id, actor, side.wakes())
         .await
         .map_err(infra)?
-        .is_none()
     {
-        return Err(ApiError::NotFound(format!("no saga for order {order_id}")));
-    }
-    let saga = driver::poke(
-        side.db(),
-        side.config(),
-        &order_id,
-        Input::OperatorRetry,
-        actor.as_ref().map_or(ANONYMOUS, |actor| actor.0.0.as_str()),
-        side.wakes(),
-    )
-    .await
-    .map_err(infra)?
-    .ok_or_else(|| ApiError::Unavailable("the saga changed concurrently; retry".into()))?;
+        driver::Retry::Retried(saga) => *saga,
+        driver::Retry::NoSaga => {
+            return Err(ApiError::NotFound(format!("no saga for order {order_id}")));
+        }
+        driver::Retry::NothingToRetry(state) => {
+            return Err(ApiError::Conflict(format!(
+                "saga {order_id} is {state}, not needs_attention: nothing to retry"
+            )));
+        }
+        driver::Retry::Changed => {
+            return Err(ApiError::Unavailable(
+                "the saga changed concurrently; look again and retry".into(),
+            ));
+        }
+    };
     let (_, revision) = driver::show(side.db(), &order_id)
         .await
         .map_err(infra)?

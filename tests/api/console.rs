@@ -250,7 +250,7 @@ async fn an_operator_follows_a_parked_saga_in_the_console_and_retries_it_there()
         )
         .await;
         let again = browser.post(&retry, &[("csrf", csrf.as_str())]).await;
-        expect(&again, 400, &["nothing to retry"], "a second retry");
+        expect(&again, 409, &["nothing to retry"], "a second retry");
 
         // The audit pages: the order's timeline, its state as of version 1, the request's flow.
         until_page_shows(

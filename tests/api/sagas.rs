@@ -461,11 +461,21 @@ async fn a_refund_that_keeps_failing_is_parked_until_an_operator_retries_it() {
             let payment = payment_until(&app, order_id, "refunded").await;
             assert_eq!(payment["refunded_minor"], refunded, "{backend:?}");
         }
-        // Retrying a saga that needs nothing is refused by the CLI.
+        // Retrying a saga that needs nothing is refused by the CLI and the API.
         let (ok, output) = sagas_cli(&app, &["retry", &by_cli]).await;
         assert!(
             !ok && output.contains("nothing to retry"),
             "{backend:?}: {output}"
+        );
+        let again = app
+            .post(&format!("/sagas/{by_http}/retry"), json!({}))
+            .await;
+        let problem = again.expect_problem(409);
+        assert!(
+            problem["detail"]
+                .as_str()
+                .is_some_and(|detail| detail.contains("nothing to retry")),
+            "{backend:?}: {problem}"
         );
     }
 }
