@@ -65,6 +65,10 @@ const VIEWED_FOR: Duration = Duration::from_secs(10);
 /// How long a first request waits for the sampler's first measurement before measuring itself.
 const FIRST_MEASUREMENT: Duration = Duration::from_secs(5);
 
+/// How old the sampler's overview may be before a request measures anew (the sampler failing,
+/// say, because a database did not answer): one request at a time, the others wait for it.
+const STALE: Duration = Duration::from_secs(30);
+
 /// The overview's charts: the last 10 minutes in 10-second intervals.
 const CHART_INTERVAL_MS: i64 = 10_000;
 const CHART_INTERVALS: usize = 60;
@@ -103,6 +107,8 @@ pub struct Console {
     /// when a request finds it older than [`MEASURE_VIEWED`].
     viewed_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
     wake: std::sync::Arc<tokio::sync::Notify>,
+    /// Held by the one request measuring the overview itself (see [`STALE`]).
+    measuring: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// The charts' samples, oldest first, as far back as the charts reach.
     samples: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Sample>>>,
 }
@@ -124,6 +130,7 @@ impl Console {
             overview: tokio::sync::watch::Sender::new(None),
             viewed_ms: Default::default(),
             wake: Default::default(),
+            measuring: Default::default(),
             samples: Default::default(),
         }
     }
@@ -340,7 +347,9 @@ fn same_origin(headers: &HeaderMap) -> bool {
     let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
     match text("sec-fetch-site") {
         Some(site) => site == "same-origin" || site == "none",
-        None => match (text("origin"), text("host")) {
+        // Behind the gateway, the host the browser addressed is in `X-Forwarded-Host` (a
+        // cross-site page cannot set it without a preflight the console never allows).
+        None => match (text("origin"), text("x-forwarded-host").or(text("host"))) {
             (None, _) => true,
             (Some(origin), Some(host)) => origin
                 .split_once("://")
@@ -627,22 +636,36 @@ async fn overview_body(console: &Console) -> Result<String, Failure> {
         if at.elapsed() > MEASURE_VIEWED * 2 {
             console.wake.notify_one();
         }
-        return Ok(body);
+        if at.elapsed() <= STALE {
+            return Ok(body);
+        }
+    } else {
+        console.wake.notify_one();
+        let measured = tokio::time::timeout(FIRST_MEASUREMENT, async {
+            latest
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|measured| measured.as_ref().map(|(_, body)| body.clone()))
+        })
+        .await;
+        if let Ok(Some(body)) = measured {
+            return Ok(body);
+        }
     }
-    console.wake.notify_one();
-    let measured = tokio::time::timeout(FIRST_MEASUREMENT, async {
-        latest
-            .wait_for(Option::is_some)
-            .await
-            .ok()
-            .and_then(|measured| measured.as_ref().map(|(_, body)| body.clone()))
-    })
-    .await;
-    if let Ok(Some(body)) = measured {
-        return Ok(body);
+    // No sampler, or it has not measured for a while: one request measures, the others wait
+    // and take its measurement.
+    let _measuring = console.measuring.lock().await;
+    if let Some((at, body)) = console.overview.borrow().as_ref()
+        && at.elapsed() <= STALE
+    {
+        return Ok(body.clone());
     }
-    // No sampler runs (or it failed): measure here.
-    measure_overview(console).await
+    let body = measure_overview(console).await?;
+    console
+        .overview
+        .send_replace(Some((std::time::Instant::now(), body.clone())));
+    Ok(body)
 }
 
 async fn measure_overview(console: &Console) -> Result<String, Failure> {

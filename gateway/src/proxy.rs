@@ -93,6 +93,11 @@ impl Registry {
                 event_log::partition_for(id, self.inner.partitions),
             )
         });
+        // The host the client addressed, for the upstream's same-origin checks (the console's
+        // forms): `Host` itself names the upstream once forwarded.
+        if let Some(host) = headers.get(axum::http::header::HOST).cloned() {
+            headers.insert("x-forwarded-host", host);
+        }
         strip_hop_by_hop(&mut headers);
 
         let attempts = 1 + self.inner.policy.retries;
@@ -283,6 +288,12 @@ pub(crate) async fn proxy(State(registry): State<Registry>, mut request: Request
             trace_id
         }
     };
+    if !crate::routing::is_plain(&path) {
+        return ApiError::BadRequest(format!(
+            "the path {path:?} has a `.` or `..` segment or a backslash: name the resource directly"
+        ))
+        .into_response();
+    }
     let upstream = route(&method, &path, Some(""), None).map(|route| route.upstream);
     // The gateway checks the caller for the class of the route it forwards to, as that route's
     // service declares it (the service checks again: the credentials travel on).

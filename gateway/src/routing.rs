@@ -50,6 +50,16 @@ pub(crate) fn segments(path: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether `path` names what it seems to: no `.` or `..` segment and no backslash, raw or
+/// percent-encoded. The gateway classes a request by its first segment but the client that
+/// forwards it resolves dot segments (`/console/../metrics` would be checked as the console's
+/// and reach `/metrics`), so such paths are refused instead.
+pub fn is_plain(path: &str) -> bool {
+    segments(path).iter().all(|segment| {
+        segment != "." && segment != ".." && !segment.contains('\\') && !segment.contains('/')
+    }) && !path.contains('\\')
+}
+
 /// The class of the upstream route a request goes to, as the upstream declares it (the command
 /// services' routes are commands, the query API's reads, `/audit` audit, a saga's retry an
 /// operation); what no upstream serves is a read (it gets 404 after the check).
@@ -168,6 +178,29 @@ mod tests {
         );
         assert_eq!(route(&get, "/nowhere", None, None), None);
         assert_eq!(route(&post, "/payments/x", None, None), None);
+    }
+
+    #[test]
+    fn paths_with_dot_segments_or_backslashes_are_not_plain() {
+        for path in [
+            "/orders/x",
+            "/console/sagas/a.b",
+            "/inventory/SKU-1/receipts",
+            "/",
+        ] {
+            assert!(is_plain(path), "{path}");
+        }
+        for path in [
+            "/console/../metrics",
+            "/console/%2e%2e/audit/order/x",
+            "/console/%2E%2E/x",
+            "/console/./sagas",
+            "/console\\..\\health/ready",
+            "/console/%5C../x",
+            "/console/a%2F..%2Fb",
+        ] {
+            assert!(!is_plain(path), "{path}");
+        }
     }
 
     #[test]

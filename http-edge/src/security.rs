@@ -235,6 +235,8 @@ pub struct Principal {
 struct Claims {
     sub: String,
     #[serde(default)]
+    exp: Option<u64>,
+    #[serde(default)]
     role: Option<String>,
     #[serde(default)]
     roles: Vec<String>,
@@ -247,10 +249,10 @@ struct Claims {
 struct SessionClaims {
     sub: String,
     roles: Vec<String>,
+    /// When it was signed in (seconds since the epoch), for sign-outs.
+    iat: u64,
     exp: u64,
     aud: String,
-    /// The session's id, for sign-outs.
-    jti: String,
 }
 
 /// What signs and checks console sessions.
@@ -261,7 +263,17 @@ struct SessionKeys {
 }
 
 impl SessionKeys {
-    fn derive(settings: &SecuritySettings) -> SessionKeys {
+    /// The keys, derived from the deployment's secrets; none without a secret (then no one can
+    /// sign in, as no one can authenticate).
+    fn derive(settings: &SecuritySettings) -> Option<SessionKeys> {
+        let configured = |secret: &Option<Secret>| {
+            secret
+                .as_ref()
+                .is_some_and(|secret| !secret.expose_secret().trim().is_empty())
+        };
+        if !configured(&settings.api_keys) && !configured(&settings.jwt_secret) {
+            return None;
+        }
         let mut hasher = Sha256::new();
         hasher.update(b"platform console session\0");
         for secret in [&settings.api_keys, &settings.jwt_secret] {
@@ -276,11 +288,11 @@ impl SessionKeys {
         validation.set_required_spec_claims(&["exp", "sub", "aud"]);
         validation.set_audience(&[SESSION_AUDIENCE]);
         validation.leeway = 0;
-        SessionKeys {
+        Some(SessionKeys {
             encoding: jsonwebtoken::EncodingKey::from_secret(&key),
             decoding: jsonwebtoken::DecodingKey::from_secret(&key),
             validation,
-        }
+        })
     }
 }
 
@@ -296,9 +308,10 @@ pub struct Security {
     rate: f64,
     burst: u32,
     limiter: Limiter,
-    /// Signs and checks the console's sessions.
-    sessions: SessionKeys,
-    /// The sessions signed out at this process, by id, with when they would have ended.
+    /// Signs and checks the console's sessions; none without a configured secret.
+    sessions: Option<SessionKeys>,
+    /// Callers who signed out at this process, with when: their sessions opened until then
+    /// are refused here. One entry per caller, forgotten once those sessions have expired.
     signed_out: std::sync::Mutex<HashMap<String, u64>>,
 }
 
@@ -356,6 +369,17 @@ impl Security {
                         .map(|b| format!("{b:02x}"))
                         .collect::<String>()
                 );
+                // The caller id names the key in logs, limits and console sessions: two keys
+                // must not share one.
+                if keys
+                    .iter()
+                    .any(|(other, principal)| *other != hash && principal.caller == caller)
+                {
+                    return Err(InvalidSettings(format!(
+                        "--api-keys entry {}: its key's id {caller} is another key's too; change one of them",
+                        index + 1
+                    )));
+                }
                 let principal = keys.entry(hash).or_insert_with(|| Principal {
                     caller,
                     roles: Vec::new(),
@@ -440,7 +464,15 @@ impl Security {
     /// and returns the session for its cookie. The session names the caller and its roles,
     /// never the key, and lasts [`CONSOLE_SESSION`].
     pub fn open_session(&self, token: &str) -> Result<String, ApiError> {
-        let principal = self.verify(token)?;
+        let (principal, token_expires) = self.verify_until(token)?;
+        let keys = self.sessions.as_ref().ok_or_else(|| {
+            ApiError::Unauthorized(
+                "no --api-keys or --jwt-secret is set: no one can sign in".into(),
+            )
+        })?;
+        let now = jsonwebtoken::get_current_timestamp();
+        // A session from a token ends when the token does, if that is sooner.
+        let exp = (now + CONSOLE_SESSION.as_secs()).min(token_expires.unwrap_or(u64::MAX));
         let claims = SessionClaims {
             sub: principal.caller,
             roles: principal
@@ -448,34 +480,33 @@ impl Security {
                 .iter()
                 .map(|role| role.name().to_owned())
                 .collect(),
-            exp: jsonwebtoken::get_current_timestamp() + CONSOLE_SESSION.as_secs(),
+            iat: now,
+            exp,
             aud: SESSION_AUDIENCE.to_owned(),
-            jti: uuid::Uuid::new_v4().simple().to_string(),
         };
         jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
             &claims,
-            &self.sessions.encoding,
+            &keys.encoding,
         )
         .map_err(|error| ApiError::Internal(format!("signing a console session: {error}")))
     }
 
     fn session_claims(&self, session: &str) -> Result<SessionClaims, ApiError> {
-        jsonwebtoken::decode::<SessionClaims>(
-            session,
-            &self.sessions.decoding,
-            &self.sessions.validation,
-        )
-        .map(|data| data.claims)
-        .map_err(|_| {
+        let ended = || {
             ApiError::Unauthorized(
                 "the console session has ended or is not valid: sign in again".into(),
             )
-        })
+        };
+        let keys = self.sessions.as_ref().ok_or_else(ended)?;
+        jsonwebtoken::decode::<SessionClaims>(session, &keys.decoding, &keys.validation)
+            .map(|data| data.claims)
+            .map_err(|_| ended())
     }
 
-    /// Signs a console session out: this process refuses it from now on (the browser drops
-    /// its cookie; other processes accept the session until it ends).
+    /// Signs a console session's caller out: this process refuses every session of that
+    /// caller opened until now (the browser drops its cookie; other processes accept the
+    /// session until it expires).
     pub fn close_session(&self, session: &str) {
         let Ok(claims) = self.session_claims(session) else {
             return;
@@ -486,10 +517,11 @@ impl Security {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if signed_out.len() >= MAX_SIGNED_OUT {
-            signed_out.retain(|_, until| *until > now);
+            // Sessions opened before a sign-out more than a session's length ago have expired.
+            signed_out.retain(|_, at| *at + CONSOLE_SESSION.as_secs() > now);
         }
-        if signed_out.len() < MAX_SIGNED_OUT {
-            signed_out.insert(claims.jti, claims.exp);
+        if signed_out.len() < MAX_SIGNED_OUT || signed_out.contains_key(&claims.sub) {
+            signed_out.insert(claims.sub, now);
         }
     }
 
@@ -497,16 +529,17 @@ impl Security {
     /// a key removed from `--api-keys` ends its sessions.
     fn session(&self, session: &str) -> Result<Principal, ApiError> {
         let claims = self.session_claims(session)?;
-        let signed_out = self
-            .signed_out
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .contains_key(&claims.jti);
         let ended = || {
             ApiError::Unauthorized(
                 "the console session has ended or is not valid: sign in again".into(),
             )
         };
+        let signed_out = self
+            .signed_out
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&claims.sub)
+            .is_some_and(|at| claims.iat <= *at);
         if signed_out {
             return Err(ended());
         }
@@ -545,8 +578,13 @@ impl Security {
 
     /// Who `token` (an API key or a JWT) names.
     pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+        self.verify_until(token).map(|(principal, _)| principal)
+    }
+
+    /// Who `token` names, and when it expires (a JWT's `exp`; a key does not).
+    fn verify_until(&self, token: &str) -> Result<(Principal, Option<u64>), ApiError> {
         if let Some(principal) = self.keys.get(&digest(token)) {
-            return Ok(principal.clone());
+            return Ok((principal.clone(), None));
         }
         if token.split('.').count() == 3
             && let Some((key, validation)) = &self.jwt
@@ -566,10 +604,13 @@ impl Security {
                     "the token names no role (client, operator, auditor)".into(),
                 ));
             }
-            return Ok(Principal {
-                caller: format!("jwt:{}", claims.sub),
-                roles,
-            });
+            return Ok((
+                Principal {
+                    caller: format!("jwt:{}", claims.sub),
+                    roles,
+                },
+                claims.exp,
+            ));
         }
         Err(ApiError::Unauthorized("unknown API key or token".into()))
     }
@@ -722,6 +763,90 @@ mod tests {
         };
         let error = Security::from_settings(&settings, true).expect_err("unknown role");
         assert!(!error.to_string().contains("supersecret"), "{error}");
+    }
+
+    fn console_headers(session: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            format!("{CONSOLE_COOKIE}={session}")
+                .parse()
+                .expect("header"),
+        );
+        headers
+    }
+
+    #[test]
+    fn without_a_secret_no_session_is_accepted_not_even_one_signed_with_the_empty_derivation() {
+        let settings = SecuritySettings {
+            auth: Some(Toggle::On),
+            ..SecuritySettings::default()
+        };
+        let security = Security::from_settings(&settings, true).expect("settings");
+        // The key an empty configuration would derive, were sessions allowed.
+        let mut hasher = Sha256::new();
+        hasher.update(b"platform console session\0");
+        hasher.update(0u64.to_be_bytes());
+        hasher.update(0u64.to_be_bytes());
+        let key: [u8; 32] = hasher.finalize().into();
+        let now = jsonwebtoken::get_current_timestamp();
+        let forged = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &SessionClaims {
+                sub: "jwt:mallory".into(),
+                roles: vec!["operator".into()],
+                iat: now,
+                exp: now + 3600,
+                aud: SESSION_AUDIENCE.into(),
+            },
+            &jsonwebtoken::EncodingKey::from_secret(&key),
+        )
+        .expect("sign");
+        assert!(
+            security
+                .admit(RouteClass::Console, &console_headers(&forged))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_session_from_a_token_ends_with_the_token_and_a_sign_out_ends_the_caller_s_sessions() {
+        let secret = "a-jwt-secret-of-at-least-32-bytes-long";
+        let settings = SecuritySettings {
+            auth: Some(Toggle::On),
+            jwt_secret: Some(Secret::from(secret)),
+            ..SecuritySettings::default()
+        };
+        let security = Security::from_settings(&settings, true).expect("settings");
+        let now = jsonwebtoken::get_current_timestamp();
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &serde_json::json!({"sub": "alice", "role": "operator", "exp": now + 60}),
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("sign");
+        let session = security.open_session(&token).expect("a session");
+        let claims = security.session_claims(&session).expect("claims");
+        assert!(claims.exp <= now + 60, "the session outlives the token");
+        assert!(
+            security
+                .admit(RouteClass::Console, &console_headers(&session))
+                .is_ok()
+        );
+        // The session is no API credential.
+        let mut bearer = HeaderMap::new();
+        bearer.insert(
+            header::AUTHORIZATION,
+            format!("Bearer {session}").parse().expect("header"),
+        );
+        assert!(security.admit(RouteClass::Operator, &bearer).is_err());
+        security.close_session(&session);
+        assert!(
+            security
+                .admit(RouteClass::Console, &console_headers(&session))
+                .is_err(),
+            "signed out"
+        );
     }
 
     #[test]
