@@ -9,6 +9,7 @@
 //! (`TEST_REQUIRE_BACKENDS=1`) a missing browser fails the test instead of skipping it.
 //! `CONSOLE_SCREENSHOTS=<dir>` saves the main pages there as PNG (the README's pictures).
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +40,14 @@ struct Browser {
 }
 
 impl Drop for Browser {
+    /// Ends chromedriver and the browser it started, also when the test failed midway (the
+    /// session was never closed): both are in chromedriver's process group.
     fn drop(&mut self) {
+        let group = format!("-{}", self.driver.id());
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
@@ -70,6 +78,7 @@ impl Browser {
             .port();
         let driver = Command::new(&chromedriver)
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
