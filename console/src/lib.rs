@@ -3,24 +3,26 @@
 //! (vendored in `static/`, served by the platform) for the overview's live refresh. No build
 //! step, no CDN.
 //!
-//! - `/console`: sagas by state, those needing attention or stuck, projection lag and parked
-//!   events, refreshed every 2 s;
-//! - `/console/sagas`, `/console/sagas/{order_id}`: sagas by state and age; one saga's steps,
-//!   compensations marked, and a retry of a parked step (the operation of
-//!   `POST /sagas/{order_id}/retry`);
+//! - `/console`: charts of the last 10 minutes (events appended/s, sagas finished/s, sagas in
+//!   flight by state), sagas by state, those needing attention or stuck, projection lag and
+//!   parked events; measured in the background by [`Console::start`]'s sampler and refreshed
+//!   in the browser every 2 s;
+//! - `/console/sagas`, `/console/sagas/{order_id}`: sagas by state, stuck-for and time, paged;
+//!   one saga's steps, compensations marked, its order, payment and stock, and a retry of a
+//!   parked step (the operation of `POST /sagas/{order_id}/retry`);
 //! - `/console/projections`: lag per projection and partition, parked events with retry and
 //!   skip (the operations of `platform parked`);
 //! - `/console/audit`: search by order id, SKU, payment or correlation id; an aggregate's
-//!   timeline and its state as of a version; a correlation's flow as a causation tree.
+//!   timeline and its state as of a version or time; a correlation's flow as a causation tree.
 //!
 //! Access follows the platform's roles: operators may use every page (class
 //! [`RouteClass::Console`]), auditors the audit pages ([`RouteClass::ConsoleAudit`]), clients
 //! none. With authentication on, a browser signs in at `/console/login` with an API key or
-//! token; it gets a signed session (8 hours; caller and roles, never the key) in an `HttpOnly`,
-//! `SameSite=Strict` cookie that only the console's routes accept. Every process of the
-//! deployment and the gateway accept the session: it is signed with a key derived from the
-//! deployment's API keys and JWT secret. Signing out ends it at the process that served the
-//! sign-out and removes the cookie.
+//! token; it gets a signed session (8 hours at most; caller and roles, never the key) in an
+//! `HttpOnly`, `SameSite=Strict` cookie that only the console's routes accept. Every process of
+//! the deployment and the gateway accept the session: it is signed with a key derived from the
+//! deployment's API keys and JWT secret. Signing out removes the cookie and ends the caller's
+//! sessions at the process that served the sign-out.
 //! Every action is a POST carrying a token that must equal the one in the console's own
 //! `SameSite=Strict` cookie (double submit), so another site cannot make a browser act; every
 //! page is `Cache-Control: no-store`.
@@ -137,8 +139,8 @@ impl Console {
 
     /// Measures the overview (sagas by state, stuck sagas, projection lag; a sample of the
     /// log's end and the sagas for the charts) under `supervisor` (`console sampler`) until
-    /// `shutdown`: every [`MEASURE_VIEWED`] while someone looks at the overview, every
-    /// [`SAMPLE_EVERY`] otherwise, and at once when a request finds the last one stale.
+    /// `shutdown`: every second while someone looks at the overview, every 10 s
+    /// otherwise, and at once when a request finds the last one stale.
     pub fn start(
         &self,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
