@@ -102,11 +102,8 @@ pub async fn run(options: ConsoleBench, base_settings: Settings) -> anyhow::Resu
     let platform = Platform::build(settings.clone(), Part::All)
         .await
         .context("starting the platform under test")?;
-    let base = format!("http://{}", platform.local_addr());
-    let (stop_platform, platform_stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(platform.run_until_stopped(async move {
-        let _ = platform_stopped.await;
-    }));
+    let running = super::Running::serve(platform);
+    let base = running.base.clone();
     super::wait_ready(&http, &base).await?;
 
     eprintln!("bench: receiving stock for {} SKUs", options.skus);
@@ -320,8 +317,7 @@ pub async fn run(options: ConsoleBench, base_settings: Settings) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(options.overview_gap_ms)).await;
     }
 
-    let _ = stop_platform.send(());
-    let _ = served.await;
+    running.stop().await;
     let _ = std::fs::remove_dir_all(&data_dir);
 
     println!("# platform-bench console: {backend_name}");

@@ -634,15 +634,10 @@ async fn the_console_works_behind_the_gateway_across_parts_and_instances() {
         .await
         .expect("sign in");
     assert_eq!(signed_in.status(), 303);
-    let session = signed_in
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .find(|value| value.starts_with("platform_console="))
-        .and_then(|value| value.split(';').next())
-        .expect("a session cookie")
-        .to_owned();
+    let session = format!(
+        "platform_console={}",
+        support::set_cookie(signed_in.headers(), "platform_console").expect("a session cookie")
+    );
     // The saga's page, from either projections instance: the same session opens both.
     let mut csrf = None;
     for _ in 0..4 {
@@ -653,15 +648,8 @@ async fn the_console_works_behind_the_gateway_across_parts_and_instances() {
             .await
             .expect("page");
         assert_eq!(page.status(), 200, "every instance accepts the session");
-        if let Some(token) = page
-            .headers()
-            .get_all("set-cookie")
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .find_map(|value| value.strip_prefix("console_csrf="))
-            .and_then(|value| value.split(';').next())
-        {
-            csrf = Some(token.to_owned());
+        if let Some(token) = support::set_cookie(page.headers(), "console_csrf") {
+            csrf = Some(token);
         }
         let body = page.text().await.expect("text");
         assert!(

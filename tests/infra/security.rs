@@ -670,15 +670,7 @@ async fn the_console_follows_the_roles_and_its_cookie_opens_only_the_console() {
 
     // An action needs this browser's page token and must come from the console's own pages.
     let page = get("/console/projections", &operator).await.expect("GET");
-    let csrf = page
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .find_map(|value| value.strip_prefix("console_csrf="))
-        .and_then(|value| value.split(';').next())
-        .expect("a page token")
-        .to_owned();
+    let csrf = support::set_cookie(page.headers(), "console_csrf").expect("a page token");
     let cookies = format!("{operator}; console_csrf={csrf}");
     let action = |site: &'static str, cookies: String, token: String| {
         browser

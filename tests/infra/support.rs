@@ -205,3 +205,14 @@ pub async fn read(
     let body = response.json().await.unwrap_or(serde_json::Value::Null);
     (status, headers, body)
 }
+
+/// The value of the cookie `name` that an answer sets, if it sets one.
+pub fn set_cookie(headers: &reqwest::header::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .find_map(|value| value.strip_prefix(&format!("{name}=")))
+        .and_then(|value| value.split(';').next())
+        .map(str::to_owned)
+}
