@@ -196,21 +196,15 @@ where
                 })
                 .collect()
         };
-        for (partition, offset) in safe {
-            if self.saved.get(&partition) == Some(&offset) {
-                continue;
-            }
-            match store
-                .save_position(consumer, topic, partition, offset)
-                .await
-            {
-                Ok(()) => {
-                    self.saved.insert(partition, offset);
-                }
-                // Harmless: the commands are read again and recognised by their ids.
-                Err(error) => {
-                    tracing::warn!(%error, %topic, partition, "cannot save the command position")
-                }
+        let moved: Vec<(u32, u64)> = safe
+            .into_iter()
+            .filter(|(partition, offset)| self.saved.get(partition) != Some(offset))
+            .collect();
+        match store.save_positions(consumer, topic, &moved).await {
+            Ok(()) => self.saved.extend(moved),
+            // Harmless: the commands are read again and recognised by their ids.
+            Err(error) => {
+                tracing::warn!(%error, %topic, "cannot save the command positions")
             }
         }
     }

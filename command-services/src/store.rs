@@ -105,14 +105,14 @@ pub trait CommandStore: Send + Sync + 'static {
         topic: &str,
         partition: u32,
     ) -> Result<Option<u64>, StoreError>;
-    /// Moves a consumer's position forward (never back: two consumers of one partition, an
-    /// old owner's and a new one's, may both save it).
-    async fn save_position(
+    /// Moves a consumer's positions forward, `(partition, next offset)` each, in one write
+    /// (never back: two consumers of one partition, an old owner's and a new one's, may both
+    /// save it). The partitions are distinct.
+    async fn save_positions(
         &self,
         consumer: &str,
         topic: &str,
-        partition: u32,
-        next_offset: u64,
+        positions: &[(u32, u64)],
     ) -> Result<(), StoreError>;
     /// Sets a consumer's position, back too: the recovery when it is beyond the log's end.
     async fn reset_position(
@@ -453,19 +453,32 @@ impl CommandStore for SqlStore {
         Ok(row.map(|row| row.int("next_offset") as u64))
     }
 
-    async fn save_position(
+    async fn save_positions(
         &self,
         consumer: &str,
         topic: &str,
-        partition: u32,
-        next_offset: u64,
+        positions: &[(u32, u64)],
     ) -> Result<(), StoreError> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let mut args: Vec<Value> = vec![consumer.into(), topic.into()];
+        for (partition, next_offset) in positions {
+            args.push((*partition).into());
+            args.push((*next_offset).into());
+        }
+        let rows = (0..positions.len())
+            .map(|n| format!("($1, $2, ${}, ${})", 3 + 2 * n, 4 + 2 * n))
+            .collect::<Vec<_>>()
+            .join(", ");
         self.db
             .execute(
-                "INSERT INTO command_positions (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (consumer, topic, partition) DO UPDATE SET next_offset = excluded.next_offset
-                 WHERE command_positions.next_offset < excluded.next_offset",
-                &[consumer.into(), topic.into(), partition.into(), next_offset.into()],
+                &format!(
+                    "INSERT INTO command_positions (consumer, topic, partition, next_offset) VALUES {rows}
+                     ON CONFLICT (consumer, topic, partition) DO UPDATE SET next_offset = excluded.next_offset
+                     WHERE command_positions.next_offset < excluded.next_offset"
+                ),
+                &args,
             )
             .await?;
         Ok(())
