@@ -8,6 +8,8 @@ use command_services::store::{CommandStore, SqlStore};
 use event_log::SharedLog;
 use event_log::embedded::{Durability, EmbeddedLog};
 use event_log::kafka::{KafkaLog, KafkaSettings};
+use personal_data::KeyStore;
+use sql_store::Db;
 
 use crate::error::{Error, Result};
 use crate::settings::{Settings, StoreSettings};
@@ -17,6 +19,8 @@ use crate::settings::{Settings, StoreSettings};
 pub struct Backend {
     pub log: SharedLog,
     pub command_store: Arc<dyn CommandStore>,
+    /// The customers' data keys (`keys.db`, or the `<prefix>keys` schema on Postgres).
+    pub keys: KeyStore,
 }
 
 impl std::fmt::Debug for Backend {
@@ -101,7 +105,19 @@ impl Backend {
                 Arc::new(SqlStore::sqlite(store.data_dir.join("command-side.db")).await?)
             }
         };
-        Ok(Backend { log, command_store })
+        let keys_db = match &store.database_url {
+            Some(url) => Db::postgres(url, &format!("{}keys", store.schema_prefix), 4).await,
+            None => Db::sqlite_secure(&store.data_dir.join("keys.db")).await,
+        }
+        .map_err(Error::db("opening the key store"))?;
+        let keys = KeyStore::open(keys_db)
+            .await
+            .map_err(|error| Error::Refused(format!("opening the key store: {error}")))?;
+        Ok(Backend {
+            log,
+            command_store,
+            keys,
+        })
     }
 }
 

@@ -124,6 +124,7 @@ async fn ensure_topics(log: &event_log::SharedLog, settings: &Settings) -> Resul
         ("order", "order"),
         ("payment", "payment"),
         ("inventory", "stock"),
+        ("customer", "customer"),
     ] {
         for topic in [
             event_log::topics::events(&settings.store.topic_prefix, aggregate),
@@ -186,6 +187,10 @@ impl Platform {
                 inventory: true,
                 ..ServiceSet::NONE
             },
+            Part::Customer => ServiceSet {
+                customer: true,
+                ..ServiceSet::NONE
+            },
             Part::Projections | Part::Saga | Part::Gateway => ServiceSet::NONE,
         };
         let mut command_settings = CommandSettings::new(settings.store.topic_prefix.clone());
@@ -210,6 +215,7 @@ impl Platform {
             backend.command_store.clone(),
             &command_settings,
             Arc::new(TestProvider),
+            backend.keys.clone(),
             stopped,
             &supervisor,
         )
@@ -438,7 +444,9 @@ impl Platform {
 fn app(state: AppState) -> Router {
     let command_routes = command_services::http::commands::router(&state.commands)
         .with_state(state.commands.clone());
-    let mut router = Router::new().merge(command_routes);
+    let customer_routes = command_services::http::customers::router(&state.commands)
+        .with_state(state.commands.clone());
+    let mut router = Router::new().merge(command_routes).merge(customer_routes);
     if let Some(read) = &state.read {
         router = router.merge(projections::query::router().with_state(read.clone()));
         router = router.merge(projections::audit::router().with_state(read.clone()));
@@ -704,7 +712,7 @@ impl utoipa::Modify for EdgeAnswers {
 #[openapi(
     info(
         title = "Order fulfilment platform",
-        description = "Commands (orders, inventory) over an event log; errors are RFC 9457 problem+json."
+        description = "Commands (orders, inventory, customers) over an event log; errors are RFC 9457 problem+json."
     ),
     paths(
         command_services::http::commands::receive_stock,
@@ -712,6 +720,9 @@ impl utoipa::Modify for EdgeAnswers {
         command_services::http::commands::place_order,
         command_services::http::commands::cancel_order,
         command_services::http::commands::ship_order,
+        command_services::http::customers::register_customer,
+        command_services::http::customers::change_customer,
+        command_services::http::customers::erase_customer,
         projections::query::get_order,
         projections::query::list_orders,
         projections::query::get_stock,
@@ -728,6 +739,7 @@ impl utoipa::Modify for EdgeAnswers {
     modifiers(&EdgeAnswers),
     tags(
         (name = "orders", description = "The order's life cycle"),
+        (name = "customers", description = "Customers; their personal fields are stored only encrypted with a key of their own, which erasure deletes"),
         (name = "inventory", description = "Stock on hand per SKU"),
         (name = "payments", description = "The payment of each order"),
         (name = "audit", description = "Who did what, when and why: timelines, causation trees, past states"),

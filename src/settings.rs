@@ -25,7 +25,7 @@ pub use http_edge::serve::HttpSettings;
 pub enum Part {
     /// Every part in one process.
     All,
-    /// The three command services (order, payment, inventory) in one process.
+    /// The four command services (order, payment, inventory, customer) in one process.
     Commands,
     /// The order command service.
     Order,
@@ -33,6 +33,8 @@ pub enum Part {
     Payment,
     /// The inventory command service.
     Inventory,
+    /// The customer command service (and the key store its personal fields are sealed with).
+    Customer,
     /// The projection workers and the query API.
     Projections,
     /// The order-fulfilment saga orchestrator.

@@ -720,17 +720,16 @@ where
         }
     }
 
-    /// Decides and carries out one command; see the module documentation.
-    pub async fn execute(
-        &self,
-        request: CommandRequest<A::Command>,
-    ) -> Result<Outcome, CommandError<A::Error>> {
+    /// Whether this instance decides for `aggregate_id` now (ready, serving its partition,
+    /// not fenced): the checks [`Owner::execute`] starts with, for a caller that must do
+    /// something outside the log first only where the command will be decided here.
+    pub fn decides_for(&self, aggregate_id: &str) -> Result<u32, CommandError<A::Error>> {
         // The partition decides, not the instance: a problem with one partition (reported in
         // `is_ready`) leaves the others serving.
         if !self.inner.ready.load(Ordering::Acquire) {
             return Err(CommandError::NotReady);
         }
-        let partition = partition_for(&request.aggregate_id, self.inner.config.partitions);
+        let partition = partition_for(aggregate_id, self.inner.config.partitions);
         if !lock(&self.inner.serving).contains(&partition) {
             return Err(if lock(&self.inner.loading).contains(&partition) {
                 CommandError::NotReady
@@ -739,6 +738,15 @@ where
             });
         }
         self.check_serving(partition)?;
+        Ok(partition)
+    }
+
+    /// Decides and carries out one command; see the module documentation.
+    pub async fn execute(
+        &self,
+        request: CommandRequest<A::Command>,
+    ) -> Result<Outcome, CommandError<A::Error>> {
+        let partition = self.decides_for(&request.aggregate_id)?;
         let _in_flight = InFlight::enter(&self.inner, partition);
         // The tenure and epoch this command is decided in: given up or taken again meanwhile,
         // the partition refuses it (see `Table::live`).

@@ -1,9 +1,10 @@
-//! Starting the order, payment and inventory services on a log and a store, and wiring each
-//! one's command topic to its owner.
+//! Starting the order, payment, inventory and customer services on a log and a store, and
+//! wiring each one's command topic to its owner.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use domain::customer::CustomerAggregate;
 use domain::order::{OrderAggregate, OrderCommand};
 use domain::payment::{PaymentAggregate, PaymentCommand, PaymentState};
 use domain::stock::{StockAggregate, StockCommand};
@@ -23,6 +24,7 @@ use crate::provider::{
 };
 use crate::store::{CommandStore, StoreError};
 use http_edge::headers::digest;
+use personal_data::KeyStore;
 
 /// Which services run in this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +32,7 @@ pub struct ServiceSet {
     pub order: bool,
     pub payment: bool,
     pub inventory: bool,
+    pub customer: bool,
 }
 
 impl ServiceSet {
@@ -37,11 +40,13 @@ impl ServiceSet {
         order: true,
         payment: true,
         inventory: true,
+        customer: true,
     };
     pub const NONE: ServiceSet = ServiceSet {
         order: false,
         payment: false,
         inventory: false,
+        customer: false,
     };
 }
 
@@ -124,6 +129,9 @@ pub struct CommandState {
     pub orders: Option<Owner<OrderAggregate>>,
     pub stock: Option<Owner<StockAggregate>>,
     pub payments: Option<Owner<PaymentAggregate>>,
+    pub customers: Option<Owner<CustomerAggregate>>,
+    /// The customers' data keys, which the customer service seals personal fields with.
+    pub keys: Option<KeyStore>,
 }
 
 impl CommandState {
@@ -135,6 +143,7 @@ impl CommandState {
         store: Arc<dyn CommandStore>,
         settings: &CommandSettings,
         provider: Arc<dyn PaymentProvider>,
+        keys: KeyStore,
         shutdown: watch::Receiver<bool>,
         supervisor: &Supervisor,
     ) -> Result<Self, StartError> {
@@ -200,6 +209,23 @@ impl CommandState {
             );
             state.payments = Some(owner);
         }
+        if settings.services.customer {
+            let owner =
+                start_owner::<CustomerAggregate>(&log, &store, settings, "customer", tasks).await?;
+            // Customers' commands come over HTTP only; the consumer of their command topic is
+            // what gives the instances of the service their partitions (group assignment).
+            spawn_consumer(
+                &log,
+                &store,
+                settings,
+                "customer",
+                &owner,
+                tasks,
+                move |message| async move { misrouted("customer", &message) },
+            );
+            state.customers = Some(owner);
+            state.keys = Some(keys);
+        }
         Ok(state)
     }
 
@@ -208,6 +234,7 @@ impl CommandState {
         self.orders.as_ref().is_none_or(Owner::is_ready)
             && self.stock.as_ref().is_none_or(Owner::is_ready)
             && self.payments.as_ref().is_none_or(Owner::is_ready)
+            && self.customers.as_ref().is_none_or(Owner::is_ready)
     }
 
     /// After shutdown: waits until every owner has written its last snapshots.
@@ -221,6 +248,9 @@ impl CommandState {
         if let Some(owner) = &self.payments {
             owner.snapshots_written().await;
         }
+        if let Some(owner) = &self.customers {
+            owner.snapshots_written().await;
+        }
     }
 
     pub fn statuses(&self) -> Vec<OwnerStatus> {
@@ -232,6 +262,9 @@ impl CommandState {
             statuses.push(owner.status());
         }
         if let Some(owner) = &self.payments {
+            statuses.push(owner.status());
+        }
+        if let Some(owner) = &self.customers {
             statuses.push(owner.status());
         }
         statuses

@@ -10,12 +10,14 @@
 //! - [`aggregate`]: the [`Aggregate`] trait and [`Decision`], shared by every aggregate.
 //! - [`values`]: newtypes parsed at the edge (`OrderId`, `Sku`, `Quantity`, `CustomerId`, ...).
 //! - [`money`]: [`Money`] as integer minor units plus an ISO 4217 [`Currency`]; no floats.
+//! - [`customer`]: a customer's registration, email and erasure; personal fields only sealed.
 //! - [`order`]: the order and its status machine (place, confirm, reject, cancel, ship).
 //! - [`payment`]: one payment per order (authorise, capture, refund, void).
 //! - [`stock`]: one stock item per SKU (receive, adjust, reserve, release, commit).
 //! - [`testing`]: the given/when/then harness the aggregates' tests are written with.
 
 pub mod aggregate;
+pub mod customer;
 pub mod money;
 pub mod order;
 pub mod payment;

@@ -6,6 +6,7 @@
 //! version (see [`crate::upcast`]) and a new checked-in schema (see [`crate::schema`]).
 
 use domain::Aggregate;
+use domain::customer::{CustomerAggregate, CustomerEvent};
 use domain::order::{OrderAggregate, OrderEvent};
 use domain::payment::{PaymentAggregate, PaymentEvent};
 use domain::stock::{StockAggregate, StockEvent};
@@ -45,8 +46,15 @@ pub const STOCK_RESERVATION_REJECTED: EventType = ty("stock.reservation_rejected
 pub const STOCK_RESERVATION_RELEASED: EventType = ty("stock.reservation_released", 1);
 pub const STOCK_RESERVATION_COMMITTED: EventType = ty("stock.reservation_committed", 1);
 
+pub const CUSTOMER_REGISTERED: EventType = ty("customer.registered", 1);
+pub const CUSTOMER_EMAIL_CHANGED: EventType = ty("customer.email_changed", 1);
+pub const CUSTOMER_ERASED: EventType = ty("customer.erased", 1);
+
 /// Every event type of every aggregate, at its current version.
 pub const ALL: &[EventType] = &[
+    CUSTOMER_REGISTERED,
+    CUSTOMER_EMAIL_CHANGED,
+    CUSTOMER_ERASED,
     ORDER_PLACED,
     ORDER_CONFIRMED,
     ORDER_REJECTED,
@@ -228,6 +236,36 @@ impl EventCodec for StockAggregate {
             "stock.reservation_committed" => {
                 StockEvent::ReservationCommitted(from_value(event_type, data)?)
             }
+            other => return Err(unknown(other)),
+        })
+    }
+}
+
+impl EventCodec for CustomerAggregate {
+    const EVENT_TYPES: &'static [EventType] =
+        &[CUSTOMER_REGISTERED, CUSTOMER_EMAIL_CHANGED, CUSTOMER_ERASED];
+
+    fn event_type(event: &CustomerEvent) -> EventType {
+        match event {
+            CustomerEvent::Registered(_) => CUSTOMER_REGISTERED,
+            CustomerEvent::EmailChanged(_) => CUSTOMER_EMAIL_CHANGED,
+            CustomerEvent::Erased(_) => CUSTOMER_ERASED,
+        }
+    }
+
+    fn encode(event: &CustomerEvent) -> Value {
+        match event {
+            CustomerEvent::Registered(e) => to_value(e),
+            CustomerEvent::EmailChanged(e) => to_value(e),
+            CustomerEvent::Erased(e) => to_value(e),
+        }
+    }
+
+    fn decode(event_type: &str, data: Value) -> Result<CustomerEvent, DecodeError> {
+        Ok(match event_type {
+            "customer.registered" => CustomerEvent::Registered(from_value(event_type, data)?),
+            "customer.email_changed" => CustomerEvent::EmailChanged(from_value(event_type, data)?),
+            "customer.erased" => CustomerEvent::Erased(from_value(event_type, data)?),
             other => return Err(unknown(other)),
         })
     }

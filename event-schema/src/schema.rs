@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
+use domain::customer::{CustomerEmailChanged, CustomerErased, CustomerRegistered};
 use domain::order::{OrderCancelled, OrderConfirmed, OrderPlaced, OrderRejected, OrderShipped};
 use domain::payment::{
     PaymentAuthorised, PaymentCaptured, PaymentDeclined, PaymentRefunded, PaymentVoided,
@@ -70,6 +71,9 @@ pub fn schema_id(event_type: &str, version: u16) -> String {
 pub fn generate() -> Vec<GeneratedSchema> {
     use catalog::*;
     let mut schemas = vec![
+        current::<CustomerRegistered>(CUSTOMER_REGISTERED),
+        current::<CustomerEmailChanged>(CUSTOMER_EMAIL_CHANGED),
+        current::<CustomerErased>(CUSTOMER_ERASED),
         current::<OrderPlaced>(ORDER_PLACED),
         current::<OrderConfirmed>(ORDER_CONFIRMED),
         current::<OrderRejected>(ORDER_REJECTED),

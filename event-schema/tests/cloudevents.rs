@@ -8,6 +8,7 @@ mod common;
 use cloudevents::event::{ExtensionValue, SpecVersion};
 use cloudevents::{AttributesReader, Data, Event};
 use common::{at, full_meta, order_id};
+use domain::customer::CustomerAggregate;
 use domain::order::OrderAggregate;
 use domain::payment::PaymentAggregate;
 use domain::stock::StockAggregate;
@@ -39,6 +40,15 @@ fn envelopes() -> Vec<Envelope> {
     for (index, event) in common::stock_events().iter().enumerate() {
         envelopes.push(Envelope::new::<StockAggregate>(
             "SKU-1",
+            index as u64 + 1,
+            event,
+            &meta,
+            at(),
+        ));
+    }
+    for (index, event) in common::customer_events().iter().enumerate() {
+        envelopes.push(Envelope::new::<CustomerAggregate>(
+            "0196a000-0000-7000-8000-0000000000c1",
             index as u64 + 1,
             event,
             &meta,

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use domain::customer::CustomerAggregate;
 use domain::order::{OrderAggregate, OrderCommand, OrderLine, PlaceOrder};
 use domain::payment::{PaymentAggregate, PaymentCommand, ProviderAnswer};
 use domain::stock::{StockAggregate, StockCommand};
@@ -621,6 +622,10 @@ fn one_event_of_each_type_decided_by_the_aggregates_validates() {
     for event in common::stock_events() {
         assert_decided_event_valid::<StockAggregate>(&event);
         seen.push(StockAggregate::event_type(&event));
+    }
+    for event in common::customer_events() {
+        assert_decided_event_valid::<CustomerAggregate>(&event);
+        seen.push(CustomerAggregate::event_type(&event));
     }
     for ty in catalog::ALL {
         assert!(seen.contains(ty), "no sample of {}", ty.name);

@@ -99,6 +99,10 @@ pub struct GatewaySettings {
     #[arg(long, env = "PLATFORM_GATEWAY_INVENTORY", value_delimiter = ',')]
     pub gateway_inventory: Vec<String>,
 
+    /// Instances of the customer service (same form as --gateway-order).
+    #[arg(long, env = "PLATFORM_GATEWAY_CUSTOMER", value_delimiter = ',')]
+    pub gateway_customer: Vec<String>,
+
     /// Instances of the query API (`serve projections`), same form.
     #[arg(long, env = "PLATFORM_GATEWAY_QUERY", value_delimiter = ',')]
     pub gateway_query: Vec<String>,

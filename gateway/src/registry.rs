@@ -269,6 +269,7 @@ impl Registry {
         for (upstream, raw) in [
             (Upstream::Order, &gateway.gateway_order),
             (Upstream::Inventory, &gateway.gateway_inventory),
+            (Upstream::Customer, &gateway.gateway_customer),
             (Upstream::Query, &gateway.gateway_query),
             (Upstream::Saga, &gateway.gateway_saga),
         ] {
@@ -292,7 +293,7 @@ impl Registry {
         }
         if pools.is_empty() {
             return Err(Error::Upstream(
-                "the gateway needs at least one upstream (--gateway-order, --gateway-inventory, --gateway-query, --gateway-saga)"
+                "the gateway needs at least one upstream (--gateway-order, --gateway-inventory, --gateway-customer, --gateway-query, --gateway-saga)"
                     .to_owned(),
             ));
         }

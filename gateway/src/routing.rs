@@ -8,14 +8,16 @@ use http_edge::security::RouteClass;
 pub enum Upstream {
     Order,
     Inventory,
+    Customer,
     Query,
     Saga,
 }
 
 impl Upstream {
-    pub const ALL: [Upstream; 4] = [
+    pub const ALL: [Upstream; 5] = [
         Upstream::Order,
         Upstream::Inventory,
+        Upstream::Customer,
         Upstream::Query,
         Upstream::Saga,
     ];
@@ -24,6 +26,7 @@ impl Upstream {
         match self {
             Upstream::Order => "order",
             Upstream::Inventory => "inventory",
+            Upstream::Customer => "customer",
             Upstream::Query => "query",
             Upstream::Saga => "saga",
         }
@@ -34,7 +37,7 @@ impl Upstream {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub upstream: Upstream,
-    /// `(aggregate type, aggregate id)`: `("order", id)` or `("stock", sku)`.
+    /// `(aggregate type, aggregate id)`: `("order", id)`, `("stock", sku)` or `("customer", id)`.
     pub aggregate: Option<(&'static str, String)>,
     pub command: bool,
 }
@@ -74,7 +77,7 @@ pub fn class(method: &Method, path: &str) -> RouteClass {
         "console" => RouteClass::Open,
         "audit" => RouteClass::Audit,
         "sagas" if !read => RouteClass::Operator,
-        "orders" | "inventory" if !read => RouteClass::Command,
+        "orders" | "inventory" | "customers" if !read => RouteClass::Command,
         _ => RouteClass::Read,
     }
 }
@@ -117,6 +120,19 @@ pub fn route(
                 .map(|sku| ("stock", sku.clone())),
             command: true,
         }),
+        "customers" if !read => {
+            let id = match parts.get(1) {
+                Some(raw) => domain::CustomerId::parse(raw).ok().map(|id| id.to_string()),
+                None => idempotency_key.map(|key| {
+                    http_edge::headers::id_for_key("customer-id", key, actor).to_string()
+                }),
+            };
+            Some(Route {
+                upstream: Upstream::Customer,
+                aggregate: id.map(|id| ("customer", id)),
+                command: true,
+            })
+        }
         "orders" | "inventory" | "payments" => read.then(|| to(Upstream::Query)),
         "audit" | "openapi.json" => Some(to(Upstream::Query)),
         // The query API's console shows every part (it reads the saga store too); its actions
@@ -175,6 +191,27 @@ mod tests {
         assert_eq!(
             route(&post, "/sagas/x/retry", None, None).map(|r| (r.upstream, r.command)),
             Some((Upstream::Saga, true))
+        );
+        let registered = route(&post, "/customers", Some("k-2"), Some("key:alice")).expect("route");
+        assert_eq!(registered.upstream, Upstream::Customer);
+        assert_eq!(
+            registered.aggregate,
+            Some((
+                "customer",
+                http_edge::headers::id_for_key("customer-id", "k-2", Some("key:alice")).to_string()
+            ))
+        );
+        assert_eq!(
+            route(&Method::PATCH, &format!("/customers/{id}"), None, None),
+            Some(Route {
+                upstream: Upstream::Customer,
+                aggregate: Some(("customer", id.to_owned())),
+                command: true
+            })
+        );
+        assert_eq!(
+            class(&post, &format!("/customers/{id}/erase")),
+            RouteClass::Command
         );
         assert_eq!(route(&get, "/nowhere", None, None), None);
         assert_eq!(route(&post, "/payments/x", None, None), None);

@@ -377,6 +377,31 @@ impl Db {
         Db::sqlite_with(path, sqlite_options(path), 4).await
     }
 
+    /// Opens (creating) a SQLite file for secrets that must both last and be erasable: each
+    /// commit is synced to disk before it returns (`synchronous = FULL`), and what a statement
+    /// deletes or overwrites is zeroed in the file's pages (`secure_delete`), not left in free
+    /// space. The WAL still holds the old pages until a checkpoint: see [`Db::truncate_wal`].
+    pub async fn sqlite_secure(path: &Path) -> Result<Db, DbError> {
+        let options = sqlite_options(path)
+            .synchronous(SqliteSynchronous::Full)
+            .pragma("secure_delete", "on");
+        Db::sqlite_with(path, options, 4).await
+    }
+
+    /// On SQLite, copies the WAL into the database file and truncates the WAL to nothing
+    /// (`wal_checkpoint(TRUNCATE)`), so that the pages a transaction replaced are no longer in
+    /// any file; true when it did (false while another connection still reads an older state).
+    /// On Postgres it does nothing and answers false.
+    pub async fn truncate_wal(&self) -> Result<bool, DbError> {
+        if self.is_postgres() {
+            return Ok(false);
+        }
+        let row = self
+            .fetch_optional("PRAGMA wal_checkpoint(TRUNCATE)", &[])
+            .await?;
+        Ok(row.is_some_and(|row| row.int("busy") == 0))
+    }
+
     /// Opens (creating) a SQLite file for bulk loading something that can be rebuilt and has no
     /// concurrent readers (a replay's shadow): a 256 MiB page cache per connection, so index
     /// inserts with random keys stay in memory; a rollback journal instead of WAL, so the new

@@ -13,6 +13,7 @@ mod concurrency;
 mod concurrent_starts;
 mod console;
 mod console_browser;
+mod customers;
 mod durability;
 mod durable_topics;
 mod graceful_stop;

@@ -285,6 +285,7 @@ fn docker_compose_runs_every_part_on_kafka_in_kraft_mode_and_postgres() {
                 for (upstream, urls) in [
                     ("order", &settings.gateway.gateway_order),
                     ("inventory", &settings.gateway.gateway_inventory),
+                    ("customer", &settings.gateway.gateway_customer),
                     ("query", &settings.gateway.gateway_query),
                     ("saga", &settings.gateway.gateway_saga),
                 ] {
@@ -328,7 +329,10 @@ fn docker_compose_runs_every_part_on_kafka_in_kraft_mode_and_postgres() {
                 }
             }
         }
-        if matches!(part, Part::Order | Part::Payment | Part::Inventory) {
+        if matches!(
+            part,
+            Part::Order | Part::Payment | Part::Inventory | Part::Customer
+        ) {
             assert_no_static_identity(&context, &settings);
             assert!(
                 service.get("container_name").is_none(),
@@ -512,7 +516,7 @@ fn kubernetes_manifests_run_every_part_with_probes_and_real_settings() {
         );
         let replicas = workload["spec"]["replicas"].as_u64().expect("replicas") as u32;
         match part {
-            Part::Order | Part::Payment | Part::Inventory => {
+            Part::Order | Part::Payment | Part::Inventory | Part::Customer => {
                 assert_eq!(kind, "Deployment", "{context}: pods need no fixed identity");
                 assert_no_static_identity(&context, &settings);
                 assert!(
@@ -554,6 +558,7 @@ fn kubernetes_manifests_run_every_part_with_probes_and_real_settings() {
             for upstream in [
                 &settings.gateway.gateway_order,
                 &settings.gateway.gateway_inventory,
+                &settings.gateway.gateway_customer,
                 &settings.gateway.gateway_query,
                 &settings.gateway.gateway_saga,
             ] {
@@ -565,6 +570,7 @@ fn kubernetes_manifests_run_every_part_with_probes_and_real_settings() {
             for upstream in [
                 &settings.gateway.gateway_order,
                 &settings.gateway.gateway_inventory,
+                &settings.gateway.gateway_customer,
             ] {
                 for url in upstream {
                     assert!(

@@ -100,7 +100,7 @@ pub struct CancelOrderRequest {
 /// What a successful command answers.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CommandAccepted {
-    /// `order` or `stock`.
+    /// `order`, `stock` or `customer`.
     pub aggregate_type: String,
     pub aggregate_id: String,
     /// Set on order routes.
@@ -109,6 +109,9 @@ pub struct CommandAccepted {
     /// Set on inventory routes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sku: Option<String>,
+    /// Set on customer routes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer_id: Option<String>,
     /// The aggregate's version after the command.
     pub version: u64,
     /// The log position written (or the aggregate's latest, when nothing was written); pass it
@@ -328,6 +331,7 @@ async fn run_stock(
         aggregate_id: sku.to_string(),
         order_id: None,
         sku: Some(sku.to_string()),
+        customer_id: None,
         version: outcome.version(),
         consistency_token: outcome.position().map(ToString::to_string),
         outcome: describe(&outcome).to_owned(),
@@ -359,6 +363,7 @@ async fn run_order(
         aggregate_id: order_id.to_string(),
         order_id: Some(order_id.to_string()),
         sku: None,
+        customer_id: None,
         version: outcome.version(),
         consistency_token: outcome.position().map(ToString::to_string),
         outcome: describe(&outcome).to_owned(),

@@ -2,3 +2,4 @@
 //! shared edge's (`http_edge`).
 
 pub mod commands;
+pub mod customers;

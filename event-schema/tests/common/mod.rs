@@ -5,6 +5,7 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use domain::Aggregate;
+use domain::customer::{CustomerAggregate, CustomerCommand, CustomerEvent, Sealed};
 use domain::order::{OrderAggregate, OrderCommand, OrderEvent, OrderLine, PlaceOrder};
 use domain::payment::{PaymentAggregate, PaymentCommand, PaymentEvent, ProviderAnswer};
 use domain::stock::{StockAggregate, StockCommand, StockEvent};
@@ -158,6 +159,35 @@ pub fn stock_events() -> Vec<StockEvent> {
         },
     );
     vec![received, adjusted, reserved, rejected, released, committed]
+}
+
+/// A sealed field as the customer service writes it (the tests here need its form only).
+pub fn sealed(fill: char) -> Sealed {
+    Sealed::parse(&format!(
+        "{}{}",
+        Sealed::PREFIX,
+        fill.to_string().repeat(64)
+    ))
+    .expect("the sealed form")
+}
+
+pub fn customer_events() -> Vec<CustomerEvent> {
+    type A = CustomerAggregate;
+    let registered = decided::<A>(
+        &[],
+        CustomerCommand::Register {
+            customer_id: CustomerId::parse("0196a000-0000-7000-8000-0000000000c1")
+                .expect("a customer id"),
+            name: sealed('n'),
+            email: sealed('e'),
+        },
+    );
+    let changed = decided::<A>(
+        &[&registered],
+        CustomerCommand::ChangeEmail { email: sealed('f') },
+    );
+    let erased = decided::<A>(&[&registered, &changed], CustomerCommand::Erase);
+    vec![registered, changed, erased]
 }
 
 /// Metadata of a command caused by an earlier event, with trace context: every field set.
