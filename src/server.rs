@@ -250,7 +250,8 @@ impl Platform {
                 &settings.store.topic_prefix,
             )
             .await
-            .map_err(Error::db("opening the read models"))?;
+            .map_err(Error::db("opening the read models"))?
+            .with_keys(backend.keys.clone());
             read.start_workers(shutdown.subscribe(), &supervisor);
             Some(read)
         } else {
@@ -728,6 +729,7 @@ impl utoipa::Modify for EdgeAnswers {
         projections::query::get_stock,
         projections::query::low_stock,
         projections::query::get_payment,
+        projections::query::get_customer,
         projections::audit::get_timeline,
         projections::audit::get_trace,
         projections::audit::get_state,

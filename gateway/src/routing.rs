@@ -133,7 +133,7 @@ pub fn route(
                 command: true,
             })
         }
-        "orders" | "inventory" | "payments" => read.then(|| to(Upstream::Query)),
+        "orders" | "inventory" | "payments" | "customers" => read.then(|| to(Upstream::Query)),
         "audit" | "openapi.json" => Some(to(Upstream::Query)),
         // The query API's console shows every part (it reads the saga store too); its actions
         // are not retried by the gateway.

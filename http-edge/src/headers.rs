@@ -50,6 +50,12 @@ fn text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiEr
                 .to_str()
                 .map_err(|_| ApiError::BadRequest(format!("header {name} must be visible ASCII")))?
                 .trim();
+            // `to_str` lets a tab through; the documented form is printable ASCII and spaces.
+            if value.bytes().any(|byte| !(b' '..=b'~').contains(&byte)) {
+                return Err(ApiError::BadRequest(format!(
+                    "header {name} must be visible ASCII"
+                )));
+            }
             if value.is_empty() || value.len() > MAX_HEADER_LEN {
                 return Err(ApiError::BadRequest(format!(
                     "header {name} must be 1 to {MAX_HEADER_LEN} characters"

@@ -608,6 +608,112 @@ pub async fn payment(db: &Db, order_id: &str) -> Result<Option<PaymentView>, DbE
         }))
 }
 
+/// `GET /customers/{id}`: the customer as the customers read model holds them, personal
+/// fields opened with the key store.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CustomerView {
+    pub customer_id: String,
+    /// `registered` or `erased`.
+    pub status: String,
+    /// Absent once the customer is erased (or while the fields cannot be opened).
+    pub name: Option<String>,
+    pub email: Option<String>,
+    /// `readable`; `erased` (the key is gone, the fields with it, for good); or `unreadable`
+    /// (no key opens them: this process has no key store, or the key is not the one they were
+    /// sealed with).
+    pub personal_data: String,
+    /// RFC 3339.
+    pub registered_at: String,
+    pub updated_at: String,
+    pub erased_at: Option<String>,
+    /// The customer aggregate's version.
+    pub version: i64,
+}
+
+/// A customer, with their name and email address (or, once erased, without).
+#[utoipa::path(
+    get, path = "/customers/{id}", tag = "customers",
+    params(("id" = String, Path, description = "The customer id"), Consistency),
+    responses(
+        (status = 200, description = "The customer", body = CustomerView),
+        (status = 304, description = "Not modified (If-None-Match)"),
+        (status = 400, description = "Malformed consistency token or query string", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such customer (yet)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Read model behind the consistency token, or down", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_customer(
+    State(read): State<ReadSide>,
+    Path(customer_id): Path<String>,
+    ApiQuery(consistency): ApiQuery<Consistency>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    consistent(&read, "customers", &headers, consistency.after.as_deref()).await?;
+    let view = customer(&read, &customer_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("customer {customer_id} does not exist")))?;
+    Ok(respond(&headers, &view))
+}
+
+/// A customer as the customers read model holds them, fields opened with the read side's keys.
+pub async fn customer(
+    read: &ReadSide,
+    customer_id: &str,
+) -> Result<Option<CustomerView>, ApiError> {
+    let Some(row) = db(read, "customers")?
+        .fetch_optional(
+            "SELECT * FROM customers WHERE customer_id = $1",
+            &[customer_id.into()],
+        )
+        .await
+        .map_err(infra)?
+    else {
+        return Ok(None);
+    };
+    let id = domain::CustomerId::parse(customer_id)
+        .map_err(|error| ApiError::NotFound(format!("customer {customer_id}: {error}")))?;
+    let key = match (read.keys(), row.text("status").as_str()) {
+        (_, "erased") => personal_data::KeyState::Erased {
+            at: row.get("erased_at").int().unwrap_or_default(),
+        },
+        (Some(keys), _) => keys
+            .key(&id)
+            .await
+            .map_err(|error| ApiError::Unavailable(error.to_string()))?,
+        (None, _) => personal_data::KeyState::Unknown,
+    };
+    let open = |field: &str| -> personal_data::Opened {
+        match row
+            .get(field)
+            .text()
+            .and_then(|raw| personal_data::Sealed::parse(raw).ok())
+        {
+            Some(sealed) => personal_data::open(&key, &id, field, &sealed),
+            None if matches!(key, personal_data::KeyState::Erased { .. }) => {
+                personal_data::Opened::Erased
+            }
+            None => personal_data::Opened::Unreadable,
+        }
+    };
+    let (name, email) = (open("name"), open("email"));
+    let personal_data = match (&name, &email) {
+        (personal_data::Opened::Text(_), personal_data::Opened::Text(_)) => "readable",
+        (personal_data::Opened::Erased, _) | (_, personal_data::Opened::Erased) => "erased",
+        _ => "unreadable",
+    };
+    Ok(Some(CustomerView {
+        customer_id: row.text("customer_id"),
+        status: row.text("status"),
+        name: name.text().map(str::to_owned),
+        email: email.text().map(str::to_owned),
+        personal_data: personal_data.to_owned(),
+        registered_at: rfc3339(row.int("registered_at")),
+        updated_at: rfc3339(row.int("updated_at")),
+        erased_at: row.get("erased_at").int().map(rfc3339),
+        version: row.int("version"),
+    }))
+}
+
 /// The query routes, of the read class.
 pub fn router() -> Router<ReadSide> {
     let routes = Router::new()
@@ -615,6 +721,7 @@ pub fn router() -> Router<ReadSide> {
         .route("/orders/{id}", get(get_order))
         .route("/inventory", get(low_stock))
         .route("/inventory/{sku}", get(get_stock))
-        .route("/payments/{order_id}", get(get_payment));
+        .route("/payments/{order_id}", get(get_payment))
+        .route("/customers/{id}", get(get_customer));
     http_edge::security::routes(routes, http_edge::security::RouteClass::Read)
 }

@@ -18,7 +18,9 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::db::{Db, DbError};
-use crate::models::{audit::Audit, inventory::Inventory, orders::Orders, payments::Payments};
+use crate::models::{
+    audit::Audit, customers::Customers, inventory::Inventory, orders::Orders, payments::Payments,
+};
 use crate::runtime::{BeyondLogEnd, Projection, Worker, WorkerState, migrate, stored_positions};
 use crate::traced::{SpanKind, Traced};
 
@@ -55,6 +57,8 @@ pub struct ReadSide {
     topic_prefix: String,
     group_prefix: String,
     running: Arc<Vec<Running>>,
+    /// The customers' data keys, which the query API opens sealed personal fields with.
+    keys: Option<personal_data::KeyStore>,
 }
 
 impl std::fmt::Debug for ReadSide {
@@ -102,6 +106,7 @@ fn all_projections() -> Vec<Arc<dyn Projection>> {
         Arc::new(Orders),
         Arc::new(Inventory),
         Arc::new(Payments),
+        Arc::new(Customers),
         Arc::new(Audit),
     ];
     projections
@@ -157,7 +162,19 @@ impl ReadSide {
             topic_prefix: topic_prefix.to_owned(),
             group_prefix: group_prefix.to_owned(),
             running: Arc::new(running),
+            keys: None,
         })
+    }
+
+    /// The read side, showing sealed personal fields opened with `keys`; without it the
+    /// query API shows them as unreadable.
+    pub fn with_keys(mut self, keys: personal_data::KeyStore) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    pub fn keys(&self) -> Option<&personal_data::KeyStore> {
+        self.keys.as_ref()
     }
 
     /// Starts one worker per projection. They share one member of the projections' consumer
@@ -200,7 +217,7 @@ impl ReadSide {
             .find(|running| running.projection.name() == projection)
     }
 
-    /// The database of a projection (`orders`, `inventory`, `payments`, `audit`).
+    /// The database of a projection (`orders`, `inventory`, `payments`, `customers`, `audit`).
     pub fn db(&self, projection: &str) -> Option<&Db> {
         self.running(projection).map(|running| &running.db)
     }

@@ -448,5 +448,5 @@ async fn health_says_live_and_ready() {
     let ready = app.get("/health/ready").await;
     let body = ready.expect(200);
     assert_eq!(body["status"], "ready");
-    assert_eq!(body["services"].as_array().expect("services").len(), 3);
+    assert_eq!(body["services"].as_array().expect("services").len(), 4);
 }

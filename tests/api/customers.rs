@@ -82,6 +82,13 @@ async fn a_customer_is_stored_sealed_and_erasure_leaves_every_record_unreadable(
         assert_eq!(changed.status(), 200, "{backend:?}");
         let changed: Value = changed.json().await.expect("JSON");
         assert_eq!(changed["version"], 2);
+        let token = changed["consistency_token"].as_str().expect("a token");
+        let view = app.get(&format!("/customers/{id}?after={token}")).await;
+        let view = view.expect(200);
+        assert_eq!(view["status"], "registered", "{backend:?}");
+        assert_eq!(view["name"], NAME);
+        assert_eq!(view["email"], NEW_EMAIL);
+        assert_eq!(view["personal_data"], "readable");
 
         // The log holds the fields sealed, never in the clear.
         let records = raw_customer_records(&app).await;
@@ -116,6 +123,35 @@ async fn a_customer_is_stored_sealed_and_erasure_leaves_every_record_unreadable(
         let records = raw_customer_records(&app).await;
         assert_eq!(records.len(), 3);
         assert_eq!(records[2].1, json!({"customer_id": id}));
+        let token = erased.expect(200)["consistency_token"]
+            .as_str()
+            .expect("a token")
+            .to_owned();
+        let view = app.get(&format!("/customers/{id}?after={token}")).await;
+        let view = view.expect(200);
+        assert_eq!(view["status"], "erased", "{backend:?}");
+        assert_eq!(view["name"], Value::Null);
+        assert_eq!(view["email"], Value::Null);
+        assert_eq!(view["personal_data"], "erased");
+        assert!(view["erased_at"].is_string());
+        // The read model's row keeps no sealed field either.
+        let rows = app
+            .read
+            .as_ref()
+            .expect("the read side")
+            .dump("customers", "customers", "customer_id")
+            .await
+            .expect("the customers table");
+        assert_eq!(rows.len(), 1);
+        assert!(
+            rows[0]
+                .iter()
+                .all(|column| !column.starts_with(Sealed::PREFIX)),
+            "{rows:?}"
+        );
+        app.get("/customers/no-such-customer")
+            .await
+            .expect_problem(404);
 
         // Nothing more is taken for an erased customer; an unknown one is not found.
         let refused = app

@@ -34,11 +34,12 @@ pub const MAX_EMAIL_LEN: usize = 254;
 #[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterCustomerRequest {
-    /// The customer's name, 1 to 200 characters (sealed before it is stored).
-    #[schema(min_length = 1, max_length = 200, example = "Ada Lovelace")]
+    /// The customer's name: 1 to 200 characters, at least one not white space, no control
+    /// characters (sealed before it is stored).
+    #[schema(schema_with = name_schema, example = "Ada Lovelace")]
     pub name: String,
     /// An email address order updates are sent to (sealed before it is stored).
-    #[schema(min_length = 3, max_length = 254, example = "ada@example.com")]
+    #[schema(schema_with = email_schema, example = "ada@example.com")]
     pub email: String,
 }
 
@@ -47,8 +48,32 @@ pub struct RegisterCustomerRequest {
 #[serde(deny_unknown_fields)]
 pub struct ChangeCustomerRequest {
     /// The new email address (sealed before it is stored).
-    #[schema(min_length = 3, max_length = 254, example = "ada@example.org")]
+    #[schema(schema_with = email_schema, example = "ada@example.org")]
     pub email: String,
+}
+
+/// A name, for the OpenAPI document: what [`name`] takes.
+fn name_schema() -> utoipa::openapi::schema::Schema {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .min_length(Some(1))
+        .max_length(Some(MAX_NAME_LEN))
+        .pattern(Some(
+            "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u001f\\u007f-\\u009f]*$",
+        ))
+        .into()
+}
+
+/// An email address, for the OpenAPI document: what [`email`] takes.
+fn email_schema() -> utoipa::openapi::schema::Schema {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+            utoipa::openapi::KnownFormat::Email,
+        )))
+        .min_length(Some(3))
+        .max_length(Some(MAX_EMAIL_LEN))
+        .into()
 }
 
 /// Personal fields are never printed.

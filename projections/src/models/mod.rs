@@ -5,6 +5,7 @@
 //! [`write_rows`] (see `sql_store`).
 
 pub mod audit;
+pub mod customers;
 pub mod inventory;
 pub mod orders;
 pub mod payments;
