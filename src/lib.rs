@@ -21,6 +21,7 @@
 //! - [`tools`]: `platform replay` and `platform audit`.
 
 pub mod backend;
+pub mod customers;
 pub mod error;
 pub mod ops;
 pub mod otlp;

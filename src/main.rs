@@ -98,6 +98,15 @@ enum Command {
         #[command(flatten)]
         saga: SagaSettings,
     },
+    /// Customers: the erasure report (where a customer's personal data could live, and that
+    /// nothing readable remains once they are erased).
+    #[command(mut_args = for_subcommands_too)]
+    Customers {
+        #[command(subcommand)]
+        command: platform::customers::CustomersCommand,
+        #[command(flatten)]
+        store: StoreSettings,
+    },
     /// List (and with --apply, reset) command-side snapshots and positions stored beyond the
     /// log's end, which the services refuse to start on.
     Recover {
@@ -184,7 +193,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Projections { .. }
         | Command::Parked { .. }
         | Command::Sagas { .. }
-        | Command::Recover { .. } => "warn",
+        | Command::Recover { .. }
+        | Command::Customers { .. } => "warn",
     };
     let otlp = match &command {
         Command::Serve { part, serve } => serve
@@ -258,6 +268,9 @@ async fn run(command: Command) -> Result<(), platform::Error> {
             saga,
         } => platform::ops::sagas(command, &store, &saga).await,
         Command::Recover { args, store } => platform::ops::recover(args, &store).await,
+        Command::Customers { command, store } => {
+            platform::customers::customers(command, &store).await
+        }
     }
 }
 

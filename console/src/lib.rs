@@ -1273,7 +1273,7 @@ async fn audit_search(
     let mut timelines = Vec::new();
     let mut trace = None;
     if !id.is_empty() {
-        for aggregate_type in ["order", "payment", "stock"] {
+        for aggregate_type in audit::AGGREGATE_TYPES {
             match audit::timeline(db, aggregate_type, &id).await {
                 Ok(timeline) if !timeline.events.is_empty() => timelines.push(timeline),
                 Ok(_) | Err(AuditError::NotFound(_) | AuditError::UnknownType(_)) => {}

@@ -127,6 +127,34 @@ pub fn fingerprint(key: &DataKey, text: &str) -> String {
         .collect()
 }
 
+/// Every sealed value in `value` (a JSON document: an event, a snapshot, a row), with the name
+/// of the field that holds it (its object key; for an element of a list, the list's key).
+pub fn sealed_fields(value: &serde_json::Value) -> Vec<(String, Sealed)> {
+    fn walk(value: &serde_json::Value, field: &str, found: &mut Vec<(String, Sealed)>) {
+        match value {
+            serde_json::Value::String(text) if text.starts_with(Sealed::PREFIX) => {
+                if let Ok(sealed) = Sealed::parse(text) {
+                    found.push((field.to_owned(), sealed));
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for item in items {
+                    walk(item, field, found);
+                }
+            }
+            serde_json::Value::Object(map) => {
+                for (key, item) in map {
+                    walk(item, key, found);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    walk(value, "", &mut found);
+    found
+}
+
 /// What a sealed field shows a reader.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Opened {

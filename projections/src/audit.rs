@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
 use domain::Aggregate;
+use domain::customer::CustomerAggregate;
 use domain::order::OrderAggregate;
 use domain::payment::PaymentAggregate;
 use domain::stock::StockAggregate;
@@ -25,7 +26,7 @@ use crate::ReadSide;
 use crate::db::{Db, DbError, Row};
 
 /// The aggregate types the audit knows.
-pub const AGGREGATE_TYPES: [&str; 3] = ["order", "payment", "stock"];
+pub const AGGREGATE_TYPES: [&str; 4] = ["order", "payment", "stock", "customer"];
 
 /// Why an audit question has no answer.
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +216,7 @@ fn states_after(aggregate_type: &str, envelopes: &[Envelope]) -> Result<Vec<Valu
         "order" => fold::<OrderAggregate>(envelopes),
         "payment" => fold::<PaymentAggregate>(envelopes),
         "stock" => fold::<StockAggregate>(envelopes),
+        "customer" => fold::<CustomerAggregate>(envelopes),
         other => {
             return Err(AuditError::UnknownType(format!(
                 "unknown aggregate type {other}"
@@ -376,6 +378,7 @@ pub async fn state_as_of(
         None => match aggregate_type {
             "order" => serde_json::to_value(<OrderAggregate as Aggregate>::State::default()),
             "payment" => serde_json::to_value(<PaymentAggregate as Aggregate>::State::default()),
+            "customer" => serde_json::to_value(<CustomerAggregate as Aggregate>::State::default()),
             _ => serde_json::to_value(<StockAggregate as Aggregate>::State::default()),
         }
         .unwrap_or(Value::Null),
@@ -512,7 +515,7 @@ fn audit_db(read: &ReadSide) -> Result<&Db, ApiError> {
 #[utoipa::path(
     get, path = "/audit/{aggregate_type}/{id}", tag = "audit",
     params(
-        ("aggregate_type" = AuditedType, Path, description = "`order`, `payment` or `stock`"),
+        ("aggregate_type" = AuditedType, Path, description = "`order`, `payment`, `stock` or `customer`"),
         ("id" = String, Path, description = "The aggregate id (an order id, or a SKU)"),
     ),
     responses(
@@ -565,13 +568,14 @@ pub enum AuditedType {
     Order,
     Payment,
     Stock,
+    Customer,
 }
 
 /// An aggregate's state as of a version or a time, folded with the domain's `evolve`.
 #[utoipa::path(
     get, path = "/audit/{aggregate_type}/{id}/state", tag = "audit",
     params(
-        ("aggregate_type" = AuditedType, Path, description = "`order`, `payment` or `stock`"),
+        ("aggregate_type" = AuditedType, Path, description = "`order`, `payment`, `stock` or `customer`"),
         ("id" = String, Path, description = "The aggregate id"),
         AsOfQuery,
     ),

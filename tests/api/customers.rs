@@ -6,7 +6,7 @@ use domain::customer::Sealed;
 use personal_data::{KeyStore, Opened, open};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, backends, read_records};
+use crate::helpers::{TestApp, backends, platform_binary, read_records};
 
 const NAME: &str = "Ada Lovelace";
 const EMAIL: &str = "ada.lovelace@example.com";
@@ -38,6 +38,49 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
         .windows(needle.len())
         .any(|window| window == needle.as_bytes())
+}
+
+/// `platform customers erasure-report <id> --json` against the app's stores: its exit status and
+/// its report.
+async fn erasure_report(app: &TestApp, id: &str) -> (bool, Value) {
+    let mut command = std::process::Command::new(platform_binary());
+    command
+        .args(["customers", "erasure-report", id, "--json"])
+        .arg("--data-dir")
+        .arg(&app.settings.store.data_dir)
+        .args(["--topic-prefix", &app.settings.store.topic_prefix])
+        .args(["--schema-prefix", &app.settings.store.schema_prefix]);
+    if let Some(kafka) = &app.settings.store.kafka {
+        command.args(["--kafka", kafka]);
+    }
+    if let Some(url) = &app.settings.store.database_url {
+        command.args(["--database-url", url]);
+    }
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .expect("run platform customers erasure-report");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|error| {
+        panic!(
+            "a JSON report, not {stdout:?} ({error}); stderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status.success(), report)
+}
+
+fn place<'a>(report: &'a Value, prefix: &str) -> &'a Value {
+    report["places"]
+        .as_array()
+        .expect("places")
+        .iter()
+        .find(|place| {
+            place["place"]
+                .as_str()
+                .is_some_and(|p| p.starts_with(prefix))
+        })
+        .unwrap_or_else(|| panic!("no place {prefix:?} in {report}"))
 }
 
 async fn key_store(app: &TestApp) -> KeyStore {
@@ -112,6 +155,13 @@ async fn a_customer_is_stored_sealed_and_erasure_leaves_every_record_unreadable(
             Some(NEW_EMAIL)
         );
 
+        // Before the erasure the report finds the fields readable, and says so by its status.
+        let (erased, report) = erasure_report(&app, &id).await;
+        assert!(!erased, "{backend:?}: {report}");
+        assert_eq!(report["nothing_readable"], false);
+        assert_eq!(place(&report, "log ")["sealed"], 3, "{report}");
+        assert_eq!(place(&report, "log ")["readable"], 3, "{report}");
+
         // Erased: the key is gone, every record is unreadable, and the erasure is an event.
         let erased = app.post(&format!("/customers/{id}/erase"), json!({})).await;
         assert_eq!(erased.expect(200)["version"], 3, "{backend:?}");
@@ -152,6 +202,87 @@ async fn a_customer_is_stored_sealed_and_erasure_leaves_every_record_unreadable(
         app.get("/customers/no-such-customer")
             .await
             .expect_problem(404);
+
+        // The report finds the sealed copies (the audit's too, once caught up) and none readable.
+        let caught_up = app
+            .read
+            .as_ref()
+            .expect("the read side")
+            .wait_caught_up(std::time::Duration::from_secs(30))
+            .await
+            .expect("the projections' status");
+        assert!(caught_up, "{backend:?}: the read models caught up");
+        let (erased, report) = erasure_report(&app, &id).await;
+        assert!(erased, "{backend:?}: {report}");
+        assert_eq!(report["nothing_readable"], true);
+        assert!(
+            report["key"]
+                .as_str()
+                .expect("key")
+                .starts_with("erased at")
+        );
+        let log = place(&report, "log ");
+        assert_eq!(
+            log["holds"].as_str().expect("holds").split(' ').next(),
+            Some("3")
+        );
+        assert_eq!(
+            (log["sealed"].as_u64(), log["readable"].as_u64()),
+            (Some(3), Some(0))
+        );
+        let audit = place(&report, "read model audit");
+        assert_eq!(
+            (audit["sealed"].as_u64(), audit["readable"].as_u64()),
+            (Some(3), Some(0)),
+            "{report}"
+        );
+        let customers = place(&report, "read model customers");
+        assert_eq!(customers["sealed"], 0, "{report}");
+
+        // No file and no table of the platform's holds the fields in the clear.
+        let mut files = vec![app.settings.store.data_dir.clone()];
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                for entry in std::fs::read_dir(&path).expect("the data directory") {
+                    files.push(entry.expect("an entry").path());
+                }
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                for plain in [NAME, EMAIL, NEW_EMAIL] {
+                    assert!(!contains(&bytes, plain), "{plain:?} in {}", path.display());
+                }
+            }
+        }
+        if let Some(url) = &app.settings.store.database_url {
+            let db = sql_store::Db::postgres(url, "public", 1)
+                .await
+                .expect("Postgres");
+            let tables = db
+                .fetch_all(
+                    "SELECT table_schema || '.' || table_name AS name FROM information_schema.tables
+                     WHERE table_schema LIKE $1 || '%' AND table_type = 'BASE TABLE'",
+                    &[app.settings.store.schema_prefix.as_str().into()],
+                )
+                .await
+                .expect("the platform's tables");
+            assert!(tables.len() > 10, "{tables:?}");
+            for table in tables {
+                let name = table.text("name");
+                let (schema, table) = name.split_once('.').expect("schema.table");
+                let rows = db
+                    .fetch_all(
+                        &format!("SELECT t::text AS row FROM \"{schema}\".\"{table}\" t"),
+                        &[],
+                    )
+                    .await
+                    .expect("a table's rows");
+                for row in rows {
+                    let row = row.text("row");
+                    for plain in [NAME, EMAIL, NEW_EMAIL] {
+                        assert!(!row.contains(plain), "{plain:?} in {name}");
+                    }
+                }
+            }
+        }
 
         // Nothing more is taken for an erased customer; an unknown one is not found.
         let refused = app

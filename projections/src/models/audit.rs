@@ -19,7 +19,7 @@ impl Projection for Audit {
     }
 
     fn aggregate_types(&self) -> &'static [&'static str] {
-        &["order", "payment", "stock"]
+        &["order", "payment", "stock", "customer"]
     }
 
     fn migrations(&self) -> &'static Migrations {
