@@ -304,19 +304,20 @@ impl Platform {
             ("order", services.order),
             ("payment", services.payment),
             ("inventory", services.inventory),
+            ("customer", services.customer),
         ]
         .into_iter()
         .filter_map(|(name, on)| on.then_some(name))
         .collect();
         if !names.is_empty() {
             parts.push(format!(
-                "command services {} (POST /orders, /inventory/{{sku}}/receipts, ...)",
+                "command services {} (POST /orders, /inventory/{{sku}}/receipts, /customers, ...)",
                 names.join(", ")
             ));
         }
         if read.is_some() {
             parts.push(
-                "read models orders, inventory, payments, audit (GET /orders, /inventory, /payments, /audit)"
+                "read models orders, inventory, payments, customers, audit (GET /orders, /inventory, /payments, /customers, /audit)"
                     .to_owned(),
             );
         }
