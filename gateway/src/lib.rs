@@ -1,7 +1,7 @@
 //! The API gateway (`platform serve gateway`): the single entry point for clients.
 //!
-//! It routes each request to an upstream (the order or inventory command service, the query
-//! API, the saga API), picks a healthy instance, and forwards the request over HTTP.
+//! It routes each request to an upstream (the order, inventory or customer command service, the
+//! query API, the saga API), picks a healthy instance, and forwards the request over HTTP.
 //!
 //! - **Registry**: each upstream's instances come from `--gateway-<upstream>`: base URLs and/or
 //!   `dns://name:port`, re-resolved at every health round. A background task polls every
@@ -9,8 +9,9 @@
 //!   says which partitions of which topic the instance owns, which is how commands find their
 //!   owner.
 //! - **Partition routing**: a command names its aggregate (`/orders/{id}/...`,
-//!   `/inventory/{sku}/...`; `POST /orders` derives the new order's id from its
-//!   `Idempotency-Key`, which the gateway adds when the client sent none). The gateway hashes it
+//!   `/inventory/{sku}/...`, `/customers/{id}...`; `POST /orders` and `POST /customers` derive
+//!   the new aggregate's id from its `Idempotency-Key`, which the gateway adds when the client
+//!   sent none). The gateway hashes it
 //!   with [`event_log::partition_for`], as the log does, and sends the command to the instance
 //!   that owns that partition. Requests without an owner go round-robin.
 //! - **Retries**: only idempotent requests (GET/HEAD, or a command with an `Idempotency-Key`)

@@ -51,10 +51,13 @@ impl Registry {
             .and_then(|value| value.to_str().ok())
             .map(|key| key.trim().to_owned())
             .filter(|key| !key.is_empty());
-        // A new order's id comes from its idempotency key: give it one, so the gateway knows
-        // the owner of the order's partition (and may retry it safely).
+        // A new order's or customer's id comes from its idempotency key: give it one, so the
+        // gateway knows the owner of the new aggregate's partition (and may retry it safely).
         let generated_key = (parts.method == Method::POST
-            && segments(parts.uri.path()) == ["orders"]
+            && matches!(
+                segments(parts.uri.path()).as_slice(),
+                [only] if only == "orders" || only == "customers"
+            )
             && client_key.is_none())
         .then(|| format!("gw-{}", uuid::Uuid::now_v7()));
         if let Some(key) = &generated_key

@@ -118,6 +118,76 @@ async fn commands_reach_the_instance_owning_their_partition() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customer_commands_reach_the_instance_owning_the_customer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut first = support::settings(dir.path());
+    first.assignment = platform::settings::AssignmentMode::Static;
+    first.instances = 2;
+    first.instance = 0;
+    let mut second = first.clone();
+    second.instance = 1;
+    let partitions = first.partitions;
+    let customer_0 = support::platform(first, Part::Customer).await;
+    let customer_1 = support::platform(second, Part::Customer).await;
+    let mut settings = gateway_settings(dir.path());
+    settings.http_addr = localhost();
+    settings.gateway.gateway_customer = vec![customer_0.url(), customer_1.url()];
+    let gateway = support::gateway(settings).await;
+    let client = reqwest::Client::new();
+
+    // Registered through the gateway (which gives a request without an Idempotency-Key one, to
+    // know the new customer's partition), changed and erased on whichever instance owns it.
+    let mut owners = std::collections::BTreeSet::new();
+    for index in 0..8 {
+        let mut request = client.post(format!("{}/customers", gateway.url())).json(
+            &json!({"name": format!("Customer {index}"), "email": format!("c{index}@example.com")}),
+        );
+        if index % 2 == 0 {
+            request = request.header("idempotency-key", format!("customer-{index}"));
+        }
+        let (status, _, body) = read(request.send().await.expect("request")).await;
+        assert_eq!(status, 201, "customer {index}: {body}");
+        let id = body["customer_id"]
+            .as_str()
+            .expect("customer id")
+            .to_owned();
+        owners.insert(event_log::partition_for(&id, partitions) % 2);
+        let (status, _, body) = read(
+            client
+                .patch(format!("{}/customers/{id}", gateway.url()))
+                .json(&json!({"email": format!("new{index}@example.com")}))
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await;
+        assert_eq!(status, 200, "change {id}: {body}");
+        let (status, _, body) = read(
+            client
+                .post(format!("{}/customers/{id}/erase", gateway.url()))
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await;
+        assert_eq!(
+            (status, body["version"].as_u64()),
+            (200, Some(3)),
+            "erase {id}: {body}"
+        );
+    }
+    assert_eq!(
+        owners.len(),
+        2,
+        "both instances owned some of the customers"
+    );
+    gateway.stop().await;
+    for running in [customer_0, customer_1] {
+        running.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_keeps_serving_when_one_of_two_instances_is_killed() {
     let dirs = [
         tempfile::tempdir().expect("dir"),
