@@ -375,11 +375,11 @@ impl KeyStore {
     /// Removes the store's own copies of overwritten rows; false when it could not (yet).
     async fn purge(&self) -> bool {
         let done = if self.db.is_postgres() {
-            // VACUUM runs outside a transaction; the pool's connection is in autocommit.
+            // VACUUM runs outside any transaction block, as a simple query.
             self.db
-                .execute("VACUUM customer_keys", &[])
+                .run_alone("VACUUM customer_keys")
                 .await
-                .map(|_| true)
+                .map(|()| true)
         } else {
             self.db.truncate_wal().await
         };
@@ -483,6 +483,36 @@ mod tests {
         assert!(matches!(found[&bob], KeyState::Unknown));
         keys.erase(&bob).await.unwrap();
         assert!(keys.key_for_registration(&bob).await.is_err());
+    }
+
+    /// On Postgres (when `TEST_DATABASE_URL` names one): the same rules, and the erased row's
+    /// old version vacuumed.
+    #[tokio::test]
+    async fn on_postgres_an_erasure_vacuums_the_old_key() {
+        let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
+            assert!(
+                std::env::var("TEST_REQUIRE_BACKENDS").is_err(),
+                "TEST_REQUIRE_BACKENDS=1 but TEST_DATABASE_URL is not set"
+            );
+            return;
+        };
+        let schema = format!("keys_test_{}", std::process::id());
+        let db = Db::postgres(&url, &schema, 2).await.unwrap();
+        let keys = KeyStore::open(db.clone()).await.unwrap();
+        let alice = customer("alice");
+        let key = keys.key_for_registration(&alice).await.unwrap();
+        let sealed = seal(&key, &alice, "email", "alice@example.com");
+        let erasure = keys.erase(&alice).await.unwrap();
+        assert!(erasure.first);
+        assert!(erasure.purged, "VACUUM ran");
+        assert_eq!(
+            open(&keys.key(&alice).await.unwrap(), &alice, "email", &sealed),
+            Opened::Erased
+        );
+        assert!(keys.key_for_registration(&alice).await.is_err());
+        db.execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"), &[])
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -388,6 +388,20 @@ impl Db {
         Db::sqlite_with(path, options, 4).await
     }
 
+    /// Runs `sql` (no parameters) outside any transaction, as one simple-protocol query: for
+    /// what a transaction block refuses, such as Postgres' `VACUUM`.
+    pub async fn run_alone(&self, sql: &str) -> Result<(), DbError> {
+        match self {
+            Db::Postgres(pool) => {
+                pool.execute(sqlx::raw_sql(sql)).await.map_err(db_error)?;
+            }
+            Db::Sqlite(pool) => {
+                pool.execute(sqlx::raw_sql(sql)).await.map_err(db_error)?;
+            }
+        }
+        Ok(())
+    }
+
     /// On SQLite, copies the WAL into the database file and truncates the WAL to nothing
     /// (`wal_checkpoint(TRUNCATE)`), so that the pages a transaction replaced are no longer in
     /// any file; true when it did (false while another connection still reads an older state).
