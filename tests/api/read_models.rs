@@ -705,8 +705,8 @@ async fn two_workers_in_one_group_split_the_partitions_and_take_over_on_stop() {
         let (stop_second, stopped) = watch::channel(false);
         second.start_workers(stopped, &supervisor::Supervisor::new());
         // The projections of a process share one member of the group, so the group splits the
-        // union of their topics (the audit reads all three): balanced in number, not per topic.
-        let total = 3 * app.settings.partitions as usize;
+        // union of their topics (the audit reads every one): balanced in number, not per topic.
+        let total = projections::audit::AGGREGATE_TYPES.len() * app.settings.partitions as usize;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let (a, b) = (
