@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, backends, platform_binary};
+use crate::helpers::{TestApp, backends, operator_command};
 
 /// Polls `path` until `done` holds for its body.
 async fn until(app: &TestApp, path: &str, done: impl Fn(&Value) -> bool) -> Value {
@@ -109,19 +109,7 @@ async fn the_trace_of_a_compensated_saga_lists_every_step_in_causal_order() {
         assert_eq!(trace["roots"][0]["aggregate_id"], order_id.as_str());
 
         // The command line draws the same tree.
-        let mut command = std::process::Command::new(platform_binary());
-        command
-            .args(["audit", "trace", &correlation])
-            .arg("--data-dir")
-            .arg(&app.settings.store.data_dir)
-            .args(["--topic-prefix", &app.settings.store.topic_prefix])
-            .args(["--schema-prefix", &app.settings.store.schema_prefix]);
-        if let Some(kafka) = &app.settings.store.kafka {
-            command.args(["--kafka", kafka]);
-        }
-        if let Some(url) = &app.settings.store.database_url {
-            command.args(["--database-url", url]);
-        }
+        let mut command = operator_command(&app.settings, &["audit", "trace", &correlation]);
         let output = tokio::task::spawn_blocking(move || command.output())
             .await
             .expect("join")

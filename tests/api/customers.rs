@@ -6,7 +6,7 @@ use domain::customer::Sealed;
 use personal_data::{KeyStore, Opened, open};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, backends, platform_binary, read_records};
+use crate::helpers::{TestApp, backends, operator_command, read_records};
 
 const NAME: &str = "Ada Lovelace";
 const EMAIL: &str = "ada.lovelace@example.com";
@@ -43,19 +43,10 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
 /// `platform customers erasure-report <id> --json` against the app's stores: its exit status and
 /// its report.
 async fn erasure_report(app: &TestApp, id: &str) -> (bool, Value) {
-    let mut command = std::process::Command::new(platform_binary());
-    command
-        .args(["customers", "erasure-report", id, "--json"])
-        .arg("--data-dir")
-        .arg(&app.settings.store.data_dir)
-        .args(["--topic-prefix", &app.settings.store.topic_prefix])
-        .args(["--schema-prefix", &app.settings.store.schema_prefix]);
-    if let Some(kafka) = &app.settings.store.kafka {
-        command.args(["--kafka", kafka]);
-    }
-    if let Some(url) = &app.settings.store.database_url {
-        command.args(["--database-url", url]);
-    }
+    let mut command = operator_command(
+        &app.settings,
+        &["customers", "erasure-report", id, "--json"],
+    );
     let output = tokio::task::spawn_blocking(move || command.output())
         .await
         .expect("join")

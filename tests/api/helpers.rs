@@ -302,6 +302,25 @@ pub fn platform_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_platform"))
 }
 
+/// `platform <args>` as an operator runs it beside `settings`' platform: the same data
+/// directory, topic and schema prefixes, broker and database.
+pub fn operator_command(settings: &Settings, args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(platform_binary());
+    command
+        .args(args)
+        .arg("--data-dir")
+        .arg(&settings.store.data_dir)
+        .args(["--topic-prefix", &settings.store.topic_prefix])
+        .args(["--schema-prefix", &settings.store.schema_prefix]);
+    if let Some(kafka) = &settings.store.kafka {
+        command.args(["--kafka", kafka]);
+    }
+    if let Some(url) = &settings.store.database_url {
+        command.args(["--database-url", url]);
+    }
+    command
+}
+
 /// Every record of a partition, from its start to where it ended when asked.
 pub async fn read_partition(
     log: &SharedLog,

@@ -11,7 +11,7 @@ use projections::replay::{self, Filter, ReplayOptions, ReplayReport};
 use projections::runtime::{ApplyError, Event, Projection};
 use serde_json::json;
 
-use crate::helpers::{Backend, TestApp, backends, platform_binary};
+use crate::helpers::{Backend, TestApp, backends, operator_command};
 
 /// Every read-model table, with its primary key order.
 const TABLES: &[(&str, &str, &str)] = &[
@@ -357,19 +357,10 @@ async fn diff_reports_a_deliberately_corrupted_row_and_exits_non_zero() {
         );
 
         // The command line says so too, and fails.
-        let mut command = std::process::Command::new(platform_binary());
-        command
-            .args(["replay", "--diff", "--projection", "inventory"])
-            .arg("--data-dir")
-            .arg(&app.settings.store.data_dir)
-            .args(["--topic-prefix", &app.settings.store.topic_prefix])
-            .args(["--schema-prefix", &app.settings.store.schema_prefix]);
-        if let Some(kafka) = &app.settings.store.kafka {
-            command.args(["--kafka", kafka]);
-        }
-        if let Some(url) = &app.settings.store.database_url {
-            command.args(["--database-url", url]);
-        }
+        let mut command = operator_command(
+            &app.settings,
+            &["replay", "--diff", "--projection", "inventory"],
+        );
         let output = tokio::task::spawn_blocking(move || command.output())
             .await
             .expect("join")
