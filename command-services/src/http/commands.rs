@@ -276,7 +276,13 @@ fn owner<A: EventCodec>(owner: &Option<Owner<A>>) -> Result<&Owner<A>, ApiError>
     })
 }
 
-fn accepted(status: StatusCode, body: CommandAccepted, headers: &CommandHeaders) -> Response {
+/// A command's answer: the body, its `ETag`, consistency token and correlation id, and for a
+/// created aggregate (201) its `Location`.
+pub(crate) fn accepted(
+    status: StatusCode,
+    body: CommandAccepted,
+    headers: &CommandHeaders,
+) -> Response {
     let mut response_headers = HeaderMap::new();
     if let Ok(value) = HeaderValue::from_str(&format!("\"{}\"", body.version)) {
         response_headers.insert(header::ETAG, value);
@@ -291,16 +297,20 @@ fn accepted(status: StatusCode, body: CommandAccepted, headers: &CommandHeaders)
     if let Ok(value) = HeaderValue::from_str(&headers.correlation_id) {
         response_headers.insert(CORRELATION_ID, value);
     }
+    let location = match (&body.order_id, &body.customer_id) {
+        (Some(order_id), _) => Some(format!("/orders/{order_id}")),
+        (None, Some(customer_id)) => Some(format!("/customers/{customer_id}")),
+        (None, None) => None,
+    };
     if status == StatusCode::CREATED
-        && let Some(order_id) = &body.order_id
-        && let Ok(location) = HeaderValue::from_str(&format!("/orders/{order_id}"))
+        && let Some(location) = location.and_then(|location| HeaderValue::from_str(&location).ok())
     {
         response_headers.insert(header::LOCATION, location);
     }
     (status, response_headers, axum::Json(body)).into_response()
 }
 
-fn describe(outcome: &Outcome) -> &'static str {
+pub(crate) fn describe(outcome: &Outcome) -> &'static str {
     match outcome {
         Outcome::Appended { .. } => "appended",
         Outcome::Unchanged { .. } => "unchanged",

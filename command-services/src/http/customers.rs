@@ -8,8 +8,8 @@
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use axum::routing::{patch, post};
 use domain::customer::{CustomerAggregate, CustomerCommand, CustomerError, CustomerState};
 use domain::{Aggregate, CustomerId};
@@ -18,11 +18,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::CommandState;
-use crate::http::commands::{CommandAccepted, command_error};
-use crate::owner::{CommandRequest, Outcome, Owner};
+use crate::http::commands::{CommandAccepted, accepted, command_error, describe};
+use crate::owner::{CommandRequest, Owner};
 use http_edge::error::{ApiError, FieldError, Problem};
 use http_edge::extract::ApiJson;
-use http_edge::headers::{CONSISTENCY_TOKEN, CORRELATION_ID, CommandHeaders};
+use http_edge::headers::CommandHeaders;
 use http_edge::security::{self, RouteClass};
 
 /// The longest name kept, in characters.
@@ -190,33 +190,9 @@ async fn run(
         customer_id: Some(customer.to_string()),
         version: outcome.version(),
         consistency_token: outcome.position().map(ToString::to_string),
-        outcome: match outcome {
-            Outcome::Appended { .. } => "appended",
-            Outcome::Unchanged { .. } => "unchanged",
-            Outcome::Repeated { .. } => "repeated",
-        }
-        .to_owned(),
+        outcome: describe(&outcome).to_owned(),
     };
-    let mut response_headers = HeaderMap::new();
-    if let Ok(value) = HeaderValue::from_str(&format!("\"{}\"", body.version)) {
-        response_headers.insert(header::ETAG, value);
-    }
-    if let Some(token) = body
-        .consistency_token
-        .as_deref()
-        .and_then(|token| HeaderValue::from_str(token).ok())
-    {
-        response_headers.insert(CONSISTENCY_TOKEN, token);
-    }
-    if let Ok(value) = HeaderValue::from_str(&headers.correlation_id) {
-        response_headers.insert(CORRELATION_ID, value);
-    }
-    if status == StatusCode::CREATED
-        && let Ok(location) = HeaderValue::from_str(&format!("/customers/{customer}"))
-    {
-        response_headers.insert(header::LOCATION, location);
-    }
-    Ok((status, response_headers, axum::Json(body)).into_response())
+    Ok(accepted(status, body, headers))
 }
 
 /// Register a customer; the name and email address are stored only sealed with the customer's
